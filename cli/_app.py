@@ -1,0 +1,69 @@
+"""The one place where errors become messages and exit codes (fastapi-cli's habit).
+
+Every ``csp`` group is a ``typer.Typer(cls=CspGroup)``. The root group's ``main`` runs
+the command with click's standalone mode off, so a usage error or a CspError arrives here
+as an exception and leaves as one line on stderr and exit code 2 — no traceback, no rich
+box. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from sparsity.errors import CspError
+
+# Typer ships its own copy of click; reach its exception classes through the public
+# BadParameter rather than a private module path.
+UsageError = typer.BadParameter.__mro__[1]
+ClickException = UsageError.__mro__[1]
+Abort = typer.Abort
+
+
+def _say(line: str) -> None:
+    typer.echo(" ".join(line.split()), err=True)
+
+
+class CspGroup(TyperGroup):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "csp", complete_var=complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+        except UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as click prints it
+                typer.echo(e.format_message(), err=True)
+                code = 2
+                return self._finish(code, standalone_mode)
+            where = e.ctx.command_path if e.ctx is not None else "csp"
+            _say(f"{where}: error: {e.format_message()} (see '{where} --help')")
+            code = 2
+        except ClickException as e:
+            _say(f"csp: error: {e.format_message()}")
+            code = e.exit_code
+        except Abort:
+            _say("csp: aborted")
+            code = 1
+        except CspError as e:
+            _say(f"csp: error: {e}")
+            code = e.exit_code
+        return self._finish(code, standalone_mode)
+
+    @staticmethod
+    def _finish(code: int, standalone_mode: bool) -> int:
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def group(help: str | None = None) -> typer.Typer:
+    """A command group with csp's error handling and no shell-completion noise."""
+    return typer.Typer(
+        cls=CspGroup,
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )

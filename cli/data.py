@@ -1,0 +1,48 @@
+"""csp data …: corpus → tokenizer → Parquet token shards, and what a dataset holds."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli._app import group
+from cli._progress import bar
+from cluster import data, runtime, storage
+
+app = group("Tokenize a corpus into Parquet shards of fixed-length sequences.")
+
+
+@app.command()
+def prepare(
+    out: Annotated[str, typer.Option(help="Local directory or s3://bucket/prefix for the dataset.")],
+    corpus: Annotated[str | None, typer.Option(help="Directory, glob or s3:// prefix of .py files (default: this Python's stdlib).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer to use (directory or URI); trained into OUT/tokenizer when omitted.")] = None,
+    n_ctx: Annotated[int, typer.Option(help="Context length; each stored row has n_ctx+1 tokens.")] = data.DEFAULT_N_CTX,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of files (by path hash) held out for validation.")] = 0.02,
+    shard_mb: Annotated[float, typer.Option(help="Source megabytes per shard.")] = data.DEFAULT_SHARD_BYTES / 1e6,
+    workers: Annotated[int | None, typer.Option(help="Shard-writing Ray tasks in flight (default: the cluster's CPUs).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: an in-process Ray).")] = None,
+) -> None:
+    """Tokenize a corpus into Parquet shards; re-running skips finished shards."""
+    if shard_mb <= 0:
+        raise typer.BadParameter(f"--shard-mb must be > 0, got {shard_mb}")
+    if workers is not None and workers < 1:
+        raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
+    storage.resolve(out)  # a malformed --out fails before Ray starts
+    runtime.init(address=address)
+    with bar("shards") as update:
+        result = data.prepare(
+            corpus, out, tokenizer=tokenizer, n_ctx=n_ctx, val_fraction=val_fraction,
+            shard_bytes=int(shard_mb * 1e6), workers=workers, progress=update,
+        )
+    if result.tokenizer_trained:
+        typer.echo(f"trained tokenizer → {storage.resolve(out).join(data.TOKENIZER_DIR).uri}")
+    typer.echo(f"wrote {result.shards_written} shards, {result.shards_skipped} already done → {storage.resolve(out).uri}")
+    typer.echo(data.manifest_summary(result.manifest))
+
+
+@app.command()
+def info(uri: Annotated[str, typer.Argument(help="A dataset written by `csp data prepare`.")]) -> None:
+    """Summarise a dataset: corpus, tokenizer, shards, sequences and tokens per split."""
+    typer.echo(data.manifest_summary(data.read_manifest(uri)))

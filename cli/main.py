@@ -1,0 +1,24 @@
+"""The ``csp`` command line: thin commands that parse, call a library function, print.
+
+    csp --help
+"""
+
+from __future__ import annotations
+
+from cli import data, s3, tokenizer
+from cli._app import group
+from cli.demo import demo
+
+app = group("csp: train weight-sparse transformers, sweep them on Ray, prune them to circuits.")
+app.command()(demo)
+app.add_typer(tokenizer.app, name="tokenizer")
+app.add_typer(data.app, name="data")
+app.add_typer(s3.app, name="s3")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Connecting to Ray: an existing cluster by address, or an in-process one with explicit
+resources and quiet, CI-friendly defaults (no dashboard, no usage stats)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from sparsity.errors import CspError
+
+
+class RayConnectError(CspError):
+    pass
+
+
+def _quiet_env() -> None:
+    # Usage stats would try the network; token auth turns on by itself once a token file
+    # exists, and head and clients must agree — so pin both unless the user chose.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Start or join Ray once per process; a second call is a no-op.
+
+    ``address`` None starts an in-process Ray with ``num_cpus`` logical CPUs (default: the
+    machine's cores). Export AWS_ENDPOINT_URL before calling: workers inherit the
+    environment of the raylet started here.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    _quiet_env()
+    kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": True}
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            msg = " ".join(str(e).split())[:200]
+            raise RayConnectError(f"cannot connect to Ray at {address!r} ({msg}); start one with `csp cluster up` or drop --address") from None
+        return
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        **kwargs,
+    )
+
+
+def cluster_cpus() -> float:
+    """Logical CPUs the connected cluster declares."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0.0))

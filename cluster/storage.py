@@ -1,0 +1,467 @@
+"""Storage URIs: one place turns a local path, ``file://`` or ``s3://bucket/prefix`` into
+fsspec and pyarrow filesystems for the same location, and reads/writes through them.
+
+S3 settings come from the standard AWS variables, read at call time the way boto3 reads
+them: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION. pyarrow ignores AWS_ENDPOINT_URL by
+itself, so the endpoint is passed to it explicitly.
+
+Every write is atomic: no reader ever sees a half-written file (temp file + rename
+locally; one PUT on S3, where an object appears whole or not at all).
+
+Every failure is a ``StorageError`` whose message is one line naming the URI, what went
+wrong and what to check — never a secret — and arrives within ~10 s: connect/read
+timeouts are short and retries bounded, so a dead endpoint cannot hang a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from sparsity.errors import CspError
+
+# Connect fast-fails a dead endpoint; read bounds a server that accepts and never answers.
+# Two attempts ride out one dropped connection. Worst case ≈ 2 × (3 + 3) s < 10 s.
+CONNECT_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 3.0
+MAX_ATTEMPTS = 2
+WRITE_DEADLINE_S = 8.0
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+class StorageError(CspError):
+    """A storage operation failed; the message names the URI and never a secret."""
+
+
+class MalformedURIError(StorageError):
+    pass
+
+
+class EndpointUnreachableError(StorageError):
+    pass
+
+
+class BucketNotFoundError(StorageError):
+    pass
+
+
+class AccessDeniedError(StorageError):
+    pass
+
+
+class NotFoundError(StorageError):
+    pass
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where S3 is and who we are there. ``repr`` never shows the secret or token."""
+
+    endpoint_url: str | None
+    region: str | None
+    key: str | None
+    secret: str | None = field(repr=False)
+    token: str | None = field(repr=False, default=None)
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        env = os.environ
+        return cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            key=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            token=env.get("AWS_SESSION_TOKEN") or None,
+        )
+
+    @property
+    def endpoint_label(self) -> str:
+        return self.endpoint_url or "AWS S3 (set AWS_ENDPOINT_URL for another server)"
+
+    def redact(self, text: str) -> str:
+        for s in (self.secret, self.token):
+            if s:
+                text = text.replace(s, "***")
+        return text
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved storage location. ``path`` is the filesystem-internal path: an absolute
+    local path, or ``bucket/key`` for S3."""
+
+    scheme: str  # "file" or "s3"
+    path: str
+    s3: S3Settings | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.path}" if self.scheme == "s3" else self.path
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def is_s3(self) -> bool:
+        return self.scheme == "s3"
+
+    @property
+    def bucket(self) -> str | None:
+        return self.path.split("/", 1)[0] if self.is_s3 else None
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def join(self, *parts: str) -> Location:
+        path = self.path.rstrip("/")
+        for part in parts:
+            part = part.strip("/")
+            if part:
+                path = f"{path}/{part}"
+        return Location(self.scheme, path, self.s3)
+
+    @property
+    def parent(self) -> Location:
+        return Location(self.scheme, self.path.rstrip("/").rsplit("/", 1)[0] or "/", self.s3)
+
+    @property
+    def fs(self):
+        """The fsspec filesystem (s3fs for S3, LocalFileSystem otherwise)."""
+        return _fsspec_fs(self.s3) if self.is_s3 else _local_fsspec()
+
+    @property
+    def pa_fs(self):
+        """The pyarrow filesystem for the same location (``path`` is valid in both)."""
+        import pyarrow.fs as pafs
+
+        if not self.is_s3:
+            return pafs.LocalFileSystem()
+        return _pyarrow_s3(self.s3)
+
+
+def resolve(uri: str | os.PathLike | Location) -> Location:
+    """Parse a URI: a local path (relative ones become absolute), ``file://…`` or
+    ``s3://bucket[/prefix]``. Raises MalformedURIError for anything else."""
+    if isinstance(uri, Location):
+        return uri
+    raw = os.fspath(uri)
+    if not isinstance(raw, str) or not raw.strip():
+        raise MalformedURIError("empty storage URI: pass a local path or s3://bucket/prefix")
+    if "://" not in raw:
+        return Location("file", os.path.abspath(os.path.expanduser(raw)))
+    parsed = urlparse(raw)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise MalformedURIError(f"malformed URI {raw!r}: file URIs take an absolute path, file:///abs/path")
+        return Location("file", os.path.abspath(parsed.path or "/"))
+    if scheme in ("s3", "s3a"):
+        bucket = parsed.netloc
+        if not bucket:
+            raise MalformedURIError(f"malformed URI {raw!r}: no bucket; write s3://bucket/prefix")
+        if not _BUCKET_RE.match(bucket) or ".." in bucket:
+            raise MalformedURIError(f"malformed URI {raw!r}: {bucket!r} is not a valid bucket name (3-63 chars: lowercase letters, digits, '.', '-')")
+        if parsed.query or parsed.fragment:
+            raise MalformedURIError(f"malformed URI {raw!r}: remove the '?…' or '#…' part")
+        key = re.sub(r"/+", "/", parsed.path).strip("/")
+        return Location("s3", f"{bucket}/{key}" if key else bucket, S3Settings.from_env())
+    raise MalformedURIError(f"unsupported URI scheme {scheme!r} in {raw!r}: use a local path, file:// or s3://")
+
+
+# ---------------------------------------------------------------------------- filesystems
+
+
+def _local_fsspec():
+    import fsspec
+
+    return fsspec.filesystem("file", auto_mkdir=True)
+
+
+def _fsspec_fs(s3: S3Settings):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(
+        key=s3.key,
+        secret=s3.secret,
+        token=s3.token,
+        endpoint_url=s3.endpoint_url,
+        client_kwargs={"region_name": s3.region} if s3.region else {},
+        config_kwargs={
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            # s3fs retries a timed-out call once more on its own: 2 attempts in all.
+            "retries": {"max_attempts": MAX_ATTEMPTS - 1, "mode": "standard"},
+        },
+        # A listing cached by one call would hide objects written by another process.
+        use_listings_cache=False,
+    )
+    # s3fs wraps botocore (which already retries) in up to two nested retry loops of its
+    # own (default 5 each): 5 × 5 × 2 read timeouts would hang a dead endpoint for minutes.
+    fs.retries = 1
+    return fs
+
+
+def _pyarrow_s3(s3: S3Settings):
+    import pyarrow.fs as pafs
+
+    kwargs = {}
+    if s3.endpoint_url:
+        parsed = urlparse(s3.endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(
+        access_key=s3.key,
+        secret_key=s3.secret,
+        session_token=s3.token,
+        region=s3.region or "us-east-1",
+        connect_timeout=CONNECT_TIMEOUT_S,
+        request_timeout=READ_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+        **kwargs,
+    )
+
+
+def boto3_client(loc: Location | None = None):
+    """A boto3 S3 client with the same settings and timeouts (for tools that want boto3)."""
+    import boto3
+    from botocore.config import Config
+
+    s3 = loc.s3 if loc is not None and loc.s3 is not None else S3Settings.from_env()
+    return boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        region_name=s3.region or "us-east-1",
+        aws_access_key_id=s3.key,
+        aws_secret_access_key=s3.secret,
+        aws_session_token=s3.token,
+        config=Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------- errors
+
+_DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403", "ACCESS_DENIED", "INVALID_ACCESS_KEY")
+_NO_BUCKET = ("NoSuchBucket", "bucket does not exist", "NO_SUCH_BUCKET")
+_UNREACHABLE = (
+    "Could not connect",
+    "Connect timeout",
+    "Connection refused",
+    "Cannot connect",
+    "NETWORK_CONNECTION",
+    "Read timeout",
+    "timed out",
+    "Timeout",
+    "connection",
+    "Connection",
+)
+
+
+def _translate(loc: Location, op: str, exc: BaseException) -> StorageError:
+    """Map any exception from s3fs / pyarrow / botocore / the OS onto one StorageError."""
+    if isinstance(exc, StorageError):
+        return exc
+    s3 = loc.s3
+    text = " ".join(str(a) for a in getattr(exc, "args", ()) if a) or type(exc).__name__
+    detail = type(exc).__name__ + ": " + text
+    chain = detail
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and len(chain) < 2000:
+        chain += " | " + type(cause).__name__ + ": " + str(cause)
+        cause = cause.__cause__ or cause.__context__
+    if s3 is not None:
+        chain = s3.redact(chain)
+    where = f"{op} {loc.uri}"
+    if loc.is_s3:
+        assert s3 is not None
+        if any(m in chain for m in _NO_BUCKET):
+            return BucketNotFoundError(f"{where}: bucket {loc.bucket!r} does not exist at {s3.endpoint_label}; create it or fix the URI")
+        if isinstance(exc, PermissionError) or any(m in chain for m in _DENIED):
+            return AccessDeniedError(
+                f"{where}: access denied by {s3.endpoint_label}; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (key id {s3.key or 'unset'})"
+            )
+        if isinstance(exc, FileNotFoundError):
+            return NotFoundError(f"{where}: no such object")
+        if isinstance(exc, ConnectionError | TimeoutError) or any(m in chain for m in _UNREACHABLE):
+            return EndpointUnreachableError(f"{where}: cannot reach S3 endpoint {s3.endpoint_label}; is the server up and AWS_ENDPOINT_URL right?")
+        return StorageError(f"{where}: {_one_line(chain)}")
+    if isinstance(exc, FileNotFoundError):
+        return NotFoundError(f"{where}: no such file or directory")
+    if isinstance(exc, PermissionError):
+        return AccessDeniedError(f"{where}: permission denied; check the path's permissions")
+    return StorageError(f"{where}: {_one_line(chain)}")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@contextlib.contextmanager
+def _errors(loc: Location, op: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:  # every backend error becomes one StorageError, once, here
+        raise _translate(loc, op, exc) from None
+
+
+# ---------------------------------------------------------------------------- operations
+
+
+def write_bytes(uri: str | Location, data: bytes) -> Location:
+    """Write ``data`` atomically: readers see the old object or the whole new one."""
+    loc = resolve(uri)
+    with _errors(loc, "write"):
+        if loc.is_s3:
+            # One PUT (multipart above 5 GiB): atomic on S3. aiobotocore can wait forever for
+            # a PUT's response (read_timeout does not cover it), so the call gets a deadline
+            # of its own: the usual 8 s plus 1 s per MB uploaded.
+            loc.fs.pipe_file(loc.path, data, timeout=WRITE_DEADLINE_S + len(data) / 1e6)
+        else:
+            os.makedirs(os.path.dirname(loc.path) or "/", exist_ok=True)
+            tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, loc.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    return loc
+
+
+def read_bytes(uri: str | Location) -> bytes:
+    loc = resolve(uri)
+    with _errors(loc, "read"):
+        if loc.is_s3:
+            return loc.fs.cat_file(loc.path)
+        with open(loc.path, "rb") as fh:
+            return fh.read()
+
+
+def write_text(uri: str | Location, text: str) -> Location:
+    return write_bytes(uri, text.encode("utf-8"))
+
+
+def read_text(uri: str | Location) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_json(uri: str | Location, obj) -> Location:
+    import json
+
+    return write_text(uri, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(uri: str | Location):
+    import json
+
+    loc = resolve(uri)
+    try:
+        return json.loads(read_text(loc))
+    except ValueError as e:
+        raise StorageError(f"read {loc.uri}: not valid JSON ({e})") from None
+
+
+def exists(uri: str | Location) -> bool:
+    """True when a file/object (or, locally, a directory) is at the location."""
+    loc = resolve(uri)
+    with _errors(loc, "check"):
+        if loc.is_s3:
+            _check_bucket(loc)
+            return bool(loc.fs.exists(loc.path))
+        return os.path.exists(loc.path)
+
+
+def _check_bucket(loc: Location) -> None:
+    """s3fs answers False for a missing bucket; surface it as BucketNotFoundError."""
+    try:
+        loc.fs.call_s3("head_bucket", Bucket=loc.bucket)
+    except FileNotFoundError:  # HEAD has no body, so a missing bucket is a bare 404
+        s3 = loc.s3
+        assert s3 is not None
+        raise BucketNotFoundError(f"check {loc.uri}: bucket {loc.bucket!r} does not exist at {s3.endpoint_label}; create it or fix the URI") from None
+    except Exception as exc:
+        raise _translate(loc, "check", exc) from None
+
+
+def ls(uri: str | Location, suffix: str = "", recursive: bool = True) -> list[str]:
+    """URIs of the files under a prefix (recursive by default), sorted; [] if none."""
+    loc = resolve(uri)
+    with _errors(loc, "list"):
+        if loc.is_s3:
+            _check_bucket(loc)
+            fs = loc.fs
+            if not fs.exists(loc.path):
+                return []
+            paths = fs.find(loc.path) if recursive else [p for p in fs.ls(loc.path, detail=False) if fs.isfile(p)]
+            return sorted(f"s3://{p}" for p in paths if p.endswith(suffix))
+        if not os.path.isdir(loc.path):
+            return []
+        out = []
+        if recursive:
+            for dirpath, _dirs, files in os.walk(loc.path):
+                out.extend(os.path.join(dirpath, f) for f in files if f.endswith(suffix) and ".tmp-" not in f)
+        else:
+            out = [os.path.join(loc.path, f) for f in os.listdir(loc.path) if os.path.isfile(os.path.join(loc.path, f)) and f.endswith(suffix)]
+        return sorted(out)
+
+
+def remove(uri: str | Location, recursive: bool = False) -> None:
+    """Delete a file/object (or a whole prefix with ``recursive``); missing is fine."""
+    loc = resolve(uri)
+    with _errors(loc, "delete"):
+        fs = loc.fs
+        if fs.exists(loc.path):
+            fs.rm(loc.path, recursive=recursive)
+
+
+def write_parquet(uri: str | Location, table, **kwargs) -> Location:
+    """Serialize a pyarrow Table in memory, then write it in one atomic PUT/rename."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **kwargs)
+    return write_bytes(uri, buf.getvalue())
+
+
+def read_parquet(uri: str | Location, columns: list[str] | None = None):
+    """A pyarrow Table from one Parquet file or a directory of them."""
+    import pyarrow.parquet as pq
+
+    loc = resolve(uri)
+    with _errors(loc, "read"):
+        return pq.read_table(loc.path, filesystem=loc.pa_fs, columns=columns)
+
+
+def storage_options(uri: str | Location) -> dict:
+    """``storage_options`` for ``pandas.read_parquet(uri, storage_options=…)`` (S3 only)."""
+    loc = resolve(uri)
+    if not loc.is_s3:
+        return {}
+    s3 = loc.s3
+    assert s3 is not None
+    opts: dict = {"key": s3.key, "secret": s3.secret}
+    if s3.token:
+        opts["token"] = s3.token
+    if s3.endpoint_url:
+        opts["endpoint_url"] = s3.endpoint_url
+    if s3.region:
+        opts["client_kwargs"] = {"region_name": s3.region}
+    return opts

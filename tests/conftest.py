@@ -1,0 +1,95 @@
+"""Shared real parts for the suite: one SeaweedFS S3 server and one Ray per session.
+
+The S3 server exports its AWS_* variables into this process before Ray starts, so Ray's
+workers (which inherit the raylet's environment) reach the same server.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Never let a developer's real AWS profile leak into the suite.
+for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(var, None)
+
+BUCKET = "csp-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed mini`) on a free 127.0.0.1 port, with a bucket."""
+    from cluster import s3server
+
+    server = s3server.start(
+        tmp_path_factory.mktemp("seaweedfs"),
+        access_key="csp-test-" + secrets.token_hex(4),
+        secret_key=secrets.token_hex(20),
+        buckets=(BUCKET,),
+    )
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    assert server.process.returncode is not None
+
+
+@pytest.fixture
+def s3_prefix(s3_server) -> str:
+    """A fresh s3:// prefix in the test bucket, unique to one test."""
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One in-process Ray for the whole session (4 logical CPUs on a 2-core machine)."""
+    import ray
+
+    from cluster import runtime
+
+    runtime.init(num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stdlib_files():
+    from sparsity import corpus
+
+    return corpus.list_files(None)
+
+
+@pytest.fixture(scope="session")
+def stdlib_tokenizer(stdlib_files):
+    """The 2048-token BPE trained on the stdlib's train split (~1.5 s), once per session."""
+    from cluster import data
+
+    tok, _ = data.build_tokenizer(None)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(stdlib_tokenizer, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokenizer")
+    stdlib_tokenizer.save(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """A small real corpus: the stdlib's json and email packages copied into a directory,
+    plus one binary and one Latin-1 file that readers must skip."""
+    import shutil
+
+    from sparsity.corpus import default_corpus_root
+
+    root = tmp_path_factory.mktemp("corpus")
+    for pkg in ("json", "email"):
+        shutil.copytree(default_corpus_root() / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "binary.py").write_bytes(b"\x00\x01\x02 not code")
+    (root / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))
+    return root
