@@ -1,0 +1,133 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from cluster import s3server, storage
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, list(args))
+
+
+def _commands(group, prefix=()):
+    import typer
+
+    cmd = typer.main.get_command(group) if not hasattr(group, "commands") else group
+    for name, sub in cmd.commands.items():
+        yield prefix + (name,)
+        if hasattr(sub, "commands"):
+            yield from _commands(sub, prefix + (name,))
+
+
+def test_every_command_has_help():
+    """`--help` works on every command and group and shows its docstring."""
+    paths = list(_commands(app))
+    assert ("data", "prepare") in paths and ("tokenizer", "build") in paths and ("s3", "serve") in paths
+    for path in paths:
+        r = _run(*path, "--help")
+        assert r.exit_code == 0, (path, r.output)
+        assert "Usage:" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["data", "prepare", "--out", "x", "--bogus"], "No such option: --bogus"),
+        (["data", "prepare"], "Missing option '--out'"),
+        (["data", "prepare", "--out", "x", "--n-ctx", "abc"], "Invalid value for '--n-ctx'"),
+        (["data", "prepare", "--out", "s3://", "--corpus", "."], "no bucket"),
+        (["data", "prepare", "--out", "gs://b/x"], "unsupported URI scheme"),
+        (["data", "prepare", "--out", "OUT", "--shard-mb", "0"], "--shard-mb must be > 0"),
+        (["data", "prepare", "--out", "OUT", "--corpus", "/no/such/dir"], "corpus not found"),
+        (["data", "prepare", "--out", "OUT", "--corpus", "EMPTY"], "no .py files"),
+        (["data", "prepare", "--out", "OUT", "--corpus", "EMPTY", "--n-ctx", "4"], "n_ctx=4 out of range"),
+        (["data", "info", "/no/such/dataset"], "no dataset at /no/such/dataset"),
+        (["tokenizer", "build", "--out", "OUT", "--corpus", "/no/such/dir"], "corpus not found"),
+        (["tokenizer", "build", "--out", "OUT", "--vocab-size", "100"], "vocab_size=100 out of range"),
+        (["tokenizer", "info", "/no/such/tok"], "no tokenizer at"),
+        (["nope"], "No such command 'nope'"),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(args, fragment, tmp_path, ray_session):
+    """Bad input → exactly one line on stderr naming the problem, exit 2, no traceback, nothing written."""
+    (tmp_path / "EMPTY").mkdir()
+    args = [a.replace("OUT", str(tmp_path / "out")).replace("EMPTY", str(tmp_path / "EMPTY")) for a in args]
+    r = _run(*args)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_build_then_info(small_corpus, tmp_path):
+    out = tmp_path / "tok"
+    r = _run("tokenizer", "build", "--corpus", str(small_corpus), "--out", str(out), "--vocab-size", "600")
+    assert r.exit_code == 0, r.output
+    assert "2 skipped" in r.stdout
+    r = _run("tokenizer", "info", str(out), "--text", "x = 'a'\n")
+    assert r.exit_code == 0 and "vocab_size  600" in r.stdout and "tokens:" in r.stdout
+
+
+@pytest.mark.slow
+def test_data_prepare_on_the_stdlib_trains_the_tokenizer_and_writes_shards(ray_session, tmp_path):
+    """`csp data prepare` with no corpus goes from the stdlib to a tokenizer and shards in one command."""
+    out = tmp_path / "runs" / "data"
+    r = _run("data", "prepare", "--out", str(out), "--n-ctx", "128")
+    assert r.exit_code == 0, r.output
+    assert "trained tokenizer" in r.stdout
+    m = storage.read_json(str(out / "manifest.json"))
+    assert m["tokenizer"]["vocab_size"] == 2048 and m["corpus"]["files"] > 1000
+    assert len(pd.read_parquet(out / "val")) == m["splits"]["val"]["sequences"] > 0
+    assert m["splits"]["train"]["tokens"] > 5_000_000
+    r = _run("data", "prepare", "--out", str(out), "--n-ctx", "128")
+    assert r.exit_code == 0 and "wrote 0 shards" in r.stdout
+    r = _run("data", "info", str(out))
+    assert r.exit_code == 0 and "train" in r.stdout and f"{m['splits']['train']['sequences']:,}" in r.stdout
+
+
+def test_s3_serve_runs_a_real_server_until_interrupted(tmp_path):
+    """`csp s3 serve` starts SeaweedFS on the given port, enforces the keys, and stops on SIGINT."""
+    port = s3server.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="serve-key", AWS_SECRET_ACCESS_KEY="serve-secret-123")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "s3", "serve", "--dir", str(tmp_path / "s3"), "--port", str(port), "--bucket", "demo"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"S3 at http://127.0.0.1:{port}" in line, line
+        import boto3
+
+        ok = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="serve-key", aws_secret_access_key="serve-secret-123", region_name="us-east-1")
+        assert [b["Name"] for b in ok.list_buckets()["Buckets"]] == ["demo"]
+        bad = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="serve-key", aws_secret_access_key="nope", region_name="us-east-1")
+        with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+            bad.list_buckets()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    out = proc.stdout.read()
+    assert "serve-secret-123" not in out
+    time.sleep(0.2)
+    with pytest.raises(OSError):
+        import socket
+
+        socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+def test_s3_serve_without_credentials_is_a_one_line_error(monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    r = _run("s3", "serve")
+    assert r.exit_code == 2 and "set AWS_ACCESS_KEY_ID" in r.stderr

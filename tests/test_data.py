@@ -1,0 +1,123 @@
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+
+from cluster import data, storage
+from sparsity import corpus
+
+N_CTX = 64
+
+
+def _expected_tokens(tok, files, split):
+    """Recompute, from the tokenizer alone, every token a split must hold (docs + EOTs)."""
+    texts = corpus.iter_texts([f for f in files if corpus.split_of(f.rel, 0.1) == split])
+    return sum(len(tok.encode(t)) + 1 for t in texts)
+
+
+def _prepare(out, corpus_dir, tokenizer_dir, **kw):
+    kw.setdefault("n_ctx", N_CTX)
+    kw.setdefault("val_fraction", 0.1)
+    kw.setdefault("shard_bytes", 150_000)
+    return data.prepare(str(corpus_dir), out, tokenizer=str(tokenizer_dir), **kw)
+
+
+def test_shards_hold_exactly_the_corpus_tokens_and_read_with_pandas_and_pyarrow(ray_session, small_corpus, tokenizer_dir, stdlib_tokenizer, tmp_path):
+    """Shards read by pandas and pyarrow.dataset hold every token of the split (stored + dropped tail)."""
+    out = str(tmp_path / "ds")
+    result = _prepare(out, small_corpus, tokenizer_dir)
+    m = result.manifest
+    assert result.shards_written == sum(len(s["shards"]) for s in m["splits"].values()) >= 3
+    files = corpus.list_files(small_corpus)
+    for split in ("train", "val"):
+        s = m["splits"][split]
+        df = pd.read_parquet(os.path.join(out, split))
+        assert len(df) == s["sequences"] > 0
+        assert len(pads.dataset(os.path.join(out, split), format="parquet").to_table()) == s["sequences"]
+        rows = np.stack(df["tokens"].to_numpy())
+        assert rows.shape == (s["sequences"], N_CTX + 1) and rows.dtype == np.uint16
+        assert s["tokens"] == rows.size
+        assert s["tokens"] + s["dropped_tokens"] == _expected_tokens(stdlib_tokenizer, files, split)
+    skipped: dict = {}
+    for s in m["splits"].values():
+        for k, v in s["skipped_files"].items():
+            skipped[k] = skipped.get(k, 0) + v
+    assert skipped == {"binary": 1, "not_utf8": 1}
+
+
+def test_first_row_is_the_start_of_the_first_document(ray_session, small_corpus, tokenizer_dir, stdlib_tokenizer, tmp_path):
+    """Row 0 of shard 0 is the first n_ctx+1 tokens of the first train file, EOT-joined."""
+    out = str(tmp_path / "ds")
+    _prepare(out, small_corpus, tokenizer_dir)
+    first = data.shard_uris(out, "train")[0]
+    row = storage.read_parquet(first).column("tokens")[0].as_py()
+    train = [f for f in corpus.list_files(small_corpus) if corpus.split_of(f.rel, 0.1) == "train"]
+    stream = []
+    for t in corpus.iter_texts(train):
+        stream += stdlib_tokenizer.encode(t) + [stdlib_tokenizer.eot_id]
+        if len(stream) > N_CTX + 1:
+            break
+    assert row == stream[: N_CTX + 1]
+
+
+def test_second_prepare_does_no_work_and_resume_redoes_only_missing_shards(ray_session, small_corpus, tokenizer_dir, tmp_path):
+    """A finished dataset is left untouched; with one shard lost, a re-run writes just that one."""
+    out = str(tmp_path / "ds")
+    first = _prepare(out, small_corpus, tokenizer_dir)
+    shards = data.shard_uris(out, "train")
+    mtimes = {p: os.stat(p).st_mtime_ns for p in shards}
+    again = _prepare(out, small_corpus, tokenizer_dir)
+    assert again.shards_written == 0 and again.manifest == first.manifest
+    assert {p: os.stat(p).st_mtime_ns for p in shards} == mtimes
+
+    # Simulate an interrupted run: the manifest and one shard's marker never got written.
+    os.unlink(os.path.join(out, data.MANIFEST))
+    os.unlink(os.path.join(out, data.COMPLETIONS, "train", "shard-00001.json"))
+    resumed = _prepare(out, small_corpus, tokenizer_dir)
+    assert resumed.shards_written == 1
+    assert resumed.manifest == first.manifest
+    assert os.stat(shards[0]).st_mtime_ns == mtimes[shards[0]]
+
+
+def test_prepare_on_s3_reads_back_with_pandas(ray_session, small_corpus, tokenizer_dir, s3_prefix):
+    """Ray tasks write shards to the SeaweedFS server; pandas reads them back via s3://."""
+    result = _prepare(s3_prefix, small_corpus, tokenizer_dir)
+    s = result.manifest["splits"]["train"]
+    df = pd.read_parquet(f"{s3_prefix}/train", storage_options=storage.storage_options(s3_prefix))
+    assert len(df) == s["sequences"] > 0
+    loc = storage.resolve(s3_prefix)
+    ds = pads.dataset(loc.join("train").path, filesystem=loc.pa_fs, format="parquet")
+    assert ds.count_rows() == s["sequences"]
+    assert data.load_tokenizer(s3_prefix).fingerprint == result.manifest["tokenizer"]["fingerprint"]
+    assert _prepare(s3_prefix, small_corpus, tokenizer_dir).shards_written == 0
+
+
+def test_corpus_from_an_s3_prefix(ray_session, small_corpus, tokenizer_dir, s3_prefix, tmp_path):
+    """A corpus of .py objects under an s3:// prefix tokenizes like the same files on disk."""
+    for f in corpus.list_files(small_corpus / "json"):
+        storage.write_bytes(f"{s3_prefix}/src/{f.rel}", open(f.path, "rb").read())
+    remote = data.prepare(f"{s3_prefix}/src", f"{s3_prefix}/ds", tokenizer=str(tokenizer_dir), n_ctx=N_CTX, val_fraction=0.1)
+    local = data.prepare(str(small_corpus / "json"), str(tmp_path / "ds"), tokenizer=str(tokenizer_dir), n_ctx=N_CTX, val_fraction=0.1)
+    assert remote.manifest["splits"] == local.manifest["splits"]
+
+
+def test_output_made_from_another_tokenizer_or_context_is_refused(ray_session, small_corpus, tokenizer_dir, tmp_path):
+    """Re-using an output with a different n_ctx fails clearly instead of mixing datasets."""
+    out = str(tmp_path / "ds")
+    _prepare(out, small_corpus, tokenizer_dir)
+    before = sorted(storage.ls(out))
+    with pytest.raises(data.DataError, match="another corpus, tokenizer or --n-ctx"):
+        _prepare(out, small_corpus, tokenizer_dir, n_ctx=32)
+    assert sorted(storage.ls(out)) == before
+
+
+def test_bad_prepare_arguments(tmp_path, small_corpus):
+    with pytest.raises(data.DataError, match="n_ctx"):
+        data.prepare(str(small_corpus), str(tmp_path), n_ctx=0)
+    with pytest.raises(data.DataError, match="val_fraction"):
+        data.prepare(str(small_corpus), str(tmp_path), val_fraction=1.5)
+    with pytest.raises(data.DataError, match="no tokenizer"):
+        data.prepare(str(small_corpus), str(tmp_path / "o"), tokenizer=str(tmp_path / "none"))
+    assert not (tmp_path / "o").exists()
