@@ -428,3 +428,25 @@ def manifest_summary(manifest: dict) -> str:
 
 def _dump(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True)
+
+
+def load_rows(uri: str, split: str = "train", max_rows: int | None = None):
+    """A split's token rows as one (n, n_ctx+1) uint16 array, in manifest order."""
+    import numpy as np
+
+    rows = []
+    n = 0
+    for shard in shard_uris(uri, split):
+        col = storage.read_parquet(shard, columns=["tokens"]).column("tokens").combine_chunks()
+        if len(col) == 0:
+            continue
+        width = col.type.list_size
+        arr = col.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+        rows.append(arr)
+        n += len(arr)
+        if max_rows is not None and n >= max_rows:
+            break
+    if not rows:
+        raise DataError(f"split {split!r} of {storage.resolve(uri).uri} has no sequences; use a larger corpus or raise --val-fraction")
+    out = np.concatenate(rows)
+    return out[:max_rows] if max_rows is not None else out

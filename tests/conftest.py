@@ -93,3 +93,33 @@ def small_corpus(tmp_path_factory):
     (root / "binary.py").write_bytes(b"\x00\x01\x02 not code")
     (root / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))
     return root
+
+
+@pytest.fixture(scope="session")
+def stdlib_data(ray_session, tokenizer_dir, tmp_path_factory):
+    """The stdlib tokenized into n_ctx=64 shards (the tiny test models' context)."""
+    from cluster import data
+
+    out = tmp_path_factory.mktemp("stdlib-data")
+    data.prepare(None, str(out), tokenizer=str(tokenizer_dir), n_ctx=64)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def stdlib_rows(stdlib_data):
+    from cluster import data
+
+    return data.load_rows(stdlib_data, "train"), data.load_rows(stdlib_data, "val", max_rows=256)
+
+
+def tiny_config(**over):
+    """A d64 × 2-layer, ctx-64 model (~25 ms/step on CPU) with a short annealing schedule."""
+    from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
+
+    m = dict(block_size=64, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256)
+    s = dict(pfrac=0.125)
+    t = dict(steps=40, batch_size=8, eval_every=0, ckpt_every=0, log_every=10, lr=3e-2)
+    for k, v in over.items():
+        section, key = k.split("__")
+        {"m": m, "s": s, "t": t}[section][key] = v
+    return RunConfig(model=ModelConfig(**m), sparsity=SparsityConfig(**s), train=TrainConfig(**t))

@@ -1,0 +1,58 @@
+"""csp model …: inspect checkpoints, and move them to and from the reference layout."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from cli._app import group
+from cluster import checkpoints
+from sparsity import checkpoint as ckpt_lib
+
+app = group("Inspect checkpoints; export/import the reference (openai/circuit_sparsity) layout.")
+
+
+@app.command()
+def info(
+    ckpt: Annotated[str, typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Config, nonzeros per matrix and parameter counts of a checkpoint."""
+    d = ckpt_lib.describe(checkpoints.load(ckpt, with_train_state=False))
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    m = d["model"]
+    typer.echo(f"step {d['step']}  sha256 {d['fingerprint'][:16]}")
+    typer.echo(f"model  n_layer {m['n_layer']}  d_model {m['d_model']}  n_head {m['n_head']}×{m['d_head']}  d_mlp {m['d_mlp']}  "
+               f"ctx {m['block_size']}  vocab {m['vocab_size']}  afrac {m['afrac']}  sink {m['sink']}  bigram {m['enable_bigram_table']}")
+    s = d["sparsity"]
+    typer.echo(f"sparsity  pfrac {s['pfrac']}  ef {s['ef']}  ef_mlp {s['ef_mlp']}")
+    typer.echo(f"params {d['params']:,}  nonzero {d['nonzero_params']:,}")
+    width = max(len(n) for n in d["matrices"])
+    for name, mat in d["matrices"].items():
+        shape = "×".join(map(str, mat["shape"]))
+        typer.echo(f"  {name:<{width}}  {shape:>10}  {mat['nonzeros']:>9,} / {mat['numel']:<9,} ({mat['nonzeros'] / mat['numel']:.4f})")
+    for k, v in d["metrics"].items():
+        typer.echo(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+
+
+@app.command("export")
+def export_(
+    ckpt: Annotated[str, typer.Argument(help="A run or checkpoint directory.")],
+    out: Annotated[str, typer.Option(help="Directory for beeg_config.json + final_model.pt.")],
+) -> None:
+    """Write a checkpoint in the reference layout, loadable by circuit_sparsity's load_model."""
+    typer.echo(f"wrote {ckpt_lib.REF_CONFIG} + {ckpt_lib.REF_WEIGHTS} → {checkpoints.export_reference(ckpt, out)}")
+
+
+@app.command("import")
+def import_(
+    ref: Annotated[str, typer.Argument(help="Directory holding beeg_config.json + final_model.pt.")],
+    out: Annotated[str, typer.Option(help="Run directory to store the csp checkpoint in.")],
+) -> None:
+    """Store a reference-layout model as a csp checkpoint."""
+    ckpt = checkpoints.import_reference(ref, out)
+    typer.echo(f"imported {ckpt.config.model.n_layer}-layer model (density {ckpt.config.sparsity.pfrac:.4f}) → {out}")

@@ -1,0 +1,190 @@
+"""Configuration: frozen dataclasses validated at construction.
+
+Field names follow the reference GPTConfig (openai/circuit_sparsity) so a reference
+``beeg_config.json`` maps onto :class:`ModelConfig`. A bad value raises ConfigError (a
+ValueError) naming the field, its value and the allowed range. Dicts appear only at the
+Ray/JSON boundary: ``to_dict`` / ``from_dict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsity.errors import ConfigError
+
+# The 8 places AbsTopK can sparsify activations (DESIGN.md, "The method").
+LOCTYPES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
+ALL_LOCTYPES = ",".join(LOCTYPES)
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} out of range: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The sparse GPT's shape and options (the reference GPTConfig's fields)."""
+
+    vocab_size: int = 2048  # the csp BPE: 2047 byte-level tokens + <|endoftext|>
+    block_size: int = 256  # context length (n_ctx); DESIGN.md default
+    n_layer: int = 2  # the demo size that learns the quote task on 2 CPU cores
+    n_head: int = 4
+    d_head: int = 16  # decoupled from d_model: attention width = n_head * d_head
+    d_model: int = 64
+    d_mlp: int = 256  # 4 × d_model, the GPT-2 ratio
+    bias: bool = True  # DESIGN.md: Linear biases (they stay dense)
+    rms_norm: bool = True  # RMSNorm, no learned shift: fewer dense parameters
+    activation_type: str = "gelu"
+    afrac: float | None = 0.25  # AbsTopK keeps int(afrac·dim) activations; None = off
+    afrac_loctypes: str = ALL_LOCTYPES  # all 8 locations, as in the paper
+    tied_unembed: bool = False  # untied: the unembedding gets its own sparse matrix
+    enable_bigram_table: bool = False  # dense V×V logit table added to the logits
+    learnable_bigram_table: bool = False
+    sink: bool = False  # per-head learnable attention sink (an always-visible zero slot)
+    tokenizer_name: str = "csp-bpe-2048"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_head", "d_model", "d_mlp"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "must be an integer ≥ 1")
+        _check(self.vocab_size <= 65536, "vocab_size", self.vocab_size, "must be ≤ 65536 (token ids are stored as uint16)")
+        _check(self.activation_type in ("gelu", "relu"), "activation_type", self.activation_type, "must be 'gelu' or 'relu'")
+        if self.afrac is not None:
+            _check(isinstance(self.afrac, int | float) and 0.0 < self.afrac <= 1.0, "afrac", self.afrac, "must be in (0, 1], or None to turn AbsTopK off")
+            for loc, dim in self.loc_dims().items():
+                if loc in self.loctypes:
+                    _check(int(self.afrac * dim) >= 1, "afrac", self.afrac, f"keeps no activation at {loc} (width {dim}); raise afrac to ≥ {1 / dim:.3g}")
+        unknown = [x for x in self.afrac_loctypes.split(",") if x and x not in LOCTYPES]
+        _check(not unknown, "afrac_loctypes", self.afrac_loctypes, f"unknown location(s) {unknown}; choose from {ALL_LOCTYPES}")
+        _check(not (self.learnable_bigram_table and not self.enable_bigram_table), "learnable_bigram_table", True, "needs enable_bigram_table=True")
+
+    @property
+    def loctypes(self) -> frozenset[str]:
+        return frozenset(x for x in self.afrac_loctypes.split(",") if x) if self.afrac is not None else frozenset()
+
+    @property
+    def d_attn(self) -> int:
+        return self.n_head * self.d_head
+
+    def loc_dims(self) -> dict[str, int]:
+        a = self.d_attn
+        return {"attn_in": self.d_model, "attn_q": a, "attn_k": a, "attn_v": a, "attn_out": self.d_model,
+                "mlp_in": self.d_model, "mlp_neuron": self.d_mlp, "mlp_out": self.d_model}
+
+    def scaled(self, ef: float, ef_mlp: float | None = None) -> ModelConfig:
+        """This config widened by ``ef``: d_model and n_head (so attention width) by ef,
+        d_mlp by ef_mlp (default ef); d_head stays fixed."""
+        _check(ef > 0, "ef", ef, "must be > 0")
+        em = ef if ef_mlp is None else ef_mlp
+        _check(em > 0, "ef_mlp", ef_mlp, "must be > 0")
+        return dataclasses.replace(
+            self,
+            d_model=max(1, round(self.d_model * ef)),
+            n_head=max(1, round(self.n_head * ef)),
+            d_mlp=max(1, round(self.d_mlp * em)),
+        )
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Weight sparsity: one density for every matrix, L0frac = pfrac / (ef · ef_mlp)."""
+
+    pfrac: float = 0.125  # 1/8: the density that solved the quote task in 4 CPU minutes
+    ef: float = 1.0  # width multiplier of d_model that the model was built with
+    ef_mlp: float | None = None  # width multiplier of d_mlp (None: same as ef)
+    embed_pfrac: float | None = None  # embeddings' own fraction (None: pfrac / ef)
+    anneal_start: float = 0.01  # fraction of training where L0 starts to fall from dense
+    anneal_end: float = 0.5  # … and where it reaches the target
+    min_per_unit: int = 4  # floor: nonzeros kept per neuron / attention channel
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.pfrac <= 1.0, "pfrac", self.pfrac, "must be in (0, 1]")
+        _check(self.ef > 0, "ef", self.ef, "must be > 0")
+        _check(self.ef_mlp is None or self.ef_mlp > 0, "ef_mlp", self.ef_mlp, "must be > 0")
+        _check(self.embed_pfrac is None or 0.0 < self.embed_pfrac <= 1.0, "embed_pfrac", self.embed_pfrac, "must be in (0, 1]")
+        _check(0.0 <= self.anneal_start <= self.anneal_end <= 1.0, "anneal_start/anneal_end", (self.anneal_start, self.anneal_end), "need 0 ≤ anneal_start ≤ anneal_end ≤ 1")
+        _check(isinstance(self.min_per_unit, int) and self.min_per_unit >= 0, "min_per_unit", self.min_per_unit, "must be an integer ≥ 0")
+
+    @property
+    def l0frac(self) -> float:
+        """Target density of every block matrix."""
+        em = self.ef if self.ef_mlp is None else self.ef_mlp
+        return min(1.0, self.pfrac / (self.ef * em))
+
+    @property
+    def embed_l0frac(self) -> float:
+        """Target density of the embedding / unembedding matrices."""
+        return min(1.0, self.embed_pfrac if self.embed_pfrac is not None else self.pfrac / self.ef)
+
+    @property
+    def dense(self) -> bool:
+        return self.l0frac >= 1.0 and self.embed_l0frac >= 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe (DESIGN.md): Adam on RMS-normalised gradients."""
+
+    steps: int = 2000
+    batch_size: int = 32  # sequences per optimizer step
+    micro_batches: int = 1  # gradient accumulation: batch_size must divide evenly
+    lr: float = 3e-2  # best of {3e-3, 1e-2, 3e-2, 1e-1} for dense and 1/8-dense d64 models in 300 steps here
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 0.1  # large on purpose: meaningful only because grads are RMS-normalised
+    grad_rms_eps: float = 1e-5  # g ← g / (rms(g) + grad_rms_eps)
+    weight_decay: float = 0.1  # decoupled, × lr, on 2-D weights only
+    warmup_frac: float = 0.01  # 1% linear warmup, then linear decay to 0
+    eval_every: int = 200  # steps between validation evaluations (0 = only at the end)
+    eval_batches: int = 8
+    ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "micro_batches", "eval_batches", "log_every"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, name, v, "must be an integer ≥ 1")
+        for name in ("eval_every", "ckpt_every", "seed"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, name, v, "must be an integer ≥ 0")
+        _check(self.batch_size % self.micro_batches == 0, "micro_batches", self.micro_batches, f"must divide batch_size={self.batch_size}")
+        _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be > 0")
+        _check(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        _check(self.eps > 0, "eps", self.eps, "must be > 0")
+        _check(self.grad_rms_eps > 0, "grad_rms_eps", self.grad_rms_eps, "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be ≥ 0")
+        _check(0 <= self.warmup_frac < 1, "warmup_frac", self.warmup_frac, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs; what a checkpoint stores beside its weights."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(
+            model=_build(ModelConfig, d.get("model", {}), "model"),
+            sparsity=_build(SparsityConfig, d.get("sparsity", {}), "sparsity"),
+            train=_build(TrainConfig, d.get("train", {}), "train"),
+        )
+
+
+def _build(cls, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} config field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)

@@ -1,0 +1,200 @@
+"""The weight-sparse GPT (DESIGN.md, "The method"; Gao et al. 2025 §2).
+
+Pre-norm GPT with RMSNorm, GELU MLP, Linear biases, an untied unembedding, d_head
+decoupled from d_model, a fused c_attn, learned position embeddings; AbsTopK activation
+sparsity at up to 8 locations; optional dense bigram logit table and per-head attention
+sink. Module and parameter names match the reference (openai/circuit_sparsity) so a state
+dict moves between the two unchanged. Every node location is a named hook point
+(sparsity/hooks.py). Weight sparsity is applied from outside, by sparsity/topk.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsity.config import ModelConfig
+from sparsity.hooks import Hooks, hook_names
+
+
+def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest-|x| entries of the last dimension, zero the rest."""
+    if k >= x.shape[-1]:
+        return x
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+
+
+class _Sparsifier:
+    """AbsTopK at the configured locations; identity elsewhere."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.k = {loc: int(cfg.afrac * dim) for loc, dim in cfg.loc_dims().items() if loc in cfg.loctypes} if cfg.afrac else {}
+
+    def __call__(self, loc: str, x: torch.Tensor) -> torch.Tensor:
+        k = self.k.get(loc)
+        return x if k is None else abs_topk(x, k)
+
+
+class AttentionSink(nn.Module):
+    """Causal attention with one extra, always-visible key slot per head whose value is
+    zero and whose logit is a learned scalar: a head can attend "nowhere"."""
+
+    def __init__(self, n_head: int):
+        super().__init__()
+        self.sink_logit = nn.Parameter(torch.zeros(n_head))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        # q, k, v: (B, H, T, D)
+        T = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        sink = self.sink_logit.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # (B, H, T, 1)
+        probs = torch.cat([sink, scores], dim=-1).softmax(dim=-1)[..., 1:]  # drop the sink: its value is 0
+        return probs @ v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, hooks: Hooks, sparsify: _Sparsifier):
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head, cfg.d_head
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_attn, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_attn, cfg.d_model, bias=cfg.bias)
+        self.attn_imp = AttentionSink(cfg.n_head) if cfg.sink else None
+        self.hooks, self.sparsify = hooks, sparsify
+        p = f"{layer}.attn."
+        self.h_in, self.h_q, self.h_k, self.h_v, self.h_y = p + "act_in", p + "q", p + "k", p + "v", p + "y"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        hooks, sp = self.hooks, self.sparsify
+        x = sp("attn_in", x)
+        if hooks.active:
+            x = hooks(self.h_in, x)
+        q, k, v = self.c_attn(x).split(self.n_head * self.d_head, dim=2)  # each (B, T, n_head·d_head)
+        q, k, v = sp("attn_q", q), sp("attn_k", k), sp("attn_v", v)
+        if hooks.active:
+            q, k, v = hooks(self.h_q, q), hooks(self.h_k, k), hooks(self.h_v, v)
+        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        scale = 1.0 / math.sqrt(self.d_head)
+        if self.attn_imp is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            y = self.attn_imp(q, k, v, scale)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head)  # (B, T, n_head·d_head)
+        if hooks.active:
+            y = hooks(self.h_y, y)
+        return sp("attn_out", self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, hooks: Hooks, sparsify: _Sparsifier):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        self.act = nn.GELU() if cfg.activation_type == "gelu" else nn.ReLU()
+        self.hooks, self.sparsify = hooks, sparsify
+        self.h_in, self.h_post = f"{layer}.mlp.act_in", f"{layer}.mlp.post_act"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hooks, sp = self.hooks, self.sparsify
+        x = sp("mlp_in", x)
+        if hooks.active:
+            x = hooks(self.h_in, x)
+        h = sp("mlp_neuron", self.act(self.c_fc(x)))  # (B, T, d_mlp)
+        if hooks.active:
+            h = hooks(self.h_post, h)
+        return sp("mlp_out", self.c_proj(h))
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    return nn.RMSNorm(cfg.d_model) if cfg.rms_norm else nn.LayerNorm(cfg.d_model)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, hooks: Hooks, sparsify: _Sparsifier):
+        super().__init__()
+        self.ln_1, self.ln_2 = _norm(cfg), _norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer, hooks, sparsify)
+        self.mlp = MLP(cfg, layer, hooks, sparsify)
+        self.hooks = hooks
+        self.h = {n: f"{layer}.{n}" for n in ("resid_in", "attn.resid_delta", "resid_mid", "mlp.resid_delta")}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hooks, h = self.hooks, self.h
+        if not hooks.active:
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+        x = hooks(h["resid_in"], x)
+        x = x + hooks(h["attn.resid_delta"], self.attn(self.ln_1(x)))
+        x = hooks(h["resid_mid"], x)
+        return x + hooks(h["mlp.resid_delta"], self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    """``model(idx) -> logits``: idx (B, T) token ids, logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.hooks = Hooks(hook_names(cfg.n_layer))
+        sparsify = _Sparsifier(cfg)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
+                wpe=nn.Embedding(cfg.block_size, cfg.d_model),
+                h=nn.ModuleList([Block(cfg, i, self.hooks, sparsify) for i in range(cfg.n_layer)]),
+                ln_f=_norm(cfg),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tied_unembed:
+            self.transformer.wte.weight = self.lm_head.weight
+        # Kept (zero) so state dicts match the reference layout, which has this buffer.
+        self.register_buffer("final_logits_bias", torch.zeros(cfg.vocab_size))
+        if cfg.enable_bigram_table and cfg.learnable_bigram_table:
+            self.bigram_table = nn.Parameter(torch.zeros(cfg.vocab_size, cfg.vocab_size))
+        elif cfg.enable_bigram_table:
+            self.register_buffer("bigram_table", torch.zeros(cfg.vocab_size, cfg.vocab_size))
+        else:
+            self.bigram_table = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual writes
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        t = self.transformer
+        x = t.wte(idx) + t.wpe.weight[:T]  # (B, T, d_model)
+        for block in t.h:
+            x = block(x)
+        if self.hooks.active:
+            x = self.hooks("final_resid", x)
+        logits = self.lm_head(t.ln_f(x)) + self.final_logits_bias  # (B, T, V)
+        if self.bigram_table is not None:
+            logits = logits + F.embedding(idx, self.bigram_table).to(logits.dtype)
+        return logits
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of a (B, T+1) batch of token rows."""
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

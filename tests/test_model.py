@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from sparsity.config import LOCTYPES, ModelConfig
+from sparsity.errors import ConfigError
+from sparsity.hooks import hook_names, run_with_cache
+from sparsity.model import GPT, abs_topk
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=128, block_size=16, n_layer=2, d_model=32, n_head=4, d_head=8, d_mlp=64)
+    cfg.update(kw)
+    return GPT(ModelConfig(**cfg)).eval()
+
+
+def _idx(n=3, t=16, v=128):
+    return torch.randint(0, v, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def test_abs_topk_keeps_exactly_k_largest_magnitudes():
+    x = torch.randn(5, 7, 40)
+    y = abs_topk(x, 10)
+    assert ((y != 0).sum(-1) == 10).all()
+    kept = y.abs().min(-1).values.where(y.abs().min(-1).values > 0, torch.inf)
+    smallest_kept = torch.where(y != 0, y.abs(), torch.inf).min(-1).values
+    largest_dropped = torch.where(y == 0, x.abs(), -torch.inf).max(-1).values
+    assert (smallest_kept >= largest_dropped).all() and kept.shape == (5, 7)
+    assert torch.equal(y[y != 0], x[y != 0])
+
+
+def test_abstopk_keeps_int_afrac_d_entries_at_every_location():
+    """At all 8 locations the model keeps exactly int(afrac·width) activations per position."""
+    model = _model(afrac=0.25, n_layer=1)
+    cfg = model.config
+    assert set(cfg.loctypes) == set(LOCTYPES)
+    _, cache = run_with_cache(model, _idx())
+    where = {"attn_in": "0.attn.act_in", "attn_q": "0.attn.q", "attn_k": "0.attn.k", "attn_v": "0.attn.v",
+             "attn_out": "0.attn.resid_delta", "mlp_in": "0.mlp.act_in", "mlp_neuron": "0.mlp.post_act", "mlp_out": "0.mlp.resid_delta"}
+    for loc, name in where.items():
+        k = int(0.25 * cfg.loc_dims()[loc])
+        assert ((cache[name] != 0).sum(-1) == k).all(), loc
+    dense = _model(afrac=None, n_layer=1)
+    _, cache = run_with_cache(dense, _idx())
+    assert ((cache["0.mlp.post_act"] != 0).sum(-1) > 16).all()
+
+
+def test_hooks_record_and_replace_every_documented_name():
+    """Every hook name records a tensor, and replacing it changes the logits (except where a
+    replacement by the identity must not)."""
+    model = _model(sink=True)
+    idx = _idx()
+    names = hook_names(2)
+    assert model.hooks.names == names
+    base, cache = run_with_cache(model, idx)
+    assert set(cache) == set(names)
+    assert cache["0.attn.q"].shape == (3, 16, 32) and cache["0.mlp.post_act"].shape == (3, 16, 64)
+    for name in names:
+        with model.hooks.replace({name: lambda x: x}):
+            assert torch.equal(model(idx), base), name
+        with model.hooks.replace({name: lambda x: x * 0 + 0.5}):
+            assert not torch.allclose(model(idx), base), name
+    assert not model.hooks.active and torch.equal(model(idx), base)
+
+
+def test_hooks_clean_up_when_the_forward_raises():
+    model = _model()
+    with pytest.raises(RuntimeError):
+        with model.hooks.record() as cache:
+            with model.hooks.replace({"0.attn.q": lambda x: x[..., :3]}):
+                model(_idx())
+    assert not model.hooks.active and cache  # recorded up to the failure, then detached
+    with pytest.raises(KeyError, match="unknown hook"):
+        with model.hooks.replace({"0.attn.nope": lambda x: x}):
+            pass
+
+
+def test_sink_and_bigram_change_the_outputs():
+    idx = _idx()
+    base = _model()(idx)
+    sink = _model(sink=True)
+    with torch.no_grad():
+        for b in sink.transformer.h:
+            b.attn.attn_imp.sink_logit.fill_(2.0)
+    assert not torch.allclose(sink(idx), base)
+    bigram = _model(enable_bigram_table=True, learnable_bigram_table=True)
+    with torch.no_grad():
+        bigram.bigram_table.normal_()
+    assert not torch.allclose(bigram(idx), base)
+
+
+def test_sink_with_zero_logit_matches_an_explicit_computation():
+    """The sink slot adds exp(sink_logit) to each softmax denominator and contributes zero value."""
+    model = _model(sink=True, afrac=None, n_layer=1)
+    attn = model.transformer.h[0].attn
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    out = attn.attn_imp(q, k, v, scale=8**-0.5)
+    scores = (q @ k.transpose(-2, -1)) * 8**-0.5
+    scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    w = scores.exp() / (scores.exp().sum(-1, keepdim=True) + 1.0)
+    torch.testing.assert_close(out, w @ v)
+
+
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        ({"afrac": 0.0}, "afrac=0.0 out of range"),
+        ({"afrac": 1.5}, "afrac=1.5 out of range"),
+        ({"afrac": 0.01}, "keeps no activation"),
+        ({"afrac_loctypes": "attn_in,bogus"}, "unknown location"),
+        ({"d_model": 0}, "d_model=0 out of range"),
+        ({"n_head": 2.5}, "n_head=2.5 out of range"),
+        ({"vocab_size": 70000}, "vocab_size=70000"),
+        ({"learnable_bigram_table": True}, "needs enable_bigram_table"),
+        ({"activation_type": "swish"}, "activation_type"),
+    ],
+)
+def test_bad_model_configs_name_the_field(kw, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        ModelConfig(**kw)
+    with pytest.raises(ValueError):  # ConfigError is a ValueError too
+        ModelConfig(**kw)
+
+
+def test_scaled_widens_d_model_heads_and_mlp():
+    cfg = ModelConfig(d_model=64, n_head=4, d_head=16, d_mlp=256).scaled(2)
+    assert (cfg.d_model, cfg.n_head, cfg.d_head, cfg.d_mlp) == (128, 8, 16, 512)
+    assert ModelConfig().scaled(2, ef_mlp=1).d_mlp == ModelConfig().d_mlp
