@@ -9,17 +9,11 @@ this machine, so the ratios compare like with like.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file's name shadows the stdlib `tokenize` when run as a script: swap its folder on
-# sys.path for the repository root before anything imports `tokenize`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import _bootstrap  # noqa: F401  (first: fixes sys.path before anything imports `tokenize`)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402

@@ -50,6 +50,7 @@ def train_local(
     stop_after: int | None = None,
 ) -> train_lib.TrainResult | None:
     """Train (or resume, or skip when finished) one run; returns None when already done."""
+    train_lib.resolve_device(device)  # a bad --device fails before anything is written
     out = storage.resolve(out_uri)
     run_file = out.join(RUN_FILE)
     record = {"config": cfg.to_dict(), "data": storage.resolve(data_uri).uri}

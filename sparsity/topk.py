@@ -74,28 +74,28 @@ def _topk_mask(score: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tenso
         return score > 0
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
-    # Bracket the k-th largest value between two sample quantiles.
-    sample = flat[torch.randint(0, n, (_SAMPLE,), generator=gen, device="cpu").to(flat.device)].sort().values
+    # Bracket the k-th largest value between two quantiles of a random sample.
+    sample = flat[torch.randint(0, n, (_SAMPLE,), generator=gen, device="cpu").to(flat.device)]
     p = k / n
     slack = 4.0 * math.sqrt(p * (1 - p) / _SAMPLE) + 2.0 / _SAMPLE
-    hi = sample[min(_SAMPLE - 1, int((1 - p + slack) * _SAMPLE))]
-    lo = sample[max(0, int((1 - p - slack) * _SAMPLE))]
-    above = flat > hi
-    n_above = int(above.sum())
-    thr = None
-    if n_above <= k:
-        band = flat[(flat >= lo) & ~above]
+    hi = sample.kthvalue(min(_SAMPLE, int((1 - p + slack) * _SAMPLE) + 1)).values
+    lo = sample.kthvalue(max(1, int((1 - p - slack) * _SAMPLE))).values
+    cand = flat[flat >= lo]  # the one full pass: everything at or above the bracket (~p + slack of n)
+    if cand.numel() >= k:
+        above = cand > hi
+        n_above = int(torch.count_nonzero(above))
+        band = cand[~above]  # small: the bracket holds ~2·slack of n
         need = k - n_above
-        if 0 < need <= band.numel():
+        thr, ties = None, 0
+        if need == 0 and n_above:
+            thr = cand[above].min()
+        elif 0 < need <= band.numel():
             thr = band.kthvalue(band.numel() - need + 1).values
-        elif need == 0:
-            thr = flat[above].min() if n_above else None
-    if thr is not None:
-        if float(thr) == 0.0:
+            ties = int(torch.count_nonzero(band == thr)) - 1  # only the band can hold values equal to thr
+        if thr is not None and float(thr) == 0.0:
             return score > 0
-        mask = score >= thr
-        if int(mask.sum()) == k:
-            return mask
+        if thr is not None and ties == 0:
+            return score >= thr  # exactly k: n_above above the bracket, `need` inside it
     idx = flat.topk(k, sorted=False).indices  # exact fallback: bracket missed, or ties
     mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
     mask[idx] = True

@@ -1,0 +1,91 @@
+"""Sparse vs dense training step on CPU (or CUDA); prints one JSON object.
+
+    python benchmarks/train_step.py [--steps 8] [--device cpu] [--pfrac 0.0625]
+
+Shape: d_model 256, 4 layers, ctx 256, batch 16 (DESIGN.md's CPU sizing). Both models have
+the same shape and AbsTopK; the sparse one also projects every matrix to its top-k after
+each step (density past the anneal). Steps alternate sparse/dense so drift in machine speed
+hits both alike; the projection is timed on its own too, as a share of the sparse step.
+"""
+
+from __future__ import annotations
+
+import _bootstrap  # noqa: F401  (first: fixes sys.path)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig  # noqa: E402
+from sparsity.model import GPT  # noqa: E402
+from sparsity.topk import WeightSparsifier  # noqa: E402
+from sparsity.train import autocast, make_optimizer, normalise_grads_, resolve_device  # noqa: E402
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per model (after 2 warm-up steps)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pfrac", type=float, default=1 / 16)
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    mcfg = ModelConfig(d_model=256, n_head=16, d_head=16, d_mlp=1024, n_layer=4, block_size=256)
+    steps_total = 1000
+    x = torch.randint(0, mcfg.vocab_size, (args.batch, mcfg.block_size + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+
+    runs = {}
+    for name, pfrac in (("sparse", args.pfrac), ("dense", 1.0)):
+        cfg = RunConfig(model=mcfg, sparsity=SparsityConfig(pfrac=pfrac), train=TrainConfig(steps=steps_total))
+        torch.manual_seed(0)
+        model = GPT(mcfg).to(dev)
+        opt = make_optimizer(model, cfg)
+        sp = WeightSparsifier(model, cfg.sparsity, steps_total)
+        runs[name] = (model, opt, sp, {"step": [], "project": []})
+
+    def one_step(name: str, step: int) -> None:
+        model, opt, sp, t = runs[name]
+        _sync(dev)
+        t0 = time.perf_counter()
+        with autocast(dev):
+            loss = model.loss(x)
+        loss.backward()
+        normalise_grads_(list(model.parameters()), 1e-5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        t1 = time.perf_counter()
+        sp.apply(step)  # a no-op for the dense model (k = numel)
+        _sync(dev)
+        t2 = time.perf_counter()
+        t["step"].append(t2 - t0)
+        t["project"].append(t2 - t1)
+
+    step = 600  # past the anneal: the sparse model sits at its target density
+    for i in range(args.steps + 2):
+        for name in (("sparse", "dense") if i % 2 == 0 else ("dense", "sparse")):  # alternate who goes first
+            one_step(name, step + i)
+    tokens = args.batch * mcfg.block_size
+    out = {"device": str(dev), "threads": torch.get_num_threads(), "shape": "d_model 256 × 4 layers, ctx 256, batch %d" % args.batch,
+           "pfrac": args.pfrac}
+    for name, (model, _, sp, t) in runs.items():
+        ms = statistics.median(t["step"][2:]) * 1e3
+        proj = statistics.median(t["project"][2:]) * 1e3
+        nz = sum(sp.nonzeros().values())
+        compute = statistics.median([a - b for a, b in zip(t["step"][2:], t["project"][2:], strict=True)]) * 1e3
+        out[name] = {"ms_per_step": round(ms, 1), "fwd_bwd_adam_ms": round(compute, 1), "tokens_per_s": round(tokens / ms * 1e3), "projection_ms": round(proj, 2),
+                     "projection_share": round(proj / ms, 4), "nonzero_weights": nz}
+    out["sparse_over_dense_step_ratio"] = round(out["sparse"]["ms_per_step"] / out["dense"]["ms_per_step"], 3)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from cluster import checkpoints, training
+from conftest import tiny_config
+
+runner = CliRunner()
+
+
+def test_interrupted_local_run_resumes_to_the_same_weights(stdlib_data, tmp_path):
+    """train_local stopped mid-run and re-run ends equal to an uninterrupted run, and a
+    finished run does no work."""
+    cfg = tiny_config(t__steps=24, t__ckpt_every=10, t__eval_every=10)
+    full = training.train_local(stdlib_data, str(tmp_path / "full"), cfg, device="cpu")
+    part = str(tmp_path / "part")
+    training.train_local(stdlib_data, part, cfg, device="cpu", stop_after=15)
+    assert checkpoints.latest_step(part) == 15
+    resumed = training.train_local(stdlib_data, part, cfg, device="cpu")
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert training.train_local(stdlib_data, part, cfg, device="cpu") is None
+    steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 24
+
+
+def test_a_run_directory_with_another_config_is_refused(stdlib_data, tmp_path):
+    out = str(tmp_path / "run")
+    training.train_local(stdlib_data, out, tiny_config(t__steps=2), device="cpu")
+    with pytest.raises(training.RunError, match="another configuration"):
+        training.train_local(stdlib_data, out, tiny_config(t__steps=2, s__pfrac=0.5), device="cpu")
+
+
+def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):
+    """`csp train` writes a checkpoint; `csp model info` shows its nonzeros; export/import round-trip."""
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--data", stdlib_data, "--out", str(out), "--steps", "12", "--batch", "8",
+                            "--pfrac", "0.25", "--eval-every", "6", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "trained 12 steps" in r.stdout
+    r = runner.invoke(app, ["model", "info", str(out), "--json"])
+    info = json.loads(r.stdout)
+    c_fc = info["matrices"]["transformer.h.0.mlp.c_fc.weight"]
+    assert info["step"] == 12 and c_fc["nonzeros"] <= round(0.25 * c_fc["numel"])
+    r = runner.invoke(app, ["model", "info", str(out)])
+    assert r.exit_code == 0 and "transformer.h.1.attn.c_attn.weight" in r.stdout
+    r = runner.invoke(app, ["model", "export", str(out), "--out", str(tmp_path / "ref")])
+    assert r.exit_code == 0 and (tmp_path / "ref" / "final_model.pt").exists()
+    r = runner.invoke(app, ["model", "import", str(tmp_path / "ref"), "--out", str(tmp_path / "back")])
+    assert r.exit_code == 0, r.output
+    a = checkpoints.load(str(out)).build_model()
+    b = checkpoints.load(str(tmp_path / "back")).build_model()
+    idx = torch.randint(0, 2048, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(a(idx), b(idx))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--pfrac", "0"], "pfrac=0.0 out of range"),
+    (["--afrac", "0"], "afrac=0.0 out of range"),
+    (["--n-ctx", "512"], "exceeds the data's n_ctx=64"),
+    (["--steps", "0"], "steps=0 out of range"),
+    (["--device", "cuda:3"], "CUDA is not available"),
+    (["--d-model", "0"], "d_model=0 out of range"),
+])
+def test_csp_train_bad_flags_are_one_line_errors(stdlib_data, tmp_path, args, fragment):
+    r = runner.invoke(app, ["train", "--data", stdlib_data, "--out", str(tmp_path / "run"), "--steps", "2", *args])
+    assert r.exit_code == 2, r.output
+    assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
