@@ -36,9 +36,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--pfrac", type=float, default=1 / 16)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--afrac", type=float, default=0.25, help="AbsTopK fraction at all 8 locations (0 = off)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
-    mcfg = ModelConfig(d_model=256, n_head=16, d_head=16, d_mlp=1024, n_layer=4, block_size=256)
+    mcfg = ModelConfig(d_model=256, n_head=16, d_head=16, d_mlp=1024, n_layer=4, block_size=256, afrac=args.afrac or None)
     steps_total = 1000
     x = torch.randint(0, mcfg.vocab_size, (args.batch, mcfg.block_size + 1), generator=torch.Generator().manual_seed(0)).to(dev)
 
@@ -75,7 +76,7 @@ def main() -> None:
             one_step(name, step + i)
     tokens = args.batch * mcfg.block_size
     out = {"device": str(dev), "threads": torch.get_num_threads(), "shape": "d_model 256 × 4 layers, ctx 256, batch %d" % args.batch,
-           "pfrac": args.pfrac}
+           "pfrac": args.pfrac, "afrac": args.afrac}
     for name, (model, _, sp, t) in runs.items():
         ms = statistics.median(t["step"][2:]) * 1e3
         proj = statistics.median(t["project"][2:]) * 1e3
