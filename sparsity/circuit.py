@@ -1,0 +1,149 @@
+"""A circuit: the kept nodes of one (checkpoint, task) pair, the edges between them, the
+losses that verify it, and where it came from.
+
+Nodes are (layer, location, index) with ``location`` one of :data:`NODE_LOCATIONS` (hook
+names without the layer). Edges are the nonzero weights whose input and output nodes are
+both kept:
+
+    attn.act_in[j] → attn.q|k|v[i]      c_attn[i (+ offset), j]
+    attn.v[c]      → attn.resid_delta[j]   attn.c_proj[j, c]   (v channel c is output channel c)
+    mlp.act_in[j]  → mlp.post_act[i]    mlp.c_fc[i, j]
+    mlp.post_act[i] → mlp.resid_delta[j]  mlp.c_proj[j, i]
+
+plus, counted apart as ``resid`` edges, the residual stream itself: a kept write channel j
+(attn/mlp.resid_delta) feeds every later kept read channel j (act_in) through identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+NODE_LOCATIONS = ("attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta", "mlp.act_in", "mlp.post_act", "mlp.resid_delta")
+WEIGHT_EDGE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.out")
+SCHEMA_VERSION = 1
+
+
+def node_sizes(cfg) -> dict[str, int]:
+    """Width of each node location for a ModelConfig."""
+    a = cfg.d_attn
+    return {"attn.act_in": cfg.d_model, "attn.q": a, "attn.k": a, "attn.v": a, "attn.resid_delta": cfg.d_model,
+            "mlp.act_in": cfg.d_model, "mlp.post_act": cfg.d_mlp, "mlp.resid_delta": cfg.d_model}
+
+
+Node = tuple[int, str, int]  # (layer, location, index)
+
+
+@dataclass
+class Circuit:
+    task: str
+    nodes: list[Node]
+    edges: list[dict]  # {"src": Node, "dst": Node, "kind": str, "weight": float}
+    metrics: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def n_edges(self) -> int:
+        """Weight edges (the circuit-size measure); residual edges are counted apart."""
+        return sum(1 for e in self.edges if e["kind"] != "resid")
+
+    def counts(self) -> dict:
+        """n_nodes / n_edges in total and by kind."""
+        nodes = Counter(loc for _, loc, _ in self.nodes)
+        edges = Counter(e["kind"] for e in self.edges)
+        return {
+            "n_nodes": len(self.nodes),
+            "n_edges": self.n_edges,
+            "n_edges_resid": edges.get("resid", 0),
+            "nodes_by_location": {loc: nodes.get(loc, 0) for loc in NODE_LOCATIONS},
+            "edges_by_kind": {k: edges.get(k, 0) for k in WEIGHT_EDGE_KINDS},
+        }
+
+    def nodes_by_layer(self) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for layer, loc, _ in self.nodes:
+            out.setdefault(layer, Counter())[loc] += 1
+        return {k: dict(v) for k, v in sorted(out.items())}
+
+    # ---------------------------------------------------------------- rows (Arrow-ready)
+
+    def to_rows(self) -> tuple[dict, list[dict], list[dict]]:
+        """(circuit row, node rows, edge rows): plain dicts, one Parquet row each."""
+        c = self.counts()
+        row = {
+            "schema_version": SCHEMA_VERSION,
+            "task": self.task,
+            "n_nodes": c["n_nodes"],
+            "n_edges": c["n_edges"],
+            "n_edges_resid": c["n_edges_resid"],
+            **{f"n_nodes_{k.replace('.', '_')}": v for k, v in c["nodes_by_location"].items()},
+            **{f"n_edges_{k.replace('.', '_')}": v for k, v in c["edges_by_kind"].items()},
+            **self.metrics,
+            "provenance": json.dumps(self.provenance, sort_keys=True),
+        }
+        nodes = [{"task": self.task, "layer": layer, "location": loc, "index": idx} for layer, loc, idx in self.nodes]
+        edges = [{"task": self.task, "kind": e["kind"], "weight": e["weight"],
+                  "src_layer": e["src"][0], "src_location": e["src"][1], "src_index": e["src"][2],
+                  "dst_layer": e["dst"][0], "dst_location": e["dst"][1], "dst_index": e["dst"][2]} for e in self.edges]
+        return row, nodes, edges
+
+    @classmethod
+    def from_rows(cls, row: dict, nodes: list[dict], edges: list[dict]) -> Circuit:
+        metric_keys = set(row) - {"schema_version", "task", "provenance", "n_nodes", "n_edges", "n_edges_resid"}
+        metric_keys -= {k for k in row if k.startswith(("n_nodes_", "n_edges_"))}
+        return cls(
+            task=row["task"],
+            nodes=[(int(n["layer"]), n["location"], int(n["index"])) for n in nodes],
+            edges=[{"src": (int(e["src_layer"]), e["src_location"], int(e["src_index"])),
+                    "dst": (int(e["dst_layer"]), e["dst_location"], int(e["dst_index"])),
+                    "kind": e["kind"], "weight": float(e["weight"])} for e in edges],
+            metrics={k: row[k] for k in sorted(metric_keys)},
+            provenance=json.loads(row["provenance"]) if row.get("provenance") else {},
+        )
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([sorted(self.nodes), len(self.edges)]).encode()).hexdigest()
+
+
+@torch.no_grad()
+def edges_between(model, kept: dict[str, torch.Tensor]) -> list[dict]:
+    """Every nonzero weight whose two end nodes are kept, plus residual edges.
+
+    ``kept``: {hook name "{layer}.{location}": bool tensor of that location's width}.
+    """
+    cfg = model.config
+    a = cfg.d_attn
+    out: list[dict] = []
+
+    def add(kind, layer, w, src_loc, dst_loc, src_keep, dst_keep, dst_offset=0):
+        # w: (dst, src) slice of a weight matrix
+        sub = w[dst_keep.nonzero()[:, 0]][:, src_keep.nonzero()[:, 0]]
+        dst_idx, src_idx = dst_keep.nonzero()[:, 0], src_keep.nonzero()[:, 0]
+        for i, j in (sub != 0).nonzero().tolist():
+            out.append({"src": (layer, src_loc, int(src_idx[j])), "dst": (layer, dst_loc, int(dst_idx[i])),
+                        "kind": kind, "weight": float(sub[i, j])})
+
+    for layer, block in enumerate(model.transformer.h):
+        k = {loc: kept[f"{layer}.{loc}"] for loc in NODE_LOCATIONS}
+        W = block.attn.c_attn.weight  # (3·a, d_model): rows q | k | v
+        for n, loc in enumerate(("attn.q", "attn.k", "attn.v")):
+            add(loc, layer, W[n * a : (n + 1) * a], "attn.act_in", loc, k["attn.act_in"], k[loc])
+        add("attn.out", layer, block.attn.c_proj.weight, "attn.v", "attn.resid_delta", k["attn.v"], k["attn.resid_delta"])
+        add("mlp.in", layer, block.mlp.c_fc.weight, "mlp.act_in", "mlp.post_act", k["mlp.act_in"], k["mlp.post_act"])
+        add("mlp.out", layer, block.mlp.c_proj.weight, "mlp.post_act", "mlp.resid_delta", k["mlp.post_act"], k["mlp.resid_delta"])
+    # Residual stream: write channel j at (layer, attn|mlp) → read channel j at every later read.
+    order = []
+    for layer in range(cfg.n_layer):
+        order += [(layer, "attn.act_in"), (layer, "attn.resid_delta"), (layer, "mlp.act_in"), (layer, "mlp.resid_delta")]
+    for wi, (wl, wloc) in enumerate(order):
+        if not wloc.endswith("resid_delta"):
+            continue
+        for rl, rloc in order[wi + 1 :]:
+            if rloc.endswith("act_in"):
+                both = (kept[f"{wl}.{wloc}"] & kept[f"{rl}.{rloc}"]).nonzero()[:, 0].tolist()
+                out += [{"src": (wl, wloc, j), "dst": (rl, rloc, j), "kind": "resid", "weight": 1.0} for j in both]
+    return out
