@@ -134,6 +134,9 @@ class Gates:
         self.tau = {n: torch.full((sizes[n.split(".", 1)[1]],), init, device=dev, requires_grad=True) for n in self.names}
         self.ablate = ablate  # {name: (width,) or (B, width)}
         self.fixed: dict[str, torch.Tensor] | None = None  # a fixed 0/1 mask overrides τ
+        # Running sum of τ over training: breaks ties between nodes clamped at the same τ
+        # (a node that held on longer ranks higher).
+        self.tau_sum = {n: torch.zeros_like(t, requires_grad=False) for n, t in self.tau.items()}
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.tau.values())
@@ -167,10 +170,13 @@ class Gates:
         return sum(heaviside(t, self.temp).sum() for t in self.tau.values())
 
     def ranking(self) -> list[tuple[str, int]]:
-        """Every node, highest τ first (ties broken by name and index: deterministic)."""
-        items = [(float(v), n, i) for n, t in self.tau.items() for i, v in enumerate(t.detach().cpu().tolist())]
-        items.sort(key=lambda r: (-r[0], r[1], r[2]))
-        return [(n, i) for _, n, i in items]
+        """Every node, highest τ first; ties by τ summed over training, then name and index."""
+        items = []
+        for n, t in self.tau.items():
+            for i, (v, acc) in enumerate(zip(t.detach().cpu().tolist(), self.tau_sum[n].cpu().tolist(), strict=True)):
+                items.append((v, acc, n, i))
+        items.sort(key=lambda r: (-r[0], -r[1], r[2], r[3]))
+        return [(n, i) for _, _, n, i in items]
 
     def top_k_mask(self, ranking: list[tuple[str, int]], k: int) -> dict[str, torch.Tensor]:
         dev = next(iter(self.tau.values())).device
@@ -254,8 +260,9 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig = PruneConfig(), pretra
         p.requires_grad_(False)
     ctx = model.config.block_size
     train_b = encode(task, tokenizer, cfg.n_train, TRAIN_SEED, ctx)
-    select_b = encode(task, tokenizer, cfg.n_select, SELECT_SEED, ctx)
-    test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx)
+    seen = frozenset(p.clean for p in train_b.pairs)
+    select_b = encode(task, tokenizer, cfg.n_select, SELECT_SEED, ctx, exclude=seen)
+    test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx, exclude=seen | {p.clean for p in select_b.pairs})
     n_max = max(cfg.n_train, cfg.n_select, cfg.n_test)
     ablate = ablation_values(model, cfg.ablation, pretrain_batches, n_max, cfg.seed, dev)
     torch.manual_seed(cfg.seed)
@@ -279,8 +286,9 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig = PruneConfig(), pretra
         loss.backward()
         opt.step()
         with torch.no_grad():
-            for t in gates.parameters():
+            for n, t in gates.tau.items():
                 t.clamp_(-1.0, 1.0)
+                gates.tau_sum[n] += t
 
     # 2. rank nodes by τ and bisect k on held-out selection pairs
     ranking = gates.ranking()

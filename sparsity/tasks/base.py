@@ -51,10 +51,11 @@ class Task:
     make: Callable[[random.Random], Pair]
     complete: Callable[[str], str] | None = None
 
-    def pairs(self, n: int, seed: int) -> list[Pair]:
-        """``n`` distinct pairs from ``random.Random((name, seed))``."""
+    def pairs(self, n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Pair]:
+        """``n`` distinct pairs from ``random.Random(f"{name}/{seed}")``, none of whose clean
+        prompts is in ``exclude`` (so held-out pairs never repeat a training prompt)."""
         rng = random.Random(f"{self.name}/{seed}")
-        out, seen = [], set()
+        out, seen = [], set(exclude)
         tries = 0
         while len(out) < n:
             p = self.make(rng)
@@ -71,9 +72,9 @@ class Task:
 class Batch:
     """Tokenized pairs, left-padded so every prompt's last token is at position -1.
 
-    clean, corrupt: (n, T) int64; target, alt: (n,) token ids; pad: (n, T) bool of padding
-    (padded positions hold the EOT token and sit before the prompt, where causal attention
-    from the last position still sees them — as a document boundary would).
+    clean, corrupt: (n, T) int64; target, alt: (n,) token ids. Padding is the EOT token
+    before the prompt, where causal attention from the last position sees it as a document
+    boundary — the same thing the model saw between files in training.
     """
 
     clean: torch.Tensor
@@ -91,10 +92,11 @@ def single_token(tok, text: str, task: str) -> int:
     return ids[0]
 
 
-def encode(task: Task, tok, n: int, seed: int, max_len: int) -> Batch:
-    """Tokenize ``n`` pairs; check answers are single distinct tokens and that each answer
-    is what the tokenizer would emit after the prompt (no merge across the boundary)."""
-    pairs = task.pairs(n, seed)
+def encode(task: Task, tok, n: int, seed: int, max_len: int, exclude: frozenset[str] = frozenset()) -> Batch:
+    """Tokenize ``n`` pairs (none with a clean prompt in ``exclude``); check answers are single
+    distinct tokens and that each answer is what the tokenizer would emit after the prompt
+    (no merge across the boundary)."""
+    pairs = task.pairs(n, seed, exclude)
     rows_c, rows_x, tgt, alt = [], [], [], []
     for p in pairs:
         t, a = single_token(tok, p.target, task.name), single_token(tok, p.alt, task.name)

@@ -1,0 +1,116 @@
+"""A hand-built model with a known quote circuit, hidden among distractor weights: pruning
+must find the circuit, and its stored verification numbers must be recomputable."""
+
+import pytest
+import torch
+
+from sparsity import prune as prune_lib
+from sparsity.config import ModelConfig
+from sparsity.model import GPT
+from sparsity.tasks.base import TEST_SEED, encode, pair_loss
+
+# The planted path, as node hook names and indices (layer 0 only):
+#   residual ch0 = "a ' token here", ch1 = "a \" token here", ch2 = constant (every token)
+#   attn.act_in[0,1] → attn.k[0] (keys light up on quote tokens; the query q[0] reads the
+#   constant ch2, so it is the same everywhere and mean-ablating it changes nothing)
+#   attn.act_in[0] → attn.v[0], attn.act_in[1] → attn.v[1] (the v channels also read noise
+#   from non-quote tokens, so without the key's focus the copied quote type drowns)
+#   attn.v[0] → attn.resid_delta[3], attn.v[1] → attn.resid_delta[4]
+#   the unembedding reads ch3 (for '\n) against ch4 (for "\n)
+G = 0.5  # unembedding gain on the two answer channels: held-out loss ≈ 0.02
+
+PLANTED = {"0.attn.act_in": {0, 1}, "0.attn.k": {0}, "0.attn.v": {0, 1}, "0.attn.resid_delta": {3, 4}}
+
+
+def _quote_task():
+    from sparsity.tasks import REGISTRY
+
+    return REGISTRY["single_double_quote"]
+
+
+def planted_model(tok) -> GPT:
+    cfg = ModelConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=1, d_head=8, d_model=16, d_mlp=16, afrac=None)
+    torch.manual_seed(0)
+    m = GPT(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+
+    def distract(shape, density=0.3, scale=0.3):
+        return torch.randn(*shape, generator=g) * scale * (torch.rand(*shape, generator=g) < density)
+
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for name, p in m.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.fill_(1.0)
+        wte = m.transformer.wte.weight
+        wte[:, 2] = 1.0
+        wte[:, 5:] = distract((cfg.vocab_size, 11))
+        for i in range(tok.n_vocab - 1):
+            b = tok.encoding.decode_single_token_bytes(i)
+            if b"'" in b and b'"' not in b:
+                wte[i, 0], wte[i, 5:] = 3.0, 0.0
+            elif b'"' in b and b"'" not in b:
+                wte[i, 1], wte[i, 5:] = 3.0, 0.0
+        attn = m.transformer.h[0].attn
+        W = attn.c_attn.weight  # rows: q 0-7 | k 8-15 | v 16-23
+        W[0, 2] = 10.0  # q0 ← constant
+        W[8, 0] = W[8, 1] = 10.0  # k0 ← either quote
+        W[16, 0] = 5.0  # v0 ← '
+        W[17, 1] = 5.0  # v1 ← "
+        W[1:8, 5:] = distract((7, 11))  # distractor q/k/v channels read distractor residual channels
+        W[9:16, 5:] = distract((7, 11))
+        W[18:24, 5:] = distract((6, 11))
+        # v0/v1 also pick up noise from other tokens: harmless when the key focuses attention
+        # on the (noise-free) quote token, fatal when attention spreads — so k0 is needed.
+        W[16:18, 5:] = distract((2, 11), density=1.0, scale=1.5)
+        P = attn.c_proj.weight  # (d_model, d_head)
+        P[3, 0] = 2.0
+        P[4, 1] = 2.0
+        P[5:, 2:] = distract((11, 6))
+        mlp = m.transformer.h[0].mlp
+        mlp.c_fc.weight[:, 5:] = distract((16, 11))
+        mlp.c_proj.weight[5:, :] = distract((11, 16))
+        head = m.lm_head.weight
+        head[:, 5:] = distract((cfg.vocab_size, 11), scale=0.2)
+        t, a = tok.encode("'\n")[0], tok.encode('"\n')[0]
+        # Confident but not saturated (held-out loss ~0.02, like a trained model): a loss of
+        # 1e-9 would leave no gradient to tell needed nodes from idle ones.
+        head[t, 3], head[t, 4] = G, -G
+        head[a, 3], head[a, 4] = -G, G
+    return m
+
+
+@pytest.mark.slow
+def test_pruning_recovers_the_planted_quote_circuit(stdlib_tokenizer, stdlib_rows):
+    tok, task = stdlib_tokenizer, _quote_task()
+    model = planted_model(tok)
+    test = encode(task, tok, 64, TEST_SEED, 64)
+    with torch.no_grad():
+        full = pair_loss(model(test.clean), model(test.corrupt), test.target, test.alt).mean()
+    assert 0.001 < full < 0.1, f"the planted model must solve the task (loss {full:.4f})"
+
+    pretrain = [torch.from_numpy(stdlib_rows[0][i * 32 : (i + 1) * 32].astype("int64")) for i in range(4)]
+    circuit = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(), pretrain)
+    kept: dict[str, set] = {}
+    for layer, loc, idx in circuit.nodes:
+        kept.setdefault(f"{layer}.{loc}", set()).add(idx)
+    for name, idxs in PLANTED.items():
+        assert idxs <= kept.get(name, set()), (name, kept)
+    planted_size = sum(map(len, PLANTED.values()))
+    assert circuit.metrics["status"] == "ok" and len(circuit.nodes) <= 2 * planted_size
+
+    # Recompute sufficiency and necessity independently, with plain hook replacements.
+    means = prune_lib.node_means(model, pretrain)
+    keep = {n: torch.zeros_like(v) for n, v in means.items()}
+    for layer, loc, idx in circuit.nodes:
+        keep[f"{layer}.{loc}"][idx] = 1.0
+
+    def run(mask):
+        fns = {n: (lambda m_, mu: (lambda x: x * m_ + mu * (1 - m_)))(mask[n], means[n]) for n in means}
+        with torch.no_grad(), model.hooks.replace(fns):
+            return float(pair_loss(model(test.clean), model(test.corrupt), test.target, test.alt).mean())
+
+    assert run(keep) == pytest.approx(circuit.metrics["sufficiency_loss"], rel=1e-5, abs=1e-6)
+    assert run({n: 1 - v for n, v in keep.items()}) == pytest.approx(circuit.metrics["necessity_loss"], rel=1e-5, abs=1e-6)
+    assert circuit.metrics["sufficiency_loss"] <= 0.15 < circuit.metrics["necessity_loss"]
