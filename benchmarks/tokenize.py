@@ -9,14 +9,14 @@ this machine, so the ratios compare like with like.
 
 from __future__ import annotations
 
-import _bootstrap  # noqa: F401  (first: fixes sys.path before anything imports `tokenize`)
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+
+import _bootstrap  # noqa: F401  (first: fixes sys.path before anything imports `tokenize`)
 
 
 def main() -> None:

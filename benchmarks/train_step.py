@@ -10,13 +10,12 @@ hits both alike; the projection is timed on its own too, as a share of the spars
 
 from __future__ import annotations
 
-import _bootstrap  # noqa: F401  (first: fixes sys.path)
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+import _bootstrap  # noqa: F401  (first: fixes sys.path)
 import torch  # noqa: E402
 
 from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig  # noqa: E402
@@ -75,9 +74,9 @@ def main() -> None:
         for name in (("sparse", "dense") if i % 2 == 0 else ("dense", "sparse")):  # alternate who goes first
             one_step(name, step + i)
     tokens = args.batch * mcfg.block_size
-    out = {"device": str(dev), "threads": torch.get_num_threads(), "shape": "d_model 256 × 4 layers, ctx 256, batch %d" % args.batch,
+    out = {"device": str(dev), "threads": torch.get_num_threads(), "shape": f"d_model 256 × 4 layers, ctx 256, batch {args.batch}",
            "pfrac": args.pfrac, "afrac": args.afrac}
-    for name, (model, _, sp, t) in runs.items():
+    for name, (_, _, sp, t) in runs.items():
         ms = statistics.median(t["step"][2:]) * 1e3
         proj = statistics.median(t["project"][2:]) * 1e3
         nz = sum(sp.nonzeros().values())

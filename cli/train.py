@@ -46,7 +46,14 @@ def train(
         train=TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every),
     )
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     last: dict = {}
     with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

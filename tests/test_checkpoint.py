@@ -2,9 +2,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from cluster import checkpoints, storage
-from conftest import tiny_config
 from sparsity import checkpoint as ckpt_lib
 from sparsity.model import GPT
 

@@ -83,16 +83,16 @@ def test_edges_are_exactly_the_nonzero_weights_among_kept_nodes():
     want = set()
     a = cfg.d_attn
     for layer, blk in enumerate(model.transformer.h):
-        def mats():
-            W = blk.attn.c_attn.weight
-            yield "attn.q", W[:a], "attn.act_in", "attn.q"
-            yield "attn.k", W[a : 2 * a], "attn.act_in", "attn.k"
-            yield "attn.v", W[2 * a :], "attn.act_in", "attn.v"
-            yield "attn.out", blk.attn.c_proj.weight, "attn.v", "attn.resid_delta"
-            yield "mlp.in", blk.mlp.c_fc.weight, "mlp.act_in", "mlp.post_act"
-            yield "mlp.out", blk.mlp.c_proj.weight, "mlp.post_act", "mlp.resid_delta"
-
-        for kind, W, src, dst in mats():
+        Wqkv = blk.attn.c_attn.weight
+        mats = [
+            ("attn.q", Wqkv[:a], "attn.act_in", "attn.q"),
+            ("attn.k", Wqkv[a : 2 * a], "attn.act_in", "attn.k"),
+            ("attn.v", Wqkv[2 * a :], "attn.act_in", "attn.v"),
+            ("attn.out", blk.attn.c_proj.weight, "attn.v", "attn.resid_delta"),
+            ("mlp.in", blk.mlp.c_fc.weight, "mlp.act_in", "mlp.post_act"),
+            ("mlp.out", blk.mlp.c_proj.weight, "mlp.post_act", "mlp.resid_delta"),
+        ]
+        for kind, W, src, dst in mats:
             for i in range(W.shape[0]):
                 for j in range(W.shape[1]):
                     if W[i, j] != 0 and kept[f"{layer}.{src}"][j] and kept[f"{layer}.{dst}"][i]:

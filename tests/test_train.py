@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from sparsity import checkpoint as ckpt_lib
 from sparsity.batches import FixedBatches, TokenRows
 from sparsity.model import GPT

@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 from cli.main import app
 from cluster import checkpoints, training
-from conftest import tiny_config
 
 runner = CliRunner()
 
