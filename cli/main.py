@@ -5,17 +5,20 @@
 
 from __future__ import annotations
 
-from cli import data, model, s3, tokenizer
+from cli import data, model, s3, tasks, tokenizer
 from cli._app import group
 from cli.demo import demo
+from cli.prune import prune
 from cli.train import train
 
 app = group("csp: train weight-sparse transformers, sweep them on Ray, prune them to circuits.")
 app.command()(demo)
 app.command()(train)
+app.command()(prune)
 app.add_typer(tokenizer.app, name="tokenizer")
 app.add_typer(data.app, name="data")
 app.add_typer(model.app, name="model")
+app.add_typer(tasks.app, name="tasks")
 app.add_typer(s3.app, name="s3")
 
 

@@ -80,3 +80,18 @@ def import_reference(ref_uri: str, out_uri: str) -> ckpt_lib.Checkpoint:
     out_files = ckpt_lib.to_files(model, ckpt.config, 0, {"imported_from": ref.uri})
     save(out_uri, out_files, 0)
     return ckpt
+
+
+def run_data_uri(ckpt_uri: str) -> str | None:
+    """The dataset a checkpoint was trained on, from its run's run.json (None if unknown)."""
+    d = _checkpoint_dir(ckpt_uri)
+    for cand in (d.parent.parent, d.parent, d):  # run/checkpoints/step-N, or the run dir itself
+        f = cand.join("run.json")
+        if storage.exists(f):
+            return storage.read_json(f).get("data")
+    return None
+
+
+def checkpoint_dir(ckpt_uri: str) -> str:
+    """The URI of the step directory a checkpoint URI resolves to."""
+    return _checkpoint_dir(ckpt_uri).uri

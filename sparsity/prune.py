@@ -251,8 +251,11 @@ def _fit_calibration(ev: _Evaluator, fixed) -> tuple[float, float]:
 
 
 def prune(model, task: Task, tokenizer, cfg: PruneConfig = PruneConfig(), pretrain_batches: list[torch.Tensor] | None = None,
-          device="cpu", provenance: dict | None = None) -> Circuit:
-    """The minimal verified circuit of ``model`` for ``task`` (see the module docstring)."""
+          device="cpu", provenance: dict | None = None, ablate: dict[str, torch.Tensor] | None = None) -> Circuit:
+    """The minimal verified circuit of ``model`` for ``task`` (see the module docstring).
+
+    ``ablate`` passes precomputed ablation values (e.g. cached node means) instead of
+    computing them from ``pretrain_batches``."""
     t0 = time.perf_counter()
     dev = torch.device(device)
     model = model.to(dev).eval()
@@ -264,7 +267,9 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig = PruneConfig(), pretra
     select_b = encode(task, tokenizer, cfg.n_select, SELECT_SEED, ctx, exclude=seen)
     test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx, exclude=seen | {p.clean for p in select_b.pairs})
     n_max = max(cfg.n_train, cfg.n_select, cfg.n_test)
-    ablate = ablation_values(model, cfg.ablation, pretrain_batches, n_max, cfg.seed, dev)
+    if ablate is None:
+        ablate = ablation_values(model, cfg.ablation, pretrain_batches, n_max, cfg.seed, dev)
+    ablate = {n: v.to(dev) for n, v in ablate.items()}
     torch.manual_seed(cfg.seed)
     gates = Gates(model, ablate, cfg.surrogate_temp)
     names = gates.names
@@ -301,14 +306,22 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig = PruneConfig(), pretra
             calib = calib_cache.setdefault(k, _fit_calibration(select_ev, fixed))
         return select_ev.loss(fixed, calib)
 
-    status = "ok"
-    if sel_loss(n_nodes) > cfg.target:
-        k = n_nodes
+    # The loss along the ranking is not monotone (ablating a harmful node can help, so the
+    # trained mask may beat the whole model): probe a doubling grid plus the trained mask's
+    # own size, then bisect below the smallest probe that meets the target.
+    n_open = sum(int((t.detach() > 0).sum()) for t in gates.tau.values())
+    grid = sorted({0, n_open, n_nodes} | {2**i for i in range(n_nodes.bit_length()) if 2**i < n_nodes})
+    probes = {k: sel_loss(k) for k in grid}
+    meeting = [k for k in grid if probes[k] <= cfg.target]
+    if not meeting:
         status = "target_not_reached"
+        k = min(grid, key=lambda k: (probes[k], k))  # keep the best circuit found, with its verdict
+    elif meeting[0] == 0:
+        status, k = "trivial", 0  # the fully ablated model already meets the target
     else:
-        lo, hi = 0, n_nodes  # invariant: loss(hi) ≤ target
-        if sel_loss(0) <= cfg.target:
-            hi = 0
+        status = "ok"
+        lo = max(g for g in grid if g < meeting[0])  # fails the target
+        hi = meeting[0]
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if sel_loss(mid) <= cfg.target:
@@ -316,8 +329,6 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig = PruneConfig(), pretra
             else:
                 lo = mid
         k = hi
-        if k == 0:
-            status = "trivial"  # the fully ablated model already meets the target: no circuit to find
     kept = gates.top_k_mask(ranking, k)
     calib = calib_cache.get(k) if cfg.calibrate else None
 

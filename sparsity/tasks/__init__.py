@@ -13,6 +13,7 @@ from sparsity.tasks.base import (
     Task,
     TaskError,
     encode,
+    evaluate,
     pair_accuracy,
     pair_loss,
 )
@@ -28,6 +29,7 @@ def get(name: str) -> Task:
 
 
 __all__ = [
+    "evaluate",
     "REGISTRY",
     "TEST_SEED",
     "TRAIN_SEED",

@@ -141,3 +141,13 @@ def pair_accuracy(logits_clean, logits_corrupt, target, alt) -> torch.Tensor:
     ok_c = lc.gather(1, target[:, None])[:, 0] > lc.gather(1, alt[:, None])[:, 0]
     ok_x = lx.gather(1, alt[:, None])[:, 0] > lx.gather(1, target[:, None])[:, 0]
     return (ok_c.float() + ok_x.float()) / 2
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, tok, n: int = 64, seed: int = TEST_SEED) -> dict:
+    """Held-out task loss (mean two-sided BCE per pair) and accuracy of a model."""
+    dev = next(model.parameters()).device
+    b = encode(task, tok, n, seed, model.config.block_size)
+    lc, lx = model(b.clean.to(dev))[:, -1], model(b.corrupt.to(dev))[:, -1]
+    t, a = b.target.to(dev), b.alt.to(dev)
+    return {"task": task.name, "loss": float(pair_loss(lc, lx, t, a).mean()), "accuracy": float(pair_accuracy(lc, lx, t, a).mean()), "n": n}

@@ -1,0 +1,62 @@
+"""csp tasks …: the 20 hand-crafted tasks: list them, show examples, evaluate a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli._app import group
+from cluster import checkpoints, data
+from sparsity import tasks as task_lib
+
+app = group("The 20 next-token tasks that circuits are pruned for.")
+
+
+@app.command("list")
+def list_() -> None:
+    """Every task with what it probes."""
+    width = max(map(len, task_lib.REGISTRY))
+    for name, t in task_lib.REGISTRY.items():
+        typer.echo(f"{name:<{width}}  {t.description.split('. Example')[0].split(' Example')[0]}")
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Task name (see `csp tasks list`).")],
+    n: Annotated[int, typer.Option(help="How many example pairs.")] = 3,
+    seed: Annotated[int, typer.Option(help="Pair seed (train pairs use 0).")] = task_lib.TRAIN_SEED,
+) -> None:
+    """Print example contrast pairs of a task."""
+    if n < 1:
+        raise typer.BadParameter(f"--n must be ≥ 1, got {n}")
+    t = task_lib.get(name)
+    typer.echo(t.description)
+    for i, p in enumerate(t.pairs(n, seed)):
+        typer.echo(f"\n--- pair {i}: clean → {p.target!r}")
+        typer.echo(p.clean + "▌")
+        typer.echo(f"--- corrupt → {p.alt!r}")
+        typer.echo(p.corrupt + "▌")
+
+
+@app.command("eval")
+def eval_(
+    ckpt: Annotated[str, typer.Argument(help="A run or checkpoint directory.")],
+    task: Annotated[list[str] | None, typer.Option(help="Task to evaluate (repeatable; default: all).")] = None,
+    data_uri: Annotated[str | None, typer.Option("--data", help="Dataset whose tokenizer to use (default: the run's).")] = None,
+    n: Annotated[int, typer.Option(help="Held-out pairs per task.")] = 64,
+) -> None:
+    """Held-out loss (two-sided binary CE per pair) and accuracy of a checkpoint on each task."""
+    names = task or list(task_lib.REGISTRY)
+    tasks = [task_lib.get(x) for x in names]
+    c = checkpoints.load(ckpt, with_train_state=False)
+    src = data_uri or checkpoints.run_data_uri(ckpt)
+    if src is None:
+        raise typer.BadParameter("the checkpoint's run names no dataset; pass --data for its tokenizer")
+    tok = data.load_tokenizer(src)
+    model = c.build_model()
+    width = max(map(len, names))
+    typer.echo(f"{'task':<{width}}  {'loss':>7}  {'accuracy':>8}")
+    for t in tasks:
+        r = task_lib.evaluate(model, t, tok, n=n)
+        typer.echo(f"{t.name:<{width}}  {r['loss']:7.4f}  {r['accuracy']:8.3f}")

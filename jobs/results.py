@@ -1,0 +1,142 @@
+"""The circuit results store: three Hive-partitioned Parquet tables under a results URI.
+
+    RESULTS/circuits/task=NAME/<model>-<uid>.parquet        one row per (checkpoint, task)
+    RESULTS/circuit_nodes/task=NAME/<model>-<uid>.parquet   one row per kept node
+    RESULTS/circuit_edges/task=NAME/<model>-<uid>.parquet   one row per edge
+
+Partitioned by ``task`` (20 values: a filter on one task reads one directory). Schemas are
+explicit module constants, never inferred; every write is a new, uniquely named file
+(an atomic PUT or rename), so readers never see a partial row set.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pyarrow as pa
+
+from cluster import storage
+from sparsity.circuit import NODE_LOCATIONS, SCHEMA_VERSION, WEIGHT_EDGE_KINDS, Circuit
+
+CIRCUITS, NODES, EDGES = "circuits", "circuit_nodes", "circuit_edges"
+
+_MODEL_FIELDS = [
+    pa.field("schema_version", pa.int32(), nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("checkpoint_uri", pa.string()),
+    pa.field("checkpoint_fingerprint", pa.string()),
+    pa.field("step", pa.int64()),
+    pa.field("pfrac", pa.float64()),
+    pa.field("ef", pa.float64()),
+    pa.field("afrac", pa.float64()),
+    pa.field("seed", pa.int64()),
+    pa.field("val_loss", pa.float64()),
+]
+
+CIRCUITS_SCHEMA = pa.schema(
+    _MODEL_FIELDS
+    + [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("ablation", pa.string()),
+        pa.field("target", pa.float64()),
+        pa.field("status", pa.string(), nullable=False),  # ok | trivial | target_not_reached | chance | failed
+        pa.field("error", pa.string()),
+        pa.field("k", pa.int64()),
+        pa.field("nodes_total", pa.int64()),
+        pa.field("n_nodes", pa.int64()),
+        pa.field("n_edges", pa.int64()),
+        pa.field("n_edges_resid", pa.int64()),
+    ]
+    + [pa.field(f"n_nodes_{loc.replace('.', '_')}", pa.int64()) for loc in NODE_LOCATIONS]
+    + [pa.field(f"n_edges_{kind.replace('.', '_')}", pa.int64()) for kind in WEIGHT_EDGE_KINDS]
+    + [
+        pa.field("full_loss", pa.float64()),
+        pa.field("full_accuracy", pa.float64()),
+        pa.field("full_misses_target", pa.bool_()),
+        pa.field("sufficiency_loss", pa.float64()),
+        pa.field("sufficiency_accuracy", pa.float64()),
+        pa.field("necessity_loss", pa.float64()),
+        pa.field("calibration_scale", pa.float64()),
+        pa.field("calibration_shift", pa.float64()),
+        pa.field("prune_seconds", pa.float64()),
+        pa.field("code_version", pa.string()),
+        pa.field("provenance", pa.string()),  # JSON: prune config, seeds, model config
+    ]
+)
+
+NODES_SCHEMA = pa.schema([
+    pa.field("schema_version", pa.int32(), nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("layer", pa.int32()),
+    pa.field("location", pa.string()),
+    pa.field("index", pa.int32()),
+])
+
+EDGES_SCHEMA = pa.schema([
+    pa.field("schema_version", pa.int32(), nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("kind", pa.string()),
+    pa.field("weight", pa.float32()),
+    pa.field("src_layer", pa.int32()),
+    pa.field("src_location", pa.string()),
+    pa.field("src_index", pa.int32()),
+    pa.field("dst_layer", pa.int32()),
+    pa.field("dst_location", pa.string()),
+    pa.field("dst_index", pa.int32()),
+])
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("csp")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | None, status: str | None = None,
+                 error: str | None = None, extra: dict | None = None) -> str:
+    """Store one (checkpoint, task) result: a circuit, or a verdict row with no nodes.
+
+    ``model``: model_id, checkpoint_uri, checkpoint_fingerprint, step, pfrac, ef, afrac,
+    seed, val_loss. Node and edge files are written before the circuits row, so a reader
+    that sees the row can rely on its nodes and edges being there.
+    """
+    root = storage.resolve(results_uri)
+    uid = f"{model['model_id']}-{uuid.uuid4().hex[:8]}.parquet"
+    base = {"schema_version": SCHEMA_VERSION, "model_id": model["model_id"], "task": task}
+    row = {**base, **model, "status": status, "error": error, "code_version": code_version(), **(extra or {})}
+    if circuit is not None:
+        crow, nodes, edges = circuit.to_rows()
+        row.update({k: v for k, v in crow.items() if k not in ("task",)})
+        row["status"] = status or circuit.metrics.get("status", "ok")
+        storage.write_parquet(root.join(NODES, f"task={task}", uid), _table([{**base, **n} for n in nodes], NODES_SCHEMA).drop(["task"]))
+        storage.write_parquet(root.join(EDGES, f"task={task}", uid), _table([{**base, **e} for e in edges], EDGES_SCHEMA).drop(["task"]))
+    if isinstance(row.get("provenance"), dict):
+        row["provenance"] = json.dumps(row["provenance"], sort_keys=True)
+    storage.write_parquet(root.join(CIRCUITS, f"task={task}", uid), _table([row], CIRCUITS_SCHEMA).drop(["task"]))
+    return uid
+
+
+def read_table(results_uri: str, table: str = CIRCUITS, task: str | None = None):
+    """A results table as a pandas DataFrame (``task`` is a partition filter)."""
+    import pyarrow.dataset as ds
+
+    schema = {CIRCUITS: CIRCUITS_SCHEMA, NODES: NODES_SCHEMA, EDGES: EDGES_SCHEMA}[table]
+    loc = storage.resolve(results_uri).join(table)
+    if not storage.ls(loc):
+        return _table([], schema).to_pandas()
+    part = ds.partitioning(pa.schema([pa.field("task", pa.string())]), flavor="hive")
+    d = ds.dataset(loc.path, filesystem=loc.pa_fs, format="parquet", partitioning=part,
+                   schema=schema)
+    filt = (ds.field("task") == task) if task else None
+    return d.to_table(filter=filt).to_pandas()

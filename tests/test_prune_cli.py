@@ -1,0 +1,68 @@
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from cluster import checkpoints, storage
+from jobs import results
+from sparsity import checkpoint as ckpt_lib
+from sparsity.config import RunConfig, SparsityConfig
+from test_planted import planted_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def planted_run(stdlib_data, stdlib_tokenizer, tmp_path_factory):
+    """The planted quote model stored as a csp run whose run.json names the stdlib data."""
+    run = tmp_path_factory.mktemp("planted-run")
+    model = planted_model(stdlib_tokenizer)
+    cfg = RunConfig(model=model.config, sparsity=SparsityConfig(pfrac=1.0))
+    checkpoints.save(str(run), ckpt_lib.to_files(model, cfg, 100, {"metrics": {"val_loss": 7.0}}), 100)
+    storage.write_json(str(run / "run.json"), {"config": cfg.to_dict(), "data": stdlib_data})
+    return str(run)
+
+
+@pytest.mark.slow
+def test_csp_prune_stores_a_circuit_or_a_verdict_per_task(planted_run, tmp_path):
+    """`csp prune` writes one circuits row per task — a circuit, or `chance` — with nodes and edges readable by pandas."""
+    out = str(tmp_path / "results")
+    r = runner.invoke(app, ["prune", planted_run, "--task", "single_double_quote", "--task", "if_equals", "--out", out])
+    assert r.exit_code == 0, r.output
+    assert "single_double_quote" in r.stdout and "chance" in r.stdout
+    circuits = pd.read_parquet(f"{out}/circuits")
+    assert sorted(circuits["task"].astype(str)) == ["if_equals", "single_double_quote"]
+    quote = circuits[circuits["task"] == "single_double_quote"].iloc[0]
+    assert quote["status"] == "ok" and 7 <= quote["n_nodes"] <= 14 and quote["sufficiency_loss"] <= 0.15
+    assert circuits[circuits["task"] == "if_equals"].iloc[0]["status"] == "chance"
+    nodes = results.read_table(out, results.NODES, task="single_double_quote")
+    edges = results.read_table(out, results.EDGES, task="single_double_quote")
+    assert len(nodes) == quote["n_nodes"] and (edges["kind"] != "resid").sum() == quote["n_edges"] > 0
+    # node means were cached beside the checkpoint for the next task / run
+    assert any("node_means-" in u for u in storage.ls(checkpoints.checkpoint_dir(planted_run)))
+
+
+def test_csp_tasks_list_show_and_eval(planted_run):
+    r = runner.invoke(app, ["tasks", "list"])
+    assert r.exit_code == 0 and len(r.stdout.strip().splitlines()) == 20
+    r = runner.invoke(app, ["tasks", "show", "single_double_quote", "--n", "2"])
+    assert r.exit_code == 0 and r.stdout.count("--- pair") == 2
+    r = runner.invoke(app, ["tasks", "eval", planted_run, "--task", "single_double_quote"])
+    assert r.exit_code == 0, r.output
+    acc = float(r.stdout.strip().splitlines()[-1].split()[-1])
+    assert acc == 1.0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["tasks", "show", "nope"], "unknown task 'nope'"),
+    (["prune", "RUN", "--out", "OUT", "--task", "nope"], "unknown task 'nope'"),
+    (["prune", "RUN", "--out", "OUT", "--ablation", "median"], "ablation='median' out of range"),
+    (["prune", "RUN", "--out", "OUT", "--target", "0"], "target=0.0 out of range"),
+    (["prune", "/no/such/run", "--out", "OUT"], "no checkpoint at /no/such/run"),
+])
+def test_prune_and_tasks_bad_input(planted_run, tmp_path, args, fragment):
+    args = [a.replace("RUN", planted_run).replace("OUT", str(tmp_path / "out")) for a in args]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
