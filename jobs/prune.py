@@ -69,13 +69,14 @@ def prune_checkpoint(
     ckpt_uri: str,
     task_names: list[str] | None,
     out_uri: str,
-    cfg: prune_lib.PruneConfig = prune_lib.PruneConfig(),
+    cfg: prune_lib.PruneConfig | None = None,
     data_uri: str | None = None,
     tokenizer_uri: str | None = None,
     device: str = "cpu",
     progress: Callable[[str, dict], None] | None = None,
 ) -> list[dict]:
     """Prune ``ckpt_uri`` for each task (all when None); store and return one summary each."""
+    cfg = cfg or prune_lib.PruneConfig()
     names = list(task_lib.REGISTRY) if not task_names else task_names
     tasks = [task_lib.get(n) for n in names]  # unknown names fail before any work
     storage.resolve(out_uri)

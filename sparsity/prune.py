@@ -250,7 +250,7 @@ def _fit_calibration(ev: _Evaluator, fixed) -> tuple[float, float]:
     return float(a.exp()), float(b)
 
 
-def prune(model, task: Task, tokenizer, cfg: PruneConfig = PruneConfig(), pretrain_batches: list[torch.Tensor] | None = None,
+def prune(model, task: Task, tokenizer, cfg: PruneConfig = PruneConfig(),  # noqa: B008 (frozen) pretrain_batches: list[torch.Tensor] | None = None,
           device="cpu", provenance: dict | None = None, ablate: dict[str, torch.Tensor] | None = None) -> Circuit:
     """The minimal verified circuit of ``model`` for ``task`` (see the module docstring).
 

@@ -1,5 +1,6 @@
 import pandas as pd
 import pytest
+from test_planted import planted_model
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -7,7 +8,6 @@ from cluster import checkpoints, storage
 from jobs import results
 from sparsity import checkpoint as ckpt_lib
 from sparsity.config import RunConfig, SparsityConfig
-from test_planted import planted_model
 
 runner = CliRunner()
 
