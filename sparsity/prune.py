@@ -250,13 +250,14 @@ def _fit_calibration(ev: _Evaluator, fixed) -> tuple[float, float]:
     return float(a.exp()), float(b)
 
 
-def prune(model, task: Task, tokenizer, cfg: PruneConfig = PruneConfig(),  # noqa: B008 (frozen) pretrain_batches: list[torch.Tensor] | None = None,
+def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain_batches: list[torch.Tensor] | None = None,
           device="cpu", provenance: dict | None = None, ablate: dict[str, torch.Tensor] | None = None) -> Circuit:
     """The minimal verified circuit of ``model`` for ``task`` (see the module docstring).
 
     ``ablate`` passes precomputed ablation values (e.g. cached node means) instead of
     computing them from ``pretrain_batches``."""
     t0 = time.perf_counter()
+    cfg = cfg or PruneConfig()
     dev = torch.device(device)
     model = model.to(dev).eval()
     for p in model.parameters():
