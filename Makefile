@@ -27,6 +27,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenize.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/prune.py
 
 clean:
 	rm -rf $(VENV) csp-runs .pytest_cache

@@ -230,7 +230,7 @@ def _calibrated(lc, lx, batch, scale, shift):
     out = []
     for lg in (lc, lx):
         lg = lg * scale
-        lg = lg.scatter_add(1, batch.target.to(lg.device)[:, None], torch.full_like(lg[:, :1], shift))
+        lg = lg.scatter_add(1, batch.target.to(lg.device)[:, None], torch.zeros_like(lg[:, :1]) + shift)
         out.append(lg)
     return out
 

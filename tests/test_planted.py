@@ -114,3 +114,17 @@ def test_pruning_recovers_the_planted_quote_circuit(stdlib_tokenizer, stdlib_row
     assert run(keep) == pytest.approx(circuit.metrics["sufficiency_loss"], rel=1e-5, abs=1e-6)
     assert run({n: 1 - v for n, v in keep.items()}) == pytest.approx(circuit.metrics["necessity_loss"], rel=1e-5, abs=1e-6)
     assert circuit.metrics["sufficiency_loss"] <= 0.15 < circuit.metrics["necessity_loss"]
+
+
+@pytest.mark.slow
+def test_pruning_is_deterministic_and_calibration_runs(stdlib_tokenizer, stdlib_rows):
+    """Same seeds → the same circuit; calibration fits a positive scale and still meets the target."""
+    tok, task = stdlib_tokenizer, _quote_task()
+    model = planted_model(tok)
+    pretrain = [torch.from_numpy(stdlib_rows[0][i * 32 : (i + 1) * 32].astype("int64")) for i in range(2)]
+    cfg = prune_lib.PruneConfig(steps=120)
+    a = prune_lib.prune(model, task, tok, cfg, pretrain)
+    b = prune_lib.prune(model, task, tok, cfg, pretrain)
+    assert a.nodes == b.nodes and a.edges == b.edges and a.metrics["sufficiency_loss"] == b.metrics["sufficiency_loss"]
+    c = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(steps=120, calibrate=True), pretrain)
+    assert c.metrics["calibration_scale"] > 0 and c.metrics["status"] == "ok"
