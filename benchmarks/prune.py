@@ -10,12 +10,11 @@ clean and the corrupt batch of the train pairs).
 
 from __future__ import annotations
 
-import _bootstrap  # noqa: F401  (first: fixes sys.path)
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
+import _bootstrap  # noqa: F401  (first: fixes sys.path)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
