@@ -57,7 +57,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for _ in range(n_passes):
         with gates.active():
-            loss = pair_loss(model(c)[:, -1], model(x)[:, -1], t, a).mean() + cfg.k_coef * gates.l0()
+            loss = pair_loss(model(c, last_only=True)[:, -1], model(x, last_only=True)[:, -1], t, a).mean() + cfg.k_coef * gates.l0()
         opt.zero_grad()
         loss.backward()
         opt.step()

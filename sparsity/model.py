@@ -176,7 +176,9 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position only with ``last_only`` —
+        what next-token tasks read, without unembedding every position."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
@@ -186,6 +188,8 @@ class GPT(nn.Module):
             x = block(x)
         if self.hooks.active:
             x = self.hooks("final_resid", x)
+        if last_only:
+            x, idx = x[:, -1:], idx[:, -1:]
         logits = self.lm_head(t.ln_f(x)) + self.final_logits_bias  # (B, T, V)
         if self.bigram_table is not None:
             logits = logits + F.embedding(idx, self.bigram_table).to(logits.dtype)

@@ -212,7 +212,7 @@ class _Evaluator:
     def logits(self, fixed=None):
         c, x = self.batch.clean.to(self.device), self.batch.corrupt.to(self.device)
         with self.gates.active(fixed) if fixed is not None else contextlib.nullcontext():
-            return self.model(c)[:, -1], self.model(x)[:, -1]
+            return self.model(c, last_only=True)[:, -1], self.model(x, last_only=True)[:, -1]
 
     def loss(self, fixed=None, calib=None) -> float:
         lc, lx = self.logits(fixed)
@@ -286,7 +286,7 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
     tgt, alt = train_b.target.to(dev), train_b.alt.to(dev)
     for _ in range(cfg.steps):
         with gates.active():
-            task_loss = pair_loss(model(c)[:, -1], model(x)[:, -1], tgt, alt).mean()
+            task_loss = pair_loss(model(c, last_only=True)[:, -1], model(x, last_only=True)[:, -1], tgt, alt).mean()
         loss = task_loss + cfg.k_coef * gates.l0()
         opt.zero_grad()
         loss.backward()

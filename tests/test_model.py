@@ -126,3 +126,11 @@ def test_scaled_widens_d_model_heads_and_mlp():
     cfg = ModelConfig(d_model=64, n_head=4, d_head=16, d_mlp=256).scaled(2)
     assert (cfg.d_model, cfg.n_head, cfg.d_head, cfg.d_mlp) == (128, 8, 16, 512)
     assert ModelConfig().scaled(2, ef_mlp=1).d_mlp == ModelConfig().d_mlp
+
+
+def test_last_only_logits_equal_the_last_position_of_the_full_forward():
+    model = _model(enable_bigram_table=True, learnable_bigram_table=True)
+    with torch.no_grad():
+        model.bigram_table.normal_()
+    idx = _idx()
+    torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])

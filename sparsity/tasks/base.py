@@ -148,6 +148,6 @@ def evaluate(model, task: Task, tok, n: int = 64, seed: int = TEST_SEED) -> dict
     """Held-out task loss (mean two-sided BCE per pair) and accuracy of a model."""
     dev = next(model.parameters()).device
     b = encode(task, tok, n, seed, model.config.block_size)
-    lc, lx = model(b.clean.to(dev))[:, -1], model(b.corrupt.to(dev))[:, -1]
+    lc, lx = model(b.clean.to(dev), last_only=True)[:, -1], model(b.corrupt.to(dev), last_only=True)[:, -1]
     t, a = b.target.to(dev), b.alt.to(dev)
     return {"task": task.name, "loss": float(pair_loss(lc, lx, t, a).mean()), "accuracy": float(pair_accuracy(lc, lx, t, a).mean()), "n": n}
