@@ -247,7 +247,7 @@ def _fit_calibration(ev: _Evaluator, fixed) -> tuple[float, float]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(a.exp()), float(b)
+    return float(a.detach().exp()), float(b.detach())
 
 
 def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain_batches: list[torch.Tensor] | None = None,

@@ -97,18 +97,19 @@ def _timed(fn):
     return e.value, time.monotonic() - t0
 
 
-def _closed_port() -> int:
+@pytest.fixture
+def refused_port():
+    """A port that refuses connections: bound (so nothing else can take it) but not listening."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+    yield s.getsockname()[1]
     s.close()
-    return port
 
 
 @pytest.mark.parametrize("op", ["read", "write", "exists", "ls", "parquet"])
-def test_unreachable_endpoint_fails_fast_and_clearly(s3_server, monkeypatch, op):
+def test_unreachable_endpoint_fails_fast_and_clearly(s3_server, monkeypatch, op, refused_port):
     """Nothing listening at AWS_ENDPOINT_URL → EndpointUnreachableError in < 10 s, naming the URI."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{refused_port}")
     uri = "s3://csp-test/any/x.parquet"
     calls = {
         "read": lambda: storage.read_bytes(uri),
