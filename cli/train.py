@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -30,7 +31,10 @@ def train(
     seed: Annotated[int, typer.Option(help="Initialisation and data-order seed.")] = 0,
     eval_every: Annotated[int, typer.Option(help="Steps between validation losses.")] = TrainConfig.eval_every,
     ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = TrainConfig.ckpt_every,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (one process).")] = "auto",
+    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP); 1 = one process, no Ray.")] = 1,
+    gpus: Annotated[bool, typer.Option("--gpus", help="One GPU per worker, NCCL (with --workers).")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address for --workers (default: in-process Ray).")] = None,
 ) -> None:
     """Train a weight-sparse GPT; re-running the same command resumes from the last checkpoint."""
     from cluster import data as data_lib
@@ -45,6 +49,21 @@ def train(
         sparsity=SparsityConfig(pfrac=pfrac, ef=ef, ef_mlp=ef_mlp),
         train=TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every),
     )
+    if workers < 1:
+        raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
+    if workers > 1 or address or gpus:
+        from cluster import runtime, trainer
+
+        runtime.init(address=address, num_cpus=None if address else max(workers + 1, os.cpu_count() or 1))
+        result = trainer.train_distributed(data, out, cfg, workers=workers, use_gpu=gpus)
+        loc = storage.resolve(out)
+        if result is None:
+            typer.echo(f"{loc.uri} already finished {steps} steps; nothing to do")
+            return
+        m = result.metrics or {}
+        typer.echo(f"trained {m.get('step', steps)} steps on {workers} workers: loss {m.get('loss', float('nan')):.4f}, "
+                   f"val loss {m.get('val_loss', float('nan')):.4f} → {loc.uri}")
+        return
     from rich.console import Console
     from rich.progress import (
         BarColumn,

@@ -34,6 +34,7 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     _quiet_env()
     kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": True}
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -46,6 +47,23 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
         include_dashboard=False,
         **kwargs,
     )
+
+
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Ray retries an unreachable GCS for minutes; a plain TCP connect fails in seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address in ("auto", "local"):
+        return
+    target = address if "://" in address else f"ray://{address}"
+    parsed = urlparse(target)
+    if not parsed.hostname or not parsed.port:
+        raise RayConnectError(f"bad Ray address {address!r}: write HOST:PORT (e.g. 127.0.0.1:6379) or ray://HOST:10001")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout).close()
+    except OSError as e:
+        raise RayConnectError(f"cannot reach Ray at {address!r} ({e.strerror or e}); start one with `ray start --head` or drop --address") from None
 
 
 def cluster_cpus() -> float:

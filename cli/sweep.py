@@ -1,0 +1,66 @@
+"""csp sweep: a Ray Tune grid over sparsity × width; csp sweep status: its summary."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from cli._app import group
+from cluster import runtime, storage
+from jobs import sweep as sweep_job
+from sparsity.config import ModelConfig, TrainConfig
+
+app = group("Sweep pfrac × ef (× afrac × seed) on Ray Tune, each trial a distributed training run.")
+app.info.invoke_without_command = True
+app.info.no_args_is_help = False
+
+
+@app.callback()
+def run(
+    ctx: typer.Context,
+    data: Annotated[str | None, typer.Option(help="Token shards from `csp data prepare`.")] = None,
+    out: Annotated[str | None, typer.Option(help="Sweep directory (path or s3://).")] = None,
+    grid: Annotated[str, typer.Option(help="Axes separated by ';', values by ',': 'pfrac=0.25,0.5;ef=1,2'.")] = "pfrac=0.25,0.5;ef=1,2",
+    steps: Annotated[int, typer.Option(help="Optimizer steps per trial.")] = TrainConfig.steps,
+    batch: Annotated[int, typer.Option(help="Sequences per step.")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
+    n_layer: Annotated[int, typer.Option(help="Transformer blocks.")] = ModelConfig.n_layer,
+    d_model: Annotated[int, typer.Option(help="Base width (ef multiplies it).")] = ModelConfig.d_model,
+    n_head: Annotated[int, typer.Option(help="Base heads (ef multiplies them).")] = ModelConfig.n_head,
+    n_ctx: Annotated[int | None, typer.Option(help="Context (default: the data's).")] = None,
+    workers_per_trial: Annotated[int, typer.Option(help="Ray Train workers per trial.")] = 1,
+    gpus: Annotated[bool, typer.Option("--gpus", help="One GPU per worker.")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: in-process Ray).")] = None,
+) -> None:
+    """Run (or resume) a sweep; a finished sweep trains nothing and reprints its summary."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if data is None or out is None:
+        raise typer.BadParameter("csp sweep needs --data and --out (or the subcommand `status URI`)")
+    if workers_per_trial < 1:
+        raise typer.BadParameter(f"--workers-per-trial must be ≥ 1, got {workers_per_trial}")
+    parsed = sweep_job.parse_grid(grid)
+    storage.resolve(out)
+    from cluster import data as data_lib
+
+    ctx_len = n_ctx or data_lib.read_manifest(data)["n_ctx"]
+    base = ModelConfig(block_size=ctx_len, n_layer=n_layer, d_model=d_model, n_head=n_head, d_mlp=4 * d_model)
+    train = TrainConfig(steps=steps, batch_size=batch, lr=lr, ckpt_every=max(1, steps // 4), eval_every=max(1, steps // 4))
+    for p in sweep_job.points(parsed):
+        sweep_job.trial_config(base, train, p)  # every grid point is valid before Ray starts
+    runtime.init(address=address, num_cpus=None if address else max(workers_per_trial + 1, os.cpu_count() or 1))
+    df = sweep_job.run_sweep(data, out, parsed, base, train, workers_per_trial=workers_per_trial, gpus=gpus)
+    _print(df)
+
+
+@app.command()
+def status(uri: Annotated[str, typer.Argument(help="A sweep directory.")]) -> None:
+    """The sweep summary: one row per trial."""
+    _print(sweep_job.read_summary(uri))
+
+
+def _print(df) -> None:
+    cols = ["trial", "pfrac", "ef", "d_model", "steps", "final_loss", "val_loss", "nonzeros", "wall_seconds"]
+    typer.echo(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -1,0 +1,204 @@
+"""Sweeps: a Ray Tune grid over pfrac × ef (× afrac × seed), each trial one distributed
+training run (a Tune function trial that builds and fits a TorchTrainer, Ray 2.60's way).
+
+    SWEEP/sweep.json                    the grid and base config
+    SWEEP/runs/<trial>/…                each trial's run directory (checkpoints, metrics)
+    SWEEP/metrics/trial=<trial>/metrics.parquet   per-step metrics of every trial
+    SWEEP/summary.parquet               one row per trial
+
+A trial whose run already finished trains nothing, so re-running a finished sweep only
+rebuilds the summary. Concurrency is bounded by the cluster: each trial needs one CPU per
+worker plus one for its Train controller.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import pyarrow as pa
+
+from cluster import checkpoints, runtime, storage, trainer
+from cluster.training import METRICS_FILE
+from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
+from sparsity.errors import CspError
+
+AXES = {"pfrac": float, "ef": float, "afrac": float, "seed": int}
+
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("trial", pa.string(), nullable=False),
+    pa.field("pfrac", pa.float64()),
+    pa.field("ef", pa.float64()),
+    pa.field("afrac", pa.float64()),
+    pa.field("seed", pa.int64()),
+    pa.field("d_model", pa.int64()),
+    pa.field("steps", pa.int64()),
+    pa.field("final_loss", pa.float64()),
+    pa.field("val_loss", pa.float64()),
+    pa.field("nonzeros", pa.int64()),
+    pa.field("tokens_seen", pa.int64()),
+    pa.field("wall_seconds", pa.float64()),
+    pa.field("checkpoint_uri", pa.string()),
+])
+
+METRICS_SCHEMA = pa.schema([
+    pa.field("trial", pa.string()),
+    pa.field("step", pa.int64()),
+    pa.field("loss", pa.float64()),
+    pa.field("val_loss", pa.float64()),
+    pa.field("lr", pa.float64()),
+    pa.field("l0", pa.float64()),
+    pa.field("nonzeros", pa.int64()),
+    pa.field("tokens_per_s", pa.float64()),
+])
+
+
+class SweepError(CspError):
+    pass
+
+
+def parse_grid(text: str) -> dict[str, list]:
+    """'pfrac=0.25,0.5;ef=1,2' → {'pfrac': [0.25, 0.5], 'ef': [1.0, 2.0]}."""
+    grid: dict[str, list] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, values = part.partition("=")
+        key = key.strip()
+        if not sep:
+            raise SweepError(f"bad grid axis {part!r}: write key=v1,v2 (axes separated by ';')")
+        if key not in AXES:
+            raise SweepError(f"unknown grid key {key!r}; choose from {', '.join(AXES)}")
+        if key in grid:
+            raise SweepError(f"grid key {key!r} appears twice")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not items:
+            raise SweepError(f"grid key {key!r} has no values")
+        try:
+            grid[key] = [AXES[key](v) for v in items]
+        except ValueError:
+            raise SweepError(f"grid key {key!r}: {values!r} are not all {AXES[key].__name__}s") from None
+    if not grid:
+        raise SweepError("empty grid: give at least one axis, e.g. 'pfrac=0.25,0.5;ef=1,2'")
+    return grid
+
+
+def trial_name(point: dict) -> str:
+    return "_".join(f"{k}={point[k]:g}" for k in AXES if k in point)
+
+
+def trial_config(base: ModelConfig, train: TrainConfig, point: dict) -> RunConfig:
+    """The RunConfig of one grid point: width scaled by ef, density pfrac/ef²."""
+    ef = point.get("ef", 1.0)
+    model = base.scaled(ef)
+    if "afrac" in point:
+        import dataclasses
+
+        model = dataclasses.replace(model, afrac=None if point["afrac"] >= 1 else point["afrac"])
+    import dataclasses as dc
+
+    tc = dc.replace(train, seed=point.get("seed", train.seed))
+    return RunConfig(model=model, sparsity=SparsityConfig(pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=ef), train=tc)
+
+
+def points(grid: dict[str, list]) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _run_trial(config: dict) -> None:
+    """The Tune trial: one distributed training run, then its metrics and summary row."""
+    from ray import tune
+
+    cfg = RunConfig.from_dict(config["cfg"])
+    sweep = storage.resolve(config["sweep"])
+    name = config["trial"]
+    out = sweep.join("runs", name)
+    t0 = time.perf_counter()
+    trainer.train_distributed(config["data"], out.uri, cfg, workers=config["workers"], use_gpu=config["gpus"])
+    row = summarize_trial(sweep, name, config["point"], cfg, time.perf_counter() - t0)
+    tune.report({k: v for k, v in row.items() if isinstance(v, int | float) and v is not None})
+
+
+def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) -> dict:
+    out = sweep.join("runs", name)
+    ckpt = checkpoints.load(out.uri, with_train_state=False)
+    metrics_loc = out.join(METRICS_FILE)
+    history = [json.loads(x) for x in storage.read_text(metrics_loc).splitlines() if x.strip()] if storage.exists(metrics_loc) else []
+    rows = [{"trial": name, **{f.name: m.get(f.name) for f in METRICS_SCHEMA if f.name != "trial"}} for m in history]
+    storage.write_parquet(sweep.join("metrics", f"trial={name}", "metrics.parquet"),
+                          pa.Table.from_pylist([{k: v for k, v in r.items() if k != "trial"} for r in rows],
+                                               schema=pa.schema([f for f in METRICS_SCHEMA if f.name != "trial"])))
+    meta = ckpt.meta.get("metrics", {})
+    summary = {
+        "trial": name, "pfrac": cfg.sparsity.pfrac, "ef": cfg.sparsity.ef, "afrac": cfg.model.afrac, "seed": cfg.train.seed,
+        "d_model": cfg.model.d_model, "steps": ckpt.step, "final_loss": meta.get("loss"), "val_loss": meta.get("val_loss"),
+        "nonzeros": meta.get("nonzeros"), "tokens_seen": ckpt.step * cfg.train.batch_size * cfg.model.block_size,
+        "wall_seconds": wall, "checkpoint_uri": checkpoints.checkpoint_dir(out.uri),
+    }
+    storage.write_json(sweep.join("trials", f"{name}.json"), summary)
+    return summary
+
+
+def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list], base: ModelConfig, train: TrainConfig,
+              workers_per_trial: int = 1, gpus: bool = False):
+    """Run (or resume) a sweep; returns the summary as a pandas DataFrame."""
+    import ray
+    from ray import tune
+
+    pts = points(grid)
+    cfgs = {trial_name(p): trial_config(base, train, p) for p in pts}  # validates every point first
+    need = workers_per_trial + 1
+    cpus = runtime.cluster_cpus()
+    if cpus < need:
+        raise SweepError(f"each trial needs {need} CPUs ({workers_per_trial} workers + a controller); the cluster declares {cpus:g}")
+    sweep = storage.resolve(sweep_uri)
+    storage.write_json(sweep.join("sweep.json"), {"grid": grid, "base": base.__dict__, "train": train.__dict__, "data": data_uri,
+                                                   "workers_per_trial": workers_per_trial})
+    todo = []
+    for p in pts:
+        name = trial_name(p)
+        if not storage.exists(sweep.join("trials", f"{name}.json")):
+            todo.append(p)
+    if todo:
+        space = {"trial": tune.grid_search([trial_name(p) for p in todo])}
+        by_name = {trial_name(p): p for p in todo}
+
+        def trial_fn(config: dict) -> None:
+            name = config["trial"]
+            _run_trial({"trial": name, "point": by_name[name], "cfg": cfgs[name].to_dict(), "data": data_uri,
+                        "sweep": sweep.uri, "workers": workers_per_trial, "gpus": gpus})
+
+        tune_store = sweep.join("tune")
+        tuner = tune.Tuner(
+            tune.with_resources(trial_fn, {"CPU": 0.01}),  # the trial only drives its TorchTrainer
+            param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // need))),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=tune_store.uri if not sweep.is_s3 else tune_store.path,
+                storage_filesystem=tune_store.pa_fs if sweep.is_s3 else None,
+                failure_config=tune.FailureConfig(max_failures=1),
+                verbose=0,
+            ),
+        )
+        results = tuner.fit()
+        errors = [r.error for r in results if r.error is not None]
+        if errors:
+            raise SweepError(f"{len(errors)} trial(s) failed; first: {type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]}")
+    del ray
+    return write_summary(sweep_uri)
+
+
+def write_summary(sweep_uri: str):
+    sweep = storage.resolve(sweep_uri)
+    rows = [storage.read_json(u) for u in storage.ls(sweep.join("trials"), suffix=".json")]
+    table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+    storage.write_parquet(sweep.join("summary.parquet"), table)
+    return table.to_pandas()
+
+
+def read_summary(sweep_uri: str):
+    loc = storage.resolve(sweep_uri).join("summary.parquet")
+    if not storage.exists(loc):
+        raise SweepError(f"no sweep summary at {storage.resolve(sweep_uri).uri}; run `csp sweep --out {storage.resolve(sweep_uri).uri}` first")
+    return storage.read_parquet(loc).to_pandas()

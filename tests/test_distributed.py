@@ -1,0 +1,101 @@
+
+import os
+
+import pandas as pd
+import pytest
+from conftest import tiny_config
+from typer.testing import CliRunner
+
+from cli.main import app
+from cluster import checkpoints, runtime, storage, trainer
+from jobs import sweep
+
+runner = CliRunner()
+
+
+def _debug(out: str) -> list[dict]:
+    return [storage.read_json(u) for u in storage.ls(f"{out}/_debug", suffix=".json")]
+
+
+@pytest.mark.slow
+def test_two_workers_stay_identical_and_a_killed_worker_resumes_to_the_same_weights(ray_session, stdlib_data, tmp_path):
+    """2-worker DDP: identical weights on both ranks after every step, disjoint data; a worker
+    killed at step 15 → the run resumes from the step-10 checkpoint, reads no batch twice,
+    and ends with the uninterrupted run's weights."""
+    cfg = tiny_config(t__steps=24, t__ckpt_every=10, t__batch_size=8)
+    full = str(tmp_path / "full")
+    trainer.train_distributed(stdlib_data, full, cfg, workers=2, debug=True)
+    ranks = sorted(_debug(full), key=lambda d: d["rank"])
+    assert [d["rank"] for d in ranks] == [0, 1]
+    assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(ranks[0]["hashes"]) == 24
+    assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
+
+    killed = str(tmp_path / "killed")
+    trainer.train_distributed(stdlib_data, killed, cfg, workers=2, debug=True, fail_at_step=15)
+    assert storage.exists(f"{killed}/_debug/failed-once")
+    resumed = sorted(_debug(killed), key=lambda d: d["rank"])
+    assert [d["start"] for d in resumed] == [10, 10]  # lost at most one checkpoint interval
+    assert resumed[0]["hashes"][-1] == ranks[0]["hashes"][-1]  # same final weights
+    for r_full, r_res in zip(ranks, resumed, strict=True):
+        assert r_res["batches"] == r_full["batches"][10:]  # continues exactly where step 10 left off
+    assert checkpoints.load(killed).train_state["data_position"] == 24
+    assert checkpoints.latest_step(killed) == 24
+
+
+def _sweep(ray_session, data, out):
+    cfg = tiny_config(t__steps=8, t__ckpt_every=4, t__eval_every=4, t__batch_size=8)
+    return sweep.run_sweep(data, out, sweep.parse_grid("pfrac=0.25,0.5;ef=1,2"), cfg.model, cfg.train, workers_per_trial=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_2x2_sweep_writes_its_summary_and_a_rerun_trains_nothing(ray_session, stdlib_data, tmp_path, s3_prefix, where):
+    out = str(tmp_path / "sweep") if where == "local" else s3_prefix
+    df = _sweep(ray_session, stdlib_data, out)
+    assert sorted(df["trial"]) == ["pfrac=0.25_ef=1", "pfrac=0.25_ef=2", "pfrac=0.5_ef=1", "pfrac=0.5_ef=2"]
+    assert (df["steps"] == 8).all() and df["val_loss"].notna().all()
+    # pfrac/ef² keeps the nonzero count about constant as width grows
+    by = df.set_index("trial")["nonzeros"]
+    assert abs(by["pfrac=0.25_ef=2"] - by["pfrac=0.25_ef=1"]) < 0.2 * by["pfrac=0.25_ef=1"]
+    metrics = pd.read_parquet(f"{out}/metrics", storage_options=storage.storage_options(out))
+    assert set(metrics["trial"].astype(str)) == set(df["trial"]) and metrics["loss"].notna().any()
+    before = {u for u in storage.ls(out) if "/checkpoints/step-" in u}
+    again = _sweep(ray_session, stdlib_data, out)
+    assert {u for u in storage.ls(out) if "/checkpoints/step-" in u} == before
+    assert sorted(again["trial"]) == sorted(df["trial"])
+    r = runner.invoke(app, ["sweep", "status", out])
+    assert r.exit_code == 0 and "pfrac=0.5_ef=2" in r.stdout
+
+
+@pytest.mark.parametrize("grid, fragment", [
+    ("foo=1", "unknown grid key 'foo'"),
+    ("pfrac=", "grid key 'pfrac' has no values"),
+    ("pfrac=2", "pfrac=2.0 out of range"),
+    ("pfrac=a", "are not all floats"),
+    ("", "empty grid"),
+])
+def test_bad_grids_fail_before_anything_runs(stdlib_data, tmp_path, grid, fragment):
+    r = runner.invoke(app, ["sweep", "--data", stdlib_data, "--out", str(tmp_path / "s"), "--grid", grid])
+    assert r.exit_code == 2 and fragment in r.stderr, r.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_unreachable_address_is_a_clear_error(tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    try:
+        with pytest.raises(runtime.RayConnectError, match="cannot reach Ray"):
+            runtime._check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+    finally:
+        s.close()
+    with pytest.raises(runtime.RayConnectError, match="bad Ray address"):
+        runtime._check_reachable("nohost")
+
+
+def test_more_workers_than_cpus_is_refused(ray_session, stdlib_data, tmp_path):
+    with pytest.raises(trainer.RunError, match="need 9 CPUs"):
+        trainer.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=8)
+    assert not os.path.exists(tmp_path / "r")
+
