@@ -34,6 +34,7 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     _quiet_env()
     kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": True}
     if address:
+        kwargs["runtime_env"] = worker_runtime_env()
         _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
@@ -47,6 +48,13 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
         include_dashboard=False,
         **kwargs,
     )
+
+
+def worker_runtime_env() -> dict:
+    """What workers on a cluster need from this environment: where S3 is and the Ray
+    settings — never credentials (give the nodes their own, e.g. an IAM role)."""
+    keep = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "RAY_AUTH_MODE")
+    return {"env_vars": {k: os.environ[k] for k in keep if os.environ.get(k)}}
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:

@@ -99,3 +99,11 @@ def test_more_workers_than_cpus_is_refused(ray_session, stdlib_data, tmp_path):
         trainer.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=8)
     assert not os.path.exists(tmp_path / "r")
 
+
+
+def test_worker_runtime_env_never_carries_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "top-secret-value")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    env = runtime.worker_runtime_env()["env_vars"]
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    assert "top-secret-value" not in str(env) and "AWS_SECRET_ACCESS_KEY" not in env
