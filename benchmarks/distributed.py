@@ -9,14 +9,14 @@ ratio; the token-server actor's batches/s as tokens/s against what the trainer c
 
 from __future__ import annotations
 
-import _bootstrap  # noqa: F401  (first: fixes sys.path)
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+
+import _bootstrap  # noqa: F401  (first: fixes sys.path)
 
 
 def main() -> None:
