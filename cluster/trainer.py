@@ -147,7 +147,7 @@ def train_distributed(
     hashes and batch ids under OUT/_debug.
     """
     import ray
-    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -181,6 +181,7 @@ def train_distributed(
         storage_path=ray_storage.uri if not out.is_s3 else ray_storage.path,
         storage_filesystem=ray_storage.pa_fs if out.is_s3 else None,
         failure_config=FailureConfig(max_failures=max_failures),
+        logging_config=LoggingConfig(log_level="WARNING"),  # no line per report/checkpoint
     )
     trainer = TorchTrainer(
         _worker,
