@@ -18,7 +18,6 @@ one does nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -424,10 +423,6 @@ def manifest_summary(manifest: dict) -> str:
         lines.append(f"{split:<10} {len(s['shards'])} shards, {s['sequences']:,} sequences, {s['tokens']:,} tokens, {s['documents']:,} files")
     lines += [f"warning    {w}" for w in manifest.get("warnings", [])]
     return "\n".join(lines)
-
-
-def _dump(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
 
 
 def load_rows(uri: str, split: str = "train", max_rows: int | None = None):

@@ -13,6 +13,7 @@ worker plus one for its Train controller.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -91,12 +92,8 @@ def trial_config(base: ModelConfig, train: TrainConfig, point: dict) -> RunConfi
     ef = point.get("ef", 1.0)
     model = base.scaled(ef)
     if "afrac" in point:
-        import dataclasses
-
         model = dataclasses.replace(model, afrac=None if point["afrac"] >= 1 else point["afrac"])
-    import dataclasses as dc
-
-    tc = dc.replace(train, seed=point.get("seed", train.seed))
+    tc = dataclasses.replace(train, seed=point.get("seed", train.seed))
     return RunConfig(model=model, sparsity=SparsityConfig(pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=ef), train=tc)
 
 
@@ -142,7 +139,6 @@ def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) 
 def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list], base: ModelConfig, train: TrainConfig,
               workers_per_trial: int = 1, gpus: bool = False):
     """Run (or resume) a sweep; returns the summary as a pandas DataFrame."""
-    import ray
     from ray import tune
 
     pts = points(grid)
@@ -152,7 +148,7 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list], base: ModelC
     if cpus < need:
         raise SweepError(f"each trial needs {need} CPUs ({workers_per_trial} workers + a controller); the cluster declares {cpus:g}")
     sweep = storage.resolve(sweep_uri)
-    storage.write_json(sweep.join("sweep.json"), {"grid": grid, "base": base.__dict__, "train": train.__dict__, "data": data_uri,
+    storage.write_json(sweep.join("sweep.json"), {"grid": grid, "base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "data": data_uri,
                                                    "workers_per_trial": workers_per_trial})
     todo = []
     for p in pts:
@@ -185,7 +181,6 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list], base: ModelC
         errors = [r.error for r in results if r.error is not None]
         if errors:
             raise SweepError(f"{len(errors)} trial(s) failed; first: {type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]}")
-    del ray
     return write_summary(sweep_uri)
 
 

@@ -15,7 +15,6 @@ ablated). Optionally a scale and shift of the final answer logits are fitted per
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -360,8 +359,3 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
     prov = {"prune_config": asdict(cfg), "task": task.name, "seeds": {"train": TRAIN_SEED, "select": SELECT_SEED, "test": TEST_SEED}}
     prov.update(provenance or {})
     return Circuit(task.name, nodes, edges, metrics, prov)
-
-
-def chance_loss() -> float:
-    """The two-sided loss of a model that cannot tell the answers apart: ln 2."""
-    return math.log(2.0)
