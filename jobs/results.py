@@ -5,14 +5,14 @@
     RESULTS/circuit_edges/task=NAME/<model>-<uid>.parquet   one row per edge
 
 Partitioned by ``task`` (20 values: a filter on one task reads one directory). Schemas are
-explicit module constants, never inferred; every write is a new, uniquely named file
-(an atomic PUT or rename), so readers never see a partial row set.
+explicit module constants, never inferred; each (model, task) pair owns one file name per
+table, written atomically (PUT or rename), nodes and edges before the circuits row — so
+readers never see a partial row set, and a retried pair replaces rather than duplicates.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 
 import pyarrow as pa
 
@@ -112,7 +112,9 @@ def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | No
     that sees the row can rely on its nodes and edges being there.
     """
     root = storage.resolve(results_uri)
-    uid = f"{model['model_id']}-{uuid.uuid4().hex[:8]}.parquet"
+    # One file name per (model, task) in its task partition: a retried or repeated pair
+    # replaces its own files instead of adding rows, so every pair is stored exactly once.
+    uid = f"{model['model_id']}.parquet"
     base = {"schema_version": SCHEMA_VERSION, "model_id": model["model_id"], "task": task}
     row = {**base, **model, "status": status, "error": error, "code_version": code_version(), **(extra or {})}
     if circuit is not None:
@@ -140,3 +142,9 @@ def read_table(results_uri: str, table: str = CIRCUITS, task: str | None = None)
                    schema=schema)
     filt = (ds.field("task") == task) if task else None
     return d.to_table(filter=filt).to_pandas()
+
+
+def stored_pairs(results_uri: str) -> set[tuple[str, str]]:
+    """(checkpoint fingerprint, task) of every pair already in the circuits table."""
+    df = read_table(results_uri, CIRCUITS)
+    return set(zip(df["checkpoint_fingerprint"].astype(str), df["task"].astype(str), strict=True))

@@ -1,0 +1,51 @@
+import pandas as pd
+import pytest
+import torch
+
+from cluster import checkpoints, storage
+from jobs import fanout, results
+from sparsity import checkpoint as ckpt_lib
+from sparsity.config import RunConfig, SparsityConfig
+from sparsity.prune import PruneConfig
+from test_planted import planted_model
+
+TASKS = ["single_double_quote", "if_equals", "var_swap"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(stdlib_data, stdlib_tokenizer, tmp_path_factory):
+    """Two distinct checkpoints (the planted model and a perturbed copy), each a run naming the stdlib data."""
+    uris = []
+    for i in range(2):
+        run = tmp_path_factory.mktemp(f"fan-run{i}")
+        model = planted_model(stdlib_tokenizer)
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.bias[0] += 0.001 * i  # a different fingerprint, same behaviour
+        cfg = RunConfig(model=model.config, sparsity=SparsityConfig(pfrac=1.0))
+        checkpoints.save(str(run), ckpt_lib.to_files(model, cfg, 10), 10)
+        storage.write_json(str(run / "run.json"), {"config": cfg.to_dict(), "data": stdlib_data})
+        uris.append(str(run))
+    return uris
+
+
+@pytest.mark.slow
+def test_fanout_stores_each_pair_once_retries_failures_and_reruns_do_nothing(ray_session, two_runs, s3_prefix):
+    """2 checkpoints × 3 tasks on local Ray into S3: one circuits row per pair; a pair whose
+    task raises once is retried and stored once; a second run prunes nothing and adds no row."""
+    cfg = PruneConfig(steps=100)
+    counts = fanout.fanout(two_runs, TASKS, s3_prefix, cfg, inject_failure={"task": "if_equals"})
+    assert counts == {"pairs": 6, "skipped": 0, "pruned": 6, "failed": 0}
+    opts = storage.storage_options(s3_prefix)
+    circuits = pd.read_parquet(f"{s3_prefix}/circuits", storage_options=opts)
+    assert len(circuits) == 6
+    assert circuits.groupby(["checkpoint_fingerprint", "task"]).size().max() == 1
+    assert storage.exists(f"{s3_prefix}/_debug/" + next(u.rsplit("/", 1)[1] for u in storage.ls(f"{s3_prefix}/_debug")))
+    quote = circuits[circuits["task"] == "single_double_quote"]
+    assert (quote["status"] == "ok").all()
+    nodes = pd.read_parquet(f"{s3_prefix}/circuit_nodes", storage_options=opts)
+    edges = pd.read_parquet(f"{s3_prefix}/circuit_edges", storage_options=opts)
+    assert len(nodes) == circuits["n_nodes"].sum() and len(edges) >= circuits["n_edges"].sum()
+
+    again = fanout.fanout(two_runs, TASKS, s3_prefix, cfg)
+    assert again == {"pairs": 6, "skipped": 6, "pruned": 0, "failed": 0}
+    assert len(results.read_table(s3_prefix)) == 6
