@@ -49,3 +49,18 @@ def test_fanout_stores_each_pair_once_retries_failures_and_reruns_do_nothing(ray
     again = fanout.fanout(two_runs, TASKS, s3_prefix, cfg)
     assert again == {"pairs": 6, "skipped": 6, "pruned": 0, "failed": 0}
     assert len(results.read_table(s3_prefix)) == 6
+
+
+def test_csp_prune_over_several_checkpoints_fans_out_and_skips_stored_pairs(ray_session, two_runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    out = str(tmp_path / "res")
+    r = runner.invoke(app, ["prune", *two_runs, "--task", "var_swap", "--out", out])
+    assert r.exit_code == 0, r.output
+    assert "2 pairs: 2 pruned, 0 already stored, 0 failed" in r.stdout
+    r = runner.invoke(app, ["prune", *two_runs, "--task", "var_swap", "--out", out])
+    assert "2 pairs: 0 pruned, 2 already stored" in r.stdout
+    assert len(pd.read_parquet(f"{out}/circuits")) == 2
