@@ -148,3 +148,53 @@ def stored_pairs(results_uri: str) -> set[tuple[str, str]]:
     """(checkpoint fingerprint, task) of every pair already in the circuits table."""
     df = read_table(results_uri, CIRCUITS)
     return set(zip(df["checkpoint_fingerprint"].astype(str), df["task"].astype(str), strict=True))
+
+
+def _query(results_uri: str, table: str, task: str | None, model: str | None, filters=None):
+    """A table as pandas with the task partition pruned and extra pyarrow filters pushed down."""
+    import pyarrow.dataset as ds
+
+    schema = {CIRCUITS: CIRCUITS_SCHEMA, NODES: NODES_SCHEMA, EDGES: EDGES_SCHEMA}[table]
+    loc = storage.resolve(results_uri).join(table)
+    if not storage.ls(loc):
+        return _table([], schema).to_pandas()
+    part = ds.partitioning(pa.schema([pa.field("task", pa.string())]), flavor="hive")
+    d = ds.dataset(loc.path, filesystem=loc.pa_fs, format="parquet", partitioning=part, schema=schema)
+    expr = None
+    for e in ([ds.field("task") == task] if task else []) + ([ds.field("model_id") == model] if model else []) + ([filters] if filters is not None else []):
+        expr = e if expr is None else expr & e
+    return d.to_table(filter=expr).to_pandas()
+
+
+def circuits(results_uri: str, task: str | None = None, model: str | None = None, filters=None):
+    """One row per (checkpoint, task) as a DataFrame; ``filters`` is a pyarrow expression."""
+    return _query(results_uri, CIRCUITS, task, model, filters)
+
+
+def nodes(results_uri: str, task: str | None = None, model: str | None = None, filters=None):
+    return _query(results_uri, NODES, task, model, filters)
+
+
+def edges(results_uri: str, task: str | None = None, model: str | None = None, filters=None):
+    return _query(results_uri, EDGES, task, model, filters)
+
+
+def frontier(results_uri: str):
+    """Per model: validation loss (capability) and the geometric mean of circuit edges over
+    the tasks where a circuit met the target (interpretability; lower is better)."""
+    import numpy as np
+
+    df = circuits(results_uri)
+    ok = df[df["status"] == "ok"]
+    rows = []
+    for model_id, g in df.groupby("model_id"):
+        good = ok[ok["model_id"] == model_id]
+        first = g.iloc[0]
+        rows.append({
+            "model_id": model_id, "pfrac": first["pfrac"], "ef": first["ef"], "val_loss": first["val_loss"],
+            "tasks_with_circuit": len(good), "tasks": len(g),
+            "geomean_edges": float(np.exp(np.log(good["n_edges"].clip(lower=1)).mean())) if len(good) else float("nan"),
+        })
+    import pandas as pd
+
+    return pd.DataFrame(rows).sort_values("val_loss").reset_index(drop=True) if rows else pd.DataFrame(rows)

@@ -1,13 +1,13 @@
 import pandas as pd
 import pytest
 import torch
+from test_planted import planted_model
 
 from cluster import checkpoints, storage
 from jobs import fanout, results
 from sparsity import checkpoint as ckpt_lib
 from sparsity.config import RunConfig, SparsityConfig
 from sparsity.prune import PruneConfig
-from test_planted import planted_model
 
 TASKS = ["single_double_quote", "if_equals", "var_swap"]
 

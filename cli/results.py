@@ -1,0 +1,54 @@
+"""csp results …: query the circuit tables with filter pushdown; the frontier."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli._app import group
+from jobs import results as results_lib
+
+app = group("Query stored circuits (pandas + pyarrow filter pushdown on the task partition).")
+FORMATS = ("table", "csv", "json")
+
+
+def _emit(df, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "csv":
+        typer.echo(df.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        typer.echo(df.to_json(orient="records", indent=2))
+    else:
+        typer.echo(df.to_string(index=False) if len(df) else "(no rows)")
+
+
+@app.command()
+def circuits(
+    uri: Annotated[str, typer.Argument(help="Results URI given to `csp prune --out`.")],
+    task: Annotated[str | None, typer.Option(help="Only this task (partition pruning).")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model id.")] = None,
+    where: Annotated[str | None, typer.Option(help="A pandas query on the rows, e.g. 'n_edges < 100 and status == \"ok\"'.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    all_columns: Annotated[bool, typer.Option("--all-columns", help="Every column, not the summary ones.")] = False,
+) -> None:
+    """One row per (checkpoint, task)."""
+    df = results_lib.circuits(uri, task=task, model=model)
+    if where:
+        try:
+            df = df.query(where)
+        except Exception as e:  # pandas raises many types for a bad expression
+            raise typer.BadParameter(f"--where {where!r}: {type(e).__name__}: {e}") from None
+    if not all_columns:
+        df = df[["model_id", "task", "status", "k", "n_nodes", "n_edges", "full_loss", "sufficiency_loss", "necessity_loss", "pfrac", "ef"]]
+    _emit(df, fmt)
+
+
+@app.command()
+def frontier(
+    uri: Annotated[str, typer.Argument(help="Results URI.")],
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """Per model: val loss (capability) vs geometric-mean circuit edges over tasks (interpretability)."""
+    _emit(results_lib.frontier(uri), fmt)

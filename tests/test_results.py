@@ -1,0 +1,74 @@
+import json
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from cluster import storage
+from jobs import results
+from sparsity.circuit import Circuit
+
+META = {"checkpoint_uri": "/x", "checkpoint_fingerprint": "f" * 64, "step": 10, "pfrac": 0.25, "ef": 1.0, "afrac": 0.25, "seed": 0}
+
+
+def _circuit(task, n_edges):
+    nodes = [(0, "attn.act_in", i) for i in range(3)]
+    edges = [{"src": (0, "attn.act_in", 0), "dst": (0, "attn.q", i), "kind": "attn.q", "weight": 0.5} for i in range(n_edges)]
+    return Circuit(task, nodes, edges, {"status": "ok", "k": 3, "full_loss": 0.1, "sufficiency_loss": 0.1, "necessity_loss": 0.9})
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = str(tmp_path / "res")
+    for model, val, edges in (("m1", 3.0, 8), ("m2", 4.0, 2)):
+        for task in ("single_double_quote", "if_equals"):
+            results.write_result(uri, {**META, "model_id": model, "val_loss": val}, task, _circuit(task, edges))
+        results.write_result(uri, {**META, "model_id": model, "val_loss": val}, "var_swap", None, status="chance",
+                             extra={"full_loss": 0.7, "full_accuracy": 0.5})
+    return uri
+
+
+def test_query_with_partition_and_model_filters(store):
+    assert len(results.circuits(store)) == 6
+    q = results.circuits(store, task="if_equals")
+    assert set(q["task"].astype(str)) == {"if_equals"} and len(q) == 2
+    assert len(results.circuits(store, model="m2")) == 3
+    big = results.circuits(store, filters=ds.field("n_edges") > 4)
+    assert set(big["model_id"]) == {"m1"}
+    assert len(results.edges(store, task="single_double_quote", model="m1")) == 8
+    assert len(results.nodes(store, task="if_equals")) == 6
+
+
+def test_frontier_is_the_geometric_mean_of_edges_over_solved_tasks(store):
+    f = results.frontier(store).set_index("model_id")
+    assert f.loc["m1", "geomean_edges"] == pytest.approx(8.0) and f.loc["m2", "geomean_edges"] == pytest.approx(2.0)
+    assert f.loc["m1", "tasks_with_circuit"] == 2 and f.loc["m1", "tasks"] == 3
+
+
+def test_rewriting_a_pair_replaces_its_rows(store):
+    results.write_result(store, {**META, "model_id": "m1", "val_loss": 3.0}, "if_equals", _circuit("if_equals", 5))
+    q = results.circuits(store, task="if_equals", model="m1")
+    assert len(q) == 1 and q.iloc[0]["n_edges"] == 5
+
+
+def test_files_of_an_older_schema_version_still_read(store):
+    """A file without the newer columns reads through the explicit schema, with nulls."""
+    old = pa.table({"schema_version": pa.array([0], pa.int32()), "model_id": ["old"], "status": ["ok"], "n_edges": pa.array([7], pa.int64())})
+    storage.write_parquet(storage.resolve(store).join("circuits", "task=if_equals", "old.parquet"), old)
+    df = results.circuits(store, task="if_equals")
+    row = df[df["model_id"] == "old"].iloc[0]
+    assert row["n_edges"] == 7 and row["schema_version"] == 0 and row["full_loss"] != row["full_loss"]  # NaN
+
+
+def test_csp_results_commands(store):
+    runner = CliRunner()
+    r = runner.invoke(app, ["results", "circuits", store, "--task", "if_equals", "--format", "json"])
+    assert r.exit_code == 0 and {x["model_id"] for x in json.loads(r.stdout)} == {"m1", "m2"}
+    r = runner.invoke(app, ["results", "circuits", store, "--where", "n_edges > 4 and status == 'ok'", "--format", "csv"])
+    assert r.exit_code == 0 and r.stdout.count("\n") == 3  # header + m1's two circuits
+    r = runner.invoke(app, ["results", "frontier", store])
+    assert r.exit_code == 0 and "m2" in r.stdout
+    r = runner.invoke(app, ["results", "circuits", store, "--where", "bogus >"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
