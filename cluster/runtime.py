@@ -35,6 +35,8 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": True}
     if address:
         kwargs["runtime_env"] = worker_runtime_env()
+    elif os.environ.get("RAY_ADDRESS"):  # inside a Ray job: join its cluster, keep the job's runtime env
+        address = os.environ["RAY_ADDRESS"]
         _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
