@@ -61,7 +61,7 @@ def down(temp_dir: str | None = None) -> None:
     """Stop Ray on this machine (``ray stop``: every Ray of this user), or with ``temp_dir``
     only the head started with that --temp-dir."""
     if temp_dir:
-        subprocess.run(["pkill", "-f", temp_dir], capture_output=True, timeout=30)
+        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True, timeout=30)
         return
     subprocess.run([_ray_cli(), "stop", "--force"], env=_env(), capture_output=True, text=True, timeout=120)
 

@@ -9,6 +9,7 @@ tasks are pending at once (ray.wait back-pressure).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -37,10 +38,13 @@ def _load(ckpt_uri: str, data_uri: str | None, ablation: str):
     return _LOADED[key]
 
 
-def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data_uri: str | None, fail_once_marker: str | None = None) -> dict:
+def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data_uri: str | None,
+               fail_once_marker: str | None = None, kill: bool = False) -> dict:
     """The Ray task body: prune one pair and store it."""
-    if fail_once_marker and not storage.exists(fail_once_marker):  # test hook: the first attempt raises
+    if fail_once_marker and not storage.exists(fail_once_marker):  # test hook: the first attempt fails
         storage.write_text(fail_once_marker, "1")
+        if kill:
+            os._exit(1)  # the worker process dies, as when its PID is killed
         raise RuntimeError("injected failure")
     cfg = prune_lib.PruneConfig(**cfg_dict)
     _, model, tok, ablate, batches, meta = _load(ckpt_uri, data_uri, cfg.ablation)
@@ -97,7 +101,8 @@ def fanout(
             marker = None
             if inject_failure and inject_failure.get("task") == n:
                 marker = storage.resolve(out_uri).join("_debug", f"fail-{fps[u][:8]}-{n}").uri
-            inflight[remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker)] = (u, n)
+            kill = bool(inject_failure and inject_failure.get("kill"))
+            inflight[remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker, kill)] = (u, n)
         ready, _ = ray.wait(list(inflight), num_returns=1)
         for ref in ready:
             u, n = inflight.pop(ref)

@@ -64,3 +64,14 @@ def test_csp_prune_over_several_checkpoints_fans_out_and_skips_stored_pairs(ray_
     r = runner.invoke(app, ["prune", *two_runs, "--task", "var_swap", "--out", out])
     assert "2 pairs: 0 pruned, 2 already stored" in r.stdout
     assert len(pd.read_parquet(f"{out}/circuits")) == 2
+
+
+@pytest.mark.slow
+def test_a_worker_process_dying_mid_fanout_still_stores_every_pair_once(ray_session, two_runs, tmp_path):
+    """The worker running one pair dies (os._exit) → Ray retries the task; every pair is stored exactly once."""
+    out = str(tmp_path / "res")
+    counts = fanout.fanout(two_runs, ["var_swap", "if_equals"], out, PruneConfig(steps=20), inject_failure={"task": "var_swap", "kill": True})
+    assert counts["pruned"] == 4 and counts["failed"] == 0
+    c = results.read_table(out)
+    assert len(c) == 4 and c.groupby(["checkpoint_fingerprint", "task"]).size().max() == 1
+    assert len(storage.ls(f"{out}/_debug")) == 2  # both var_swap pairs lost their first worker
