@@ -39,7 +39,7 @@ def _load(ckpt_uri: str, data_uri: str | None, ablation: str):
 
 
 def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data_uri: str | None,
-               fail_once_marker: str | None = None, kill: bool = False) -> dict:
+               fail_once_marker: str | None = None, kill: bool = False, skip_chance: bool = True) -> dict:
     """The Ray task body: prune one pair and store it."""
     if fail_once_marker and not storage.exists(fail_once_marker):  # test hook: the first attempt fails
         storage.write_text(fail_once_marker, "1")
@@ -48,7 +48,7 @@ def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data
         raise RuntimeError("injected failure")
     cfg = prune_lib.PruneConfig(**cfg_dict)
     _, model, tok, ablate, batches, meta = _load(ckpt_uri, data_uri, cfg.ablation)
-    return prune_pair(model, task_lib.get(task_name), tok, cfg, meta, out_uri, ablate=ablate, batches=batches)
+    return prune_pair(model, task_lib.get(task_name), tok, cfg, meta, out_uri, ablate=ablate, batches=batches, skip_chance=skip_chance)
 
 
 def expand_checkpoints(uris: list[str]) -> list[str]:
@@ -74,6 +74,7 @@ def fanout(
     max_retries: int = 2,
     progress: Callable[[int, int, dict], None] | None = None,
     inject_failure: dict | None = None,
+    skip_chance: bool = True,
 ) -> dict:
     """Prune every (checkpoint, task) pair not yet stored; returns counts."""
     import ray
@@ -102,7 +103,7 @@ def fanout(
             if inject_failure and inject_failure.get("task") == n:
                 marker = storage.resolve(out_uri).join("_debug", f"fail-{fps[u][:8]}-{n}").uri
             kill = bool(inject_failure and inject_failure.get("kill"))
-            inflight[remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker, kill)] = (u, n)
+            inflight[remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker, kill, skip_chance)] = (u, n)
         ready, _ = ray.wait(list(inflight), num_returns=1)
         for ref in ready:
             u, n = inflight.pop(ref)

@@ -103,12 +103,12 @@ def prune_checkpoint(
     return out
 
 
-def prune_pair(model, task, tok, cfg, meta: dict, out_uri: str, ablate=None, batches=None, device="cpu") -> dict:
-    """Evaluate, then prune (unless at chance), then store one (checkpoint, task) result."""
+def prune_pair(model, task, tok, cfg, meta: dict, out_uri: str, ablate=None, batches=None, device="cpu", skip_chance: bool = True) -> dict:
+    """Evaluate, then prune (unless at chance and ``skip_chance``), then store one result."""
     base = {"ablation": cfg.ablation, "target": cfg.target,
             "provenance": {"prune_config": asdict(cfg), "model": meta}}
     ev = task_lib.evaluate(model, task, tok, n=cfg.n_test)
-    if ev["accuracy"] < CHANCE_ACCURACY:
+    if skip_chance and ev["accuracy"] < CHANCE_ACCURACY:
         extra = {**base, "full_loss": ev["loss"], "full_accuracy": ev["accuracy"], "n_nodes": 0, "n_edges": 0}
         results.write_result(out_uri, meta, task.name, None, status="chance", extra=extra)
         return {"task": task.name, "status": "chance", **{k: extra[k] for k in ("full_loss", "full_accuracy")}}
