@@ -131,17 +131,7 @@ def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | No
 
 def read_table(results_uri: str, table: str = CIRCUITS, task: str | None = None):
     """A results table as a pandas DataFrame (``task`` is a partition filter)."""
-    import pyarrow.dataset as ds
-
-    schema = {CIRCUITS: CIRCUITS_SCHEMA, NODES: NODES_SCHEMA, EDGES: EDGES_SCHEMA}[table]
-    loc = storage.resolve(results_uri).join(table)
-    if not storage.ls(loc):
-        return _table([], schema).to_pandas()
-    part = ds.partitioning(pa.schema([pa.field("task", pa.string())]), flavor="hive")
-    d = ds.dataset(loc.path, filesystem=loc.pa_fs, format="parquet", partitioning=part,
-                   schema=schema)
-    filt = (ds.field("task") == task) if task else None
-    return d.to_table(filter=filt).to_pandas()
+    return _query(results_uri, table, task, None)
 
 
 def stored_pairs(results_uri: str) -> set[tuple[str, str]]:
