@@ -75,6 +75,7 @@ def fanout(
     progress: Callable[[int, int, dict], None] | None = None,
     inject_failure: dict | None = None,
     skip_chance: bool = True,
+    task_env: dict[str, str] | None = None,
 ) -> dict:
     """Prune every (checkpoint, task) pair not yet stored; returns counts."""
     import ray
@@ -92,6 +93,8 @@ def fanout(
         runtime.init()
     limit = max_in_flight or max(1, int(runtime.cluster_cpus()))
     remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(prune_task)
+    if task_env:  # e.g. the S3 endpoint the tasks must write to, when it is not the cluster's default
+        remote = remote.options(runtime_env={"env_vars": task_env})
     pending = list(todo)
     inflight: dict = {}
     counts = {"pairs": len(ckpts) * len(names), "skipped": len(ckpts) * len(names) - len(todo), "pruned": 0, "failed": 0}

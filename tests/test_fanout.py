@@ -75,3 +75,39 @@ def test_a_worker_process_dying_mid_fanout_still_stores_every_pair_once(ray_sess
     c = results.read_table(out)
     assert len(c) == 4 and c.groupby(["checkpoint_fingerprint", "task"]).size().max() == 1
     assert len(storage.ls(f"{out}/_debug")) == 2  # both var_swap pairs lost their first worker
+
+
+@pytest.mark.slow
+def test_s3_going_down_mid_fanout_is_a_clear_error_and_leaves_no_partial_pair(ray_session, two_runs, tmp_path, monkeypatch):
+    """The results server stops after the first pair: the fan-out ends with a one-line storage
+    error, and every stored pair is whole (each node/edge file has its circuits row)."""
+    from cluster import s3server
+
+    server = s3server.start(tmp_path / "s3", "down-key", "down-secret-123", buckets=("res",))
+    port = int(server.endpoint_url.rsplit(":", 1)[1])
+    env = {**server.env()}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    stopped = []
+
+    def stop_after_first(done, total, row):
+        if not stopped:
+            server.stop()
+            stopped.append(done)
+
+    try:
+        with pytest.raises(storage.StorageError) as e:
+            fanout.fanout(two_runs, ["single_double_quote", "if_equals", "with_as"], "s3://res/c", PruneConfig(steps=40),
+                          max_in_flight=1, max_retries=1, progress=stop_after_first, task_env=env)
+        assert "\n" not in str(e.value) and "down-secret-123" not in str(e.value)
+    finally:
+        server.stop()
+    again = s3server.start(tmp_path / "s3", "down-key", "down-secret-123", buckets=("res",), port=port)
+    try:
+        files = storage.ls("s3://res/c")
+        rows = {u.split("/c/", 1)[1].split("/", 1)[1] for u in files if "/c/circuits/" in u}
+        parts = {u.split("/c/", 1)[1].split("/", 1)[1] for u in files if "/c/circuit_nodes/" in u or "/c/circuit_edges/" in u}
+        assert parts and parts <= rows  # the first pair is whole; no node/edge file lacks its circuits row
+        assert stopped == [1]
+    finally:
+        again.stop()
