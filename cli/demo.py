@@ -1,6 +1,6 @@
 """csp demo: the whole pipeline on the embedded default (this Python's stdlib, an
-in-process Ray, ./csp-runs/). It grows with the project; today it builds the tokenizer
-and the token shards."""
+in-process Ray, ./csp-runs/): shards → a sweep of small models → prune fan-out over all
+tasks → Parquet → summary table → frontier plot → circuit diagrams → report.html."""
 
 from __future__ import annotations
 
@@ -8,24 +8,32 @@ import time
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli._progress import bar
-from cluster import data, runtime, storage
+from cluster import storage
+from jobs import demo as demo_lib
 
 
 def demo(
     out: Annotated[str, typer.Option(help="Where every output goes (local path or s3://…).")] = "./csp-runs",
-    quick: Annotated[bool, typer.Option(help="A minute-scale run that checks the plumbing.")] = False,
+    quick: Annotated[bool, typer.Option(help="A minutes-scale run of every stage on tiny models (checks the plumbing).")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: an in-process Ray).")] = None,
 ) -> None:
-    """Run the pipeline end to end on the embedded default; re-running resumes."""
+    """Run the pipeline end to end on the embedded default; re-running resumes where it stopped."""
     t0 = time.monotonic()
-    root = storage.resolve(out)
-    runtime.init(address=address)
-    ds = root.join("data")
-    typer.echo(f"[1/1] corpus → tokenizer → token shards ({'stdlib, n_ctx 128' if not quick else 'stdlib, n_ctx 64'})")
-    with bar("shards") as update:
-        result = data.prepare(None, ds.uri, n_ctx=64 if quick else 128, progress=update)
-    typer.echo(f"      {result.shards_written} shards written, {result.shards_skipped} already done → {ds.uri}")
-    typer.echo("\n".join("      " + line for line in data.manifest_summary(result.manifest).splitlines()))
-    typer.echo(f"done in {time.monotonic() - t0:.0f}s. Training, sweeps and pruning arrive in later releases.")
+    storage.resolve(out)  # a malformed URI fails before Ray starts
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console, transient=True) as p:
+        shards = p.add_task("shards", total=None, info="", visible=False)
+        pairs = p.add_task("pairs", total=None, info="", visible=False)
+
+        def shard_progress(done: int, total: int) -> None:
+            p.update(shards, completed=done, total=total, visible=done < total)
+
+        def prune_progress(done: int, total: int, row: dict) -> None:
+            p.update(pairs, completed=done, total=total, visible=done < total, info=f"{row['task']}: {row['status']}")
+
+        result = demo_lib.run(out, quick=quick, address=address, log=typer.echo, shard_progress=shard_progress, prune_progress=prune_progress)
+    typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s; open {result['report']}")

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from cli import cluster, data, model, results, s3, sweep, tasks, tokenizer
+from cli import cluster, data, model, results, s3, sweep, tasks, tokenizer, viz
 from cli._app import group
 from cli.demo import demo
 from cli.prune import prune
@@ -21,6 +21,7 @@ app.add_typer(model.app, name="model")
 app.add_typer(tasks.app, name="tasks")
 app.add_typer(sweep.app, name="sweep")
 app.add_typer(results.app, name="results")
+app.add_typer(viz.app, name="viz")
 app.add_typer(cluster.cluster_app, name="cluster")
 app.add_typer(cluster.jobs_app, name="jobs")
 app.command()(cluster.submit)

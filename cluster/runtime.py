@@ -20,19 +20,21 @@ def _quiet_env() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, log_to_driver: bool = True) -> None:
     """Start or join Ray once per process; a second call is a no-op.
 
     ``address`` None starts an in-process Ray with ``num_cpus`` logical CPUs (default: the
     machine's cores). Export AWS_ENDPOINT_URL before calling: workers inherit the
-    environment of the raylet started here.
+    environment of the raylet started here. ``log_to_driver=False`` keeps workers' output
+    (Ray Train's per-report lines, raylet warnings) off this console; errors still surface
+    through the exceptions they raise.
     """
     import ray
 
     if ray.is_initialized():
         return
     _quiet_env()
-    kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": True}
+    kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": log_to_driver}
     if address:
         kwargs["runtime_env"] = worker_runtime_env()
     elif os.environ.get("RAY_ADDRESS"):  # inside a Ray job: join its cluster, keep the job's runtime env

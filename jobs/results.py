@@ -171,11 +171,22 @@ def edges(results_uri: str, task: str | None = None, model: str | None = None, f
 
 def frontier(results_uri: str):
     """Per model: validation loss (capability) and the geometric mean of circuit edges over
-    the tasks where a circuit met the target (interpretability; lower is better)."""
+    the tasks where a circuit met the target (interpretability; lower is better).
+
+    ``geomean_edges`` is over each model's own solved tasks; ``geomean_edges_common`` over
+    the tasks that every model solved (``common_tasks`` of them), the fair comparison when
+    models solve different task sets (NaN when no task is common)."""
     import numpy as np
+    import pandas as pd
 
     df = circuits(results_uri)
     ok = df[df["status"] == "ok"]
+    models = sorted(df["model_id"].unique())
+    common = sorted(set.intersection(*(set(ok[ok["model_id"] == m]["task"]) for m in models))) if models else []
+
+    def geomean(edges) -> float:
+        return float(np.exp(np.log(edges.clip(lower=1).astype(float)).mean())) if len(edges) else float("nan")
+
     rows = []
     for model_id, g in df.groupby("model_id"):
         good = ok[ok["model_id"] == model_id]
@@ -183,8 +194,8 @@ def frontier(results_uri: str):
         rows.append({
             "model_id": model_id, "pfrac": first["pfrac"], "ef": first["ef"], "val_loss": first["val_loss"],
             "tasks_with_circuit": len(good), "tasks": len(g),
-            "geomean_edges": float(np.exp(np.log(good["n_edges"].clip(lower=1)).mean())) if len(good) else float("nan"),
+            "geomean_edges": geomean(good["n_edges"]),
+            "common_tasks": len(common),
+            "geomean_edges_common": geomean(good[good["task"].isin(common)]["n_edges"]),
         })
-    import pandas as pd
-
     return pd.DataFrame(rows).sort_values("val_loss").reset_index(drop=True) if rows else pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""Sweeps: a Ray Tune grid over pfrac × ef (× afrac × seed), each trial one distributed
+"""Sweeps: a Ray Tune grid over pfrac × ef (× afrac × lr × seed), each trial one distributed
 training run (a Tune function trial that builds and fits a TorchTrainer, Ray 2.60's way).
 
     SWEEP/sweep.json                    the grid and base config
@@ -25,7 +25,7 @@ from cluster.training import METRICS_FILE
 from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
 from sparsity.errors import CspError
 
-AXES = {"pfrac": float, "ef": float, "afrac": float, "seed": int}
+AXES = {"pfrac": float, "ef": float, "afrac": float, "lr": float, "seed": int}
 
 SUMMARY_SCHEMA = pa.schema([
     pa.field("trial", pa.string(), nullable=False),
@@ -33,6 +33,7 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("ef", pa.float64()),
     pa.field("afrac", pa.float64()),
     pa.field("seed", pa.int64()),
+    pa.field("lr", pa.float64()),
     pa.field("d_model", pa.int64()),
     pa.field("steps", pa.int64()),
     pa.field("final_loss", pa.float64()),
@@ -93,7 +94,7 @@ def trial_config(base: ModelConfig, train: TrainConfig, point: dict) -> RunConfi
     model = base.scaled(ef)
     if "afrac" in point:
         model = dataclasses.replace(model, afrac=None if point["afrac"] >= 1 else point["afrac"])
-    tc = dataclasses.replace(train, seed=point.get("seed", train.seed))
+    tc = dataclasses.replace(train, seed=point.get("seed", train.seed), lr=point.get("lr", train.lr))
     return RunConfig(model=model, sparsity=SparsityConfig(pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=ef), train=tc)
 
 
@@ -128,7 +129,7 @@ def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) 
     meta = ckpt.meta.get("metrics", {})
     summary = {
         "trial": name, "pfrac": cfg.sparsity.pfrac, "ef": cfg.sparsity.ef, "afrac": cfg.model.afrac, "seed": cfg.train.seed,
-        "d_model": cfg.model.d_model, "steps": ckpt.step, "final_loss": meta.get("loss"), "val_loss": meta.get("val_loss"),
+        "lr": cfg.train.lr, "d_model": cfg.model.d_model, "steps": ckpt.step, "final_loss": meta.get("loss"), "val_loss": meta.get("val_loss"),
         "nonzeros": meta.get("nonzeros"), "tokens_seen": ckpt.step * cfg.train.batch_size * cfg.model.block_size,
         "wall_seconds": wall, "checkpoint_uri": checkpoints.checkpoint_dir(out.uri),
     }
@@ -136,19 +137,26 @@ def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) 
     return summary
 
 
-def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list], base: ModelConfig, train: TrainConfig,
-              workers_per_trial: int = 1, gpus: bool = False):
-    """Run (or resume) a sweep; returns the summary as a pandas DataFrame."""
+def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base: ModelConfig, train: TrainConfig,
+              workers_per_trial: int = 1, gpus: bool = False, extra_points: list[dict] | None = None):
+    """Run (or resume) a sweep; returns the summary as a pandas DataFrame.
+
+    ``extra_points`` are trials beside (or instead of) the grid, e.g. a dense baseline
+    ``{"pfrac": 4, "ef": 2}`` (pfrac = ef² is dense at that width), or points with their
+    own ``lr``."""
     from ray import tune
 
-    pts = points(grid)
+    pts = points(grid) if grid else []
+    pts += [p for p in (extra_points or []) if trial_name(p) not in {trial_name(q) for q in pts}]
+    if not pts:
+        raise SweepError("nothing to train: give a grid or extra points")
     cfgs = {trial_name(p): trial_config(base, train, p) for p in pts}  # validates every point first
     need = workers_per_trial + 1
     cpus = runtime.cluster_cpus()
     if cpus < need:
         raise SweepError(f"each trial needs {need} CPUs ({workers_per_trial} workers + a controller); the cluster declares {cpus:g}")
     sweep = storage.resolve(sweep_uri)
-    storage.write_json(sweep.join("sweep.json"), {"grid": grid, "base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "data": data_uri,
+    storage.write_json(sweep.join("sweep.json"), {"grid": grid or {}, "extra_points": extra_points or [], "base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "data": data_uri,
                                                    "workers_per_trial": workers_per_trial})
     todo = []
     for p in pts:

@@ -102,9 +102,11 @@ class SparsityConfig:
     min_per_unit: int = 4  # floor: nonzeros kept per neuron / attention channel
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.pfrac <= 1.0, "pfrac", self.pfrac, "must be in (0, 1]")
         _check(self.ef > 0, "ef", self.ef, "must be > 0")
         _check(self.ef_mlp is None or self.ef_mlp > 0, "ef_mlp", self.ef_mlp, "must be > 0")
+        # pfrac is relative to the base (ef=1) dense model: ef·ef_mlp is dense at this width.
+        cap = self.ef * (self.ef if self.ef_mlp is None else self.ef_mlp)
+        _check(0.0 < self.pfrac <= max(1.0, cap), "pfrac", self.pfrac, f"must be in (0, {max(1.0, cap):g}] (1 = dense at ef=1; ef·ef_mlp = dense at this width)")
         _check(self.embed_pfrac is None or 0.0 < self.embed_pfrac <= 1.0, "embed_pfrac", self.embed_pfrac, "must be in (0, 1]")
         _check(0.0 <= self.anneal_start <= self.anneal_end <= 1.0, "anneal_start/anneal_end", (self.anneal_start, self.anneal_end), "need 0 ≤ anneal_start ≤ anneal_end ≤ 1")
         _check(isinstance(self.min_per_unit, int) and self.min_per_unit >= 0, "min_per_unit", self.min_per_unit, "must be an integer ≥ 0")

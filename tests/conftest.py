@@ -123,3 +123,16 @@ def tiny_config(**over):
         section, key = k.split("__")
         {"m": m, "s": s, "t": t}[section][key] = v
     return RunConfig(model=ModelConfig(**m), sparsity=SparsityConfig(**s), train=TrainConfig(**t))
+
+
+@pytest.fixture(scope="session")
+def quick_demo(ray_session, tmp_path_factory):
+    """`csp demo --quick` once per session: (output dir, its stdout)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = tmp_path_factory.mktemp("demo") / "csp-runs"
+    r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    return out, r.stdout

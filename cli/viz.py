@@ -1,0 +1,36 @@
+"""csp viz …: the frontier plot and circuit diagrams from a results store."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli._app import group
+from jobs import viz
+
+app = group("Figures from stored circuits: the frontier plot, circuit diagrams.")
+
+
+@app.command()
+def frontier(
+    uri: Annotated[str, typer.Argument(help="Results URI (from `csp prune --out` or `csp demo`).")],
+    out: Annotated[str | None, typer.Option(help="Directory for frontier.png and frontier.svg (default: URI/figures).")] = None,
+) -> None:
+    """Val loss (capability) vs geometric-mean circuit edges (interpretability), one point per model."""
+    for path in viz.plot_frontier(uri, out):
+        typer.echo(path)
+
+
+@app.command()
+def circuit(
+    uri: Annotated[str, typer.Argument(help="Results URI.")],
+    model: Annotated[str, typer.Option(help="Model id, or a unique prefix of it (e.g. the sweep trial name).")],
+    task: Annotated[str, typer.Option(help="Task name (see `csp tasks list`).")],
+    out: Annotated[str | None, typer.Option(help="Directory for the .svg and .html (default: URI/figures/circuits).")] = None,
+    data: Annotated[str | None, typer.Option(help="Token shards for top-activating tokens (default: the model's training data).")] = None,
+) -> None:
+    """Draw one circuit: residual channels as vertical lines, q/k/v channels and neurons as nodes,
+    signed weighted edges; hover a node for its id and top-activating tokens."""
+    for path in viz.render_circuit(uri, model, task, out, data):
+        typer.echo(path)

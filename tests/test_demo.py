@@ -1,0 +1,106 @@
+"""`csp demo --quick` end to end on the real stdlib, a real Ray and real Parquet; the
+figures and the report it leaves; a re-run that does no work; `csp viz` on its results."""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ET
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from jobs import demo as demo_lib
+from jobs import viz
+from sparsity import tasks as task_lib
+
+pytestmark = pytest.mark.slow
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _files(root) -> dict[str, float]:
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_quick_demo_stores_every_pair_in_the_three_tables(quick_demo):
+    out, stdout = quick_demo
+    plan = demo_lib.quick_plan()
+    n_models = len(plan.points())
+    circ = pd.read_parquet(out / "results" / "circuits")
+    assert len(circ) == n_models * len(task_lib.REGISTRY)
+    assert circ.groupby("model_id").size().tolist() == [len(task_lib.REGISTRY)] * n_models
+    assert set(circ["task"].astype(str)) == set(task_lib.REGISTRY)
+    nodes = pd.read_parquet(out / "results" / "circuit_nodes")
+    edges = pd.read_parquet(out / "results" / "circuit_edges")
+    # Every stored node and edge belongs to a stored pair, in the counts its circuits row states.
+    assert len(nodes) == circ["n_nodes"].fillna(0).sum() > 0
+    assert len(edges) == (circ["n_edges"].fillna(0) + circ["n_edges_resid"].fillna(0)).sum()
+    per_pair = nodes.groupby(["model_id", "task"], observed=True).size()
+    for r in circ[circ["n_nodes"] > 0].itertuples():
+        assert per_pair[(r.model_id, r.task)] == r.n_nodes
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert len(summary) == n_models and summary["val_loss"].notna().all()
+    assert summary["nonzeros"].min() < summary["nonzeros"].max()  # the dense baseline has more weights
+    for m in summary["trial"]:
+        assert m in stdout  # the summary table printed at the end names every model
+
+
+def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_them(quick_demo):
+    out, _ = quick_demo
+    figs = out / "figures"
+    assert (figs / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ET.parse(figs / "frontier.svg").getroot().tag == SVG + "svg"
+    circ = pd.read_parquet(out / "results" / "circuits")
+    drawable = circ[circ["status"].isin(["ok", "target_not_reached"]) & (circ["n_nodes"] > 0)]
+    svgs = sorted((figs / "circuits").glob("*.svg"))
+    assert len(svgs) == len(drawable) > 0
+    for path in svgs[:3]:
+        root = ET.parse(path).getroot()
+        model_id, task = root.get("data-model"), root.get("data-task")
+        row = drawable[(drawable["model_id"] == model_id) & (drawable["task"] == task)].iloc[0]
+        assert len(root.findall(f".//{SVG}g[@class='node']")) == row["n_nodes"]
+        assert len(root.findall(f".//{SVG}path[@class='edge']")) == min(row["n_edges"], viz.MAX_EDGES)
+        assert (path.with_suffix(".html")).exists()
+    report = (out / "report.html").read_text()
+    links = re.findall(r'href="([^"#]+)"', report)
+    assert links and all((out / link).exists() for link in links)
+    assert len(links) >= len(drawable) + 2  # every diagram and both frontier files
+    assert report.count('class="csp-circuit"') >= 1 and "<svg" in report
+
+
+def test_re_running_the_demo_repeats_no_finished_work(quick_demo):
+    out, _ = quick_demo
+    before = _files(out / "results") | _files(out / "sweep" / "runs")
+    r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "0 shards written" in r.stdout and "0 pairs pruned or judged" in r.stdout
+    after = _files(out / "results") | _files(out / "sweep" / "runs")
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    assert not changed and set(after) == set(before)
+
+
+def test_csp_viz_commands_draw_from_a_results_store(quick_demo, tmp_path):
+    out, _ = quick_demo
+    res = str(out / "results")
+    circ = pd.read_parquet(out / "results" / "circuits")
+    row = circ[circ["n_nodes"] > 0].iloc[0]
+    trial = row["model_id"].rsplit("-", 1)[0]  # a unique prefix: the trial name
+    runner = CliRunner()
+    r = runner.invoke(app, ["viz", "circuit", res, "--model", trial, "--task", row["task"], "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    svg = tmp_path / f"{row['model_id']}--{row['task']}.svg"
+    assert svg.exists()
+    titles = [t.text for t in ET.parse(svg).getroot().iter(SVG + "title") if t.text and t.text.startswith("L")]
+    assert any("[" in t.split("\n", 1)[-1] for t in titles)  # tooltips carry top-activating tokens
+    r = runner.invoke(app, ["viz", "frontier", res, "--out", str(tmp_path)])
+    assert r.exit_code == 0 and (tmp_path / "frontier.png").exists()
+    for args, fragment in (
+        (["--model", "nope", "--task", row["task"]], "no model 'nope'"),
+        (["--model", trial, "--task", "nope"], "unknown task"),
+    ):
+        r = runner.invoke(app, ["viz", "circuit", res, *args])
+        assert r.exit_code == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = runner.invoke(app, ["viz", "frontier", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "no circuits stored" in r.stderr
