@@ -257,7 +257,7 @@ def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: 
         dens = "dense" if r.density >= 1 else f"1/{round(1 / r.density)}"
         parts.append(f"<tr><td class=l>{e(viz.model_label(r.pfrac, r.ef))}<br><small>{e(str(r.model_id))}</small></td><td>{r.d_model}</td>"
                      f"<td>{dens}</td><td>{r.nonzeros:,}</td><td>{r.val_loss:.3f}</td><td>{r.tasks_above_chance}</td><td>{r.tasks_with_circuit}</td>"
-                     f"<td>{_num(r.geomean_edges, '.1f')}</td><td>{_num(r.quote_loss, '.3f')}</td><td>{'—' if r.quote_edges is None or r.quote_edges != r.quote_edges else int(r.quote_edges)}</td></tr>")
+                     f"<td>{_num(r.geomean_edges, '.1f')}</td><td>{_num(r.quote_loss, '.3f')}</td><td>{_num(r.quote_edges, 'd')}</td></tr>")
     parts.append("</table>")
     front_svg = root.join("figures", "frontier.svg")
     parts.append("<h2>Frontier: capability vs interpretability</h2>"
@@ -299,4 +299,7 @@ def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: 
 
 
 def _num(v, fmt: str) -> str:
-    return "—" if v is None or v != v else format(v, fmt)
+    """``v`` formatted, or a dash where it is missing (None, NaN or pandas' NA)."""
+    import pandas as pd
+
+    return "—" if pd.isna(v) else format(int(v) if fmt == "d" else v, fmt)
