@@ -27,13 +27,18 @@ def demo(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=console, transient=True) as p:
         shards = p.add_task("shards", total=None, info="", visible=False)
+        steps = p.add_task("training steps", total=None, info="", visible=False)
         pairs = p.add_task("pairs", total=None, info="", visible=False)
 
         def shard_progress(done: int, total: int) -> None:
             p.update(shards, completed=done, total=total, visible=done < total)
 
+        def train_progress(done: int, total: int) -> None:
+            p.update(steps, completed=done, total=total, visible=done < total, info="checkpointed, all models")
+
         def prune_progress(done: int, total: int, row: dict) -> None:
             p.update(pairs, completed=done, total=total, visible=done < total, info=f"{row['task']}: {row['status']}")
 
-        result = demo_lib.run(out, quick=quick, address=address, log=typer.echo, shard_progress=shard_progress, prune_progress=prune_progress)
+        result = demo_lib.run(out, quick=quick, address=address, log=typer.echo, shard_progress=shard_progress,
+                                  prune_progress=prune_progress, train_progress=train_progress)
     typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s; open {result['report']}")

@@ -14,9 +14,11 @@ the stored results each time (seconds).
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,8 +66,8 @@ def full_plan() -> Plan:
     base = ModelConfig(block_size=128, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, afrac=None)
     return Plan(
         name="demo", n_ctx=128, base=base, pfracs=(0.5, 0.25), efs=(1.0, 2.0), dense_ef=2.0,
-        train=TrainConfig(steps=1600, batch_size=16, eval_every=400, ckpt_every=400),
-        prune=PruneConfig(steps=120, n_train=48, n_select=48, n_test=64),
+        train=TrainConfig(steps=900, batch_size=16, eval_every=300, ckpt_every=300),
+        prune=PruneConfig(steps=80, n_train=32, n_select=48, n_test=64),
         lr_dense=3e-3,
         notes=("activation sparsity (AbsTopK) is off in the demo: it costs ~40% of a CPU step; "
                "`csp sweep` and `csp train` keep it on by default",),
@@ -142,6 +144,7 @@ def format_summary(df) -> str:
         model=[viz.model_label(p, e) for p, e in zip(df["pfrac"], df["ef"], strict=True)],
         density=[f"1/{round(1 / d)}" if d < 1 else "dense" for d in df["density"]],
         circuits=[f"{a}/{b}" for a, b in zip(df["tasks_with_circuit"], df["tasks_above_chance"], strict=True)],
+        quote_edges=[_num(v, "d") for v in df["quote_edges"]],
     )[["model", "d_model", "density", "nonzeros", "val_loss", "circuits", "geomean_edges", "quote_loss", "quote_edges"]]
     return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
 
@@ -149,7 +152,8 @@ def format_summary(df) -> str:
 def run(out_uri: str, quick: bool = False, address: str | None = None,
         log: Callable[[str], None] = print,
         shard_progress: Callable | None = None,
-        prune_progress: Callable[[int, int, dict], None] | None = None) -> dict:
+        prune_progress: Callable[[int, int, dict], None] | None = None,
+        train_progress: Callable[[int, int], None] | None = None) -> dict:
     """Run (or resume) the demo under ``out_uri``; returns paths and timings."""
     plan = quick_plan() if quick else full_plan()
     root = storage.resolve(out_uri)
@@ -175,7 +179,8 @@ def run(out_uri: str, quick: bool = False, address: str | None = None,
     pts = plan.points()
     log(f"[2/5] training {len(pts)} models with Ray Tune (pfrac {{{_vals(plan.pfracs)}}} × ef {{{_vals(plan.efs)}}} + a dense baseline at ef {plan.dense_ef:g}; "
         f"base d_model {plan.base.d_model} × {plan.base.n_layer} layers, {plan.train.steps} steps of {plan.train.batch_size}×{plan.n_ctx} tokens) → {sw.uri}")
-    trials = sweep.run_sweep(ds.uri, sw.uri, None, plan.base, plan.train, workers_per_trial=1, extra_points=pts)
+    with _watch_steps(sw, pts, plan.train.steps, train_progress):
+        trials = sweep.run_sweep(ds.uri, sw.uri, None, plan.base, plan.train, workers_per_trial=1, extra_points=pts)
     timings["train"] = time.monotonic() - t0
     log(f"      {len(trials)} models trained; val loss " + ", ".join(f"{r.trial} {r.val_loss:.3f}" for r in trials.itertuples()))
 
@@ -212,6 +217,38 @@ def run(out_uri: str, quick: bool = False, address: str | None = None,
     log(format_summary(summary))
     return {"out": root.uri, "report": report.uri, "frontier": frontier_files, "diagrams": diagrams,
             "summary": summary, "timings": timings, "counts": counts}
+
+
+@contextlib.contextmanager
+def _watch_steps(sw, pts: list[dict], steps: int, progress: Callable[[int, int], None] | None, every: float = 5.0):
+    """While the sweep trains, report the steps checkpointed over all its trials (each run's
+    ``checkpoints/latest.json``), from a polling thread: Tune itself stays quiet."""
+    if progress is None:
+        yield
+        return
+    latest = [sw.join("runs", sweep.trial_name(p), "checkpoints", "latest.json") for p in pts]
+    total = steps * len(pts)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            done = 0
+            for loc in latest:
+                try:
+                    done += int(storage.read_json(loc)["step"]) if storage.exists(loc) else 0
+                except Exception:  # noqa: BLE001 - a file being replaced; the next poll reads it
+                    pass
+            progress(min(done, total), total)
+            if stop.wait(every):
+                return
+
+    t = threading.Thread(target=poll, name="csp-demo-train-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 def _vals(vals) -> str:

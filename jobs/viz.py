@@ -83,6 +83,7 @@ def plot_frontier(results_uri: str, out_uri: str | None = None) -> list[str]:
                         (r[col], r["val_loss"]), textcoords="offset points", xytext=(7, 4), fontsize=7.5)
     missing = f[f[col].isna()]
     ax.set_xscale("log")
+    ax.margins(x=0.08, y=0.12)  # room for the labels above the top point
     ax.set_xlabel("circuit size: geometric-mean edges over " + (f"the {common} task(s) every model solved" if common else "each model's solved tasks") + "  (← more interpretable)")
     ax.set_ylabel("validation loss  (← more capable)")
     title = "Capability vs interpretability"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import xml.etree.ElementTree as ET
 
 import pandas as pd
@@ -104,3 +105,21 @@ def test_csp_viz_commands_draw_from_a_results_store(quick_demo, tmp_path):
         assert r.exit_code == 2 and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = runner.invoke(app, ["viz", "frontier", str(tmp_path / "empty")])
     assert r.exit_code == 2 and "no circuits stored" in r.stderr
+
+
+def test_training_progress_counts_the_steps_each_run_has_checkpointed(tmp_path):
+    from cluster import storage
+    from jobs import sweep
+
+    sw = storage.resolve(str(tmp_path / "sweep"))
+    pts = [{"pfrac": 0.5, "ef": 1.0}, {"pfrac": 1.0, "ef": 1.0}]
+    storage.write_json(sw.join("runs", sweep.trial_name(pts[0]), "checkpoints", "latest.json"), {"path": "step-00000300", "step": 300})
+    seen = []
+    with demo_lib._watch_steps(sw, pts, 900, lambda done, total: seen.append((done, total)), every=0.01):
+        while not seen:
+            time.sleep(0.005)
+        storage.write_json(sw.join("runs", sweep.trial_name(pts[1]), "checkpoints", "latest.json"), {"path": "step-00000900", "step": 900})
+        while seen[-1][0] < 1200:
+            time.sleep(0.005)
+    assert seen[0] == (300, 1800) and seen[-1] == (1200, 1800)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
