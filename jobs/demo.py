@@ -76,11 +76,12 @@ def full_plan() -> Plan:
 
 
 def quick_plan() -> Plan:
-    """Minutes: every stage runs, on models too small to learn much. The target is loose and
-    chance pairs are pruned anyway, so circuits (and diagrams) exist to check the plumbing."""
+    """Minutes: every stage runs, on models too small to learn much — two of them (a sparse
+    d_model 64 and a dense d_model 32, so two widths), trained at once. The target is loose
+    and chance pairs are pruned anyway, so circuits (and diagrams) exist to check the plumbing."""
     base = ModelConfig(block_size=64, n_layer=2, d_model=32, n_head=2, d_head=16, d_mlp=128, afrac=0.25)
     return Plan(
-        name="quick", n_ctx=64, base=base, pfracs=(0.5,), efs=(1.0, 2.0), dense_ef=1.0,
+        name="quick", n_ctx=64, base=base, pfracs=(0.5,), efs=(2.0,), dense_ef=1.0,
         train=TrainConfig(steps=40, batch_size=8, eval_every=20, ckpt_every=20, eval_batches=2),
         prune=PruneConfig(target=1.5, steps=10, n_train=8, n_select=8, n_test=16),
         lr_dense=1e-2,
