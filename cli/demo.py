@@ -42,3 +42,5 @@ def demo(
         result = demo_lib.run(out, quick=quick, address=address, log=typer.echo, shard_progress=shard_progress,
                                   prune_progress=prune_progress, train_progress=train_progress)
     typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s; open {result['report']}")
+    if result["report"].startswith("s3://"):  # a browser cannot open s3:// URIs; the links inside are relative
+        typer.echo(f"  (copy it down first, e.g. `aws s3 sync {result['out']} ./csp-demo` and open csp-demo/report.html)")

@@ -39,6 +39,7 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
         kwargs["runtime_env"] = worker_runtime_env()
     elif os.environ.get("RAY_ADDRESS"):  # inside a Ray job: join its cluster, keep the job's runtime env
         address = os.environ["RAY_ADDRESS"]
+    if address:
         _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
@@ -47,6 +48,7 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
             raise RayConnectError(f"cannot connect to Ray at {address!r} ({msg}); start one with `csp cluster up` or drop --address") from None
         return
     ray.init(
+        address="local",  # a new in-process Ray even when `csp cluster up` runs one on this machine
         num_cpus=num_cpus or os.cpu_count() or 1,
         num_gpus=num_gpus,
         include_dashboard=False,

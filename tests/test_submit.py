@@ -63,3 +63,27 @@ def test_jobs_commands_fail_clearly(head):
     assert r.exit_code == 2 and "no job 'no-such-job'" in r.stderr
     r = runner.invoke(app, ["submit", "--address", "http://127.0.0.1:1", "--", "csp", "--help"])
     assert r.exit_code == 2 and "cannot reach Ray" in r.stderr
+
+
+def test_a_command_given_address_runs_on_that_cluster(head, tmp_path):
+    """`--address HOST:PORT` joins the running head (here a separate `ray start --head`),
+    in a fresh process, as a user's shell would."""
+    import json
+    import subprocess
+    import sys
+    import sysconfig
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(os.path.join(sysconfig.get_paths()["stdlib"], "json"), corpus)
+    out = tmp_path / "data"
+    csp = os.path.join(os.path.dirname(sys.executable), "csp")
+    p = subprocess.run([csp, "data", "prepare", "--corpus", str(corpus), "--out", str(out), "--n-ctx", "64",
+                        "--address", head["address"]], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest and any(out.glob("train/*.parquet"))
+    from ray.util.state import list_jobs
+
+    drivers = [j for j in list_jobs(address=head["dashboard"]) if j.type == "DRIVER"]
+    assert any("data prepare" in (j.entrypoint or "") for j in drivers), [j.entrypoint for j in drivers]
