@@ -51,7 +51,7 @@ class Plan:
     notes: tuple[str, ...] = ()
 
     def lr(self, pfrac: float, ef: float) -> float:
-        return float(f"{self.lr_dense / math.sqrt(min(1.0, pfrac / (ef * ef))):.3g}")
+        return float(f"{self.lr_dense / math.sqrt(viz.density(pfrac, ef)):.3g}")
 
     def points(self) -> list[dict]:
         grid = [{"pfrac": p, "ef": e} for e in self.efs for p in self.pfracs]
@@ -127,7 +127,7 @@ def model_summary(sweep_uri: str, results_uri: str):
         ef = float(t.ef)
         rows.append({
             "model_id": c["model_id"].iloc[0] if len(c) else None, "trial": t.trial, "pfrac": t.pfrac, "ef": ef,
-            "d_model": t.d_model, "density": min(1.0, t.pfrac / (ef * ef)), "nonzeros": t.nonzeros, "steps": t.steps,
+            "d_model": t.d_model, "density": viz.density(t.pfrac, ef), "nonzeros": t.nonzeros, "steps": t.steps,
             "val_loss": t.val_loss, "tasks_above_chance": int((c["status"] != "chance").sum()) if len(c) else 0,
             "tasks_with_circuit": int((c["status"] == "ok").sum()) if len(c) else 0,
             "geomean_edges": float(f["geomean_edges"].iloc[0]) if len(f) else math.nan,

@@ -21,6 +21,7 @@ import torch
 
 from cluster import checkpoints, data, storage
 from jobs import results
+from sparsity.config import SparsityConfig
 from sparsity.errors import CspError
 
 RESID_LOCS = ("attn.act_in", "attn.resid_delta", "mlp.act_in", "mlp.resid_delta")
@@ -45,10 +46,14 @@ class VizError(CspError):
 
 # ---------------------------------------------------------------- frontier
 
+def density(pfrac: float, ef: float) -> float:
+    """Weight density of every block matrix of a model (``SparsityConfig.l0frac``)."""
+    return SparsityConfig(pfrac=float(pfrac), ef=float(ef)).l0frac
+
+
 def model_label(pfrac: float, ef: float) -> str:
     """'pfrac 1/8 · ef 2', or 'dense · ef 1' when every matrix is dense at that width."""
-    dense = pfrac >= ef * ef - 1e-9
-    p = "dense" if dense else (f"pfrac 1/{round(1 / pfrac)}" if pfrac < 1 and abs(1 / pfrac - round(1 / pfrac)) < 1e-6 else f"pfrac {pfrac:g}")
+    p = "dense" if density(pfrac, ef) >= 1 else (f"pfrac 1/{round(1 / pfrac)}" if pfrac < 1 and abs(1 / pfrac - round(1 / pfrac)) < 1e-6 else f"pfrac {pfrac:g}")
     return f"{p} · ef {ef:g}"
 
 
@@ -71,8 +76,9 @@ def plot_frontier(results_uri: str, out_uri: str | None = None) -> list[str]:
     for i, ef in enumerate(efs):
         g = plotted[plotted["ef"] == ef].sort_values("pfrac")
         color = cmap(0.15 + 0.7 * i / max(1, len(efs) - 1))
-        sparse = g[g["pfrac"] < g["ef"] ** 2 - 1e-9]
-        dense = g[g["pfrac"] >= g["ef"] ** 2 - 1e-9]
+        is_dense = [density(p, e) >= 1 for p, e in zip(g["pfrac"], g["ef"], strict=True)]
+        sparse = g[[not d for d in is_dense]]
+        dense = g[is_dense]
         if len(sparse) > 1:
             ax.plot(sparse[col], sparse["val_loss"], "-", color=color, alpha=0.5, lw=1)
         ax.scatter(sparse[col], sparse["val_loss"], s=60, color=color, edgecolor="black", lw=0.5, label=f"ef {ef:g} (d_model ×{ef:g})", zorder=3)
