@@ -1,6 +1,6 @@
 """Sparse vs dense training step on CPU (or CUDA); prints one JSON object.
 
-    python benchmarks/train_step.py [--steps 8] [--device cpu] [--pfrac 0.0625]
+    python benchmarks/train_step.py [--steps 8] [--device cpu] [--pfrac 0.0625] [--optimizer muon]
 
 Shape: d_model 256, 4 layers, ctx 256, batch 16 (DESIGN.md's CPU sizing). Both models have
 the same shape and AbsTopK; the sparse one also projects every matrix to its top-k after
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--pfrac", type=float, default=1 / 16)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--optimizer", default="adam", choices=["adam", "muon"], help="the optimizer both models step with")
     ap.add_argument("--afrac", type=float, default=0.25, help="AbsTopK fraction at all 8 locations (0 = off)")
     args = ap.parse_args()
     dev = resolve_device(args.device)
@@ -44,7 +45,7 @@ def main() -> None:
 
     runs = {}
     for name, pfrac in (("sparse", args.pfrac), ("dense", 1.0)):
-        cfg = RunConfig(model=mcfg, sparsity=SparsityConfig(pfrac=pfrac), train=TrainConfig(steps=steps_total))
+        cfg = RunConfig(model=mcfg, sparsity=SparsityConfig(pfrac=pfrac), train=TrainConfig(steps=steps_total, optimizer=args.optimizer))
         torch.manual_seed(0)
         model = GPT(mcfg).to(dev)
         opt = make_optimizer(model, cfg)
@@ -75,13 +76,13 @@ def main() -> None:
             one_step(name, step + i)
     tokens = args.batch * mcfg.block_size
     out = {"device": str(dev), "threads": torch.get_num_threads(), "shape": f"d_model 256 × 4 layers, ctx 256, batch {args.batch}",
-           "pfrac": args.pfrac, "afrac": args.afrac}
+           "pfrac": args.pfrac, "afrac": args.afrac, "optimizer": args.optimizer}
     for name, (_, _, sp, t) in runs.items():
         ms = statistics.median(t["step"][2:]) * 1e3
         proj = statistics.median(t["project"][2:]) * 1e3
         nz = sum(sp.nonzeros().values())
         compute = statistics.median([a - b for a, b in zip(t["step"][2:], t["project"][2:], strict=True)]) * 1e3
-        out[name] = {"ms_per_step": round(ms, 1), "fwd_bwd_adam_ms": round(compute, 1), "tokens_per_s": round(tokens / ms * 1e3), "projection_ms": round(proj, 2),
+        out[name] = {"ms_per_step": round(ms, 1), "fwd_bwd_optimizer_ms": round(compute, 1), "tokens_per_s": round(tokens / ms * 1e3), "projection_ms": round(proj, 2),
                      "projection_share": round(proj / ms, 4), "nonzero_weights": nz}
     out["sparse_over_dense_step_ratio"] = round(out["sparse"]["ms_per_step"] / out["dense"]["ms_per_step"], 3)
     print(json.dumps(out, indent=2))

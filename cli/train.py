@@ -21,6 +21,7 @@ def train(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = TrainConfig.steps,
     batch: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = TrainConfig.batch_size,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
+    optimizer: Annotated[str, typer.Option(help="adam (the paper's recipe) or muon (Muon on the block matrices, Adam on the rest).")] = TrainConfig.optimizer,
     n_layer: Annotated[int, typer.Option(help="Transformer blocks.")] = ModelConfig.n_layer,
     d_model: Annotated[int, typer.Option(help="Base residual width (before ef).")] = ModelConfig.d_model,
     n_head: Annotated[int, typer.Option(help="Base attention heads (before ef).")] = ModelConfig.n_head,
@@ -47,7 +48,7 @@ def train(
     cfg = RunConfig(
         model=base.scaled(ef, ef_mlp),
         sparsity=SparsityConfig(pfrac=pfrac, ef=ef, ef_mlp=ef_mlp),
-        train=TrainConfig(steps=steps, batch_size=batch, lr=lr, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every),
+        train=TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer=optimizer, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every),
     )
     if workers < 1:
         raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")

@@ -134,6 +134,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 32  # sequences per optimizer step
     micro_batches: int = 1  # gradient accumulation: batch_size must divide evenly
+    optimizer: str = "adam"  # "adam" (the paper's) or "muon" (Muon on block matrices; sparsity/optim.py)
     lr: float = 3e-2  # best of {3e-3, 1e-2, 3e-2, 1e-1} for dense and 1/8-dense d64 models in 300 steps here
     beta1: float = 0.9
     beta2: float = 0.95
@@ -155,6 +156,7 @@ class TrainConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, name, v, "must be an integer ≥ 0")
         _check(self.batch_size % self.micro_batches == 0, "micro_batches", self.micro_batches, f"must divide batch_size={self.batch_size}")
+        _check(self.optimizer in ("adam", "muon"), "optimizer", self.optimizer, "must be 'adam' or 'muon'")
         _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be > 0")
         _check(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")

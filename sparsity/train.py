@@ -23,6 +23,7 @@ import torch
 from sparsity import checkpoint as ckpt_lib
 from sparsity.config import RunConfig
 from sparsity.model import GPT
+from sparsity.optim import Muon, Optimizers
 from sparsity.schedule import l0_at, lr_at
 from sparsity.topk import WeightSparsifier
 
@@ -56,15 +57,25 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def make_optimizer(model: GPT, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on 2-D weights only (not biases, norms, sink,
-    or the dense bigram table)."""
+def make_optimizer(model: GPT, cfg: RunConfig) -> torch.optim.Optimizer | Optimizers:
+    """``adam``: AdamW on everything, decoupled weight decay on 2-D weights only (not biases,
+    norms, sink, or the dense bigram table). ``muon``: Muon on the matrices inside the
+    blocks (the fused q/k/v in three parts), AdamW as above on the rest."""
     tc = cfg.train
-    decay, no_decay = [], []
+    muon, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and name != "bigram_table" else no_decay).append(p)
+        if tc.optimizer == "muon" and p.dim() == 2 and name.startswith("transformer.h."):
+            muon.append((name, p))
+        else:
+            (decay if p.dim() >= 2 and name != "bigram_table" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=True)
+    adam = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=True)
+    if not muon:
+        return adam
+    fused = [p for n, p in muon if n.endswith("attn.c_attn.weight")]
+    other = [p for n, p in muon if not n.endswith("attn.c_attn.weight")]
+    matrices = Muon([{"params": fused, "parts": 3}, {"params": other}], lr=tc.lr, weight_decay=tc.weight_decay)
+    return Optimizers(adam=adam, muon=matrices)
 
 
 @torch.no_grad()

@@ -86,7 +86,8 @@ def test_bad_sparsity_configs(kw, fragment):
 
 
 @pytest.mark.parametrize("kw, fragment", [({"steps": 0}, "steps"), ({"batch_size": 10, "micro_batches": 3}, "micro_batches"),
-                                          ({"lr": -1.0}, "lr"), ({"warmup_frac": 1.0}, "warmup_frac")])
+                                          ({"lr": -1.0}, "lr"), ({"warmup_frac": 1.0}, "warmup_frac"),
+                                          ({"optimizer": "sgd"}, "optimizer")])
 def test_bad_train_configs(kw, fragment):
     with pytest.raises(ConfigError, match=fragment):
         TrainConfig(**kw)
