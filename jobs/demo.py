@@ -62,14 +62,17 @@ class Plan:
 
 
 def full_plan() -> Plan:
-    """18 minutes on 2 CPU cores (measured: data 11 s, training 779 s, pruning 255 s, figures 25 s;
-    README, "The demo, step by step")."""
+    """17 minutes on 2 CPU cores (measured: data 9 s, training 643 s, pruning 309 s, figures
+    46 s; README, "The demo, step by step"). pfrac is relative to the dense d_model-64 base, so the grid is dense and 1/2 at
+    d_model 64 and 1/4 and 1/8 at d_model 128 — at ef 2, pfrac 1 has the base's nonzeros
+    spread over 4× larger matrices. Muon on the block matrices: Adam needs about twice the
+    tokens for the same loss (sparsity/optim.py)."""
     base = ModelConfig(block_size=128, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, afrac=None)
     return Plan(
-        name="demo", n_ctx=128, base=base, pfracs=(0.5, 0.25), efs=(1.0, 2.0), dense_ef=2.0,
-        train=TrainConfig(steps=900, batch_size=16, eval_every=300, ckpt_every=300),
-        prune=PruneConfig(steps=80, n_train=32, n_select=48, n_test=64),
-        lr_dense=3e-3,
+        name="demo", n_ctx=128, base=base, pfracs=(1.0, 0.5), efs=(1.0, 2.0), dense_ef=2.0,
+        train=TrainConfig(steps=700, batch_size=16, optimizer="muon", eval_every=350, ckpt_every=175),
+        prune=PruneConfig(steps=60, n_train=32, n_select=48, n_test=64),
+        lr_dense=1e-2,
         notes=("activation sparsity (AbsTopK) is off in the demo: it costs ~40% of a CPU step; "
                "`csp sweep` and `csp train` keep it on by default",),
     )
@@ -82,7 +85,7 @@ def quick_plan() -> Plan:
     base = ModelConfig(block_size=64, n_layer=2, d_model=32, n_head=2, d_head=16, d_mlp=128, afrac=0.25)
     return Plan(
         name="quick", n_ctx=64, base=base, pfracs=(0.5,), efs=(2.0,), dense_ef=1.0,
-        train=TrainConfig(steps=40, batch_size=8, eval_every=20, ckpt_every=20, eval_batches=2),
+        train=TrainConfig(steps=40, batch_size=8, optimizer="muon", eval_every=20, ckpt_every=20, eval_batches=2),
         prune=PruneConfig(target=1.5, steps=10, n_train=8, n_select=8, n_test=16),
         lr_dense=1e-2,
         skip_chance=False,
@@ -180,7 +183,7 @@ def run(out_uri: str, quick: bool = False, address: str | None = None,
     sw = root.join("sweep")
     pts = plan.points()
     log(f"[2/5] training {len(pts)} models with Ray Tune (pfrac {{{_vals(plan.pfracs)}}} × ef {{{_vals(plan.efs)}}} + a dense baseline at ef {plan.dense_ef:g}; "
-        f"base d_model {plan.base.d_model} × {plan.base.n_layer} layers, {plan.train.steps} steps of {plan.train.batch_size}×{plan.n_ctx} tokens) → {sw.uri}")
+        f"base d_model {plan.base.d_model} × {plan.base.n_layer} layers, {plan.train.steps} {plan.train.optimizer} steps of {plan.train.batch_size}×{plan.n_ctx} tokens) → {sw.uri}")
     with _watch_steps(sw, pts, plan.train.steps, train_progress):
         trials = sweep.run_sweep(ds.uri, sw.uri, None, plan.base, plan.train, workers_per_trial=1, extra_points=pts)
     timings["train"] = time.monotonic() - t0
