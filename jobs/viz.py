@@ -75,13 +75,15 @@ def plot_frontier(results_uri: str, out_uri: str | None = None) -> list[str]:
     efs = sorted(f["ef"].unique())
     for i, ef in enumerate(efs):
         g = plotted[plotted["ef"] == ef].sort_values("pfrac")
+        if g.empty:  # this width's models have no circuits: named in the title instead
+            continue
         color = cmap(0.15 + 0.7 * i / max(1, len(efs) - 1))
-        is_dense = [density(p, e) >= 1 for p, e in zip(g["pfrac"], g["ef"], strict=True)]
-        sparse = g[[not d for d in is_dense]]
-        dense = g[is_dense]
+        is_dense = g["pfrac"].combine(g["ef"], lambda p, e: density(p, e) >= 1).astype(bool)
+        sparse, dense = g[~is_dense], g[is_dense]
         if len(sparse) > 1:
             ax.plot(sparse[col], sparse["val_loss"], "-", color=color, alpha=0.5, lw=1)
-        ax.scatter(sparse[col], sparse["val_loss"], s=60, color=color, edgecolor="black", lw=0.5, label=f"ef {ef:g} (d_model ×{ef:g})", zorder=3)
+        if len(sparse):
+            ax.scatter(sparse[col], sparse["val_loss"], s=60, color=color, edgecolor="black", lw=0.5, label=f"ef {ef:g} (d_model ×{ef:g})", zorder=3)
         if len(dense):
             ax.scatter(dense[col], dense["val_loss"], s=70, marker="s", color=color, edgecolor="black", lw=0.5, label=f"dense, ef {ef:g}", zorder=3)
         for _, r in g.iterrows():

@@ -93,6 +93,20 @@ def test_frontier_plot_writes_png_and_svg_and_uses_tasks_every_model_solved(tmp_
     assert ET.fromstring(text.encode()).tag == SVG + "svg" and "pfrac 1/4" in text and "dense" in text
 
 
+def test_frontier_plot_skips_a_width_whose_models_have_no_circuit(tmp_path):
+    """A dense model at the other width with no circuit (here: at chance) is left off the plot
+    and counted in its title, instead of breaking the plot (found by `csp demo --quick`)."""
+    uri = str(tmp_path / "res")
+    nodes = [(0, "attn.act_in", 0)]
+    edges = [{"src": (0, "attn.act_in", 0), "dst": (0, "attn.q", 0), "kind": "attn.q", "weight": 0.5}]
+    results.write_result(uri, {**META, "model_id": "a", "pfrac": 0.5, "ef": 2.0, "val_loss": 3.0}, "if_equals",
+                         Circuit("if_equals", nodes, edges, {"status": "ok"}))
+    results.write_result(uri, {**META, "model_id": "d", "pfrac": 1.0, "ef": 1.0, "val_loss": 3.5}, "if_equals", None, status="chance")
+    png, svg = viz.plot_frontier(uri, str(tmp_path / "figs"))
+    text = open(svg).read()
+    assert "1 model(s) without circuits not shown" in text and "pfrac 1/2" in text and "ef 1 (d_model" not in text
+
+
 def test_frontier_plot_of_an_empty_store_is_a_clear_error(tmp_path):
     with pytest.raises(viz.VizError, match="no circuits stored"):
         viz.plot_frontier(str(tmp_path / "nothing"))
