@@ -63,10 +63,12 @@ class Plan:
 
 def full_plan() -> Plan:
     """17 minutes on 2 CPU cores (measured: data 9 s, training 643 s, pruning 309 s, figures
-    46 s; README, "The demo, step by step"). pfrac is relative to the dense d_model-64 base, so the grid is dense and 1/2 at
-    d_model 64 and 1/4 and 1/8 at d_model 128 — at ef 2, pfrac 1 has the base's nonzeros
-    spread over 4× larger matrices. Muon on the block matrices: Adam needs about twice the
-    tokens for the same loss (sparsity/optim.py)."""
+    46 s; README, "The demo, step by step").
+
+    pfrac is relative to the dense d_model-64 base, so the grid is dense and 1/2 at d_model
+    64 and 1/4 and 1/8 at d_model 128 — at ef 2, pfrac 1 has the base's nonzeros spread over
+    4× larger matrices. Muon on the block matrices: Adam needs about twice the tokens for
+    the same loss (sparsity/optim.py)."""
     base = ModelConfig(block_size=128, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, afrac=None)
     return Plan(
         name="demo", n_ctx=128, base=base, pfracs=(1.0, 0.5), efs=(1.0, 2.0), dense_ef=2.0,

@@ -26,7 +26,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalise(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """≈ U·Vᵀ of g = U·S·Vᵀ (singular values pushed into roughly [0.7, 1.2]); batched over
+    """≈ U·Vᵀ of g = U·S·Vᵀ (singular values pushed into roughly [0.5, 1.3]); batched over
     leading dims. bfloat16 on CUDA, float32 elsewhere."""
     a, b, c = NS_COEFFS
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
