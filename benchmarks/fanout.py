@@ -50,11 +50,11 @@ def main() -> None:
             storage.write_json(os.path.join(run, "run.json"), {"config": cfg.to_dict(), "data": ds})
             runs.append(run)
         names = list(REGISTRY)[: max(1, args.pairs // 2)]
-        pcfg = PruneConfig(steps=60)
+        pcfg = PruneConfig(steps=60, prune_anyway=True)  # random models: prune anyway
         for inflight in (1, 2):
             res = os.path.join(tmp, f"res{inflight}")
             t0 = time.perf_counter()
-            c = fanout.fanout(runs, names, res, pcfg, max_in_flight=inflight, skip_chance=False)  # random models: prune anyway
+            c = fanout.fanout(runs, names, res, pcfg, max_in_flight=inflight)
             dt = time.perf_counter() - t0
             out[f"{inflight}_worker"] = {"pairs": c["pruned"], "seconds": round(dt, 1), "pairs_per_min": round(c["pruned"] / dt * 60, 2)}
         out["speedup_2_vs_1"] = round(out["2_worker"]["pairs_per_min"] / out["1_worker"]["pairs_per_min"], 2)
@@ -65,7 +65,7 @@ def main() -> None:
         for task in list(REGISTRY)[:5]:
             for m in range(20):
                 results.write_result(store, {"model_id": f"bench{m}", "checkpoint_fingerprint": str(m)}, task,
-                                     Circuit(task, [(0, "attn.q", 0)], edges, {"status": "ok"}))
+                                     Circuit(task, [(0, "attn.q", 0)], edges, {"status": "ok", "sufficiency_loss": 0.1}), cfg=pcfg)
         t0 = time.perf_counter()
         df = results.edges(store, task="single_double_quote")
         one = time.perf_counter() - t0

@@ -11,6 +11,7 @@ clean and the corrupt batch of the train pairs).
 from __future__ import annotations
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -49,26 +50,28 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     mu = prune_lib.node_means(model, pretrain, dev)
-    gates = prune_lib.Gates(model, mu, cfg.surrogate_temp)
-    b = encode(task, tok, cfg.n_train, TRAIN_SEED, 128)
-    opt = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
-    c, x, t, a = b.clean.to(dev), b.corrupt.to(dev), b.target.to(dev), b.alt.to(dev)
+    gates = prune_lib.Gates(model, mu, cfg.surrogate_temp, cfg.init)
+    b = encode(task, tok, cfg.batch_pairs, TRAIN_SEED, 128)
+    opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr)
+    tokens, last = prune_lib._joint(b)
+    tokens, last, t, a = tokens.to(dev), last.to(dev), b.target.to(dev), b.alt.to(dev)
     n_passes = 30
     t0 = time.perf_counter()
     for _ in range(n_passes):
         with gates.active():
-            loss = pair_loss(model(c, last_only=True)[:, -1], model(x, last_only=True)[:, -1], t, a).mean() + cfg.k_coef * gates.l0()
+            lc, lx = prune_lib._split(model(tokens, at=last))
+            loss = pair_loss(lc, lx, t, a).mean() + cfg.k_coef * gates.l0()
         opt.zero_grad()
         loss.backward()
         opt.step()
     passes_per_s = n_passes / (time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    circuit = prune_lib.prune(model, task, tok, cfg, pretrain, device=dev)
+    circuit = prune_lib.prune(model, task, tok, dataclasses.replace(cfg, prune_anyway=True), pretrain, device=dev)
     pair_s = time.perf_counter() - t0
     print(json.dumps({
         "device": str(dev), "threads": torch.get_num_threads(), "model": "d_model 128 × 2 layers, ctx 128",
-        "task": task.name, "prompt_tokens": int(b.clean.shape[1]), "train_pairs": cfg.n_train, "mask_steps": cfg.steps,
+        "task": task.name, "prompt_tokens": int(tokens.shape[1]), "batch_pairs": cfg.batch_pairs, "mask_steps": cfg.steps,
         "seconds_per_pair": round(pair_s, 2), "mask_training_fwd_bwd_per_s": round(passes_per_s, 2),
         "nodes_total": circuit.metrics["nodes_total"],
     }, indent=2))

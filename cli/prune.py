@@ -15,36 +15,46 @@ def prune(
     ckpt: Annotated[list[str], typer.Argument(help="Run, checkpoint or sweep directories (path or s3://); a sweep means every trial's final checkpoint.")],
     out: Annotated[str, typer.Option(help="Results URI: circuits, circuit_nodes, circuit_edges go under it.")],
     task: Annotated[list[str] | None, typer.Option(help="Task to prune for (repeatable; default: all 20).")] = None,
-    target: Annotated[float, typer.Option(help="Largest held-out task loss a circuit may have.")] = PruneConfig.target,
+    target: Annotated[float, typer.Option(help="Largest held-out task loss a circuit may have, on the reference's summed two-sided scale (chance 1.386).")] = PruneConfig.target,
     ablation: Annotated[str, typer.Option(help=f"How pruned nodes are replaced: {', '.join(ABLATIONS)}.")] = PruneConfig.ablation,
-    seed: Annotated[int, typer.Option(help="Seed of the mask training.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of τ-init noise, pair batches and resample draws.")] = 0,
     steps: Annotated[int, typer.Option(help="Mask-training steps.")] = PruneConfig.steps,
     k_coef: Annotated[float, typer.Option(help="Weight of the node-count penalty.")] = PruneConfig.k_coef,
     calibrate: Annotated[bool, typer.Option(help="Fit a scale and shift of the answer logits per circuit.")] = False,
+    prune_anyway: Annotated[bool, typer.Option(help="Prune even where the full model misses the target (the row keeps its verdict in full_misses_target).")] = False,
+    controls: Annotated[bool, typer.Option(help="Also run the faithfulness controls of every solved task: random-init model, nonsense task, other ablations, two more seeds.")] = False,
     data: Annotated[str | None, typer.Option(help="Pretraining data for node means (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     address: Annotated[str | None, typer.Option(help="Ray cluster for the fan-out (default: in-process Ray when there are several checkpoints).")] = None,
 ) -> None:
     """Prune a checkpoint to its smallest circuit per task and store every result."""
-    cfg = PruneConfig(target=target, ablation=ablation, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate)
+    cfg = PruneConfig(target=target, ablation=ablation, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
+                      prune_anyway=prune_anyway)
 
     def show(name: str, r: dict) -> None:
-        if r["status"] in ("chance", "failed"):
-            extra = f"held-out accuracy {r['full_accuracy']:.2f}, loss {r['full_loss']:.3f}" if r["status"] == "chance" else r["error"]
-            typer.echo(f"{name:<28} {r['status']:<18} {extra}")
+        if r.get("already_stored"):
+            typer.echo(f"{name:<28} {r['status']:<19} already stored with this config (nothing done)")
+            return
+        if r["status"] in ("chance", "model_misses_target", "failed"):
+            extra = f"full model: held-out accuracy {r['full_accuracy']:.2f}, loss {r['full_loss']:.3f}" if r["status"] != "failed" else r["error"]
+            typer.echo(f"{name:<28} {r['status']:<19} {extra}")
             return
         layers = " ".join(f"L{layer}:" + ",".join(f"{loc}={c}" for loc, c in locs.items()) for layer, locs in r["nodes_by_layer"].items())
         flag = "  (full model misses the target)" if r["full_misses_target"] else ""
-        typer.echo(f"{name:<28} {r['status']:<18} nodes {r['n_nodes']:>4}  edges {r['n_edges']:>5}  "
-                   f"full {r['full_loss']:.3f}  sufficiency {r['sufficiency_loss']:.3f}  necessity {r['necessity_loss']:.3f}{flag}")
+        rnd = r.get("necessity_random_loss")
+        typer.echo(f"{name:<28} {r['status']:<19} nodes {r['n_nodes']:>4}  edges {r['n_edges']:>5}  "
+                   f"full {r['full_loss']:.3f}  sufficiency {r['sufficiency_loss']:.3f}  necessity {r['necessity_loss']:.3f}"
+                   f"{f' (random {rnd:.3f})' if rnd is not None else ''}{flag}")
         if layers:
             typer.echo(f"{'':<28}   {layers}")
 
     single = len(ckpt) == 1 and address is None and not storage.exists(storage.resolve(ckpt[0]).join("summary.parquet"))
     if single:
-        rows = prune_job.prune_checkpoint(ckpt[0], task, out, cfg, data_uri=data, device=device, progress=show)
-        done = sum(r["status"] == "ok" for r in rows)
-        typer.echo(f"{done} circuits meet the target, {len(rows) - done} verdicts → {out}")
+        rows = prune_job.prune_checkpoint(ckpt[0], task, out, cfg, data_uri=data, device=device, progress=show, controls=controls)
+        real = [r for r in rows if r.get("control") is None]
+        done = sum(r["status"] == "ok" for r in real)
+        typer.echo(f"{done} verified circuits, {len(real) - done} other verdicts"
+                   + (f", {len(rows) - len(real)} control runs" if controls else "") + f" → {out}")
         return
     from cluster import runtime
     from jobs import fanout
@@ -52,7 +62,7 @@ def prune(
     runtime.init(address=address)
 
     def tick(done: int, total: int, row: dict) -> None:
-        typer.echo(f"[{done}/{total}] {row['task']}: {row['status']}")
+        typer.echo(f"[{done}/{total}] {row['task']}{' [' + row['control'] + ']' if row.get('control') else ''}: {row['status']}")
 
-    counts = fanout.fanout(ckpt, task, out, cfg, data_uri=data, progress=tick)
+    counts = fanout.fanout(ckpt, task, out, cfg, data_uri=data, progress=tick, controls=controls)
     typer.echo(f"{counts['pairs']} pairs: {counts['pruned']} pruned, {counts['skipped']} already stored, {counts['failed']} failed → {out}")

@@ -32,17 +32,32 @@ def circuits(
     where: Annotated[str | None, typer.Option(help="A pandas query on the rows, e.g. 'n_edges < 100 and status == \"ok\"'.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     all_columns: Annotated[bool, typer.Option("--all-columns", help="Every column, not the summary ones.")] = False,
+    all_rows: Annotated[bool, typer.Option("--all", help="Every row: unverified circuits, verdicts and controls too (default: verified circuits only).")] = False,
 ) -> None:
-    """One row per (checkpoint, task)."""
+    """Verified circuits, one row per (checkpoint, task, pruning config); --all for every row."""
     df = results_lib.circuits(uri, task=task, model=model)
+    if not all_rows:
+        df = results_lib.verified(df)
     if where:
         try:
             df = df.query(where)
         except Exception as e:  # pandas raises many types for a bad expression
             raise typer.BadParameter(f"--where {where!r}: {type(e).__name__}: {e}") from None
     if not all_columns:
-        df = df[["model_id", "task", "status", "k", "n_nodes", "n_edges", "full_loss", "sufficiency_loss", "necessity_loss", "pfrac", "ef"]]
+        df = df[["model_id", "task", "control", "status", "n_nodes", "n_edges", "full_loss", "sufficiency_loss", "necessity_loss",
+                 "necessity_random_loss", "ablation", "prune_key", "pfrac", "ef"]]
     _emit(df, fmt)
+
+
+@app.command()
+def controls(
+    uri: Annotated[str, typer.Argument(help="Results URI.")],
+    task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """Faithfulness controls beside the circuits they check (random-init model and nonsense
+    task must not verify; seed and ablation variants with their node-set Jaccard overlap)."""
+    _emit(results_lib.controls(uri, task=task), fmt)
 
 
 @app.command()

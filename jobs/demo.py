@@ -28,6 +28,7 @@ import pyarrow as pa
 from cluster import data, runtime, storage
 from jobs import fanout as fanout_lib
 from jobs import results, sweep, viz
+from jobs.prune import solved
 from sparsity import tasks as task_lib
 from sparsity.config import ModelConfig, TrainConfig
 from sparsity.prune import PruneConfig
@@ -47,7 +48,7 @@ class Plan:
     train: TrainConfig
     prune: PruneConfig
     lr_dense: float  # lr of a dense model; a model at density d trains at lr_dense / sqrt(d)
-    skip_chance: bool = True
+    controls: tuple[str, ...] = ("single_double_quote",)  # tasks whose solved pairs get the faithfulness controls
     notes: tuple[str, ...] = ()
 
     def lr(self, pfrac: float, ef: float) -> float:
@@ -88,11 +89,10 @@ def quick_plan() -> Plan:
     return Plan(
         name="quick", n_ctx=64, base=base, pfracs=(0.5,), efs=(2.0,), dense_ef=1.0,
         train=TrainConfig(steps=40, batch_size=8, optimizer="muon", eval_every=20, ckpt_every=20, eval_batches=2),
-        prune=PruneConfig(target=1.5, steps=10, n_train=8, n_select=8, n_test=16),
+        prune=PruneConfig(target=3.0, steps=10, batch_pairs=8, n_train=16, n_select=8, n_test=16, prune_anyway=True),
         lr_dense=1e-2,
-        skip_chance=False,
         notes=("--quick checks the plumbing: tiny models that solve nothing, pruned to a loose target "
-               "(task loss 1.5; chance is ~0.69) with chance pairs pruned anyway, so every stage has something to do",),
+               "(task loss 3.0; chance is 1.386) with every pair pruned anyway, so every stage has something to do",),
     )
 
 
@@ -106,7 +106,7 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("nonzeros", pa.int64()),
     pa.field("steps", pa.int64()),
     pa.field("val_loss", pa.float64()),
-    pa.field("tasks_above_chance", pa.int64()),
+    pa.field("tasks_solved", pa.int64()),
     pa.field("tasks_with_circuit", pa.int64()),
     pa.field("geomean_edges", pa.float64()),
     pa.field("geomean_edges_common", pa.float64()),
@@ -125,7 +125,7 @@ def model_summary(sweep_uri: str, results_uri: str):
     front = results.frontier(results_uri)
     rows = []
     for t in trials.itertuples():
-        c = circ[circ["checkpoint_uri"] == t.checkpoint_uri]
+        c = circ[(circ["checkpoint_uri"] == t.checkpoint_uri) & circ["control"].isna()]
         f = front[front["model_id"].isin(c["model_id"])] if len(c) else front.iloc[0:0]
         quote = c[c["task"] == "single_double_quote"]
         q_ok = quote[quote["status"] == "ok"]
@@ -133,7 +133,7 @@ def model_summary(sweep_uri: str, results_uri: str):
         rows.append({
             "model_id": c["model_id"].iloc[0] if len(c) else None, "trial": t.trial, "pfrac": t.pfrac, "ef": ef,
             "d_model": t.d_model, "density": viz.density(t.pfrac, ef), "nonzeros": t.nonzeros, "steps": t.steps,
-            "val_loss": t.val_loss, "tasks_above_chance": int((c["status"] != "chance").sum()) if len(c) else 0,
+            "val_loss": t.val_loss, "tasks_solved": int(c["status"].map(solved).sum()) if len(c) else 0,
             "tasks_with_circuit": int((c["status"] == "ok").sum()) if len(c) else 0,
             "geomean_edges": float(f["geomean_edges"].iloc[0]) if len(f) else math.nan,
             "geomean_edges_common": float(f["geomean_edges_common"].iloc[0]) if len(f) else math.nan,
@@ -150,9 +150,15 @@ def format_summary(df) -> str:
     show = df.assign(
         model=[viz.model_label(p, e) for p, e in zip(df["pfrac"], df["ef"], strict=True)],
         density=[f"1/{round(1 / d)}" if d < 1 else "dense" for d in df["density"]],
-        circuits=[f"{a}/{b}" for a, b in zip(df["tasks_with_circuit"], df["tasks_above_chance"], strict=True)],
+        circuits=[f"{a}/{b}" for a, b in zip(df["tasks_with_circuit"], df["tasks_solved"], strict=True)],
         quote_edges=[_num(v, "d") for v in df["quote_edges"]],
     )[["model", "d_model", "density", "nonzeros", "val_loss", "circuits", "geomean_edges", "quote_loss", "quote_edges"]]
+    return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
+
+
+def format_controls(ctl) -> str:
+    show = ctl.assign(model=ctl["model_id"].str.rsplit("-", n=1).str[0])[
+        ["model", "task", "control", "status", "n_nodes", "sufficiency_loss", "real_n_nodes", "jaccard", "passes"]]
     return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
 
 
@@ -194,9 +200,10 @@ def run(out_uri: str, quick: bool = False, address: str | None = None,
     t0 = time.monotonic()
     res = root.join("results")
     tasks = list(task_lib.REGISTRY)
-    log(f"[3/5] pruning {len(trials)} models × {len(tasks)} tasks (Ray tasks; pairs at chance recorded after one evaluation) → {res.uri}")
+    log(f"[3/5] pruning {len(trials)} models × {len(tasks)} tasks, then the controls of {', '.join(plan.controls)} "
+        f"(Ray tasks; a model that misses a task is recorded after one evaluation) → {res.uri}")
     counts = fanout_lib.fanout([sw.uri], tasks, res.uri, cfg=plan.prune, max_in_flight=cores if not address else None,
-                               progress=prune_progress, skip_chance=plan.skip_chance)
+                               progress=prune_progress, controls=list(plan.controls))
     timings["prune"] = time.monotonic() - t0
     log(f"      {counts['pruned']} pairs pruned or judged, {counts['skipped']} already stored, {counts['failed']} failed")
 
@@ -206,7 +213,8 @@ def run(out_uri: str, quick: bool = False, address: str | None = None,
     frontier_files = viz.plot_frontier(res.uri, figs.uri)
     renderer = viz.CircuitRenderer(res.uri)
     circ = results.circuits(res.uri)
-    drawable = circ[circ["status"].isin(["ok", "target_not_reached"]) & (circ["n_nodes"] > 0)].sort_values(["model_id", "task"])
+    real = circ[circ["control"].isna() & (circ["prune_key"] == plan.prune.key())]
+    drawable = real[real["status"].isin(["ok", "not_verified", "target_not_reached"]) & (real["n_nodes"] > 0)].sort_values(["model_id", "task"])
     diagrams = []
     for r in drawable.itertuples():
         svg_uri, html_uri = renderer.render(r.model_id, r.task, figs.join("circuits").uri)
@@ -218,10 +226,15 @@ def run(out_uri: str, quick: bool = False, address: str | None = None,
     storage.write_parquet(root.join("summary.parquet"), pa.Table.from_pandas(summary, schema=SUMMARY_SCHEMA, preserve_index=False))
     timings["total"] = time.monotonic() - t_all
     report = root.join("report.html")
-    storage.write_text(report, report_html(plan, summary, circ, root, diagrams, timings, quick))
+    ctl = results.controls(res.uri)
+    storage.write_text(report, report_html(plan, summary, real, root, diagrams, timings, quick, ctl))
     log(f"[5/5] report → {report.uri}")
     log("")
     log(format_summary(summary))
+    if len(ctl):
+        log("")
+        log("controls (random-init model and nonsense task must not verify; seed/ablation variants: node-set Jaccard vs the real circuit):")
+        log(format_controls(ctl))
     return {"out": root.uri, "report": report.uri, "frontier": frontier_files, "diagrams": diagrams,
             "summary": summary, "timings": timings, "counts": counts}
 
@@ -274,7 +287,7 @@ def _inline_svg(text: str) -> str:
     return text[i:] if i >= 0 else text
 
 
-def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: dict, quick: bool) -> str:
+def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: dict, quick: bool, ctl=None) -> str:
     e = html.escape
     by_pair = {(d["model_id"], d["task"]): d for d in diagrams}
     models = [m for m in summary["model_id"] if m is not None]
@@ -296,11 +309,11 @@ def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: 
         parts.append(f"<p><b>Note:</b> {e(note)}.</p>")
     parts.append("<p>Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".</p>")
     parts.append("<h2>Models</h2><table><tr><th class=l>model</th><th>d_model</th><th>weight density</th><th>nonzeros</th><th>val loss</th>"
-                 "<th>tasks above chance</th><th>circuits (target met)</th><th>geomean edges</th><th>quote task loss</th><th>quote circuit edges</th></tr>")
+                 "<th>tasks solved (full model)</th><th>verified circuits</th><th>geomean edges</th><th>quote task loss</th><th>quote circuit edges</th></tr>")
     for r in summary.itertuples():
         dens = "dense" if r.density >= 1 else f"1/{round(1 / r.density)}"
         parts.append(f"<tr><td class=l>{e(viz.model_label(r.pfrac, r.ef))}<br><small>{e(str(r.model_id))}</small></td><td>{r.d_model}</td>"
-                     f"<td>{dens}</td><td>{r.nonzeros:,}</td><td>{r.val_loss:.3f}</td><td>{r.tasks_above_chance}</td><td>{r.tasks_with_circuit}</td>"
+                     f"<td>{dens}</td><td>{r.nonzeros:,}</td><td>{r.val_loss:.3f}</td><td>{r.tasks_solved}</td><td>{r.tasks_with_circuit}</td>"
                      f"<td>{_num(r.geomean_edges, '.1f')}</td><td>{_num(r.quote_loss, '.3f')}</td><td>{_num(r.quote_edges, 'd')}</td></tr>")
     parts.append("</table>")
     front_svg = root.join("figures", "frontier.svg")
@@ -310,7 +323,8 @@ def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: 
     if storage.exists(front_svg):
         parts.append(f"<div class=\"fig frontier\">{_inline_svg(storage.read_text(front_svg))}</div>")
     parts.append("<h2>Circuits</h2><p>Edges of each (model, task) circuit; a link opens its diagram. "
-                 "<span class=chance>chance</span>: the model does not solve the task, so nothing was pruned.</p>")
+                 "<span class=chance>chance</span> / <span class=chance>misses</span>: the full model does not do the task "
+                 "(at chance, or above the target), so nothing was pruned.</p>")
     parts.append("<table><tr><th class=l>task</th>" + "".join(f"<th>{e(label[m])}</th>" for m in models) + "</tr>")
     cell = {(r.model_id, r.task): r for r in circ.itertuples()}
     for t in task_lib.REGISTRY:
@@ -321,8 +335,9 @@ def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: 
                 parts.append("<td>—</td>")
                 continue
             d = by_pair.get((m, t))
-            if r.status == "chance":
-                parts.append(f"<td class=chance title=\"held-out accuracy {r.full_accuracy:.2f}\">chance</td>")
+            if r.status in ("chance", "model_misses_target"):
+                word = "chance" if r.status == "chance" else "misses"
+                parts.append(f"<td class=chance title=\"full model: held-out loss {r.full_loss:.3f}, accuracy {r.full_accuracy:.2f}\">{word}</td>")
             elif d:
                 cls = "ok" if r.status == "ok" else "tnr"
                 parts.append(f"<td class={cls} title=\"{e(r.status)}: sufficiency loss {_num(r.sufficiency_loss, '.3f')}\">"
@@ -330,7 +345,21 @@ def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: 
             else:
                 parts.append(f"<td>{e(r.status)}</td>")
         parts.append("</tr>")
-    parts.append("</table><p>* target not reached: the best circuit found is stored and drawn.</p>")
+    parts.append("</table><p>* not verified (met the target on selection pairs, not on test pairs) or target not reached: "
+                 "the best circuit found is stored and drawn, and not counted.</p>")
+    if ctl is not None and len(ctl):
+        parts.append("<h2>Faithfulness controls</h2><p>A circuit is a claim about its model; these are its evidence. The same "
+                     "architecture untrained (random_init) and the same prompts with answers assigned at random (nonsense_task) are "
+                     "pruned with the same config and must <b>not</b> yield verified circuits; other ablations and pruning seeds show "
+                     "how stable the circuit is (Jaccard: node-set overlap with the real circuit).</p>"
+                     "<table><tr><th class=l>model</th><th class=l>task</th><th class=l>control</th><th class=l>status</th><th>nodes</th>"
+                     "<th>test sufficiency loss</th><th>real circuit nodes</th><th>Jaccard</th><th class=l>verdict</th></tr>")
+        for r in ctl.itertuples():
+            verdict = "—" if r.passes is None or pd_isna(r.passes) else ("passes" if r.passes else "FAILS: a control verified")
+            parts.append(f"<tr><td class=l>{e(label.get(r.model_id, r.model_id))}</td><td class=l>{e(r.task)}</td><td class=l>{e(r.control)}</td>"
+                         f"<td class=l>{e(r.status)}</td><td>{_num(r.n_nodes, 'd')}</td><td>{_num(r.sufficiency_loss, '.3f')}</td>"
+                         f"<td>{_num(r.real_n_nodes, 'd')}</td><td>{_num(r.jaccard, '.2f')}</td><td class=l>{verdict}</td></tr>")
+        parts.append("</table>")
     featured = [d for d in diagrams if d["task"] == "single_double_quote"] or diagrams[:2]
     if featured:
         parts.append("<h2>Circuit diagrams</h2><p>Residual channels are vertical lines through the layers; curves are nonzero "
@@ -340,6 +369,12 @@ def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: 
                          f"<div class=\"fig circuit\">{_inline_svg(storage.read_text(d['svg']))}</div>")
     parts.append("<div id=\"panel\"></div><script>" + viz.PAGE_JS + "</script></body></html>\n")
     return "\n".join(parts)
+
+
+def pd_isna(v) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(v))
 
 
 def _num(v, fmt: str) -> str:

@@ -1,10 +1,12 @@
-"""Prune fan-out: one Ray task per (checkpoint, task) pair, into the results tables.
+"""Prune fan-out: one Ray task per (checkpoint, task[, control]), into the results tables.
 
-Pairs already stored (by checkpoint fingerprint and task) are skipped, so a re-run prunes
-nothing. Each task is retried on failure (a raised exception or a dead worker process);
-a pair that still fails is stored as a ``failed`` row with its error, never dropped. A
-checkpoint is loaded once per worker process (cached by URI), and at most ``max_in_flight``
-tasks are pending at once (ray.wait back-pressure).
+Results already stored (by checkpoint fingerprint, task, pruning-config key and control)
+are skipped, so a re-run of the same config prunes nothing. Each task is retried on
+failure (a raised exception or a dead worker process); one that still fails is stored as a
+``failed`` row with its error, never dropped. A checkpoint is loaded once per worker
+process (cached by URI), and at most ``max_in_flight`` tasks are pending at once (ray.wait
+back-pressure). With controls, a second wave runs the faithfulness controls
+(jobs.prune.CONTROLS) of every pair whose model solves its task.
 """
 
 from __future__ import annotations
@@ -15,40 +17,31 @@ from dataclasses import asdict
 
 from cluster import checkpoints, runtime, storage
 from jobs import results
-from jobs.prune import cached_node_means, model_meta, pretrain_batches, prune_pair
+from jobs.prune import Loaded, control_config, control_jobs, model_meta, prune_pair, solved
 from sparsity import prune as prune_lib
 from sparsity import tasks as task_lib
 
-_LOADED: dict[str, tuple] = {}  # per worker process: ckpt URI → (ckpt, model, tokenizer, ablate, batches, meta)
+_LOADED: dict[str, Loaded] = {}  # per worker process: one checkpoint resident at a time
 
 
-def _load(ckpt_uri: str, data_uri: str | None, ablation: str):
-    key = f"{ckpt_uri}|{data_uri}|{ablation}"
+def _load(ckpt_uri: str, data_uri: str | None) -> Loaded:
+    key = f"{ckpt_uri}|{data_uri}"
     if key not in _LOADED:
-        from cluster import data
-
-        ckpt = checkpoints.load(ckpt_uri, with_train_state=False)
-        src = data_uri or checkpoints.run_data_uri(ckpt_uri)
-        tok = data.load_tokenizer(src)
-        model = ckpt.build_model()
-        ablate = cached_node_means(ckpt_uri, model, src) if ablation == "mean" else None
-        batches = pretrain_batches(src, model.config.block_size) if ablation == "resample" else None
-        _LOADED.clear()  # one checkpoint resident per worker at a time
-        _LOADED[key] = (ckpt, model, tok, ablate, batches, model_meta(ckpt, ckpt_uri))
+        _LOADED.clear()
+        _LOADED[key] = Loaded(ckpt_uri, data_uri)
     return _LOADED[key]
 
 
 def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data_uri: str | None,
-               fail_once_marker: str | None = None, kill: bool = False, skip_chance: bool = True) -> dict:
-    """The Ray task body: prune one pair and store it."""
+               fail_once_marker: str | None = None, kill: bool = False, control: str | None = None) -> dict:
+    """The Ray task body: prune one pair (or one control of it) and store it."""
     if fail_once_marker and not storage.exists(fail_once_marker):  # test hook: the first attempt fails
         storage.write_text(fail_once_marker, "1")
         if kill:
             os._exit(1)  # the worker process dies, as when its PID is killed
         raise RuntimeError("injected failure")
     cfg = prune_lib.PruneConfig(**cfg_dict)
-    _, model, tok, ablate, batches, meta = _load(ckpt_uri, data_uri, cfg.ablation)
-    return prune_pair(model, task_lib.get(task_name), tok, cfg, meta, out_uri, ablate=ablate, batches=batches, skip_chance=skip_chance)
+    return prune_pair(_load(ckpt_uri, data_uri), task_lib.get(task_name), cfg, out_uri, control=control)
 
 
 def expand_checkpoints(uris: list[str]) -> list[str]:
@@ -74,10 +67,11 @@ def fanout(
     max_retries: int = 2,
     progress: Callable[[int, int, dict], None] | None = None,
     inject_failure: dict | None = None,
-    skip_chance: bool = True,
     task_env: dict[str, str] | None = None,
+    controls: bool | list[str] = False,
 ) -> dict:
-    """Prune every (checkpoint, task) pair not yet stored; returns counts."""
+    """Prune every (checkpoint, task) pair not yet stored under ``cfg``; with ``controls``
+    (True, or a list of task names) also every control of the solved pairs. Returns counts."""
     import ray
 
     cfg = cfg or prune_lib.PruneConfig()
@@ -87,40 +81,57 @@ def fanout(
     storage.resolve(out_uri)
     ckpts = expand_checkpoints(ckpt_uris)
     fps = {u: checkpoints.load(u, with_train_state=False).fingerprint for u in ckpts}
-    done = results.stored_pairs(out_uri)
-    todo = [(u, n) for u in ckpts for n in names if (fps[u], n) not in done]
     if not ray.is_initialized():
         runtime.init()
     limit = max_in_flight or max(1, int(runtime.cluster_cpus()))
     remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(prune_task)
     if task_env:  # e.g. the S3 endpoint the tasks must write to, when it is not the cluster's default
         remote = remote.options(runtime_env={"env_vars": task_env})
-    pending = list(todo)
-    inflight: dict = {}
-    counts = {"pairs": len(ckpts) * len(names), "skipped": len(ckpts) * len(names) - len(todo), "pruned": 0, "failed": 0}
-    finished = 0
-    while pending or inflight:
-        while pending and len(inflight) < limit:
-            u, n = pending.pop(0)
-            marker = None
-            if inject_failure and inject_failure.get("task") == n:
-                marker = storage.resolve(out_uri).join("_debug", f"fail-{fps[u][:8]}-{n}").uri
-            kill = bool(inject_failure and inject_failure.get("kill"))
-            inflight[remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker, kill, skip_chance)] = (u, n)
-        ready, _ = ray.wait(list(inflight), num_returns=1)
-        for ref in ready:
-            u, n = inflight.pop(ref)
-            try:
-                row = ray.get(ref)
-                counts["pruned"] += 1
-            except (ray.exceptions.RayError, Exception) as e:  # retries exhausted: store the failure
-                err = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                ckpt = checkpoints.load(u, with_train_state=False)
-                results.write_result(out_uri, model_meta(ckpt, u), n, None, status="failed", error=err,
-                                     extra={"ablation": cfg.ablation, "target": cfg.target})
-                row = {"task": n, "status": "failed", "error": err}
-                counts["failed"] += 1
-            finished += 1
-            if progress:
-                progress(finished, len(todo), row)
+    counts = {"pairs": 0, "skipped": 0, "pruned": 0, "failed": 0}
+
+    def wave(items: list[tuple[str, str, str | None]]) -> None:
+        done = results.stored_pairs(out_uri)
+        todo = [(u, n, c) for u, n, c in items if (fps[u], n, control_config(cfg, c).key(), c or "") not in done]
+        counts["pairs"] += len(items)
+        counts["skipped"] += len(items) - len(todo)
+        pending, inflight, finished = list(todo), {}, 0
+        while pending or inflight:
+            while pending and len(inflight) < limit:
+                u, n, c = pending.pop(0)
+                marker = None
+                if inject_failure and inject_failure.get("task") == n and c is None:
+                    marker = storage.resolve(out_uri).join("_debug", f"fail-{fps[u][:8]}-{n}").uri
+                kill = bool(inject_failure and inject_failure.get("kill"))
+                inflight[remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker, kill, c)] = (u, n, c)
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                u, n, c = inflight.pop(ref)
+                try:
+                    row = ray.get(ref)
+                    counts["pruned"] += 1
+                except (ray.exceptions.RayError, Exception) as e:  # retries exhausted: store the failure
+                    err = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                    ckpt = checkpoints.load(u, with_train_state=False)
+                    results.write_result(out_uri, model_meta(ckpt, u), n, None, status="failed", error=err,
+                                         extra={"control": c}, cfg=control_config(cfg, c))
+                    row = {"task": n, "control": c, "status": "failed", "error": err}
+                    counts["failed"] += 1
+                finished += 1
+                if progress:
+                    progress(finished, len(todo), row)
+
+    wave([(u, n, None) for u in ckpts for n in names])
+    if controls:
+        ctl_tasks = set(names if controls is True else controls)
+        df = results.circuits(out_uri)
+        real = df[df["control"].isna() & (df["prune_key"] == cfg.key())]
+        by_fp = {u: fps[u] for u in ckpts}
+        items = []
+        for u in ckpts:
+            mine = real[real["checkpoint_fingerprint"] == by_fp[u]]
+            for n in names:
+                hit = mine[mine["task"] == n]
+                if n in ctl_tasks and len(hit) and solved(str(hit["status"].iloc[0])):
+                    items += [(u, n, c) for c in control_jobs(cfg)]
+        wave(items)
     return counts

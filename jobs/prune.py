@@ -1,14 +1,16 @@
 """Prune one checkpoint for a list of tasks and store each result (one process).
 
-For each task the model is first evaluated on held-out pairs; a model at chance is
-recorded as such (status ``chance``) without pruning, so time goes to pairs that can yield
-circuits. Node means over pretraining data are computed once per checkpoint and cached
-beside it (``node_means-<data fingerprint>.safetensors``). The fan-out over many
-checkpoints on Ray (issue: prune fan-out) reuses :func:`prune_pair`.
+For each task the full model is scored on held-out pairs first; a model at chance or one
+that misses the target is recorded as that verdict without pruning (``prune_anyway``
+prunes it all the same and the row says so). Node means are taken over a seeded random
+sample of rows across the whole train split, computed once per checkpoint and cached
+beside it. The fan-out over many checkpoints on Ray (jobs/fanout.py) reuses
+:func:`prune_pair`; :func:`control_jobs` lists the faithfulness controls of a pair.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,11 +22,17 @@ from jobs import results
 from sparsity import prune as prune_lib
 from sparsity import tasks as task_lib
 from sparsity.errors import CspError
+from sparsity.model import GPT
+from sparsity.topk import WeightSparsifier
 
-# Below this held-out accuracy a model is at chance on a task (64 pairs × 2 prompts: one
-# standard error of a coin is ~0.044, so 0.6 is > 2 SE above 0.5).
-CHANCE_ACCURACY = 0.6
-MEANS_ROWS = 128  # pretraining sequences for node means
+MEANS_ROWS = 256  # pretraining rows (× n_ctx positions) sampled for node means
+RESAMPLE_ROWS = 128  # pretraining rows in the resample-ablation pool
+SAMPLE_SHARDS = 8  # rows are sampled from up to this many random shards of the train split
+MEANS_SEED = 0  # node means are a property of the model and data, the same for every pruning seed
+
+# The faithfulness controls of a (checkpoint, task) pair whose model solves the task
+# (DESIGN.md, "Faithfulness controls"). Each is stored as its own row, `control` naming it.
+CONTROLS = ("random_init", "nonsense_task", "ablation_zero", "ablation_resample", "seed_1", "seed_2")
 
 
 class PruneError(CspError):
@@ -47,9 +55,25 @@ def model_meta(ckpt, ckpt_uri: str) -> dict:
     }
 
 
-def pretrain_batches(data_uri: str, block_size: int, rows: int = MEANS_ROWS, batch: int = 16) -> list[torch.Tensor]:
-    arr = data.load_rows(data_uri, "train", max_rows=rows)[:, :block_size]
-    return [torch.from_numpy(arr[i : i + batch].astype("int64")) for i in range(0, len(arr), batch)]
+def pretrain_batches(data_uri: str, block_size: int, rows: int = MEANS_ROWS, seed: int = MEANS_SEED, batch: int = 32) -> list[torch.Tensor]:
+    """``rows`` token rows drawn at random (seeded) from up to :data:`SAMPLE_SHARDS` random
+    shards of the train split — not the first files in path order — in batches of ``batch``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shards = data.shard_uris(data_uri, "train")
+    pick = sorted(rng.choice(len(shards), size=min(SAMPLE_SHARDS, len(shards)), replace=False).tolist())
+    arrs = []
+    for i in pick:
+        col = storage.read_parquet(shards[i], columns=["tokens"]).column("tokens").combine_chunks()
+        if len(col):
+            arrs.append(col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size))
+    if not arrs:
+        raise PruneError(f"the train split of {storage.resolve(data_uri).uri} has no sequences to take node means over")
+    allrows = np.concatenate(arrs)
+    take = np.sort(rng.choice(len(allrows), size=min(rows, len(allrows)), replace=False))
+    arr = allrows[take][:, :block_size].astype("int64")
+    return [torch.from_numpy(arr[i : i + batch]) for i in range(0, len(arr), batch)]
 
 
 def cached_node_means(ckpt_uri: str, model, data_uri: str) -> dict[str, torch.Tensor]:
@@ -57,12 +81,85 @@ def cached_node_means(ckpt_uri: str, model, data_uri: str) -> dict[str, torch.Te
     from safetensors.torch import load, save
 
     fp = data.read_manifest(data_uri)["plan_fingerprint"][:12]
-    cache = storage.resolve(checkpoints.checkpoint_dir(ckpt_uri)).join(f"node_means-{fp}.safetensors")
+    cache = storage.resolve(checkpoints.checkpoint_dir(ckpt_uri)).join(f"node_means-{fp}-r{MEANS_ROWS}s{MEANS_SEED}.safetensors")
     if storage.exists(cache):
         return load(storage.read_bytes(cache))
     means = prune_lib.node_means(model, pretrain_batches(data_uri, model.config.block_size))
     storage.write_bytes(cache, save({k: v.contiguous().cpu() for k, v in means.items()}))
     return means
+
+
+def random_init_model(ckpt) -> GPT:
+    """The checkpoint's architecture untrained: its initialisation (seeded by the run's
+    seed), projected to the run's final weight density — the same shape and sparsity, no
+    learning."""
+    cfg = ckpt.config
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).eval()
+    WeightSparsifier(model, cfg.sparsity, cfg.train.steps, seed=cfg.train.seed).apply(cfg.train.steps)
+    return model
+
+
+class Loaded:
+    """One checkpoint ready to prune: model, tokenizer, ablation inputs, metadata."""
+
+    def __init__(self, ckpt_uri: str, data_uri: str | None = None, tokenizer_uri: str | None = None, device: str = "cpu"):
+        self.ckpt_uri, self.device = ckpt_uri, device
+        self.ckpt = checkpoints.load(ckpt_uri, with_train_state=False)
+        self.data_uri = data_uri or checkpoints.run_data_uri(ckpt_uri)
+        if tokenizer_uri is None and self.data_uri is None:
+            raise PruneError(f"no tokenizer for {ckpt_uri}: its run.json names no dataset; pass --data (or --tokenizer)")
+        self.tok = data.load_tokenizer(tokenizer_uri or self.data_uri)
+        if self.tok.n_vocab != self.ckpt.config.model.vocab_size:
+            raise PruneError(f"tokenizer has {self.tok.n_vocab} ids but the model's vocab_size is {self.ckpt.config.model.vocab_size}")
+        self.model = self.ckpt.build_model(device)
+        self.meta = model_meta(self.ckpt, ckpt_uri)
+        self._means: dict | None = None
+        self._random: tuple | None = None
+
+    def inputs(self, ablation: str, control: str | None = None) -> tuple:
+        """(model, ablate, batches) for one ablation, on the trained or the random-init model."""
+        if control == "random_init":
+            if self._random is None:
+                self._random = (random_init_model(self.ckpt).to(self.device), None)
+            model = self._random[0]
+        else:
+            model = self.model
+        needs_data = ablation in ("mean", "resample")
+        if needs_data and self.data_uri is None:
+            raise PruneError(f"{ablation} ablation needs the pretraining data; pass --data, or use --ablation zero")
+        ablate = batches = None
+        if ablation == "mean" and control != "random_init":
+            if self._means is None:
+                self._means = cached_node_means(self.ckpt_uri, model, self.data_uri)
+            ablate = self._means
+        elif ablation == "mean":
+            if self._random[1] is None:
+                self._random = (model, prune_lib.node_means(model, pretrain_batches(self.data_uri, model.config.block_size)))
+            ablate = self._random[1]
+        elif ablation == "resample":
+            batches = pretrain_batches(self.data_uri, model.config.block_size, rows=RESAMPLE_ROWS, seed=MEANS_SEED + 1)
+        return model, ablate, batches
+
+
+def control_config(cfg: prune_lib.PruneConfig, control: str | None) -> prune_lib.PruneConfig:
+    """The pruning config a control runs with: the random-init model and the nonsense task
+    are pruned even though they miss the target (that they fail is the finding)."""
+    if control is None:
+        return cfg
+    if control in ("random_init", "nonsense_task"):
+        return dataclasses.replace(cfg, prune_anyway=True)
+    if control.startswith("ablation_"):
+        return dataclasses.replace(cfg, ablation=control.split("_", 1)[1])
+    if control.startswith("seed_"):
+        return dataclasses.replace(cfg, seed=cfg.seed + int(control.split("_", 1)[1]))
+    raise PruneError(f"unknown control {control!r}; choose from {', '.join(CONTROLS)}")
+
+
+def control_jobs(cfg: prune_lib.PruneConfig) -> list[str]:
+    """The controls to run for a solved pair under ``cfg`` (an ablation equal to the real
+    run's is not repeated)."""
+    return [c for c in CONTROLS if c != f"ablation_{cfg.ablation}"]
 
 
 def prune_checkpoint(
@@ -74,49 +171,57 @@ def prune_checkpoint(
     tokenizer_uri: str | None = None,
     device: str = "cpu",
     progress: Callable[[str, dict], None] | None = None,
+    controls: bool = False,
 ) -> list[dict]:
-    """Prune ``ckpt_uri`` for each task (all when None); store and return one summary each."""
+    """Prune ``ckpt_uri`` for each task (all when None); store and return one summary each
+    (with ``controls``, then the controls of every task the model solves)."""
     cfg = cfg or prune_lib.PruneConfig()
     names = list(task_lib.REGISTRY) if not task_names else task_names
     tasks = [task_lib.get(n) for n in names]  # unknown names fail before any work
     storage.resolve(out_uri)
-    ckpt = checkpoints.load(ckpt_uri, with_train_state=False)
-    data_uri = data_uri or checkpoints.run_data_uri(ckpt_uri)
-    if tokenizer_uri is None and data_uri is None:
-        raise PruneError(f"no tokenizer for {ckpt_uri}: its run.json names no dataset; pass --data (or --tokenizer)")
-    tok = data.load_tokenizer(tokenizer_uri or data_uri)
-    if tok.n_vocab != ckpt.config.model.vocab_size:
-        raise PruneError(f"tokenizer has {tok.n_vocab} ids but the model's vocab_size is {ckpt.config.model.vocab_size}")
-    model = ckpt.build_model(device)
-    ablate = None
-    if cfg.ablation == "mean":
-        if data_uri is None:
-            raise PruneError("mean ablation needs the pretraining data for node means; pass --data, or use --ablation zero")
-        ablate = cached_node_means(ckpt_uri, model, data_uri)
-    batches = pretrain_batches(data_uri, model.config.block_size) if cfg.ablation == "resample" and data_uri else None
-    meta = model_meta(ckpt, ckpt_uri)
+    loaded = Loaded(ckpt_uri, data_uri, tokenizer_uri, device)
+    stored = results.circuits(out_uri, model=loaded.meta["model_id"])
+
+    def run(task, control=None) -> dict:
+        key = control_config(cfg, control).key()
+        hit = stored[(stored["task"] == task.name) & (stored["prune_key"] == key)
+                     & (stored["control"].fillna("") == (control or ""))] if len(stored) else stored
+        if len(hit):  # the same config already stored: a re-run adds nothing
+            return {"task": task.name, "control": control, "status": str(hit["status"].iloc[0]), "already_stored": True}
+        return prune_pair(loaded, task, cfg, out_uri, control=control)
+
     out = []
     for task in tasks:
-        out.append(prune_pair(model, task, tok, cfg, meta, out_uri, ablate=ablate, batches=batches, device=device))
+        out.append(run(task))
         if progress:
             progress(task.name, out[-1])
+    if controls:
+        for row in [r for r in out if solved(r["status"])]:
+            for c in control_jobs(cfg):
+                out.append(run(task_lib.get(row["task"]), c))
+                if progress:
+                    progress(f"{row['task']} [{c}]", out[-1])
     return out
 
 
-def prune_pair(model, task, tok, cfg, meta: dict, out_uri: str, ablate=None, batches=None, device="cpu", skip_chance: bool = True) -> dict:
-    """Evaluate, then prune (unless at chance and ``skip_chance``), then store one result."""
-    base = {"ablation": cfg.ablation, "target": cfg.target,
-            "provenance": {"prune_config": asdict(cfg), "model": meta}}
-    ev = task_lib.evaluate(model, task, tok, n=cfg.n_test)
-    if skip_chance and ev["accuracy"] < CHANCE_ACCURACY:
-        extra = {**base, "full_loss": ev["loss"], "full_accuracy": ev["accuracy"], "n_nodes": 0, "n_edges": 0}
-        results.write_result(out_uri, meta, task.name, None, status="chance", extra=extra)
-        return {"task": task.name, "status": "chance", **{k: extra[k] for k in ("full_loss", "full_accuracy")}}
+def solved(status: str) -> bool:
+    """The full model does the task (it was pruned, whatever the circuit's verdict)."""
+    return status in ("ok", "not_verified", "trivial", "target_not_reached")
+
+
+def prune_pair(loaded: Loaded, task, cfg: prune_lib.PruneConfig, out_uri: str, control: str | None = None) -> dict:
+    """Evaluate, then prune (unless the model misses), then store one result."""
+    run_cfg = control_config(cfg, control)
+    model, ablate, batches = loaded.inputs(run_cfg.ablation, control)
+    ptask = task_lib.nonsense(task) if control == "nonsense_task" else task
+    extra = {"ablation": run_cfg.ablation, "target": run_cfg.target, "control": control}
     try:
-        circuit = prune_lib.prune(model, task, tok, cfg, batches, device=device, ablate=ablate,
-                                  provenance={"model": meta})
+        circuit = prune_lib.prune(model, ptask, loaded.tok, run_cfg, batches, device=loaded.device, ablate=ablate,
+                                  provenance={"model": loaded.meta, "control": control, "base_prune_key": cfg.key()})
     except task_lib.TaskError as e:
-        results.write_result(out_uri, meta, task.name, None, status="failed", error=str(e), extra=base)
-        return {"task": task.name, "status": "failed", "error": str(e)}
-    results.write_result(out_uri, meta, task.name, circuit, extra={"ablation": cfg.ablation})
-    return {"task": task.name, **circuit.metrics, **circuit.counts(), "nodes_by_layer": circuit.nodes_by_layer()}
+        results.write_result(out_uri, loaded.meta, task.name, None, status="failed", error=str(e),
+                             extra={**extra, "provenance": {"prune_config": asdict(run_cfg), "model": loaded.meta}}, cfg=run_cfg)
+        return {"task": task.name, "control": control, "status": "failed", "error": str(e)}
+    circuit.task = task.name  # a nonsense-task control is stored under the task it scrambles
+    results.write_result(out_uri, loaded.meta, task.name, circuit, extra=extra, cfg=run_cfg)
+    return {"task": task.name, "control": control, **circuit.metrics, **circuit.counts(), "nodes_by_layer": circuit.nodes_by_layer()}

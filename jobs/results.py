@@ -1,13 +1,21 @@
 """The circuit results store: three Hive-partitioned Parquet tables under a results URI.
 
-    RESULTS/circuits/task=NAME/<model>-<uid>.parquet        one row per (checkpoint, task)
-    RESULTS/circuit_nodes/task=NAME/<model>-<uid>.parquet   one row per kept node
-    RESULTS/circuit_edges/task=NAME/<model>-<uid>.parquet   one row per edge
+    RESULTS/circuits/task=NAME/<model>--<prune key>[--<control>].parquet       one row per result
+    RESULTS/circuit_nodes/task=NAME/<model>--<prune key>[--<control>].parquet  one row per kept node
+    RESULTS/circuit_edges/task=NAME/<model>--<prune key>[--<control>].parquet  one row per edge
+
+A result is keyed by (checkpoint, task, pruning config, control): the prune key hashes
+every field of the PruneConfig (ablation, target, steps, k_coef, seed, …), so variants live
+side by side and a re-run of the same config replaces nothing and adds nothing. ``control``
+is null for a real circuit and names the faithfulness control otherwise.
 
 Partitioned by ``task`` (20 values: a filter on one task reads one directory). Schemas are
-explicit module constants, never inferred; each (model, task) pair owns one file name per
-table, written atomically (PUT or rename), nodes and edges before the circuits row — so
-readers never see a partial row set, and a retried pair replaces rather than duplicates.
+explicit module constants, never inferred; each result owns one file name per table,
+written atomically (PUT or rename), nodes and edges before the circuits row — so readers
+never see a partial row set, and a retried result replaces rather than duplicates.
+
+Only ``ok`` rows are verified circuits: the full model met the target on held-out test
+pairs and so did the circuit (sufficiency). :func:`frontier` and the CLI count those.
 """
 
 from __future__ import annotations
@@ -17,7 +25,13 @@ import json
 import pyarrow as pa
 
 from cluster import storage
-from sparsity.circuit import NODE_LOCATIONS, SCHEMA_VERSION, WEIGHT_EDGE_KINDS, Circuit
+from sparsity.circuit import (
+    EXTRA_EDGE_KINDS,
+    NODE_LOCATIONS,
+    SCHEMA_VERSION,
+    WEIGHT_EDGE_KINDS,
+    Circuit,
+)
 
 CIRCUITS, NODES, EDGES = "circuits", "circuit_nodes", "circuit_edges"
 
@@ -38,27 +52,39 @@ CIRCUITS_SCHEMA = pa.schema(
     _MODEL_FIELDS
     + [
         pa.field("task", pa.string(), nullable=False),
+        pa.field("prune_key", pa.string()),  # PruneConfig.key(): which pruning config made this row
+        pa.field("control", pa.string()),  # null: a real circuit; else random_init | nonsense_task | ablation_* | seed_*
+        pa.field("base_prune_key", pa.string()),  # a control's: the prune key of the real circuit it checks
         pa.field("ablation", pa.string()),
         pa.field("target", pa.float64()),
-        pa.field("status", pa.string(), nullable=False),  # ok | trivial | target_not_reached | chance | failed
+        pa.field("prune_steps", pa.int64()),
+        pa.field("k_coef", pa.float64()),
+        pa.field("prune_seed", pa.int64()),
+        # ok (verified) | not_verified | trivial | target_not_reached | model_misses_target | chance | failed
+        pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("k", pa.int64()),
+        pa.field("n_open", pa.int64()),
+        pa.field("n_train_pairs", pa.int64()),
         pa.field("nodes_total", pa.int64()),
         pa.field("n_nodes", pa.int64()),
         pa.field("n_edges", pa.int64()),
         pa.field("n_edges_resid", pa.int64()),
     ]
     + [pa.field(f"n_nodes_{loc.replace('.', '_')}", pa.int64()) for loc in NODE_LOCATIONS]
-    + [pa.field(f"n_edges_{kind.replace('.', '_')}", pa.int64()) for kind in WEIGHT_EDGE_KINDS]
+    + [pa.field(f"n_edges_{kind.replace('.', '_')}", pa.int64()) for kind in WEIGHT_EDGE_KINDS + EXTRA_EDGE_KINDS]
     + [
         pa.field("full_loss", pa.float64()),
         pa.field("full_accuracy", pa.float64()),
         pa.field("full_misses_target", pa.bool_()),
+        pa.field("selection_loss", pa.float64()),
         pa.field("sufficiency_loss", pa.float64()),
         pa.field("sufficiency_accuracy", pa.float64()),
         pa.field("necessity_loss", pa.float64()),
+        pa.field("necessity_random_loss", pa.float64()),  # as many random nodes ablated (mean of 5 draws)
         pa.field("calibration_scale", pa.float64()),
         pa.field("calibration_shift", pa.float64()),
+        pa.field("convergence", pa.string()),  # JSON [[step, task loss, open gates], ...] of the mask training
         pa.field("prune_seconds", pa.float64()),
         pa.field("code_version", pa.string()),
         pa.field("provenance", pa.string()),  # JSON: prune config, seeds, model config
@@ -69,6 +95,8 @@ NODES_SCHEMA = pa.schema([
     pa.field("schema_version", pa.int32(), nullable=False),
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("task", pa.string(), nullable=False),
+    pa.field("prune_key", pa.string()),
+    pa.field("control", pa.string()),
     pa.field("layer", pa.int32()),
     pa.field("location", pa.string()),
     pa.field("index", pa.int32()),
@@ -78,6 +106,8 @@ EDGES_SCHEMA = pa.schema([
     pa.field("schema_version", pa.int32(), nullable=False),
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("task", pa.string(), nullable=False),
+    pa.field("prune_key", pa.string()),
+    pa.field("control", pa.string()),
     pa.field("kind", pa.string()),
     pa.field("weight", pa.float32()),
     pa.field("src_layer", pa.int32()),
@@ -103,26 +133,48 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=schema)
 
 
+def result_uid(model_id: str, prune_key: str, control: str | None) -> str:
+    """The file name one result owns in each table's task partition."""
+    return f"{model_id}--{prune_key}{'--' + control if control else ''}.parquet"
+
+
 def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | None, status: str | None = None,
-                 error: str | None = None, extra: dict | None = None) -> str:
-    """Store one (checkpoint, task) result: a circuit, or a verdict row with no nodes.
+                 error: str | None = None, extra: dict | None = None, cfg=None) -> str:
+    """Store one (checkpoint, task, pruning config, control) result: a circuit, or a verdict
+    row with no nodes.
 
     ``model``: model_id, checkpoint_uri, checkpoint_fingerprint, step, pfrac, ef, afrac,
-    seed, val_loss. Node and edge files are written before the circuits row, so a reader
-    that sees the row can rely on its nodes and edges being there.
+    seed, val_loss. ``cfg``: the PruneConfig that made it (its key and main fields become
+    columns). Node and edge files are written before the circuits row, so a reader that
+    sees the row can rely on its nodes and edges being there.
     """
     root = storage.resolve(results_uri)
-    # One file name per (model, task) in its task partition: a retried or repeated pair
-    # replaces its own files instead of adding rows, so every pair is stored exactly once.
-    uid = f"{model['model_id']}.parquet"
+    extra = dict(extra or {})
+    control = extra.get("control")
+    key = cfg.key() if cfg is not None else "none"
+    # One file name per result in its task partition: a retried or repeated result
+    # replaces its own files instead of adding rows, so every result is stored exactly once.
+    uid = result_uid(model["model_id"], key, control)
     base = {"schema_version": SCHEMA_VERSION, "model_id": model["model_id"], "task": task}
-    row = {**base, **model, "status": status, "error": error, "code_version": code_version(), **(extra or {})}
+    cfg_cols = {"prune_key": key}
+    if cfg is not None:
+        cfg_cols.update({"prune_steps": cfg.steps, "k_coef": cfg.k_coef, "prune_seed": cfg.seed,
+                         "ablation": cfg.ablation, "target": cfg.target})
     if circuit is not None:
+        cfg_cols["base_prune_key"] = circuit.provenance.get("base_prune_key")
+    row = {**base, **model, "status": status, "error": error, "code_version": code_version(), **cfg_cols, **extra}
+    if circuit is not None:
+        base = {**base, "prune_key": key, "control": control}
         crow, nodes, edges = circuit.to_rows()
         row.update({k: v for k, v in crow.items() if k not in ("task",)})
         row["status"] = status or circuit.metrics.get("status", "ok")
         storage.write_parquet(root.join(NODES, f"task={task}", uid), _table([{**base, **n} for n in nodes], NODES_SCHEMA).drop(["task"]))
         storage.write_parquet(root.join(EDGES, f"task={task}", uid), _table([{**base, **e} for e in edges], EDGES_SCHEMA).drop(["task"]))
+    if row["status"] == "ok" and not (row.get("sufficiency_loss") is not None and row.get("target") is not None
+                                      and row["sufficiency_loss"] <= row["target"]):
+        # The store's one invariant: `ok` means verified on test pairs (DESIGN.md, Pruning).
+        raise ValueError(f"refusing to store {model['model_id']}/{task} as ok: test sufficiency "
+                         f"{row.get('sufficiency_loss')} does not meet target {row.get('target')}")
     if isinstance(row.get("provenance"), dict):
         row["provenance"] = json.dumps(row["provenance"], sort_keys=True)
     storage.write_parquet(root.join(CIRCUITS, f"task={task}", uid), _table([row], CIRCUITS_SCHEMA).drop(["task"]))
@@ -134,10 +186,11 @@ def read_table(results_uri: str, table: str = CIRCUITS, task: str | None = None)
     return _query(results_uri, table, task, None)
 
 
-def stored_pairs(results_uri: str) -> set[tuple[str, str]]:
-    """(checkpoint fingerprint, task) of every pair already in the circuits table."""
+def stored_pairs(results_uri: str) -> set[tuple[str, str, str, str]]:
+    """(checkpoint fingerprint, task, prune key, control or "") of every stored result."""
     df = read_table(results_uri, CIRCUITS)
-    return set(zip(df["checkpoint_fingerprint"].astype(str), df["task"].astype(str), strict=True))
+    return set(zip(df["checkpoint_fingerprint"].astype(str), df["task"].astype(str), df["prune_key"].astype(str),
+                   df["control"].fillna("").astype(str), strict=True))
 
 
 def _query(results_uri: str, table: str, task: str | None, model: str | None, filters=None):
@@ -169,9 +222,15 @@ def edges(results_uri: str, task: str | None = None, model: str | None = None, f
     return _query(results_uri, EDGES, task, model, filters)
 
 
+def verified(df):
+    """The rows that are verified real circuits: status ``ok`` and no control."""
+    return df[(df["status"] == "ok") & df["control"].isna()]
+
+
 def frontier(results_uri: str):
     """Per model: validation loss (capability) and the geometric mean of circuit edges over
-    the tasks where a circuit met the target (interpretability; lower is better).
+    the tasks with a verified circuit (interpretability; lower is better). Controls are left
+    out; with several pruning configs stored, each (model, prune key) is its own row.
 
     ``geomean_edges`` is over each model's own solved tasks; ``geomean_edges_common`` over
     the tasks that every model solved (``common_tasks`` of them), the fair comparison when
@@ -180,22 +239,63 @@ def frontier(results_uri: str):
     import pandas as pd
 
     df = circuits(results_uri)
-    ok = df[df["status"] == "ok"]
-    models = sorted(df["model_id"].unique())
-    common = sorted(set.intersection(*(set(ok[ok["model_id"] == m]["task"]) for m in models))) if models else []
+    df = df[df["control"].isna()]
+    ok = verified(df)
+    models = sorted(set(zip(df["model_id"], df["prune_key"], strict=True)))
+    common = sorted(set.intersection(*(set(ok[(ok["model_id"] == m) & (ok["prune_key"] == k)]["task"]) for m, k in models))) if models else []
 
     def geomean(edges) -> float:
         return float(np.exp(np.log(edges.clip(lower=1).astype(float)).mean())) if len(edges) else float("nan")
 
     rows = []
-    for model_id, g in df.groupby("model_id"):
-        good = ok[ok["model_id"] == model_id]
+    for (model_id, key), g in df.groupby(["model_id", "prune_key"]):
+        good = ok[(ok["model_id"] == model_id) & (ok["prune_key"] == key)]
         first = g.iloc[0]
         rows.append({
-            "model_id": model_id, "pfrac": first["pfrac"], "ef": first["ef"], "val_loss": first["val_loss"],
+            "model_id": model_id, "prune_key": key, "pfrac": first["pfrac"], "ef": first["ef"], "val_loss": first["val_loss"],
+            "tasks_solved": int(g["status"].isin(["ok", "not_verified", "trivial", "target_not_reached"]).sum()),
             "tasks_with_circuit": len(good), "tasks": len(g),
             "geomean_edges": geomean(good["n_edges"]),
             "common_tasks": len(common),
             "geomean_edges_common": geomean(good[good["task"].isin(common)]["n_edges"]),
         })
     return pd.DataFrame(rows).sort_values("val_loss").reset_index(drop=True) if rows else pd.DataFrame(rows)
+
+
+def controls(results_uri: str, task: str | None = None):
+    """The faithfulness controls beside the real circuit they check, one row per
+    (model, task, control): the real circuit's status and size, the control's status, size
+    and test sufficiency, and for seed/ablation variants the Jaccard overlap of its node set
+    with the real circuit's. ``passes`` says whether the control came out as a faithful
+    circuit requires: random-init and nonsense-task controls must not verify; a seed or
+    ablation variant is reported, not judged (None)."""
+    import pandas as pd
+
+    df = circuits(results_uri, task=task)
+    ctl = df[df["control"].notna()]
+    if not len(ctl):
+        return pd.DataFrame(columns=["model_id", "task", "control", "status", "n_nodes", "n_edges", "sufficiency_loss",
+                                     "real_status", "real_n_nodes", "jaccard", "passes"])
+    real = df[df["control"].isna()].set_index(["model_id", "task", "prune_key"])
+    nd = nodes(results_uri, task=task)
+
+    def node_set(model_id, t, key, control):
+        uid_rows = nd[(nd["model_id"] == model_id) & (nd["task"] == t)]
+        if "prune_key" in uid_rows:
+            uid_rows = uid_rows[(uid_rows["prune_key"] == key) & (uid_rows["control"].fillna("") == (control or ""))]
+        return set(zip(uid_rows["layer"], uid_rows["location"], uid_rows["index"], strict=True))
+
+    rows = []
+    for r in ctl.itertuples():
+        key = r.base_prune_key
+        base = real.loc[(r.model_id, r.task, key)] if (r.model_id, r.task, key) in real.index else None
+        jac = None
+        if base is not None and (r.control.startswith("seed_") or r.control.startswith("ablation_")):
+            a, b = node_set(r.model_id, r.task, key, None), node_set(r.model_id, r.task, r.prune_key, r.control)
+            jac = len(a & b) / len(a | b) if a | b else 1.0
+        passes = (r.status != "ok") if r.control in ("random_init", "nonsense_task") else None
+        rows.append({"model_id": r.model_id, "task": r.task, "control": r.control, "status": r.status,
+                     "n_nodes": r.n_nodes, "n_edges": r.n_edges, "sufficiency_loss": r.sufficiency_loss,
+                     "real_status": None if base is None else base["status"],
+                     "real_n_nodes": None if base is None else base["n_nodes"], "jaccard": jac, "passes": passes})
+    return pd.DataFrame(rows).sort_values(["model_id", "task", "control"]).reset_index(drop=True)

@@ -333,15 +333,21 @@ class CircuitRenderer:
             self._models[ckpt_uri] = (ckpt, model, tok, rows)
         return self._models[ckpt_uri]
 
-    def svg(self, model_id: str, task: str) -> str:
+    def svg(self, model_id: str, task: str, prune_key: str | None = None) -> str:
         rows = results.circuits(self.results_uri, task=task, model=model_id)
+        rows = rows[rows["control"].isna()]  # the real circuit, not a control
+        if prune_key:
+            rows = rows[rows["prune_key"] == prune_key]
         if rows.empty:
             raise VizError(f"no stored result for model {model_id!r} and task {task!r}")
-        row = rows.iloc[0].to_dict()
-        if row["status"] not in ("ok", "target_not_reached") or not row.get("n_nodes"):
+        # Several pruning configs: a verified circuit first, then the newest key order.
+        row = rows.assign(_ok=rows["status"] != "ok").sort_values(["_ok", "prune_key"]).iloc[0].to_dict()
+        if row["status"] not in ("ok", "not_verified", "target_not_reached") or not row.get("n_nodes"):
             raise VizError(f"{model_id} has no circuit for {task} (status {row['status']}); choose a task with status ok")
         nd = results.nodes(self.results_uri, task=task, model=model_id)
         ed = results.edges(self.results_uri, task=task, model=model_id)
+        nd = nd[(nd["prune_key"] == row["prune_key"]) & nd["control"].isna()]
+        ed = ed[(ed["prune_key"] == row["prune_key"]) & ed["control"].isna()]
         nodes = [(int(r.layer), r.location, int(r.index)) for r in nd.itertuples()]
         edges = [{"src": (int(r.src_layer), r.src_location, int(r.src_index)), "dst": (int(r.dst_layer), r.dst_location, int(r.dst_index)),
                   "kind": r.kind, "weight": float(r.weight)} for r in ed.itertuples()]
@@ -350,9 +356,9 @@ class CircuitRenderer:
         cfg = ckpt.config.model
         return circuit_svg(row, nodes, edges, cfg.n_layer, cfg.d_head, tops)
 
-    def render(self, model_id: str, task: str, out_uri: str) -> tuple[str, str]:
+    def render(self, model_id: str, task: str, out_uri: str, prune_key: str | None = None) -> tuple[str, str]:
         """Write ``<model>--<task>.svg`` and ``.html`` under ``out_uri``; returns their URIs."""
-        svg = self.svg(model_id, task)
+        svg = self.svg(model_id, task, prune_key)
         out = storage.resolve(out_uri)
         stem = f"{model_id}--{task}"
         svg_loc, html_loc = out.join(f"{stem}.svg"), out.join(f"{stem}.html")

@@ -12,6 +12,12 @@ both kept:
 
 plus, counted apart as ``resid`` edges, the residual stream itself: a kept write channel j
 (attn/mlp.resid_delta) feeds every later kept read channel j (act_in) through identity.
+``n_edges`` (the circuit-size measure) counts the weight edges only. Three more kinds of
+connection are counted in their own columns, with no rows in the edges table
+(:func:`extra_edge_counts`): ``qk`` (a kept query channel and the kept key channel it is
+dotted with), ``embed`` (the token/position embedding writing a kept read channel through
+a nonzero weight) and ``unembed`` (a nonzero unembedding weight from a channel the circuit
+writes to one of the task's two answer tokens).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch
 
 NODE_LOCATIONS = ("attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta", "mlp.act_in", "mlp.post_act", "mlp.resid_delta")
 WEIGHT_EDGE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.out")
-SCHEMA_VERSION = 1
+EXTRA_EDGE_KINDS = ("qk", "embed", "unembed")  # counted in columns n_edges_<kind>, no edge rows
+SCHEMA_VERSION = 2  # 2: summed task loss, prune key, controls, verification columns
 
 
 def node_sizes(cfg) -> dict[str, int]:
@@ -45,6 +52,7 @@ class Circuit:
     edges: list[dict]  # {"src": Node, "dst": Node, "kind": str, "weight": float}
     metrics: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    extra_edges: dict = field(default_factory=dict)  # {kind in EXTRA_EDGE_KINDS: count}
 
     @property
     def n_edges(self) -> int:
@@ -61,6 +69,7 @@ class Circuit:
             "n_edges_resid": edges.get("resid", 0),
             "nodes_by_location": {loc: nodes.get(loc, 0) for loc in NODE_LOCATIONS},
             "edges_by_kind": {k: edges.get(k, 0) for k in WEIGHT_EDGE_KINDS},
+            "extra_edges": {k: int(self.extra_edges.get(k, 0)) for k in EXTRA_EDGE_KINDS},
         }
 
     def nodes_by_layer(self) -> dict[int, dict[str, int]]:
@@ -82,6 +91,7 @@ class Circuit:
             "n_edges_resid": c["n_edges_resid"],
             **{f"n_nodes_{k.replace('.', '_')}": v for k, v in c["nodes_by_location"].items()},
             **{f"n_edges_{k.replace('.', '_')}": v for k, v in c["edges_by_kind"].items()},
+            **{f"n_edges_{k}": v for k, v in c["extra_edges"].items()},
             **self.metrics,
             "provenance": json.dumps(self.provenance, sort_keys=True),
         }
@@ -103,6 +113,7 @@ class Circuit:
                     "kind": e["kind"], "weight": float(e["weight"])} for e in edges],
             metrics={k: row[k] for k in sorted(metric_keys)},
             provenance=json.loads(row["provenance"]) if row.get("provenance") else {},
+            extra_edges={k: int(row[f"n_edges_{k}"]) for k in EXTRA_EDGE_KINDS if row.get(f"n_edges_{k}") is not None},
         )
 
     def fingerprint(self) -> str:
@@ -147,3 +158,25 @@ def edges_between(model, kept: dict[str, torch.Tensor]) -> list[dict]:
                 both = (kept[f"{wl}.{wloc}"] & kept[f"{rl}.{rloc}"]).nonzero()[:, 0].tolist()
                 out += [{"src": (wl, wloc, j), "dst": (rl, rloc, j), "kind": "resid", "weight": 1.0} for j in both]
     return out
+
+
+@torch.no_grad()
+def extra_edge_counts(model, kept: dict[str, torch.Tensor], answer_ids: list[int]) -> dict[str, int]:
+    """Connections of a circuit that are not single weights between two of its nodes.
+
+    qk: per layer, channels c whose query and key are both kept (the score q·k sums q_c·k_c);
+    embed: (kept read channel j, embedding) with a nonzero wte or wpe weight on channel j;
+    unembed: nonzero lm_head[answer, j] for kept write channels j and the task's answer tokens.
+    """
+    cfg = model.config
+    t = model.transformer
+    writes_embed = (t.wte.weight != 0).any(0) | (t.wpe.weight != 0).any(0)  # (d_model,)
+    head = model.lm_head.weight[answer_ids] != 0  # (answers, d_model)
+    qk = embed = unembed = 0
+    for layer in range(cfg.n_layer):
+        qk += int((kept[f"{layer}.attn.q"] & kept[f"{layer}.attn.k"]).sum())
+        for loc in ("attn.act_in", "mlp.act_in"):
+            embed += int((kept[f"{layer}.{loc}"] & writes_embed.cpu()).sum())
+        for loc in ("attn.resid_delta", "mlp.resid_delta"):
+            unembed += int((head.cpu() & kept[f"{layer}.{loc}"][None, :]).sum())
+    return {"qk": qk, "embed": embed, "unembed": unembed}

@@ -176,9 +176,10 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, V), or (B, 1, V) for the last position only with ``last_only`` —
-        what next-token tasks read, without unembedding every position."""
+    def forward(self, idx: torch.Tensor, last_only: bool = False, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); (B, 1, V) for the last position only with ``last_only``; (B, V)
+        at one position per row with ``at`` (B,) — what next-token tasks read from
+        right-padded prompts, without unembedding every position."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
@@ -188,9 +189,12 @@ class GPT(nn.Module):
             x = block(x)
         if self.hooks.active:
             x = self.hooks("final_resid", x)
-        if last_only:
+        if at is not None:
+            rows = torch.arange(B, device=idx.device)
+            x, idx = x[rows, at], idx[rows, at]  # (B, d_model), (B,)
+        elif last_only:
             x, idx = x[:, -1:], idx[:, -1:]
-        logits = self.lm_head(t.ln_f(x)) + self.final_logits_bias  # (B, T, V)
+        logits = self.lm_head(t.ln_f(x)) + self.final_logits_bias  # (B, T, V) or (B, V)
         if self.bigram_table is not None:
             logits = logits + F.embedding(idx, self.bigram_table).to(logits.dtype)
         return logits

@@ -1,49 +1,81 @@
-"""Node pruning: the smallest set of nodes that still does a task (Gao et al. 2025 §3).
+"""Node pruning: the smallest set of nodes that still does a task (Gao et al. 2025 §3 and
+appendix "Pruning algorithm").
 
 One gate τ per node (residual-read channels, q/k/v channels, MLP neurons, residual-write
 channels, per layer). Through the hook points each node's activation becomes
 ``x·H(τ) + μ·(1 − H(τ))``: Heaviside forward, a sigmoid surrogate gradient backward, τ
 clamped to [−1, 1]. μ is the node's ablation value: its mean over pretraining data (mean
-ablation, the default), 0 (zero ablation), or the activation at a random pretraining
-position (resample ablation). Training minimises task loss + k_coef·Σ H(τ) on train pairs;
-then the nodes are ranked by τ and k is bisected for the smallest top-k circuit whose loss
-on held-out selection pairs is ≤ target. The circuit is verified on test pairs (a third,
-disjoint seed): sufficiency (only the circuit kept) and necessity (only the circuit
-ablated). Optionally a scale and shift of the final answer logits are fitted per circuit.
+ablation, the default), 0 (zero ablation), or the activation of a random pretraining
+sequence at the same position (resample ablation: a different sequence per prompt, drawn
+afresh every step). Training minimises task loss + k_coef·Σ H(τ), each step on a fresh
+batch of train pairs; then the nodes are ranked by τ and k is bisected for the smallest
+top-k circuit whose loss on held-out *selection* pairs is ≤ target. The circuit is then
+verified on *test* pairs (a third, disjoint seed): sufficiency (only the circuit kept: its
+loss must meet the target for status ``ok``) and necessity (only the circuit ablated),
+beside a matched baseline (as many random nodes ablated). Optionally a scale and shift of
+the final answer logits are fitted per circuit (the paper's 16 LBFGS steps).
+
+Defaults follow the paper's pruning hyper-parameters as restated from its Table 2 by the
+community replication jacobcd52/sparse_pretrain_public (τ init N(0.1, 0.01), surrogate
+temperature 1, AdamW lr 3e-3 with β (0.9, 0.95), 5% warmup then linear decay, 64 task
+datapoints per step, k_coef 1e-4, target 0.15 on the reference's summed two-sided loss);
+the step count is csp's, chosen from a measured curve (README, "Pruning").
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from sparsity.circuit import NODE_LOCATIONS, Circuit, edges_between, node_sizes
+from sparsity.circuit import NODE_LOCATIONS, Circuit, edges_between, extra_edge_counts, node_sizes
 from sparsity.errors import ConfigError
-from sparsity.tasks.base import TEST_SEED, TRAIN_SEED, Batch, Task, encode, pair_accuracy, pair_loss
+from sparsity.tasks.base import (
+    CHANCE_LOSS,
+    TEST_SEED,
+    TRAIN_SEED,
+    Batch,
+    Task,
+    encode,
+    pair_accuracy,
+    pair_loss,
+)
 
 ABLATIONS = ("mean", "zero", "resample")
 SELECT_SEED = TRAIN_SEED + 1  # held-out pairs for choosing k: neither train nor test
+RANDOM_BASELINE_DRAWS = 5  # random node sets ablated for the necessity baseline
+# Below this held-out accuracy a model is at chance on a task (64 pairs × 2 prompts: one
+# standard error of a coin is ~0.044, so 0.6 is > 2 SE above 0.5).
+CHANCE_ACCURACY = 0.6
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Hyperparameters of one pruning run (defaults tuned on the demo-size model)."""
+    """Hyper-parameters of one pruning run. Every field is part of the result key
+    (:meth:`key`): two configs never overwrite each other's circuits."""
 
-    target: float = 0.15  # DESIGN.md: the circuit's task loss must be ≤ this
-    ablation: str = "mean"
-    k_coef: float = 1e-4  # weight of Σ H(τ); ~1500 nodes × 1e-4 ≈ the task loss scale
-    steps: int = 300  # Adam steps on τ
-    lr: float = 0.05
-    surrogate_temp: float = 0.25  # backward of H(τ) is σ'(τ/temp)/temp
-    n_train: int = 64  # contrast pairs for training τ
+    target: float = 0.15  # the paper's target, on the summed two-sided loss (chance 2·ln 2)
+    ablation: str = "mean"  # the paper's: pruned nodes take their mean over pretraining data
+    k_coef: float = 1e-4  # weight of Σ H(τ) (paper, Table 2 as restated by the replication)
+    steps: int = 400  # AdamW steps on τ: where the measured size-vs-steps curve flattens (README)
+    lr: float = 3e-3  # paper (replication's Table 2 centre)
+    weight_decay: float = 1e-3  # paper (same source)
+    warmup_frac: float = 0.05  # then linear decay to 0 (same source)
+    init: float = 0.1  # τ starts just open: every node passes, the penalty must earn each closure
+    init_noise: float = 0.01  # std of the seeded noise on τ's init (breaks ties between nodes)
+    surrogate_temp: float = 1.0  # backward of H(τ) is σ'(τ/temp)/temp (paper: 1)
+    batch_pairs: int = 64  # task datapoints per step (128 prompts), drawn afresh each step
+    n_train: int = 1024  # the pool of distinct train pairs the batches are drawn from
     n_select: int = 64  # held-out pairs for bisecting k
-    n_test: int = 64  # held-out pairs for verification
+    n_test: int = 64  # held-out pairs for verification (never used to choose anything)
     calibrate: bool = False  # fit a scale and shift on the answer logits per circuit
-    seed: int = 0
+    seed: int = 0  # drives τ-init noise, batch sampling and resample draws
+    prune_anyway: bool = False  # prune even when the full model misses the target (the row says so)
 
     def __post_init__(self) -> None:
         def bad(name, allowed):
@@ -55,13 +87,23 @@ class PruneConfig:
             bad("ablation", f"choose one of {', '.join(ABLATIONS)}")
         if self.k_coef < 0:
             bad("k_coef", "must be ≥ 0")
-        for name in ("steps", "n_train", "n_select", "n_test"):
+        for name in ("steps", "n_train", "n_select", "n_test", "batch_pairs"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 bad(name, "must be an integer ≥ 1")
         if not self.lr > 0:
             bad("lr", "must be > 0")
         if not self.surrogate_temp > 0:
             bad("surrogate_temp", "must be > 0")
+        if not 0 <= self.warmup_frac < 1:
+            bad("warmup_frac", "must be in [0, 1)")
+        if not -1 <= self.init <= 1:
+            bad("init", "must be in [-1, 1] (τ is clamped there)")
+        if self.init_noise < 0 or self.weight_decay < 0:
+            bad("init_noise" if self.init_noise < 0 else "weight_decay", "must be ≥ 0")
+
+    def key(self) -> str:
+        """A short, stable id of this config: part of every stored result's key."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 class _Heaviside(torch.autograd.Function):
@@ -91,51 +133,67 @@ def node_names(cfg) -> list[str]:
 
 @torch.no_grad()
 def node_means(model, batches: Iterable[torch.Tensor], device="cpu") -> dict[str, torch.Tensor]:
-    """Each node's mean activation over pretraining data: {hook name: (width,)}."""
+    """Each node's mean activation over pretraining data: {hook name: (width,)}.
+
+    ``batches``: (B, T) token rows with no padding, so every position is a real one."""
     names = node_names(model.config)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for x in batches:
-        x = x.to(device)
+        x = x.to(device)[:, : model.config.block_size]
         with model.hooks.record(names) as cache:
-            model(x[:, :-1] if x.shape[1] > model.config.block_size else x)
+            model(x)
         for n in names:
             s = cache[n].double().sum(dim=(0, 1))
             sums[n] = sums[n] + s if n in sums else s
-        count += cache[names[0]].shape[0] * cache[names[0]].shape[1]
+        count += x.shape[0] * x.shape[1]
     if count == 0:
         raise ConfigError("node_means needs at least one batch of pretraining data")
     return {n: (s / count).float() for n, s in sums.items()}
 
 
 @torch.no_grad()
-def resample_pool(model, batches: Iterable[torch.Tensor], n: int = 512, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
-    """``n`` activation vectors per node location from random pretraining positions: {name: (n, width)}."""
+def resample_pool(model, batches: Iterable[torch.Tensor], length: int, device="cpu") -> dict[str, torch.Tensor]:
+    """Activations of pretraining sequences at their first ``length`` positions:
+    {name: (P, length, width)}. Resample ablation gives each prompt one of these sequences,
+    position by position."""
     names = node_names(model.config)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat(list(batches)).to(device)
-    x = x[:, : model.config.block_size]
+    x = torch.cat([b[:, :length] for b in batches]).to(device)
+    if x.shape[1] < length:
+        raise ConfigError(f"resample ablation needs pretraining rows of at least {length} tokens (got {x.shape[1]})")
     with model.hooks.record(names) as cache:
         model(x)
-    B, T = x.shape
-    rows, cols = torch.randint(0, B, (n,), generator=g), torch.randint(0, T, (n,), generator=g)
-    return {name: cache[name][rows, cols] for name in names}
+    return {n: cache[n] for n in names}
 
 
 class Gates:
-    """The τ parameters of one model and the hook replacements that apply them."""
+    """The τ parameters of one model and the hook replacements that apply them.
 
-    def __init__(self, model, ablate: dict[str, torch.Tensor], temp: float, init: float = 1.0):
+    ``ablate``: {name: (width,)} fixed values (mean, zero), or {name: (P, T, width)} a
+    resample pool, from which :attr:`draw` ((B,) sequence indices) picks each row's values."""
+
+    def __init__(self, model, ablate: dict[str, torch.Tensor], temp: float, init: float = 0.1, noise: float = 0.0,
+                 generator: torch.Generator | None = None):
         self.model, self.temp = model, temp
         self.names = node_names(model.config)
         dev = next(model.parameters()).device
         sizes = node_sizes(model.config)
-        self.tau = {n: torch.full((sizes[n.split(".", 1)[1]],), init, device=dev, requires_grad=True) for n in self.names}
-        self.ablate = ablate  # {name: (width,) or (B, width)}
+        self.tau = {}
+        for n in self.names:
+            t = torch.full((sizes[n.split(".", 1)[1]],), float(init))
+            if noise:
+                t += noise * torch.randn(t.shape, generator=generator)
+            self.tau[n] = t.clamp_(-1.0, 1.0).to(dev).requires_grad_(True)
+        self.ablate = ablate
+        self.draw: torch.Tensor | None = None  # resample: the pool row of each batch row
         self.fixed: dict[str, torch.Tensor] | None = None  # a fixed 0/1 mask overrides τ
         # Running sum of τ over training: breaks ties between nodes clamped at the same τ
         # (a node that held on longer ranks higher).
         self.tau_sum = {n: torch.zeros_like(t, requires_grad=False) for n, t in self.tau.items()}
+
+    @property
+    def resample(self) -> bool:
+        return next(iter(self.ablate.values())).dim() == 3
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.tau.values())
@@ -149,24 +207,32 @@ class Gates:
         def apply(x: torch.Tensor) -> torch.Tensor:  # x: (B, T, width)
             g = self.mask(name)
             mu = self.ablate[name]
-            if mu.dim() == 2:  # resample: one vector per example, broadcast over positions
-                mu = mu[: x.shape[0], None, :]
+            if mu.dim() == 3:  # resample: row b takes pool sequence draw[b], position by position
+                mu = mu[self.draw][:, : x.shape[1]]  # (B, T, width)
             return x * g + mu * (1 - g)
 
         return apply
 
     @contextlib.contextmanager
-    def active(self, fixed: dict[str, torch.Tensor] | None = None):
+    def active(self, fixed: dict[str, torch.Tensor] | None = None, draw: torch.Tensor | None = None):
         """Run the model with gates applied (τ's Heaviside, or a fixed 0/1 mask)."""
-        self.fixed = fixed
+        if self.resample and draw is None:
+            raise ValueError("resample ablation needs a draw of pool rows for the batch")
+        self.fixed, self.draw = fixed, draw
         try:
             with self.model.hooks.replace({n: self._fn(n) for n in self.names}):
                 yield
         finally:
-            self.fixed = None
+            self.fixed, self.draw = None, None
 
     def l0(self) -> torch.Tensor:
         return sum(heaviside(t, self.temp).sum() for t in self.tau.values())
+
+    def n_open(self) -> int:
+        return sum(int((t.detach() > 0).sum()) for t in self.tau.values())
+
+    def all_nodes(self) -> list[tuple[str, int]]:
+        return [(n, i) for n, t in self.tau.items() for i in range(t.numel())]
 
     def ranking(self) -> list[tuple[str, int]]:
         """Every node, highest τ first; ties by τ summed over training, then name and index."""
@@ -185,8 +251,9 @@ class Gates:
         return m
 
 
-def ablation_values(model, ablation: str, batches: list[torch.Tensor] | None, n_examples: int, seed: int, device="cpu") -> dict[str, torch.Tensor]:
-    """μ for every node location under the chosen ablation."""
+def ablation_values(model, ablation: str, batches: list[torch.Tensor] | None, length: int, device="cpu") -> dict[str, torch.Tensor]:
+    """μ for every node location under the chosen ablation: (width,) each, or for resample
+    a pool of pretraining sequences' activations (P, length, width)."""
     sizes = node_sizes(model.config)
     if ablation == "zero":
         return {n: torch.zeros(sizes[n.split(".", 1)[1]], device=device) for n in node_names(model.config)}
@@ -194,122 +261,198 @@ def ablation_values(model, ablation: str, batches: list[torch.Tensor] | None, n_
         raise ConfigError(f"ablation={ablation!r} needs pretraining batches (mean/resample are taken over pretraining data)")
     if ablation == "mean":
         return node_means(model, batches, device)
-    pool = resample_pool(model, batches, n=max(512, n_examples), seed=seed, device=device)
-    g = torch.Generator().manual_seed(seed + 1)
-    pick = torch.randint(0, next(iter(pool.values())).shape[0], (n_examples,), generator=g)
-    return {n: v[pick] for n, v in pool.items()}
+    return resample_pool(model, batches, length, device)
 
 
-@dataclass
+def _joint(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean and corrupt prompts as one (2n, T) batch and their answer positions (2n,)."""
+    T = max(b.clean.shape[1], b.corrupt.shape[1])
+
+    def pad(t):  # after each prompt's last token, where causal attention never looks back
+        return torch.nn.functional.pad(t, (0, T - t.shape[1]))
+
+    return torch.cat([pad(b.clean), pad(b.corrupt)]), torch.cat([b.clean_last, b.corrupt_last])
+
+
+def _split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = logits.shape[0] // 2
+    return logits[:n], logits[n:]
+
+
 class _Evaluator:
-    model: object
-    gates: Gates
-    batch: Batch
-    device: torch.device
+    """One fixed set of pairs, scored under fixed masks (or no gates: the full model)."""
+
+    def __init__(self, model, gates: Gates, batch: Batch, device, draw: torch.Tensor | None):
+        self.model, self.gates, self.batch = model, gates, batch
+        tokens, last = _joint(batch)
+        self.tokens, self.last = tokens.to(device), last.to(device)
+        self.target, self.alt = batch.target.to(device), batch.alt.to(device)
+        self.draw = draw
 
     @torch.no_grad()
-    def logits(self, fixed=None):
-        c, x = self.batch.clean.to(self.device), self.batch.corrupt.to(self.device)
-        with self.gates.active(fixed) if fixed is not None else contextlib.nullcontext():
-            return self.model(c, last_only=True)[:, -1], self.model(x, last_only=True)[:, -1]
+    def logits(self, fixed=None) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.gates.active(fixed, self.draw) if fixed is not None else contextlib.nullcontext():
+            return _split(self.model(self.tokens, at=self.last))
 
-    def loss(self, fixed=None, calib=None) -> float:
+    def losses(self, fixed=None, calib=None) -> torch.Tensor:
         lc, lx = self.logits(fixed)
         if calib is not None:
-            lc, lx = _calibrated(lc, lx, self.batch, *calib)
-        return float(pair_loss(lc, lx, self.batch.target.to(self.device), self.batch.alt.to(self.device)).mean())
+            lc, lx = _calibrated(lc, lx, self.target, *calib)
+        return pair_loss(lc, lx, self.target, self.alt)
 
-    def accuracy(self, fixed=None) -> float:
+    def loss(self, fixed=None, calib=None) -> float:
+        return float(self.losses(fixed, calib).mean())
+
+    def accuracy(self, fixed=None, calib=None) -> float:
         lc, lx = self.logits(fixed)
-        return float(pair_accuracy(lc, lx, self.batch.target.to(self.device), self.batch.alt.to(self.device)).mean())
+        if calib is not None:
+            lc, lx = _calibrated(lc, lx, self.target, *calib)
+        return float(pair_accuracy(lc, lx, self.target, self.alt).mean())
 
 
-def _calibrated(lc, lx, batch, scale, shift):
+def _calibrated(lc, lx, target, scale, shift):
     """Scale the answer logits and shift the target's (the binary choice sees a·d + b)."""
     out = []
     for lg in (lc, lx):
         lg = lg * scale
-        lg = lg.scatter_add(1, batch.target.to(lg.device)[:, None], torch.zeros_like(lg[:, :1]) + shift)
+        lg = lg.scatter_add(1, target[:, None], torch.zeros_like(lg[:, :1]) + shift)
         out.append(lg)
     return out
 
 
 def _fit_calibration(ev: _Evaluator, fixed) -> tuple[float, float]:
-    lc, lx = ev.logits(fixed)
-    a = torch.zeros((), requires_grad=True)  # scale = exp(a) > 0
-    b = torch.zeros((), requires_grad=True)
-    opt = torch.optim.Adam([a, b], lr=0.1)
-    t, al = ev.batch.target.to(lc.device), ev.batch.alt.to(lc.device)
-    for _ in range(100):
-        c2, x2 = _calibrated(lc, lx, ev.batch, a.exp(), b)
-        loss = pair_loss(c2, x2, t, al).mean()
+    """Scale and shift of the final logits by 16 LBFGS steps (the paper's mask-discretization
+    calibration)."""
+    lc, lx = (t.detach().float() for t in ev.logits(fixed))
+    a = torch.zeros((), requires_grad=True, device=lc.device)  # scale = exp(a) > 0
+    b = torch.zeros((), requires_grad=True, device=lc.device)
+    opt = torch.optim.LBFGS([a, b], lr=1.0, max_iter=16, line_search_fn="strong_wolfe")
+
+    def closure():
         opt.zero_grad()
+        c2, x2 = _calibrated(lc, lx, ev.target, a.exp(), b)
+        loss = pair_loss(c2, x2, ev.target, ev.alt).mean()
         loss.backward()
-        opt.step()
+        return loss
+
+    opt.step(closure)
     return float(a.detach().exp()), float(b.detach())
+
+
+def _pair_sets(task: Task, tokenizer, cfg: PruneConfig, ctx: int) -> tuple[Batch, Batch, Batch]:
+    """(train pool, selection, test): three disjoint sets of prompts. Test and selection come
+    first, so a task with few distinct prompts shrinks its train pool, never its test set."""
+    test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx)
+    seen = frozenset(p.clean for p in test_b.pairs)
+    select_b = encode(task, tokenizer, cfg.n_select, SELECT_SEED, ctx, exclude=seen)
+    seen |= {p.clean for p in select_b.pairs}
+    train_b = encode(task, tokenizer, cfg.n_train, TRAIN_SEED, ctx, exclude=seen, at_least=min(cfg.n_train, 8))
+    return train_b, select_b, test_b
+
+
+def verdict(loss: float, accuracy: float, target: float) -> str | None:
+    """What a full model's held-out numbers say before pruning: ``chance`` (no better than a
+    coin on accuracy, or a loss no better than chance's), ``model_misses_target``, or None
+    (the model does the task: prune it)."""
+    if accuracy < CHANCE_ACCURACY or loss >= CHANCE_LOSS:
+        return "chance"
+    if loss > target:
+        return "model_misses_target"
+    return None
 
 
 def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain_batches: list[torch.Tensor] | None = None,
           device="cpu", provenance: dict | None = None, ablate: dict[str, torch.Tensor] | None = None) -> Circuit:
     """The minimal verified circuit of ``model`` for ``task`` (see the module docstring).
 
-    ``ablate`` passes precomputed ablation values (e.g. cached node means) instead of
-    computing them from ``pretrain_batches``."""
+    First the full model is scored on the test pairs: a model at chance, or one whose loss
+    misses the target, is returned as that verdict with no nodes (it has nothing to
+    explain) unless ``cfg.prune_anyway``. ``ablate`` passes precomputed mean/zero values
+    (e.g. cached node means) instead of computing them from ``pretrain_batches``."""
     t0 = time.perf_counter()
     cfg = cfg or PruneConfig()
     dev = torch.device(device)
     model = model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    ctx = model.config.block_size
-    train_b = encode(task, tokenizer, cfg.n_train, TRAIN_SEED, ctx)
-    seen = frozenset(p.clean for p in train_b.pairs)
-    select_b = encode(task, tokenizer, cfg.n_select, SELECT_SEED, ctx, exclude=seen)
-    test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx, exclude=seen | {p.clean for p in select_b.pairs})
-    n_max = max(cfg.n_train, cfg.n_select, cfg.n_test)
+    train_b, select_b, test_b = _pair_sets(task, tokenizer, cfg, model.config.block_size)
+    prov = {"prune_config": asdict(cfg), "prune_key": cfg.key(), "task": task.name,
+            "seeds": {"train": TRAIN_SEED, "select": SELECT_SEED, "test": TEST_SEED}, **(provenance or {})}
+    sizes = node_sizes(model.config)
+    n_nodes = model.config.n_layer * sum(sizes.values())
+    full_ev = _Evaluator(model, None, test_b, dev, None)
+    full_loss, full_acc = full_ev.loss(), full_ev.accuracy()
+    base = {"k": 0, "nodes_total": n_nodes, "target": cfg.target, "full_loss": full_loss, "full_accuracy": full_acc,
+            "full_misses_target": full_loss > cfg.target, "n_train_pairs": len(train_b)}
+    pre = verdict(full_loss, full_acc, cfg.target)
+    if pre is not None and not cfg.prune_anyway:
+        return Circuit(task.name, [], [], {**base, "status": pre, "prune_seconds": time.perf_counter() - t0}, prov)
+
+    length = max(b.clean.shape[1] for b in (train_b, select_b, test_b))
+    length = max(length, *(b.corrupt.shape[1] for b in (train_b, select_b, test_b)))
     if ablate is None:
-        ablate = ablation_values(model, cfg.ablation, pretrain_batches, n_max, cfg.seed, dev)
+        ablate = ablation_values(model, cfg.ablation, pretrain_batches, length, dev)
     ablate = {n: v.to(dev) for n, v in ablate.items()}
-    torch.manual_seed(cfg.seed)
-    gates = Gates(model, ablate, cfg.surrogate_temp)
-    names = gates.names
-    n_nodes = sum(t.numel() for t in gates.tau.values())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    gates = Gates(model, ablate, cfg.surrogate_temp, cfg.init, cfg.init_noise, gen)
+    pool_n = next(iter(ablate.values())).shape[0] if gates.resample else 0
 
-    test_ev = _Evaluator(model, gates, test_b, dev)
-    select_ev = _Evaluator(model, gates, select_b, dev)
-    full_loss, full_acc = test_ev.loss(), test_ev.accuracy()
+    def draw(n: int, g: torch.Generator) -> torch.Tensor | None:
+        return torch.randint(0, pool_n, (n,), generator=g).to(dev) if gates.resample else None
 
-    # 1. train τ: task loss + k_coef · Σ H(τ)
-    opt = torch.optim.Adam(gates.parameters(), lr=cfg.lr)
-    c, x = train_b.clean.to(dev), train_b.corrupt.to(dev)
-    tgt, alt = train_b.target.to(dev), train_b.alt.to(dev)
-    for _ in range(cfg.steps):
-        with gates.active():
-            task_loss = pair_loss(model(c, last_only=True)[:, -1], model(x, last_only=True)[:, -1], tgt, alt).mean()
-        loss = task_loss + cfg.k_coef * gates.l0()
-        opt.zero_grad()
+    eval_gen = torch.Generator().manual_seed(cfg.seed + 1)  # fixed draws for held-out scoring
+    test_ev = _Evaluator(model, gates, test_b, dev, draw(2 * len(test_b), eval_gen))
+    select_ev = _Evaluator(model, gates, select_b, dev, draw(2 * len(select_b), eval_gen))
+
+    # 1. train τ: task loss + k_coef · Σ H(τ), a fresh batch of pairs every step
+    opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    warm = int(cfg.warmup_frac * cfg.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)))
+    every = max(1, cfg.steps // 20)
+    curve: list[list[float]] = []
+    for step in range(cfg.steps):
+        if len(train_b) >= cfg.batch_pairs:
+            idx = torch.randperm(len(train_b), generator=gen)[: cfg.batch_pairs]
+        else:
+            idx = torch.randint(0, len(train_b), (cfg.batch_pairs,), generator=gen)
+        b = train_b.subset(idx)
+        tokens, last = _joint(b)
+        with gates.active(draw=draw(tokens.shape[0], gen)):
+            lc, lx = _split(model(tokens.to(dev), at=last.to(dev)))
+        task_loss = pair_loss(lc, lx, b.target.to(dev), b.alt.to(dev)).mean()
+        l0 = gates.l0()
+        loss = task_loss + cfg.k_coef * l0
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         with torch.no_grad():
             for n, t in gates.tau.items():
                 t.clamp_(-1.0, 1.0)
                 gates.tau_sum[n] += t
+        if (step + 1) % every == 0 or step + 1 == cfg.steps:
+            curve.append([step + 1, round(float(task_loss.detach()), 5), gates.n_open()])
 
     # 2. rank nodes by τ and bisect k on held-out selection pairs
     ranking = gates.ranking()
     calib_cache: dict[int, tuple[float, float]] = {}
 
+    def calib_for(k: int, fixed) -> tuple[float, float] | None:
+        if not cfg.calibrate:
+            return None
+        if k not in calib_cache:
+            calib_cache[k] = _fit_calibration(select_ev, fixed)
+        return calib_cache[k]
+
     def sel_loss(k: int) -> float:
         fixed = gates.top_k_mask(ranking, k)
-        calib = None
-        if cfg.calibrate:
-            calib = calib_cache.setdefault(k, _fit_calibration(select_ev, fixed))
-        return select_ev.loss(fixed, calib)
+        return select_ev.loss(fixed, calib_for(k, fixed))
 
     # The loss along the ranking is not monotone (ablating a harmful node can help, so the
     # trained mask may beat the whole model): probe a doubling grid plus the trained mask's
     # own size, then bisect below the smallest probe that meets the target.
-    n_open = sum(int((t.detach() > 0).sum()) for t in gates.tau.values())
+    n_open = gates.n_open()
     grid = sorted({0, n_open, n_nodes} | {2**i for i in range(n_nodes.bit_length()) if 2**i < n_nodes})
     probes = {k: sel_loss(k) for k in grid}
     meeting = [k for k in grid if probes[k] <= cfg.target]
@@ -330,32 +473,47 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
                 lo = mid
         k = hi
     kept = gates.top_k_mask(ranking, k)
-    calib = calib_cache.get(k) if cfg.calibrate else None
+    calib = calib_for(k, kept)
 
-    # 3. verify on test pairs: sufficiency (only the circuit) and necessity (circuit ablated)
+    # 3. verify on test pairs: sufficiency (only the circuit), necessity (circuit ablated)
+    # beside a matched baseline (as many random nodes ablated)
     suff = test_ev.loss(kept, calib)
-    suff_acc = test_ev.accuracy(kept)
-    ablated = {n: 1.0 - m for n, m in kept.items()}
-    nec = test_ev.loss(ablated)
+    suff_acc = test_ev.accuracy(kept, calib)
+    if status == "ok" and suff > cfg.target:
+        status = "not_verified"  # chosen on selection pairs, but misses the target on test pairs
+    nec = test_ev.loss({n: 1.0 - m for n, m in kept.items()})
+    everything = gates.all_nodes()
+    base_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    rand = []
+    for _ in range(RANDOM_BASELINE_DRAWS if 0 < k < n_nodes else 0):
+        pick = [everything[i] for i in torch.randperm(n_nodes, generator=base_gen)[:k].tolist()]
+        m = gates.top_k_mask(pick, k)
+        rand.append(test_ev.loss({n: 1.0 - v for n, v in m.items()}))
     kept_bool = {n: m.bool().cpu() for n, m in kept.items()}
-    nodes = [(int(n.split(".", 1)[0]), n.split(".", 1)[1], i) for n in names for i in kept_bool[n].nonzero()[:, 0].tolist()]
+    nodes = [(int(n.split(".", 1)[0]), n.split(".", 1)[1], i) for n in gates.names for i in kept_bool[n].nonzero()[:, 0].tolist()]
+    answers = sorted({int(t) for t in test_b.target} | {int(a) for a in test_b.alt})
     edges = edges_between(model.cpu(), kept_bool) if k else []
+    aux = extra_edge_counts(model, kept_bool, answers)
     model.to(dev)
     metrics = {
+        **base,
         "status": status,
         "k": k,
-        "nodes_total": n_nodes,
-        "target": cfg.target,
-        "full_loss": full_loss,
-        "full_accuracy": full_acc,
-        "full_misses_target": full_loss > cfg.target,
+        "n_open": n_open,
+        "selection_loss": probes[k] if k in probes else sel_loss(k),
         "sufficiency_loss": suff,
         "sufficiency_accuracy": suff_acc,
         "necessity_loss": nec,
+        "necessity_random_loss": float(sum(rand) / len(rand)) if rand else None,
         "calibration_scale": calib[0] if calib else None,
         "calibration_shift": calib[1] if calib else None,
+        "convergence": json.dumps(curve),
         "prune_seconds": time.perf_counter() - t0,
     }
-    prov = {"prune_config": asdict(cfg), "task": task.name, "seeds": {"train": TRAIN_SEED, "select": SELECT_SEED, "test": TEST_SEED}}
-    prov.update(provenance or {})
-    return Circuit(task.name, nodes, edges, metrics, prov)
+    return Circuit(task.name, nodes, edges, metrics, prov, aux)
+
+
+def jaccard(a: Iterable, b: Iterable) -> float:
+    """|a ∩ b| / |a ∪ b| of two node sets (1.0 for two empty sets)."""
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0

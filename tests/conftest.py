@@ -136,3 +136,25 @@ def quick_demo(ray_session, tmp_path_factory):
     r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert r.exit_code == 0, r.output + repr(r.exception)
     return out, r.stdout
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_ok_row_is_verified(tmp_path_factory):
+    """A property over every circuits row the suite writes (checked at the end of the
+    session): status ``ok`` only where the test-pair sufficiency meets the row's target."""
+    yield
+    import glob
+
+    import pyarrow.parquet as pq
+
+    base = tmp_path_factory.getbasetemp()
+    bad, seen = [], 0
+    for path in glob.glob(str(base / "**" / "circuits" / "task=*" / "*.parquet"), recursive=True):
+        t = pq.read_table(path)
+        if not {"status", "sufficiency_loss", "target"} <= set(t.column_names):
+            continue  # a hand-made file of an older schema (test_results), from before this invariant
+        for r in t.select(["status", "sufficiency_loss", "target"]).to_pylist():
+            seen += 1
+            if r["status"] == "ok" and not (r["sufficiency_loss"] is not None and r["sufficiency_loss"] <= r["target"]):
+                bad.append((path, r))
+    assert not bad, f"{len(bad)} of {seen} stored ok rows miss their target on test pairs: {bad[:3]}"

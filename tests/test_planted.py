@@ -1,10 +1,13 @@
 """A hand-built model with a known quote circuit, hidden among distractor weights: pruning
 must find the circuit, and its stored verification numbers must be recomputable."""
 
+import json
+
 import pytest
 import torch
 
 from sparsity import prune as prune_lib
+from sparsity import tasks as task_lib
 from sparsity.config import ModelConfig
 from sparsity.model import GPT
 from sparsity.tasks.base import TEST_SEED, encode, pair_loss
@@ -28,7 +31,7 @@ def _quote_task():
     return REGISTRY["single_double_quote"]
 
 
-def planted_model(tok) -> GPT:
+def planted_model(tok, gain: float = G) -> GPT:
     cfg = ModelConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=1, d_head=8, d_model=16, d_mlp=16, afrac=None)
     torch.manual_seed(0)
     m = GPT(cfg).eval()
@@ -76,8 +79,8 @@ def planted_model(tok) -> GPT:
         t, a = tok.encode("'\n")[0], tok.encode('"\n')[0]
         # Confident but not saturated (held-out loss ~0.02, like a trained model): a loss of
         # 1e-9 would leave no gradient to tell needed nodes from idle ones.
-        head[t, 3], head[t, 4] = G, -G
-        head[a, 3], head[a, 4] = -G, G
+        head[t, 3], head[t, 4] = gain, -gain
+        head[a, 3], head[a, 4] = -gain, gain
     return m
 
 
@@ -87,8 +90,8 @@ def test_pruning_recovers_the_planted_quote_circuit(stdlib_tokenizer, stdlib_row
     model = planted_model(tok)
     test = encode(task, tok, 64, TEST_SEED, 64)
     with torch.no_grad():
-        full = pair_loss(model(test.clean), model(test.corrupt), test.target, test.alt).mean()
-    assert 0.001 < full < 0.1, f"the planted model must solve the task (loss {full:.4f})"
+        full = pair_loss(*test.answer_logits(model), test.target, test.alt).mean()
+    assert 0.001 < full < 0.15, f"the planted model must solve the task (loss {full:.4f})"
 
     pretrain = [torch.from_numpy(stdlib_rows[0][i * 32 : (i + 1) * 32].astype("int64")) for i in range(4)]
     circuit = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(), pretrain)
@@ -109,11 +112,26 @@ def test_pruning_recovers_the_planted_quote_circuit(stdlib_tokenizer, stdlib_row
     def run(mask):
         fns = {n: (lambda m_, mu: (lambda x: x * m_ + mu * (1 - m_)))(mask[n], means[n]) for n in means}
         with torch.no_grad(), model.hooks.replace(fns):
-            return float(pair_loss(model(test.clean), model(test.corrupt), test.target, test.alt).mean())
+            return float(pair_loss(*test.answer_logits(model), test.target, test.alt).mean())
 
     assert run(keep) == pytest.approx(circuit.metrics["sufficiency_loss"], rel=1e-5, abs=1e-6)
     assert run({n: 1 - v for n, v in keep.items()}) == pytest.approx(circuit.metrics["necessity_loss"], rel=1e-5, abs=1e-6)
     assert circuit.metrics["sufficiency_loss"] <= 0.15 < circuit.metrics["necessity_loss"]
+    # ablating the circuit hurts far more than ablating as many random nodes
+    assert circuit.metrics["necessity_loss"] > circuit.metrics["necessity_random_loss"]
+    curve = json.loads(circuit.metrics["convergence"])
+    assert curve[-1][0] == prune_lib.PruneConfig().steps and curve[-1][2] < curve[0][2]  # gates closed over training
+
+
+def test_a_planted_model_that_misses_the_target_is_not_pruned(stdlib_tokenizer, stdlib_rows):
+    """Weak unembedding: right answers (accuracy 1) but a loss above the target → model_misses_target, no nodes."""
+    tok, task = stdlib_tokenizer, _quote_task()
+    model = planted_model(tok, gain=0.05)
+    pretrain = [torch.from_numpy(stdlib_rows[0][:32].astype("int64"))]
+    c = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(), pretrain)
+    assert c.metrics["status"] == "model_misses_target" and c.nodes == [] and c.edges == []
+    assert c.metrics["full_accuracy"] == 1.0 and 0.15 < c.metrics["full_loss"] < task_lib.CHANCE_LOSS
+    assert "convergence" not in c.metrics  # nothing was trained
 
 
 @pytest.mark.slow
@@ -126,5 +144,9 @@ def test_pruning_is_deterministic_and_calibration_runs(stdlib_tokenizer, stdlib_
     a = prune_lib.prune(model, task, tok, cfg, pretrain)
     b = prune_lib.prune(model, task, tok, cfg, pretrain)
     assert a.nodes == b.nodes and a.edges == b.edges and a.metrics["sufficiency_loss"] == b.metrics["sufficiency_loss"]
+    assert a.metrics["convergence"] == b.metrics["convergence"]
+    # --seed drives τ-init noise and the pair batches, under mean ablation too
+    s1 = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(steps=120, seed=1), pretrain)
+    assert s1.metrics["convergence"] != a.metrics["convergence"]
     c = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(steps=120, calibrate=True), pretrain)
     assert c.metrics["calibration_scale"] > 0 and c.metrics["status"] == "ok"

@@ -38,8 +38,8 @@ def _pretrain(rows, n=4, b=8, t=32):
 
 
 def _gates(model, rows):
-    mu = prune_lib.ablation_values(model, "mean", _pretrain(rows), 8, 0)
-    return prune_lib.Gates(model, mu, 0.25), mu
+    mu = prune_lib.ablation_values(model, "mean", _pretrain(rows), 32)
+    return prune_lib.Gates(model, mu, 1.0), mu
 
 
 def test_all_gates_open_reproduces_the_model_exactly(stdlib_rows):
@@ -104,23 +104,57 @@ def test_prune_returns_a_verified_circuit_and_rows_round_trip(stdlib_rows, stdli
     """A pruning run yields nodes, edges, losses on held-out pairs, and survives to_rows/from_rows."""
     model = _model(block_size=32)
     task, pre = _quote_task(), _pretrain(stdlib_rows[0])
-    probe = prune_lib.prune(model, task, stdlib_tokenizer, prune_lib.PruneConfig(steps=1, n_train=16, n_select=16, n_test=16, target=100.0), pre)
+    small = dict(n_train=16, n_select=16, n_test=16, batch_pairs=8, prune_anyway=True)
+    probe = prune_lib.prune(model, task, stdlib_tokenizer, prune_lib.PruneConfig(steps=1, target=100.0, **small), pre)
     assert probe.metrics["status"] == "trivial" and probe.nodes == []  # any loss ≤ 100: nothing is needed
     target = probe.metrics["full_loss"] * 1.001  # just above what the whole model does
-    cfg = prune_lib.PruneConfig(steps=20, n_train=16, n_select=16, n_test=16, target=target)
+    cfg = prune_lib.PruneConfig(steps=20, target=target, **small)
     c = prune_lib.prune(model, task, stdlib_tokenizer, cfg, pre)
     m = c.metrics
-    assert m["status"] in ("ok", "trivial", "target_not_reached") and m["k"] == len(c.nodes)
+    assert m["status"] in ("ok", "not_verified", "trivial", "target_not_reached") and m["k"] == len(c.nodes)
+    assert (m["status"] == "ok") == (m["sufficiency_loss"] <= target) or m["status"] == "trivial"
     for key in ("full_loss", "sufficiency_loss", "necessity_loss"):
         assert m[key] > 0
     back = Circuit.from_rows(*c.to_rows())
     assert back.nodes == c.nodes and back.edges == c.edges and back.metrics == c.metrics
-    assert back.provenance["prune_config"]["target"] == target
+    assert back.provenance["prune_config"]["target"] == target and back.provenance["prune_key"] == cfg.key()
+
+
+def test_a_model_at_chance_is_a_verdict_without_pruning(stdlib_rows, stdlib_tokenizer):
+    """A random model is at chance on the task: status `chance`, no nodes, nothing trained."""
+    model = _model(block_size=32)
+    c = prune_lib.prune(model, _quote_task(), stdlib_tokenizer, prune_lib.PruneConfig(n_train=16, n_select=16, n_test=16), _pretrain(stdlib_rows[0]))
+    assert c.metrics["status"] == "chance" and c.nodes == [] and "convergence" not in c.metrics
+    assert c.metrics["full_accuracy"] < prune_lib.CHANCE_ACCURACY or c.metrics["full_loss"] >= prune_lib.CHANCE_LOSS
+
+
+def test_verdict_judges_loss_as_well_as_accuracy():
+    assert prune_lib.verdict(0.1, 0.99, 0.15) is None
+    assert prune_lib.verdict(0.5, 0.99, 0.15) == "model_misses_target"
+    assert prune_lib.verdict(0.5, 0.55, 0.15) == "chance"
+    assert prune_lib.verdict(1.5, 0.9, 0.15) == "chance"  # accurate but a loss worse than chance's is not above chance
+
+
+def test_resample_ablation_draws_a_different_pretraining_sequence_per_prompt(stdlib_rows):
+    """With every gate closed, identical prompts in one batch get different activations (their own draw)."""
+    model = _model()
+    pool = prune_lib.ablation_values(model, "resample", _pretrain(stdlib_rows[0]), 16)
+    assert next(iter(pool.values())).shape[:2] == (32, 16)
+    gates = prune_lib.Gates(model, pool, 1.0)
+    for t in gates.tau.values():
+        t.data.fill_(-1.0)
+    idx = torch.from_numpy(stdlib_rows[1][:1, :16].astype("int64")).repeat(4, 1)
+    with torch.no_grad(), gates.active(draw=torch.tensor([0, 1, 2, 0])):
+        out = model(idx)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+    torch.testing.assert_close(out[0], out[3])  # the same draw: the same activations
+    with pytest.raises(ValueError, match="draw"), gates.active():
+        pass
 
 
 def test_unreachable_target_is_a_plain_verdict_not_an_empty_circuit(stdlib_rows, stdlib_tokenizer):
     model = _model(block_size=32)
-    cfg = prune_lib.PruneConfig(steps=5, n_train=8, n_select=8, n_test=8, target=1e-6)
+    cfg = prune_lib.PruneConfig(steps=5, n_train=8, n_select=8, n_test=8, batch_pairs=8, target=1e-6, prune_anyway=True)
     c = prune_lib.prune(model, _quote_task(), stdlib_tokenizer, cfg, _pretrain(stdlib_rows[0]))
     m = c.metrics
     assert m["status"] == "target_not_reached" and m["k"] == len(c.nodes) and m["sufficiency_loss"] > 1e-6
@@ -129,7 +163,7 @@ def test_unreachable_target_is_a_plain_verdict_not_an_empty_circuit(stdlib_rows,
 @pytest.mark.parametrize("ablation", ["zero", "resample"])
 def test_other_ablations_run(stdlib_rows, stdlib_tokenizer, ablation):
     model = _model(block_size=32)
-    cfg = prune_lib.PruneConfig(steps=5, n_train=8, n_select=8, n_test=8, target=100.0, ablation=ablation)
+    cfg = prune_lib.PruneConfig(steps=5, n_train=8, n_select=8, n_test=8, batch_pairs=8, target=100.0, ablation=ablation, prune_anyway=True)
     c = prune_lib.prune(model, _quote_task(), stdlib_tokenizer, cfg, _pretrain(stdlib_rows[0]))
     assert c.metrics["status"] == "trivial" and c.metrics["necessity_loss"] > 0
 
@@ -143,7 +177,19 @@ def test_heaviside_surrogate_gradient():
     torch.testing.assert_close(tau.grad, s * (1 - s) / 0.25)
 
 
-@pytest.mark.parametrize("kw, fragment", [({"ablation": "median"}, "ablation"), ({"target": 0}, "target"), ({"steps": 0}, "steps")])
+def test_prune_key_covers_every_field():
+    """Two configs that differ in any field have different keys; equal configs share one."""
+    import dataclasses
+
+    base = prune_lib.PruneConfig()
+    assert base.key() == prune_lib.PruneConfig().key()
+    changed = {"ablation": "zero", "target": 0.2, "steps": 7, "k_coef": 1e-3, "seed": 3, "lr": 1e-2, "prune_anyway": True}
+    keys = {dataclasses.replace(base, **{k: v}).key() for k, v in changed.items()}
+    assert len(keys) == len(changed) and base.key() not in keys
+
+
+@pytest.mark.parametrize("kw, fragment", [({"ablation": "median"}, "ablation"), ({"target": 0}, "target"), ({"steps": 0}, "steps"),
+                                          ({"init": 2.0}, "init"), ({"batch_pairs": 0}, "batch_pairs")])
 def test_bad_prune_configs(kw, fragment):
     with pytest.raises(ValueError, match=fragment):
         prune_lib.PruneConfig(**kw)

@@ -25,7 +25,7 @@ def planted_run(stdlib_data, stdlib_tokenizer, tmp_path_factory):
 
 @pytest.mark.slow
 def test_csp_prune_stores_a_circuit_or_a_verdict_per_task(planted_run, tmp_path):
-    """`csp prune` writes one circuits row per task — a circuit, or `chance` — with nodes and edges readable by pandas."""
+    """`csp prune` writes one circuits row per task — a verified circuit, or `chance` — with nodes and edges readable by pandas."""
     out = str(tmp_path / "results")
     r = runner.invoke(app, ["prune", planted_run, "--task", "single_double_quote", "--task", "if_equals", "--out", out])
     assert r.exit_code == 0, r.output
@@ -33,13 +33,59 @@ def test_csp_prune_stores_a_circuit_or_a_verdict_per_task(planted_run, tmp_path)
     circuits = pd.read_parquet(f"{out}/circuits")
     assert sorted(circuits["task"].astype(str)) == ["if_equals", "single_double_quote"]
     quote = circuits[circuits["task"] == "single_double_quote"].iloc[0]
-    assert quote["status"] == "ok" and 7 <= quote["n_nodes"] <= 14 and quote["sufficiency_loss"] <= 0.15
+    # The planted value path (act_in 0/1 → v 0/1 → resid_delta 3/4), and little else; with node
+    # means over the whole split, the key k0 may be dropped (attention at its mean still copies enough).
+    assert quote["status"] == "ok" and 6 <= quote["n_nodes"] <= 14 and quote["sufficiency_loss"] <= 0.15
     assert circuits[circuits["task"] == "if_equals"].iloc[0]["status"] == "chance"
     nodes = results.read_table(out, results.NODES, task="single_double_quote")
     edges = results.read_table(out, results.EDGES, task="single_double_quote")
     assert len(nodes) == quote["n_nodes"] and (edges["kind"] != "resid").sum() == quote["n_edges"] > 0
     # node means were cached beside the checkpoint for the next task / run
     assert any("node_means-" in u for u in storage.ls(checkpoints.checkpoint_dir(planted_run)))
+
+
+@pytest.mark.slow
+def test_pruning_variants_live_side_by_side_and_a_repeat_adds_nothing(planted_run, tmp_path):
+    """Two ablations of one pair are two rows (keyed by the pruning config); re-running one adds no row."""
+    out = str(tmp_path / "results")
+    base = ["prune", planted_run, "--task", "single_double_quote", "--out", out, "--steps", "150"]
+    for ablation in ("mean", "zero"):
+        r = runner.invoke(app, [*base, "--ablation", ablation])
+        assert r.exit_code == 0, r.output
+    circ = results.circuits(out)
+    assert sorted(circ["ablation"]) == ["mean", "zero"] and circ["prune_key"].nunique() == 2
+    assert circ["control"].isna().all() and (circ["prune_steps"] == 150).all()
+    nodes = results.nodes(out)
+    assert set(nodes["prune_key"]) == set(circ["prune_key"])  # each variant keeps its own node set
+    before = {u: storage.read_bytes(u) for u in storage.ls(f"{out}/circuits/task=single_double_quote")}
+    r = runner.invoke(app, [*base, "--ablation", "zero"])
+    assert r.exit_code == 0 and "already stored" in r.stdout
+    after = {u: storage.read_bytes(u) for u in storage.ls(f"{out}/circuits/task=single_double_quote")}
+    assert after == before and len(results.circuits(out)) == 2
+
+
+@pytest.mark.slow
+def test_controls_are_stored_as_rows_and_the_random_init_model_does_not_verify(planted_run, tmp_path):
+    """--controls on a solved task: random-init, nonsense-task, other ablations and two more seeds,
+    each a row naming its control; the untrained model yields no verified circuit."""
+    out = str(tmp_path / "results")
+    r = runner.invoke(app, ["prune", planted_run, "--task", "single_double_quote", "--out", out, "--steps", "150", "--controls"])
+    assert r.exit_code == 0, r.output
+    circ = results.circuits(out)
+    real = circ[circ["control"].isna()].iloc[0]
+    assert real["status"] == "ok"
+    ctl = circ[circ["control"].notna()].set_index("control")
+    assert sorted(ctl.index) == sorted(["random_init", "nonsense_task", "ablation_zero", "ablation_resample", "seed_1", "seed_2"])
+    assert (ctl["base_prune_key"] == real["prune_key"]).all()
+    rnd = ctl.loc["random_init"]
+    assert rnd["status"] != "ok" and rnd["full_misses_target"]  # pruned anyway, and still no verified circuit
+    assert ctl.loc["ablation_zero", "ablation"] == "zero" and ctl.loc["seed_1", "prune_seed"] == 1
+    summary = results.controls(out)
+    assert len(summary) == 6 and bool(summary.set_index("control").loc["random_init", "passes"])
+    seed = summary.set_index("control").loc["seed_1"]
+    assert 0 < seed["jaccard"] <= 1  # the planted nodes are found under both seeds
+    r = runner.invoke(app, ["results", "controls", out])
+    assert r.exit_code == 0 and "nonsense_task" in r.stdout
 
 
 def test_csp_tasks_list_show_and_eval(planted_run):

@@ -16,7 +16,7 @@ META = {"checkpoint_uri": "/x", "checkpoint_fingerprint": "f" * 64, "step": 10, 
 def _circuit(task, n_edges):
     nodes = [(0, "attn.act_in", i) for i in range(3)]
     edges = [{"src": (0, "attn.act_in", 0), "dst": (0, "attn.q", i), "kind": "attn.q", "weight": 0.5} for i in range(n_edges)]
-    return Circuit(task, nodes, edges, {"status": "ok", "k": 3, "full_loss": 0.1, "sufficiency_loss": 0.1, "necessity_loss": 0.9})
+    return Circuit(task, nodes, edges, {"status": "ok", "k": 3, "full_loss": 0.1, "sufficiency_loss": 0.1, "necessity_loss": 0.9, "target": 0.15})
 
 
 @pytest.fixture
@@ -51,6 +51,15 @@ def test_rewriting_a_pair_replaces_its_rows(store):
     results.write_result(store, {**META, "model_id": "m1", "val_loss": 3.0}, "if_equals", _circuit("if_equals", 5))
     q = results.circuits(store, task="if_equals", model="m1")
     assert len(q) == 1 and q.iloc[0]["n_edges"] == 5
+
+
+def test_the_store_refuses_an_ok_row_that_misses_its_target(tmp_path):
+    """`ok` means verified: a circuit whose test sufficiency misses the target cannot be stored as ok."""
+    c = _circuit("if_equals", 2)
+    c.metrics["sufficiency_loss"] = 0.3
+    with pytest.raises(ValueError, match="refusing to store"):
+        results.write_result(str(tmp_path / "res"), {**META, "model_id": "x"}, "if_equals", c)
+    assert not (tmp_path / "res" / "circuits").exists()
 
 
 def test_files_of_an_older_schema_version_still_read(store):

@@ -79,7 +79,7 @@ def test_frontier_plot_writes_png_and_svg_and_uses_tasks_every_model_solved(tmp_
 
     def circuit(task, n_edges):
         es = [{"src": (0, "attn.act_in", 0), "dst": (0, "attn.q", i), "kind": "attn.q", "weight": 0.5} for i in range(n_edges)]
-        return Circuit(task, nodes, es, {"status": "ok"})
+        return Circuit(task, nodes, es, {"status": "ok", "target": 0.15, "sufficiency_loss": 0.1})
 
     for model, pfrac, val, solved in (("a", 0.25, 3.0, {"single_double_quote": 4, "if_equals": 100}), ("b", 1.0, 2.5, {"single_double_quote": 16})):
         for task, n in solved.items():
@@ -100,7 +100,7 @@ def test_frontier_plot_skips_a_width_whose_models_have_no_circuit(tmp_path):
     nodes = [(0, "attn.act_in", 0)]
     edges = [{"src": (0, "attn.act_in", 0), "dst": (0, "attn.q", 0), "kind": "attn.q", "weight": 0.5}]
     results.write_result(uri, {**META, "model_id": "a", "pfrac": 0.5, "ef": 2.0, "val_loss": 3.0}, "if_equals",
-                         Circuit("if_equals", nodes, edges, {"status": "ok"}))
+                         Circuit("if_equals", nodes, edges, {"status": "ok", "target": 0.15, "sufficiency_loss": 0.1}))
     results.write_result(uri, {**META, "model_id": "d", "pfrac": 1.0, "ef": 1.0, "val_loss": 3.5}, "if_equals", None, status="chance")
     png, svg = viz.plot_frontier(uri, str(tmp_path / "figs"))
     text = open(svg).read()

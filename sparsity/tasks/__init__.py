@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from sparsity.tasks.base import (
+    CHANCE_LOSS,
     TEST_SEED,
     TRAIN_SEED,
     Batch,
@@ -13,7 +14,9 @@ from sparsity.tasks.base import (
     Task,
     TaskError,
     encode,
+    encode_pairs,
     evaluate,
+    nonsense,
     pair_accuracy,
     pair_loss,
 )
@@ -29,6 +32,9 @@ def get(name: str) -> Task:
 
 
 __all__ = [
+    "CHANCE_LOSS",
+    "encode_pairs",
+    "nonsense",
     "evaluate",
     "REGISTRY",
     "TEST_SEED",

@@ -7,13 +7,22 @@ of the trained tokenizer at that point (with the reference pat_str a closing quo
 with what follows, so tasks end prompts where the answer is e.g. ``'\\n`` vs ``"\\n``);
 :func:`encode` checks this and fails with a message naming the tokens.
 
-The task loss of a datapoint is the two-sided binary cross-entropy at the last position:
-the mean over its two prompts of −log softmax([logit_target, logit_alt])[correct].
+The task loss of a datapoint is the two-sided binary cross-entropy at each prompt's last
+token, on the reference's scale (openai/circuit_sparsity, ``last_token_contrast_loss_fn``):
+the *sum* over its two prompts of −log softmax([logit_target, logit_alt])[correct], so
+chance is 2·ln 2 ≈ 1.386 and the paper's pruning target 0.15 is 0.075 per prompt.
 Train and test datapoints come from disjoint seeds (:data:`TRAIN_SEED`, :data:`TEST_SEED`).
+
+Prompts look like training text: one ``<|endoftext|>`` in front (the separator every file
+follows in the token shards), then the prompt's tokens, right-padded to the batch's
+longest; each prompt is read at its own last real token. Causal attention never lets a
+real position see the padding after it, so a prompt's logits do not depend on the batch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +33,7 @@ from sparsity.errors import CspError
 
 TRAIN_SEED = 0
 TEST_SEED = 1_000_003  # disjoint from every train seed: streams never share a state
+CHANCE_LOSS = 2 * math.log(2)  # the two-sided loss of a model that cannot tell the answers apart
 
 
 class TaskError(CspError):
@@ -51,30 +61,57 @@ class Task:
     make: Callable[[random.Random], Pair]
     complete: Callable[[str], str] | None = None
 
-    def pairs(self, n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Pair]:
+    def pairs(self, n: int, seed: int, exclude: frozenset[str] = frozenset(), at_least: int | None = None) -> list[Pair]:
         """``n`` distinct pairs from ``random.Random(f"{name}/{seed}")``, none of whose clean
-        prompts is in ``exclude`` (so held-out pairs never repeat a training prompt)."""
+        prompts is in ``exclude`` (so held-out pairs never repeat a training prompt).
+
+        With ``at_least``, fewer than ``n`` are fine once the generator stops finding new
+        prompts (a pool for sampling batches from), but never fewer than ``at_least``."""
         rng = random.Random(f"{self.name}/{seed}")
         out, seen = [], set(exclude)
-        tries = 0
+        need = n if at_least is None else at_least
+        tries = misses = 0
         while len(out) < n:
             p = self.make(rng)
             tries += 1
             if p.clean not in seen:
                 seen.add(p.clean)
                 out.append(p)
-            elif tries > 50 * n:
-                raise TaskError(f"task {self.name} cannot make {n} distinct pairs (made {len(out)})")
+                misses = 0
+                continue
+            misses += 1
+            if (at_least is not None and misses > 200 and len(out) >= need) or tries > 50 * n:
+                if len(out) >= need:
+                    break
+                raise TaskError(f"task {self.name} cannot make {need} distinct pairs (made {len(out)})")
         return out
+
+
+def nonsense(task: Task) -> Task:
+    """A control task: ``task``'s prompts with the answers assigned at random per pair.
+
+    Whether a pair's two answers swap is a coin flip fixed by a hash of its clean prompt:
+    the labelling is a deterministic function of the prompt (so held-out pairs are scored
+    consistently) that carries no information a model learned from code. A circuit that
+    "solves" it shows what the pruning can fit on its own (DESIGN.md, faithfulness controls)."""
+
+    def make(rng: random.Random) -> Pair:
+        p = task.make(rng)
+        if hashlib.sha256(p.clean.encode()).digest()[0] & 1:
+            return Pair(p.clean, p.corrupt, p.alt, p.target)
+        return p
+
+    # The same name: the same seeded prompt stream (Task.pairs seeds by name), so the control
+    # sees exactly the real task's prompts.
+    return Task(task.name, f"{task.description} (nonsense control: answers assigned at random per pair)", make, None)
 
 
 @dataclass
 class Batch:
-    """Tokenized pairs, left-padded so every prompt's last token is at position -1.
+    """Tokenized pairs: ``[EOT] + prompt`` right-padded to the longest in the batch.
 
-    clean, corrupt: (n, T) int64; target, alt: (n,) token ids. Padding is the EOT token
-    before the prompt, where causal attention from the last position sees it as a document
-    boundary — the same thing the model saw between files in training.
+    clean, corrupt: (n, T) int64; clean_last, corrupt_last: (n,) position of each prompt's
+    last real token (where its answer is read); target, alt: (n,) token ids.
     """
 
     clean: torch.Tensor
@@ -82,6 +119,24 @@ class Batch:
     target: torch.Tensor
     alt: torch.Tensor
     pairs: list[Pair]
+    clean_last: torch.Tensor
+    corrupt_last: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def subset(self, idx: torch.Tensor) -> Batch:
+        """The pairs at ``idx`` (a (m,) index tensor), trimmed to their own longest prompt."""
+        idx = idx.cpu()
+        cl, xl = self.clean_last[idx], self.corrupt_last[idx]
+        return Batch(self.clean[idx, : int(cl.max()) + 1], self.corrupt[idx, : int(xl.max()) + 1], self.target[idx],
+                     self.alt[idx], [self.pairs[i] for i in idx.tolist()], cl, xl)
+
+    def answer_logits(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean, corrupt) logits at each prompt's last real token: two (n, V) tensors."""
+        dev = next(model.parameters()).device
+        return (model(self.clean.to(dev), at=self.clean_last.to(dev)),
+                model(self.corrupt.to(dev), at=self.corrupt_last.to(dev)))
 
 
 def single_token(tok, text: str, task: str) -> int:
@@ -92,11 +147,16 @@ def single_token(tok, text: str, task: str) -> int:
     return ids[0]
 
 
-def encode(task: Task, tok, n: int, seed: int, max_len: int, exclude: frozenset[str] = frozenset()) -> Batch:
-    """Tokenize ``n`` pairs (none with a clean prompt in ``exclude``); check answers are single
-    distinct tokens and that each answer is what the tokenizer would emit after the prompt
-    (no merge across the boundary)."""
-    pairs = task.pairs(n, seed, exclude)
+def encode(task: Task, tok, n: int, seed: int, max_len: int, exclude: frozenset[str] = frozenset(),
+           at_least: int | None = None) -> Batch:
+    """Tokenize ``n`` pairs (none with a clean prompt in ``exclude``; see :meth:`Task.pairs`
+    for ``at_least``); check answers are single distinct tokens and that each answer is what
+    the tokenizer would emit after the prompt (no merge across the boundary)."""
+    return encode_pairs(task, tok, task.pairs(n, seed, exclude, at_least), max_len)
+
+
+def encode_pairs(task: Task, tok, pairs: list[Pair], max_len: int) -> Batch:
+    """Tokenize given pairs of ``task`` (see :func:`encode`)."""
     rows_c, rows_x, tgt, alt = [], [], [], []
     for p in pairs:
         t, a = single_token(tok, p.target, task.name), single_token(tok, p.alt, task.name)
@@ -106,32 +166,36 @@ def encode(task: Task, tok, n: int, seed: int, max_len: int, exclude: frozenset[
             ids = tok.encode(prompt)
             if tok.encode(prompt + ans)[: len(ids) + 1] != ids + [ans_id]:
                 raise TaskError(f"task {task.name}: {ans!r} after {prompt[-20:]!r} does not tokenize as the prompt's tokens + one answer token")
-        c, x = tok.encode(p.clean), tok.encode(p.corrupt)
+        c, x = [tok.eot_id] + tok.encode(p.clean), [tok.eot_id] + tok.encode(p.corrupt)
         if max(len(c), len(x)) > max_len:
             raise TaskError(f"task {task.name}: a prompt is {max(len(c), len(x))} tokens, longer than the model's context {max_len}")
         rows_c.append(c)
         rows_x.append(x)
         tgt.append(t)
         alt.append(a)
-    T = max(max(map(len, rows_c)), max(map(len, rows_x)))
-
     def pad(rows):
-        return torch.tensor([[tok.eot_id] * (T - len(r)) + r for r in rows], dtype=torch.long)
+        # After the last real token: causal attention keeps it out of every real position.
+        T = max(map(len, rows))
+        return torch.tensor([r + [tok.eot_id] * (T - len(r)) for r in rows], dtype=torch.long)
 
-    return Batch(pad(rows_c), pad(rows_x), torch.tensor(tgt), torch.tensor(alt), pairs)
+    def last(rows):
+        return torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)
+
+    return Batch(pad(rows_c), pad(rows_x), torch.tensor(tgt), torch.tensor(alt), pairs, last(rows_c), last(rows_x))
 
 
 def pair_loss(logits_clean: torch.Tensor, logits_corrupt: torch.Tensor, target: torch.Tensor, alt: torch.Tensor) -> torch.Tensor:
-    """Per-datapoint two-sided binary CE at the last position: (n,).
+    """Per-datapoint two-sided binary CE, summed over the pair's two prompts: (n,).
 
-    logits_*: (n, T, V) or (n, V) (last position already taken)."""
+    logits_*: (n, V) at each prompt's answer position (or (n, T, V): the last position).
+    Chance is 2·ln 2 (:data:`CHANCE_LOSS`), the reference's scale."""
     lc = logits_clean[:, -1] if logits_clean.dim() == 3 else logits_clean
     lx = logits_corrupt[:, -1] if logits_corrupt.dim() == 3 else logits_corrupt
     two_c = torch.stack([lc.gather(1, target[:, None])[:, 0], lc.gather(1, alt[:, None])[:, 0]], dim=1).float()
     two_x = torch.stack([lx.gather(1, target[:, None])[:, 0], lx.gather(1, alt[:, None])[:, 0]], dim=1).float()
     loss_c = -two_c.log_softmax(1)[:, 0]
     loss_x = -two_x.log_softmax(1)[:, 1]
-    return (loss_c + loss_x) / 2
+    return loss_c + loss_x
 
 
 def pair_accuracy(logits_clean, logits_corrupt, target, alt) -> torch.Tensor:
@@ -146,8 +210,7 @@ def pair_accuracy(logits_clean, logits_corrupt, target, alt) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, task: Task, tok, n: int = 64, seed: int = TEST_SEED) -> dict:
     """Held-out task loss (mean two-sided BCE per pair) and accuracy of a model."""
-    dev = next(model.parameters()).device
     b = encode(task, tok, n, seed, model.config.block_size)
-    lc, lx = model(b.clean.to(dev), last_only=True)[:, -1], model(b.corrupt.to(dev), last_only=True)[:, -1]
-    t, a = b.target.to(dev), b.alt.to(dev)
+    lc, lx = b.answer_logits(model)
+    t, a = b.target.to(lc.device), b.alt.to(lc.device)
     return {"task": task.name, "loss": float(pair_loss(lc, lx, t, a).mean()), "accuracy": float(pair_accuracy(lc, lx, t, a).mean()), "n": n}
