@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from cluster import data, runtime, storage
 from jobs import fanout as fanout_lib
+from jobs import prune as prune_job
 from jobs import results, sweep, viz
 from jobs.prune import solved
 from sparsity import tasks as task_lib
@@ -49,6 +50,7 @@ class Plan:
     prune: PruneConfig
     lr_dense: float  # lr of a dense model; a model at density d trains at lr_dense / sqrt(d)
     controls: tuple[str, ...] = ("single_double_quote",)  # tasks whose solved pairs get the faithfulness controls
+    control_models: int = 1  # ... on this many of the sparsest models that solve it (each control is a pruning run)
     notes: tuple[str, ...] = ()
 
     def lr(self, pfrac: float, ef: float) -> float:
@@ -74,7 +76,7 @@ def full_plan() -> Plan:
     return Plan(
         name="demo", n_ctx=128, base=base, pfracs=(1.0, 0.5), efs=(1.0, 2.0), dense_ef=2.0,
         train=TrainConfig(steps=700, batch_size=16, optimizer="muon", eval_every=350, ckpt_every=175),
-        prune=PruneConfig(steps=60, n_train=32, n_select=48, n_test=64),
+        prune=PruneConfig(),  # the library's defaults: the paper's settings, 400 steps, k_coef 1e-3
         lr_dense=1e-2,
         notes=("activation sparsity (AbsTopK) is off in the demo: it costs ~40% of a CPU step; "
                "`csp sweep` and `csp train` keep it on by default",),
@@ -91,6 +93,7 @@ def quick_plan() -> Plan:
         train=TrainConfig(steps=40, batch_size=8, optimizer="muon", eval_every=20, ckpt_every=20, eval_batches=2),
         prune=PruneConfig(target=3.0, steps=10, batch_pairs=8, n_train=16, n_select=8, n_test=16, prune_anyway=True),
         lr_dense=1e-2,
+        control_models=2,
         notes=("--quick checks the plumbing: tiny models that solve nothing, pruned to a loose target "
                "(task loss 3.0; chance is 1.386) with every pair pruned anyway, so every stage has something to do",),
     )
@@ -156,6 +159,32 @@ def format_summary(df) -> str:
     return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
 
 
+def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
+    """(tasks, checkpoint URIs) that get the faithfulness controls.
+
+    The task: the plan's (the quote task) where some model solves it, else the task with
+    the most verified circuits (then the most models solving it) — so the demo shows
+    controls whenever it has a circuit to check. The models: the ``plan.control_models``
+    sparsest ones that solve it, those with a verified circuit first (the claims the demo
+    is about; each control costs one pruning run)."""
+    real = circ[circ["control"].isna() & (circ["prune_key"] == plan.prune.key())]
+    ok = real[real["status"].map(solved)]
+    solved_by = ok.groupby("task", observed=True).size()
+    verified_by = real[real["status"] == "ok"].groupby("task", observed=True).size()
+    tasks = [t for t in plan.controls if solved_by.get(t, 0) > 0]
+    if not tasks and not solved_by.empty:
+        order = {t: i for i, t in enumerate(task_lib.REGISTRY)}
+        tasks = [min(solved_by.index, key=lambda t: (-verified_by.get(t, 0), -solved_by[t], order.get(t, 99)))]
+    if not tasks:
+        return [], []
+    mine = ok[ok["task"].isin(tasks)]
+    uris = set(mine["checkpoint_uri"])
+    good = set(mine[mine["status"] == "ok"]["checkpoint_uri"])
+    ranked = sorted((str(t.checkpoint_uri) not in good, viz.density(t.pfrac, float(t.ef)), -float(t.ef), str(t.checkpoint_uri))
+                    for t in trials.itertuples() if str(t.checkpoint_uri) in uris)
+    return tasks, [r[-1] for r in ranked[: plan.control_models]]
+
+
 def format_controls(ctl) -> str:
     show = ctl.assign(model=ctl["model_id"].str.rsplit("-", n=1).str[0])[
         ["model", "task", "control", "status", "n_nodes", "sufficiency_loss", "real_n_nodes", "jaccard", "passes"]]
@@ -200,12 +229,22 @@ def run(out_uri: str, quick: bool = False, address: str | None = None,
     t0 = time.monotonic()
     res = root.join("results")
     tasks = list(task_lib.REGISTRY)
-    log(f"[3/5] pruning {len(trials)} models × {len(tasks)} tasks, then the controls of {', '.join(plan.controls)} "
+    log(f"[3/5] pruning {len(trials)} models × {len(tasks)} tasks, then the faithfulness controls "
         f"(Ray tasks; a model that misses a task is recorded after one evaluation) → {res.uri}")
-    counts = fanout_lib.fanout([sw.uri], tasks, res.uri, cfg=plan.prune, max_in_flight=cores if not address else None,
-                               progress=prune_progress, controls=list(plan.controls))
-    timings["prune"] = time.monotonic() - t0
+    inflight = cores if not address else None
+    counts = fanout_lib.fanout([sw.uri], tasks, res.uri, cfg=plan.prune, max_in_flight=inflight, progress=prune_progress)
     log(f"      {counts['pruned']} pairs pruned or judged, {counts['skipped']} already stored, {counts['failed']} failed")
+    ctl_tasks, ctl_models = control_targets(plan, results.circuits(res.uri), trials)
+    if ctl_tasks:
+        log(f"      faithfulness controls of {', '.join(ctl_tasks)} on {len(ctl_models)} model(s) that solve it "
+            f"({', '.join(prune_job.control_jobs(plan.prune))})")
+        c2 = fanout_lib.fanout([sw.uri], ctl_tasks, res.uri, cfg=plan.prune, max_in_flight=inflight,
+                               progress=prune_progress, controls=ctl_tasks, control_ckpts=ctl_models)
+        log(f"      {c2['pruned']} control runs, {c2['skipped'] - len(trials) * len(ctl_tasks)} already stored, {c2['failed']} failed")
+        counts = {k: counts[k] + c2[k] for k in counts}
+    else:
+        log("      no model solves any task: no controls to run")
+    timings["prune"] = time.monotonic() - t0
 
     t0 = time.monotonic()
     figs = root.join("figures")

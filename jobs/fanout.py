@@ -69,9 +69,11 @@ def fanout(
     inject_failure: dict | None = None,
     task_env: dict[str, str] | None = None,
     controls: bool | list[str] = False,
+    control_ckpts: list[str] | None = None,
 ) -> dict:
     """Prune every (checkpoint, task) pair not yet stored under ``cfg``; with ``controls``
-    (True, or a list of task names) also every control of the solved pairs. Returns counts."""
+    (True, or a list of task names) also every control of the solved pairs (of the
+    checkpoints in ``control_ckpts`` only, when given). Returns counts."""
     import ray
 
     cfg = cfg or prune_lib.PruneConfig()
@@ -127,7 +129,7 @@ def fanout(
         real = df[df["control"].isna() & (df["prune_key"] == cfg.key())]
         by_fp = {u: fps[u] for u in ckpts}
         items = []
-        for u in ckpts:
+        for u in ckpts if control_ckpts is None else [c for c in ckpts if c in set(control_ckpts)]:
             mine = real[real["checkpoint_fingerprint"] == by_fp[u]]
             for n in names:
                 hit = mine[mine["task"] == n]

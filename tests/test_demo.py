@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from jobs import demo as demo_lib
+from jobs import prune as prune_job
 from jobs import viz
 from sparsity import tasks as task_lib
 
@@ -30,17 +31,22 @@ def test_quick_demo_stores_every_pair_in_the_three_tables(quick_demo):
     plan = demo_lib.quick_plan()
     n_models = len(plan.points())
     circ = pd.read_parquet(out / "results" / "circuits")
-    assert len(circ) == n_models * len(task_lib.REGISTRY)
-    assert circ.groupby("model_id").size().tolist() == [len(task_lib.REGISTRY)] * n_models
-    assert set(circ["task"].astype(str)) == set(task_lib.REGISTRY)
+    real, ctl = circ[circ["control"].isna()], circ[circ["control"].notna()]
+    assert len(real) == n_models * len(task_lib.REGISTRY)
+    assert real.groupby("model_id").size().tolist() == [len(task_lib.REGISTRY)] * n_models
+    assert set(real["task"].astype(str)) == set(task_lib.REGISTRY)
+    # the quote task's controls, for both models (the quick plan prunes every pair anyway)
+    assert set(ctl["task"].astype(str)) == set(plan.controls)
+    assert len(ctl) == n_models * len(prune_job.control_jobs(plan.prune))
+    assert "nonsense_task" in set(ctl["control"]) and "random_init" in set(ctl["control"])
     nodes = pd.read_parquet(out / "results" / "circuit_nodes")
     edges = pd.read_parquet(out / "results" / "circuit_edges")
-    # Every stored node and edge belongs to a stored pair, in the counts its circuits row states.
+    # Every stored node and edge belongs to a stored result, in the counts its circuits row states.
     assert len(nodes) == circ["n_nodes"].fillna(0).sum() > 0
     assert len(edges) == (circ["n_edges"].fillna(0) + circ["n_edges_resid"].fillna(0)).sum()
-    per_pair = nodes.groupby(["model_id", "task"], observed=True).size()
+    per_result = nodes.fillna({"control": ""}).groupby(["model_id", "task", "prune_key", "control"], observed=True).size()
     for r in circ[circ["n_nodes"] > 0].itertuples():
-        assert per_pair[(r.model_id, r.task)] == r.n_nodes
+        assert per_result[(r.model_id, r.task, r.prune_key, r.control if isinstance(r.control, str) else "")] == r.n_nodes
     summary = pd.read_parquet(out / "summary.parquet")
     assert len(summary) == n_models and summary["val_loss"].notna().all()
     assert summary["nonzeros"].min() < summary["nonzeros"].max()  # the dense baseline has more weights
@@ -54,7 +60,8 @@ def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_th
     assert (figs / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ET.parse(figs / "frontier.svg").getroot().tag == SVG + "svg"
     circ = pd.read_parquet(out / "results" / "circuits")
-    drawable = circ[circ["status"].isin(["ok", "target_not_reached"]) & (circ["n_nodes"] > 0)]
+    circ = circ[circ["control"].isna()]
+    drawable = circ[circ["status"].isin(["ok", "not_verified", "target_not_reached"]) & (circ["n_nodes"] > 0)]
     svgs = sorted((figs / "circuits").glob("*.svg"))
     assert len(svgs) == len(drawable) > 0
     for path in svgs[:3]:
@@ -69,6 +76,7 @@ def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_th
     assert links and all((out / link).exists() for link in links)
     assert len(links) >= len(drawable) + 2  # every diagram and both frontier files
     assert report.count('class="csp-circuit"') >= 1 and "<svg" in report
+    assert "Faithfulness controls" in report and "nonsense_task" in report
 
 
 def test_re_running_the_demo_repeats_no_finished_work(quick_demo):
@@ -86,7 +94,7 @@ def test_csp_viz_commands_draw_from_a_results_store(quick_demo, tmp_path):
     out, _ = quick_demo
     res = str(out / "results")
     circ = pd.read_parquet(out / "results" / "circuits")
-    row = circ[circ["n_nodes"] > 0].iloc[0]
+    row = circ[(circ["n_nodes"] > 0) & circ["control"].isna()].iloc[0]
     trial = row["model_id"].rsplit("-", 1)[0]  # a unique prefix: the trial name
     runner = CliRunner()
     r = runner.invoke(app, ["viz", "circuit", res, "--model", trial, "--task", row["task"], "--out", str(tmp_path)])

@@ -183,7 +183,7 @@ def test_prune_key_covers_every_field():
 
     base = prune_lib.PruneConfig()
     assert base.key() == prune_lib.PruneConfig().key()
-    changed = {"ablation": "zero", "target": 0.2, "steps": 7, "k_coef": 1e-3, "seed": 3, "lr": 1e-2, "prune_anyway": True}
+    changed = {"ablation": "zero", "target": 0.2, "steps": 7, "k_coef": 1e-2, "seed": 3, "lr": 1e-2, "prune_anyway": True}
     keys = {dataclasses.replace(base, **{k: v}).key() for k, v in changed.items()}
     assert len(keys) == len(changed) and base.key() not in keys
 
