@@ -88,7 +88,7 @@ def planted_model(tok, gain: float = G) -> GPT:
 def test_pruning_recovers_the_planted_quote_circuit(stdlib_tokenizer, stdlib_rows):
     tok, task = stdlib_tokenizer, _quote_task()
     model = planted_model(tok)
-    test = encode(task, tok, 64, TEST_SEED, 64)
+    test = encode(task, tok, prune_lib.PruneConfig().n_test, TEST_SEED, 64)  # the pairs the circuit was verified on
     with torch.no_grad():
         full = pair_loss(*test.answer_logits(model), test.target, test.alt).mean()
     assert 0.001 < full < 0.15, f"the planted model must solve the task (loss {full:.4f})"
