@@ -308,7 +308,7 @@ def _split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _Evaluator:
     """One fixed set of pairs, scored under fixed masks (or no gates: the full model)."""
 
-    def __init__(self, model, gates: Gates, batch: Batch, device, draw: torch.Tensor | None):
+    def __init__(self, model, gates: Gates | None, batch: Batch, device, draw: torch.Tensor | None):
         self.model, self.gates, self.batch = model, gates, batch
         tokens, last = _joint(batch)
         self.tokens, self.last = tokens.to(device), last.to(device)
@@ -365,15 +365,15 @@ def _fit_calibration(ev: _Evaluator, fixed) -> tuple[float, float]:
     return float(a.detach().exp()), float(b.detach())
 
 
-def _pair_sets(task: Task, tokenizer, cfg: PruneConfig, ctx: int) -> tuple[Batch, Batch, Batch]:
-    """(train pool, selection, test): three disjoint sets of prompts. Test and selection come
-    first, so a task with few distinct prompts shrinks its train pool, never its test set."""
-    test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx)
+def _held_out_and_train(task: Task, tokenizer, cfg: PruneConfig, ctx: int, test_b: Batch) -> tuple[Batch, Batch]:
+    """(train pool, selection): disjoint from the test pairs and each other. Test and
+    selection come first, so a task with few distinct prompts shrinks its train pool, never
+    its held-out sets."""
     seen = frozenset(p.clean for p in test_b.pairs)
     select_b = encode(task, tokenizer, cfg.n_select, SELECT_SEED, ctx, exclude=seen)
     seen |= {p.clean for p in select_b.pairs}
     train_b = encode(task, tokenizer, cfg.n_train, TRAIN_SEED, ctx, exclude=seen, at_least=min(cfg.n_train, 8))
-    return train_b, select_b, test_b
+    return train_b, select_b
 
 
 def verdict(loss: float, accuracy: float, target: float) -> str | None:
@@ -401,7 +401,8 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
     model = model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    train_b, select_b, test_b = _pair_sets(task, tokenizer, cfg, model.config.block_size)
+    ctx = model.config.block_size
+    test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx)
     prov = {"prune_config": asdict(cfg), "prune_key": cfg.key(), "task": task.name,
             "seeds": {"train": TRAIN_SEED, "select": SELECT_SEED, "test": TEST_SEED}, **(provenance or {})}
     sizes = node_sizes(model.config)
@@ -409,10 +410,12 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
     full_ev = _Evaluator(model, None, test_b, dev, None)
     full_loss, full_acc = full_ev.loss(), full_ev.accuracy()
     base = {"k": 0, "nodes_total": n_nodes, "target": cfg.target, "full_loss": full_loss, "full_accuracy": full_acc,
-            "full_misses_target": full_loss > cfg.target, "n_train_pairs": len(train_b)}
+            "full_misses_target": full_loss > cfg.target}
     pre = verdict(full_loss, full_acc, cfg.target)
     if pre is not None and not cfg.prune_anyway:
         return Circuit(task.name, [], [], {**base, "status": pre, "prune_seconds": time.perf_counter() - t0}, prov)
+    train_b, select_b = _held_out_and_train(task, tokenizer, cfg, ctx, test_b)
+    base["n_train_pairs"] = len(train_b)
 
     length = max(b.clean.shape[1] for b in (train_b, select_b, test_b))
     length = max(length, *(b.corrupt.shape[1] for b in (train_b, select_b, test_b)))

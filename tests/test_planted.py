@@ -123,15 +123,23 @@ def test_pruning_recovers_the_planted_quote_circuit(stdlib_tokenizer, stdlib_row
     assert curve[-1][0] == prune_lib.PruneConfig().steps and curve[-1][2] < curve[0][2]  # gates closed over training
 
 
-def test_a_planted_model_that_misses_the_target_is_not_pruned(stdlib_tokenizer, stdlib_rows):
+def test_a_planted_model_that_misses_the_target_is_stored_as_such_and_not_pruned(stdlib_tokenizer, stdlib_rows, tmp_path):
     """Weak unembedding: right answers (accuracy 1) but a loss above the target → model_misses_target, no nodes."""
+    from jobs import results
+
     tok, task = stdlib_tokenizer, _quote_task()
     model = planted_model(tok, gain=0.05)
     pretrain = [torch.from_numpy(stdlib_rows[0][:32].astype("int64"))]
-    c = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(), pretrain)
+    cfg = prune_lib.PruneConfig()
+    c = prune_lib.prune(model, task, tok, cfg, pretrain)
     assert c.metrics["status"] == "model_misses_target" and c.nodes == [] and c.edges == []
     assert c.metrics["full_accuracy"] == 1.0 and 0.15 < c.metrics["full_loss"] < task_lib.CHANCE_LOSS
     assert "convergence" not in c.metrics  # nothing was trained
+    store = str(tmp_path / "results")
+    results.write_result(store, {"model_id": "weak", "checkpoint_fingerprint": "w"}, task.name, c, cfg=cfg)
+    row = results.circuits(store).iloc[0]
+    assert row["status"] == "model_misses_target" and row["n_nodes"] == 0 and row["full_misses_target"]
+    assert results.nodes(store).empty and results.frontier(store)["tasks_with_circuit"].tolist() == [0]
 
 
 @pytest.mark.slow
