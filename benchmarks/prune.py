@@ -11,7 +11,6 @@ clean and the corrupt batch of the train pairs).
 from __future__ import annotations
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
@@ -67,6 +66,8 @@ def main() -> None:
     passes_per_s = n_passes / (time.perf_counter() - t0)
 
     t0 = time.perf_counter()
+    import dataclasses  # here, not at the top: it imports inspect → tokenize, which this folder shadows
+
     circuit = prune_lib.prune(model, task, tok, dataclasses.replace(cfg, prune_anyway=True), pretrain, device=dev)
     pair_s = time.perf_counter() - t0
     print(json.dumps({
