@@ -80,8 +80,8 @@ class PruneConfig:
     # circuits missed the target on test pairs by 0.007-0.010).
     n_select: int = 128
     # k must meet the target on the selection pairs by this many standard errors of their
-    # mean loss (0: the paper's plain bisection). Measured on the demo at 0: 2 of 6 circuits
-    # met the target on selection pairs and missed it on test pairs by 0.002-0.010.
+    # mean loss (0: the paper's plain bisection). In the demo, 2 of 6 circuits miss on test
+    # pairs by 0.002-0.010 either way: their selection loss is more than 1 SE below target.
     select_se: float = 1.0
     n_test: int = 128  # held-out pairs for verification (never used to choose anything)
     calibrate: bool = False  # fit a scale and shift on the answer logits per circuit
