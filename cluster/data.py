@@ -425,6 +425,12 @@ def manifest_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def read_shard(shard_uri: str):
+    """One shard's token rows as an (n, n_ctx+1) uint16 array (n may be 0)."""
+    col = storage.read_parquet(shard_uri, columns=["tokens"]).column("tokens").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+
+
 def load_rows(uri: str, split: str = "train", max_rows: int | None = None):
     """A split's token rows as one (n, n_ctx+1) uint16 array, in manifest order."""
     import numpy as np
@@ -432,11 +438,9 @@ def load_rows(uri: str, split: str = "train", max_rows: int | None = None):
     rows = []
     n = 0
     for shard in shard_uris(uri, split):
-        col = storage.read_parquet(shard, columns=["tokens"]).column("tokens").combine_chunks()
-        if len(col) == 0:
+        arr = read_shard(shard)
+        if len(arr) == 0:
             continue
-        width = col.type.list_size
-        arr = col.values.to_numpy(zero_copy_only=False).reshape(-1, width)
         rows.append(arr)
         n += len(arr)
         if max_rows is not None and n >= max_rows:

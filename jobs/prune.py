@@ -63,11 +63,7 @@ def pretrain_batches(data_uri: str, block_size: int, rows: int = MEANS_ROWS, see
     rng = np.random.default_rng(seed)
     shards = data.shard_uris(data_uri, "train")
     pick = sorted(rng.choice(len(shards), size=min(SAMPLE_SHARDS, len(shards)), replace=False).tolist())
-    arrs = []
-    for i in pick:
-        col = storage.read_parquet(shards[i], columns=["tokens"]).column("tokens").combine_chunks()
-        if len(col):
-            arrs.append(col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size))
+    arrs = [a for a in (data.read_shard(shards[i]) for i in pick) if len(a)]
     if not arrs:
         raise PruneError(f"the train split of {storage.resolve(data_uri).uri} has no sequences to take node means over")
     allrows = np.concatenate(arrs)
@@ -114,15 +110,16 @@ class Loaded:
             raise PruneError(f"tokenizer has {self.tok.n_vocab} ids but the model's vocab_size is {self.ckpt.config.model.vocab_size}")
         self.model = self.ckpt.build_model(device)
         self.meta = model_meta(self.ckpt, ckpt_uri)
-        self._means: dict | None = None
-        self._random: tuple | None = None
+        self._means: dict | None = None  # node means of the trained model (cached beside it)
+        self._random_model: GPT | None = None  # the random-init control's model and its node means
+        self._random_means: dict | None = None
 
     def inputs(self, ablation: str, control: str | None = None) -> tuple:
         """(model, ablate, batches) for one ablation, on the trained or the random-init model."""
         if control == "random_init":
-            if self._random is None:
-                self._random = (random_init_model(self.ckpt).to(self.device), None)
-            model = self._random[0]
+            if self._random_model is None:
+                self._random_model = random_init_model(self.ckpt).to(self.device)
+            model = self._random_model
         else:
             model = self.model
         needs_data = ablation in ("mean", "resample")
@@ -134,9 +131,9 @@ class Loaded:
                 self._means = cached_node_means(self.ckpt_uri, model, self.data_uri)
             ablate = self._means
         elif ablation == "mean":
-            if self._random[1] is None:
-                self._random = (model, prune_lib.node_means(model, pretrain_batches(self.data_uri, model.config.block_size)))
-            ablate = self._random[1]
+            if self._random_means is None:
+                self._random_means = prune_lib.node_means(model, pretrain_batches(self.data_uri, model.config.block_size))
+            ablate = self._random_means
         elif ablation == "resample":
             batches = pretrain_batches(self.data_uri, model.config.block_size, rows=RESAMPLE_ROWS, seed=MEANS_SEED + 1)
         return model, ablate, batches
