@@ -67,3 +67,7 @@ def group(help: str | None = None) -> typer.Typer:
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
     )
+
+
+SHARED_FS_HELP = ("On a cluster of several nodes, accept local paths: they are on a filesystem every node mounts "
+                  "(default: refuse them and ask for s3://).")

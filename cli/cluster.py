@@ -10,27 +10,36 @@ import typer
 from cli._app import group
 from cluster import jobs_api
 
-cluster_app = group("Start, stop and inspect a local Ray head (ray start --head on 127.0.0.1).")
+cluster_app = group("Start, stop and inspect a Ray cluster on this machine: a head and N-1 worker nodes, each its own raylet.")
 jobs_app = group("Ray jobs on a cluster: list, status, logs, stop.")
 
 
 @cluster_app.command()
 def up(
-    port: Annotated[int, typer.Option(help="GCS port.")] = 6379,
+    nodes: Annotated[int, typer.Option(help="Nodes: a head plus NODES-1 worker nodes (with several, the head declares no CPUs).")] = 1,
+    cpus_per_node: Annotated[float | None, typer.Option(help="Logical CPUs each working node declares (default: cores + 1 on one node, max(2, cores) on each of several).")] = None,
+    port: Annotated[int, typer.Option(help="GCS port (the address to pass to --address).")] = 6379,
     dashboard_port: Annotated[int, typer.Option(help="Dashboard / Jobs API port.")] = 8265,
-    num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs to declare (default: cores + 1, for a Train controller).")] = None,
 ) -> None:
-    """Start a Ray head on 127.0.0.1."""
-    info = jobs_api.up(port, dashboard_port, num_cpus)
-    typer.echo(f"Ray head at {info['address']}; Jobs API at {info['dashboard']}")
-    typer.echo(f"  csp submit --address {info['dashboard']} -- csp sweep …")
+    """Start a Ray cluster on this machine; every node inherits this shell's environment (export AWS_* first)."""
+    from cluster import local
+
+    c = local.up(nodes=nodes, cpus_per_node=cpus_per_node, port=port, dashboard_port=dashboard_port)
+    for n in c.nodes:
+        typer.echo(f"  {n.name:<6} pid {n.pid:<7} {n.cpus:g} CPUs  node {n.node_id[:12]}  temp {n.temp_dir}")
+    typer.echo(f"Ray cluster of {nodes} node{'s' if nodes > 1 else ''} at {c.address}; Jobs API at {c.dashboard}")
+    typer.echo(f"  csp sweep --address {c.address} --data s3://… --out s3://…")
+    typer.echo(f"  csp submit --address {c.dashboard} -- csp sweep …")
+    typer.echo(f"  csp cluster down{'' if port == 6379 else f' --port {port}'}")
 
 
 @cluster_app.command()
-def down() -> None:
-    """Stop the local Ray head (ray stop)."""
-    jobs_api.down()
-    typer.echo("Ray stopped")
+def down(port: Annotated[int, typer.Option(help="GCS port of the cluster `csp cluster up` started.")] = 6379) -> None:
+    """Stop the nodes `csp cluster up` started (by PID; no other Ray on this machine is touched)."""
+    from cluster import local
+
+    n = local.down(port)
+    typer.echo(f"stopped {n} node{'s' if n != 1 else ''} of the cluster on port {port}")
 
 
 @cluster_app.command()

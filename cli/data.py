@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli._app import group
+from cli._app import SHARED_FS_HELP, group
 from cli._progress import bar
 from cluster import data, runtime, storage
 
@@ -23,6 +23,7 @@ def prepare(
     shard_mb: Annotated[float, typer.Option(help="Source megabytes per shard.")] = data.DEFAULT_SHARD_BYTES / 1e6,
     workers: Annotated[int | None, typer.Option(help="Shard-writing Ray tasks in flight (default: the cluster's CPUs).")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: an in-process Ray).")] = None,
+    shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
 ) -> None:
     """Tokenize a corpus into Parquet shards; re-running skips finished shards."""
     if shard_mb <= 0:
@@ -30,7 +31,7 @@ def prepare(
     if workers is not None and workers < 1:
         raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
     storage.resolve(out)  # a malformed --out fails before Ray starts
-    runtime.init(address=address)
+    runtime.init(address=address, storage={"--out": out, "--corpus": corpus, "--tokenizer": tokenizer}, shared_fs=shared_fs)
     with bar("shards") as update:
         result = data.prepare(
             corpus, out, tokenizer=tokenizer, n_ctx=n_ctx, val_fraction=val_fraction,

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cli._app import SHARED_FS_HELP
 from cluster import storage
 from jobs import demo as demo_lib
 
@@ -19,6 +20,7 @@ def demo(
     out: Annotated[str, typer.Option(help="Where every output goes (local path or s3://…).")] = "./csp-runs",
     quick: Annotated[bool, typer.Option(help="A minutes-scale run of every stage on tiny models (checks the plumbing).")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: an in-process Ray).")] = None,
+    shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
 ) -> None:
     """Run the pipeline end to end on the embedded default; re-running resumes where it stopped."""
     t0 = time.monotonic()
@@ -39,7 +41,7 @@ def demo(
         def prune_progress(done: int, total: int, row: dict) -> None:
             p.update(pairs, completed=done, total=total, visible=done < total, info=f"{row['task']}: {row['status']}")
 
-        result = demo_lib.run(out, quick=quick, address=address, log=typer.echo, shard_progress=shard_progress,
+        result = demo_lib.run(out, quick=quick, address=address, shared_fs=shared_fs, log=typer.echo, shard_progress=shard_progress,
                                   prune_progress=prune_progress, train_progress=train_progress)
     typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s; open {result['report']}")
     if result["report"].startswith("s3://"):  # a browser cannot open s3:// URIs; the links inside are relative

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from cli._app import SHARED_FS_HELP
 from cluster import storage
 from jobs import prune as prune_job
 from sparsity.prune import ABLATIONS, PruneConfig
@@ -26,6 +27,7 @@ def prune(
     data: Annotated[str | None, typer.Option(help="Pretraining data for node means (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     address: Annotated[str | None, typer.Option(help="Ray cluster for the fan-out (default: in-process Ray when there are several checkpoints).")] = None,
+    shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
 ) -> None:
     """Prune a checkpoint to its smallest circuit per task and store every result."""
     cfg = PruneConfig(target=target, ablation=ablation, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
@@ -59,7 +61,8 @@ def prune(
     from cluster import runtime
     from jobs import fanout
 
-    runtime.init(address=address)
+    runtime.init(address=address, storage={"--out": out, "--data": data, "CKPT": next((u for u in ckpt if not u.startswith("s3://")), ckpt[0])},
+                 shared_fs=shared_fs)
 
     def tick(done: int, total: int, row: dict) -> None:
         typer.echo(f"[{done}/{total}] {row['task']}{' [' + row['control'] + ']' if row.get('control') else ''}: {row['status']}")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._app import group
+from cli._app import SHARED_FS_HELP, group
 from cluster import runtime, storage
 from jobs import sweep as sweep_job
 from sparsity.config import ModelConfig, TrainConfig
@@ -34,6 +34,7 @@ def run(
     workers_per_trial: Annotated[int, typer.Option(help="Ray Train workers per trial.")] = 1,
     gpus: Annotated[bool, typer.Option("--gpus", help="One GPU per worker.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: in-process Ray).")] = None,
+    shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
 ) -> None:
     """Run (or resume) a sweep; a finished sweep trains nothing and reprints its summary."""
     if ctx.invoked_subcommand is not None:
@@ -51,7 +52,8 @@ def run(
     train = TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer=optimizer, ckpt_every=max(1, steps // 4), eval_every=max(1, steps // 4))
     for p in sweep_job.points(parsed):
         sweep_job.trial_config(base, train, p)  # every grid point is valid before Ray starts
-    runtime.init(address=address, num_cpus=None if address else max(workers_per_trial + 1, os.cpu_count() or 1))
+    runtime.init(address=address, num_cpus=None if address else max(workers_per_trial + 1, os.cpu_count() or 1),
+                 storage={"--data": data, "--out": out}, shared_fs=shared_fs)
     df = sweep_job.run_sweep(data, out, parsed, base, train, workers_per_trial=workers_per_trial, gpus=gpus)
     _print(df)
 

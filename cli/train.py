@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cli._app import SHARED_FS_HELP
 from cluster import storage, training
 from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
 
@@ -36,6 +37,9 @@ def train(
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP); 1 = one process, no Ray.")] = 1,
     gpus: Annotated[bool, typer.Option("--gpus", help="One GPU per worker, NCCL (with --workers).")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address for --workers (default: in-process Ray).")] = None,
+    placement: Annotated[str, typer.Option(help="Where --workers go: spread (one per node where there is room, packed when not: "
+                                                 "a run survives losing a node), strict_spread (one per node, or wait) or pack.")] = "spread",
+    shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
 ) -> None:
     """Train a weight-sparse GPT; re-running the same command resumes from the last checkpoint."""
     from cluster import data as data_lib
@@ -55,8 +59,11 @@ def train(
     if workers > 1 or address or gpus:
         from cluster import runtime, trainer
 
-        runtime.init(address=address, num_cpus=None if address else max(workers + 1, os.cpu_count() or 1))
-        result = trainer.train_distributed(data, out, cfg, workers=workers, use_gpu=gpus)
+        if placement not in trainer.PLACEMENTS:
+            raise typer.BadParameter(f"--placement must be one of {', '.join(trainer.PLACEMENTS)}, got {placement!r}")
+        runtime.init(address=address, num_cpus=None if address else max(workers + 1, os.cpu_count() or 1),
+                     storage={"--data": data, "--out": out}, shared_fs=shared_fs)
+        result = trainer.train_distributed(data, out, cfg, workers=workers, use_gpu=gpus, placement=placement)
         loc = storage.resolve(out)
         if result is None:
             typer.echo(f"{loc.uri} already finished {steps} steps; nothing to do")

@@ -1,5 +1,5 @@
-"""A local Ray head (`csp cluster up/down/status`) and the Ray Jobs API (`csp submit`,
-`csp jobs list/status/logs/stop`).
+"""The Ray Jobs API (`csp submit`, `csp jobs list/status/logs/stop`) and `csp cluster
+status`; cluster/local.py starts and stops clusters on this machine.
 
 Submitted jobs upload the working directory (minus .venv, .git and run outputs) and run
 their command there; a leading ``csp`` becomes ``python -m cli.main`` so the command works
@@ -34,36 +34,6 @@ def _env() -> dict:
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
-
-
-def up(port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None, temp_dir: str | None = None) -> dict:
-    """Start a Ray head on 127.0.0.1 with the dashboard (the Jobs API) on ``dashboard_port``."""
-    args = [_ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
-            f"--num-cpus={num_cpus or max(2, (os.cpu_count() or 1) + 1)}"]
-    if temp_dir:
-        args.append(f"--temp-dir={temp_dir}")
-    # Every other port free too: a second Ray on the machine (a test session's, a user's
-    # notebook) already holds the defaults, and the job agent would not start.
-    from cluster.s3server import free_port
-
-    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-                 "ray-client-server-port", "node-manager-port", "object-manager-port"):
-        args.append(f"--{flag}={free_port()}")
-    p = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120)
-    if p.returncode != 0:
-        last = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ClusterError(f"ray start failed ({last[0][:200]}); is a head already running? try `csp cluster down`")
-    return {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard_port}"}
-
-
-def down(temp_dir: str | None = None) -> None:
-    """Stop Ray on this machine (``ray stop``: every Ray of this user), or with ``temp_dir``
-    only the head started with that --temp-dir."""
-    if temp_dir:
-        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True, timeout=30)
-        return
-    subprocess.run([_ray_cli(), "stop", "--force"], env=_env(), capture_output=True, text=True, timeout=120)
 
 
 def status(address: str) -> str:

@@ -20,8 +20,17 @@ def _quiet_env() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, log_to_driver: bool = True) -> None:
-    """Start or join Ray once per process; a second call is a no-op.
+class SharedStorageError(CspError):
+    pass
+
+
+def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, log_to_driver: bool = True,
+         storage: dict[str, str | None] | None = None, shared_fs: bool = False) -> None:
+    """Start or join Ray once per process; a second call only re-checks ``storage``.
+
+    ``storage`` names the URIs the command's nodes read or write (``{"--out": uri, …}``):
+    on a cluster of more than one node each must be on S3, or ``shared_fs`` must say the
+    local paths are a filesystem every node mounts (see ``check_shared_storage``).
 
     ``address`` None starts an in-process Ray with ``num_cpus`` logical CPUs (default: the
     machine's cores). Export AWS_ENDPOINT_URL before calling: workers inherit the
@@ -32,6 +41,7 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     import ray
 
     if ray.is_initialized():
+        check_shared_storage(storage or {}, shared_fs)
         return
     _quiet_env()
     kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": log_to_driver}
@@ -46,6 +56,11 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
         except (ConnectionError, RuntimeError, ValueError) as e:
             msg = " ".join(str(e).split())[:200]
             raise RayConnectError(f"cannot connect to Ray at {address!r} ({msg}); start one with `csp cluster up` or drop --address") from None
+        try:
+            check_shared_storage(storage or {}, shared_fs)
+        except SharedStorageError:
+            ray.shutdown()
+            raise
         return
     ray.init(
         address="local",  # a new in-process Ray even when `csp cluster up` runs one on this machine
@@ -56,10 +71,37 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     )
 
 
+def alive_nodes() -> list[dict]:
+    """The connected cluster's live nodes (``ray.nodes()`` entries)."""
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_shared_storage(storage: dict[str, str | None], shared_fs: bool = False) -> None:
+    """Refuse a local path on a cluster of several nodes: each node would read or write
+    its own disk (a checkpoint written on one node is missing on the next). S3 is shared;
+    so is a path every node mounts, which ``shared_fs`` (``--shared-fs``, or
+    CSP_SHARED_FS=1 in the environment) vouches for."""
+    from cluster import storage as storage_lib
+
+    if shared_fs or os.environ.get("CSP_SHARED_FS", "").lower() in ("1", "true", "yes"):
+        return
+    local = [(flag, uri) for flag, uri in storage.items() if uri is not None and not storage_lib.resolve(uri).is_s3]
+    if not local:
+        return
+    n = len(alive_nodes())
+    if n > 1:
+        flag, uri = local[0]
+        raise SharedStorageError(f"{flag} {uri} is a local path but the Ray cluster has {n} nodes, which do not share this "
+                                 "machine's disk; use s3://BUCKET/PREFIX (every node reads and writes it), or --shared-fs "
+                                 "if the path is on a filesystem every node mounts")
+
+
 def worker_runtime_env() -> dict:
     """What workers on a cluster need from this environment: where S3 is and the Ray
     settings — never credentials (give the nodes their own, e.g. an IAM role)."""
-    keep = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "RAY_AUTH_MODE")
+    keep = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "RAY_AUTH_MODE", "CSP_SHARED_FS")
     return {"env_vars": {k: os.environ[k] for k in keep if os.environ.get(k)}}
 
 

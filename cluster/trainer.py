@@ -1,6 +1,7 @@
 """Distributed sparse training on Ray Train: N workers, DDP (gloo on CPU, NCCL on CUDA).
 
-Data: one ``TokenServer`` actor per worker holds the train rows and serves that rank's
+Data: one ``TokenServer`` actor per worker, started by the worker on its own node (node
+affinity, so batches never cross the network), holds the train rows and serves that rank's
 batches by index (``TokenRows``: rank r takes global batches r, r+N, r+2N, … — disjoint and
 deterministic). Actors rather than Ray Data's streaming split because a batch is a pure
 function of (index, rank): the data position in a checkpoint is one integer, a resumed run
@@ -11,6 +12,14 @@ averages gradients, so the RMS normalisation, Adam step and top-k projection are
 on every rank. Rank 0 writes checkpoints (our format, cluster/checkpoints.py) to the run
 URI and reports them to Ray; after a worker failure (FailureConfig) every rank restarts
 from the latest checkpoint.
+
+Placement: ``spread`` (default) asks Ray for one worker per node where there is room and
+packs them where there is not, so a fixed group of N workers that loses a node restarts on
+the capacity left, with the same N ranks and so bit-identical weights (a fixed group, not
+an elastic one: changing N would change every later batch); ``strict_spread`` insists on
+one per node (a run that loses a node waits for another); ``pack`` keeps them together.
+Each rank records where it ran: ``RUN/placement/from-{step}-rank-{r}.json`` holds its node
+id, its token server's node id and the step it started from, one file per (re)start.
 """
 
 from __future__ import annotations
@@ -26,6 +35,13 @@ from cluster.training import METRICS_FILE, RUN_FILE, RunError, load_data
 from sparsity.config import RunConfig
 
 PREFETCH = 4
+PLACEMENTS = {"spread": "SPREAD", "strict_spread": "STRICT_SPREAD", "pack": "PACK"}
+PLACEMENT_DIR = "placement"
+
+
+def torch_backend(use_gpu: bool) -> str:
+    """The collective backend: NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if use_gpu else "gloo"
 
 
 class TokenServer:
@@ -40,6 +56,22 @@ class TokenServer:
 
     def batch(self, i: int):
         return self.rows(i).numpy(), i * self.rows.world + self.rows.rank  # (tokens, global batch id)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def _local_server(data_uri: str, cfg_dict: dict, rank: int, world: int):
+    """A TokenServer on the calling worker's node (hard affinity: if the node goes, the
+    worker goes with it and its restart makes a new one)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    cls = ray.remote(num_cpus=0)(TokenServer)
+    return cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(data_uri, cfg_dict, rank, world)
 
 
 class _Prefetcher:
@@ -80,7 +112,12 @@ def _worker(config: dict) -> None:
     debug = config.get("debug")
     seen: list[int] | None = [] if debug else None
     hashes: list[str] = []
-    batches = _Prefetcher(config["servers"][rank], seen)
+    server = _local_server(config["data"], config["cfg"], rank, world)
+    batches = _Prefetcher(server, seen)
+    node = ray.get_runtime_context().get_node_id()
+    storage.write_json(storage.resolve(out).join(PLACEMENT_DIR, f"from-{state.step if state else 0}-rank-{rank}.json"), {
+        "rank": rank, "world": world, "node_id": node, "token_server_node_id": ray.get(server.node_id.remote()),
+        "start_step": state.step if state else 0, "device": str(device), "backend": config.get("backend")})
 
     def wrap(model):
         if world == 1:
@@ -139,13 +176,15 @@ def train_distributed(
     max_failures: int = 2,
     fail_at_step: int | None = None,
     debug: bool = False,
+    placement: str = "spread",
 ):
     """Train one run on ``workers`` Ray Train workers; resumes from the latest checkpoint.
 
     Ray must be initialised (cluster.runtime.init). ``fail_at_step`` kills the last
-    rank's process once at that step (a test hook); ``debug`` records per-rank weight
-    hashes and batch ids under OUT/_debug.
+    rank's process once at that step (a test hook); ``debug`` (or CSP_TRAIN_DEBUG=1) records per-rank
+    weight hashes and batch ids under OUT/_debug.
     """
+    debug = debug or os.environ.get("CSP_TRAIN_DEBUG") == "1"
     import ray
     from ray.train import FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -153,13 +192,18 @@ def train_distributed(
 
     if workers < 1:
         raise RunError(f"workers={workers} out of range: must be ≥ 1")
+    if placement not in PLACEMENTS:
+        raise RunError(f"placement={placement!r}: choose one of {', '.join(PLACEMENTS)}")
     if cfg.train.batch_size % (workers * cfg.train.micro_batches):
         raise RunError(f"batch_size={cfg.train.batch_size} must divide evenly over {workers} workers × {cfg.train.micro_batches} micro-batches")
-    need = workers + 1  # + the Train controller
+    need = workers  # the Train controller takes no CPU (Ray Train v2 pins it to this driver's node)
     have = runtime.cluster_cpus()
     if have < need:
-        raise RunError(f"{workers} workers need {need} CPUs (one per worker + the controller) but the cluster declares {have:g}; "
+        raise RunError(f"{workers} workers need {need} CPUs (one per worker) but the cluster declares {have:g}; "
                        "start Ray with more --num-cpus or use fewer --workers")
+    if placement == "strict_spread" and len(runtime.alive_nodes()) < workers:
+        raise RunError(f"placement strict_spread needs {workers} nodes (one per worker) but the cluster has {len(runtime.alive_nodes())}; "
+                       "use --placement spread or fewer --workers")
     if use_gpu and ray.cluster_resources().get("GPU", 0) < workers:
         raise RunError(f"--gpus with {workers} workers needs {workers} GPUs; the cluster has {ray.cluster_resources().get('GPU', 0):g}")
     out = storage.resolve(out_uri)
@@ -173,8 +217,6 @@ def train_distributed(
     load_data(data_uri, cfg)  # fail fast on a bad dataset, before any actor starts
     storage.write_json(run_file, record)
 
-    server_cls = ray.remote(num_cpus=0)(TokenServer)
-    servers = [server_cls.remote(data_uri, cfg.to_dict(), r, workers) for r in range(workers)]
     ray_storage = out.join("ray")
     run_config = RayRunConfig(
         name=out.name or "run",
@@ -185,13 +227,11 @@ def train_distributed(
     )
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.to_dict(), "out": out.uri, "data": storage.resolve(data_uri).uri, "servers": servers, "fail_at_step": fail_at_step, "debug": debug},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1} if not use_gpu else None),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        train_loop_config={"cfg": cfg.to_dict(), "out": out.uri, "data": storage.resolve(data_uri).uri,
+                           "fail_at_step": fail_at_step, "debug": debug, "backend": torch_backend(use_gpu)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1} if not use_gpu else None,
+                                     placement_strategy=PLACEMENTS[placement]),
+        torch_config=TorchConfig(backend=torch_backend(use_gpu)),
         run_config=run_config,
     )
-    try:
-        return trainer.fit()
-    finally:
-        for s in servers:
-            ray.kill(s)
+    return trainer.fit()

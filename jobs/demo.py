@@ -191,7 +191,7 @@ def format_controls(ctl) -> str:
     return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
 
 
-def run(out_uri: str, quick: bool = False, address: str | None = None,
+def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs: bool = False,
         log: Callable[[str], None] = print,
         shard_progress: Callable | None = None,
         prune_progress: Callable[[int, int, dict], None] | None = None,
@@ -203,7 +203,8 @@ def run(out_uri: str, quick: bool = False, address: str | None = None,
     # Two logical CPUs per core: each sweep trial holds one for its single Train worker and
     # one for its (idle) controller, so `cores` trials train at once, one thread each.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables between our lines
-    runtime.init(address=address, num_cpus=None if address else 2 * cores, log_to_driver=False)
+    runtime.init(address=address, num_cpus=None if address else 2 * cores, log_to_driver=False,
+                 storage={"--out": out_uri}, shared_fs=shared_fs)
     timings: dict[str, float] = {}
     t_all = time.monotonic()
     for note in plan.notes:

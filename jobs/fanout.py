@@ -5,7 +5,9 @@ are skipped, so a re-run of the same config prunes nothing. Each task is retried
 failure (a raised exception or a dead worker process); one that still fails is stored as a
 ``failed`` row with its error, never dropped. A checkpoint is loaded once per worker
 process (cached by URI), and at most ``max_in_flight`` tasks are pending at once (ray.wait
-back-pressure). With controls, a second wave runs the faithfulness controls
+back-pressure). Tasks are spread over the cluster's nodes (Ray's SPREAD strategy), and a
+task whose node dies is retried on another; every row records the Ray node that made it
+(``ray_node_id``). With controls, a second wave runs the faithfulness controls
 (jobs.prune.CONTROLS) of every pair whose model solves its task.
 """
 
@@ -86,7 +88,7 @@ def fanout(
     if not ray.is_initialized():
         runtime.init()
     limit = max_in_flight or max(1, int(runtime.cluster_cpus()))
-    remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True)(prune_task)
+    remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True, scheduling_strategy="SPREAD")(prune_task)
     if task_env:  # e.g. the S3 endpoint the tasks must write to, when it is not the cluster's default
         remote = remote.options(runtime_env={"env_vars": task_env})
     counts = {"pairs": 0, "skipped": 0, "pruned": 0, "failed": 0}

@@ -206,12 +206,19 @@ def solved(status: str) -> bool:
     return status in ("ok", "not_verified", "trivial", "target_not_reached")
 
 
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def prune_pair(loaded: Loaded, task, cfg: prune_lib.PruneConfig, out_uri: str, control: str | None = None) -> dict:
     """Evaluate, then prune (unless the model misses), then store one result."""
     run_cfg = control_config(cfg, control)
     model, ablate, batches = loaded.inputs(run_cfg.ablation, control)
     ptask = task_lib.nonsense(task) if control == "nonsense_task" else task
-    extra = {"ablation": run_cfg.ablation, "target": run_cfg.target, "control": control}
+    extra = {"ablation": run_cfg.ablation, "target": run_cfg.target, "control": control, "ray_node_id": _ray_node_id()}
     try:
         circuit = prune_lib.prune(model, ptask, loaded.tok, run_cfg, batches, device=loaded.device, ablate=ablate,
                                   provenance={"model": loaded.meta, "control": control, "base_prune_key": cfg.key()})

@@ -86,6 +86,7 @@ CIRCUITS_SCHEMA = pa.schema(
         pa.field("calibration_shift", pa.float64()),
         pa.field("convergence", pa.string()),  # JSON [[step, task loss, open gates], ...] of the mask training
         pa.field("prune_seconds", pa.float64()),
+        pa.field("ray_node_id", pa.string()),  # the Ray node that pruned it (null outside Ray)
         pa.field("code_version", pa.string()),
         pa.field("provenance", pa.string()),  # JSON: prune config, seeds, model config
     ]

@@ -57,6 +57,29 @@ def ray_session(s3_server):
 
 
 @pytest.fixture(scope="session")
+def multinode(s3_server):
+    """A real 3-node Ray cluster on this machine (`csp cluster up --nodes 3`'s code): a
+    head with no CPUs and two worker nodes of 2 CPUs, each its own raylet and temp dir. The
+    nodes inherit the S3 server's AWS_* variables. Stopped by PID at the end."""
+    from cluster import local, s3server
+
+    c = local.up(nodes=3, cpus_per_node=2, port=s3server.free_port(), dashboard_port=s3server.free_port())
+    yield c
+    local.down(c)
+    assert not any(n.alive() for n in c.nodes)
+
+
+@pytest.fixture
+def two_workers(multinode):
+    """The multinode cluster with two live worker nodes (a test that killed one gets it back)."""
+    while len(multinode.workers()) < 2:
+        multinode.add_node(2)
+    yield multinode
+    while len(multinode.workers()) < 2:
+        multinode.add_node(2)
+
+
+@pytest.fixture(scope="session")
 def stdlib_files():
     from sparsity import corpus
 

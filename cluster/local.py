@@ -1,0 +1,289 @@
+"""A real multi-node Ray cluster on one machine (`csp cluster up --nodes N`, the tests).
+
+Each node is one ``ray start --block`` process in its own process group, with its own
+raylet, resources and temp dir, on this machine's address: node 0 is the head (GCS,
+dashboard = Jobs API), nodes 1… join it. The cluster is described by a state file,
+``{RAY_TMPDIR or /tmp}/csp-cluster-{PORT}/cluster.json``, which records every node's PID;
+``down`` stops exactly those process groups (SIGTERM, then SIGKILL after a grace period),
+never another Ray of the user. ``kill_node`` kills one node's raylet by PID, as a lost
+machine would; ``add_node`` brings a worker node (back) in.
+
+With several nodes the head declares no CPUs (as on a real cluster, where the head only
+coordinates) and every worker node declares ``cpus_per_node``; with one node the head
+does the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cluster.s3server import free_port
+from sparsity.errors import CspError
+
+STATE_FILE = "cluster.json"
+AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+
+
+class LocalClusterError(CspError):
+    pass
+
+
+def _ray_cli() -> str:
+    exe = os.path.join(os.path.dirname(sys.executable), "ray")
+    return exe if os.path.exists(exe) else "ray"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def state_root(port: int) -> Path:
+    """Where a cluster on GCS ``port`` keeps its state and node temp dirs: short (Ray's
+    Unix socket paths must fit in 107 bytes) and under RAY_TMPDIR when that is set."""
+    return Path(os.environ.get("RAY_TMPDIR") or "/tmp") / f"csp-cluster-{port}"
+
+
+@dataclass
+class Node:
+    name: str
+    pid: int  # the `ray start --block` process; its process group holds the node's processes
+    cpus: float
+    temp_dir: str
+    log: str
+    head: bool = False
+    node_id: str | None = None
+
+    def alive(self) -> bool:
+        return _alive(self.pid)
+
+    def raylet_pid(self) -> int | None:
+        """PID of this node's raylet (a child of its ``ray start``)."""
+        for pid, cmd in _children(self.pid):
+            if cmd and os.path.basename(cmd[0]) == "raylet":
+                return pid
+        return None
+
+
+@dataclass
+class LocalCluster:
+    port: int
+    dashboard_port: int
+    root: str
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def save(self) -> None:
+        path = Path(self.root) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": self.port, "dashboard_port": self.dashboard_port, "root": self.root,
+                                   "nodes": [asdict(n) for n in self.nodes]}, indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, port: int) -> LocalCluster:
+        path = state_root(port) / STATE_FILE
+        if not path.exists():
+            raise LocalClusterError(f"no csp cluster on port {port} (no {path}); start one with `csp cluster up`")
+        d = json.loads(path.read_text())
+        return cls(port=d["port"], dashboard_port=d["dashboard_port"], root=d["root"], nodes=[Node(**n) for n in d["nodes"]])
+
+    def node(self, node_id: str) -> Node:
+        for n in self.nodes:
+            if n.node_id == node_id:
+                return n
+        raise LocalClusterError(f"node {node_id[:12]} is not one of this cluster's nodes")
+
+    def workers(self, alive: bool = True) -> list[Node]:
+        return [n for n in self.nodes if not n.head and (n.alive() or not alive)]
+
+    def add_node(self, cpus: float, timeout: float = 90.0) -> Node:
+        """Start one more worker node and wait until it has joined."""
+        i = 1 + max((int(n.name[4:]) for n in self.nodes if n.name.startswith("node")), default=0)
+        node = _start(self, f"node{i}", head=False, cpus=cpus, timeout=timeout)
+        self.nodes.append(node)
+        self.save()
+        return node
+
+    def kill_node(self, node: Node) -> int:
+        """SIGKILL ``node``'s raylet (its ``ray start`` then ends the rest); returns the PID."""
+        if node.head:
+            raise LocalClusterError("refusing to kill the head: the cluster would go with it")
+        pid = node.raylet_pid()
+        if pid is None:
+            raise LocalClusterError(f"{node.name} has no running raylet")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while node.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _killpg(node.pid, signal.SIGKILL)
+        return pid
+
+
+def up(nodes: int = 1, cpus_per_node: float | None = None, port: int = 6379, dashboard_port: int = 8265,
+       head_cpus: float | None = None, timeout: float = 120.0) -> LocalCluster:
+    """Start a head and ``nodes - 1`` worker nodes on this machine; returns the cluster."""
+    if nodes < 1:
+        raise LocalClusterError(f"--nodes must be ≥ 1, got {nodes}")
+    cores = os.cpu_count() or 1
+    per_node = cpus_per_node if cpus_per_node is not None else (cores + 1 if nodes == 1 else max(2, cores))
+    root = state_root(port)
+    if (root / STATE_FILE).exists():
+        old = LocalCluster.load(port)
+        if any(n.alive() for n in old.nodes):
+            raise LocalClusterError(f"a csp cluster already runs on port {port} ({old.address}); `csp cluster down --port {port}` first")
+        shutil.rmtree(root, ignore_errors=True)
+    _check_free(port, "--port")
+    _check_free(dashboard_port, "--dashboard-port")
+    root.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(port=port, dashboard_port=dashboard_port, root=str(root))
+    try:
+        # One node: Ray detects this machine's GPUs; several nodes on one machine would each
+        # claim all of them, so the local multi-node cluster is CPU-only.
+        head = _start(cluster, "head", head=True, cpus=(per_node if nodes == 1 else 0) if head_cpus is None else head_cpus,
+                      timeout=timeout, gpus=None if nodes == 1 else 0)
+        cluster.nodes.append(head)
+        cluster.save()
+        for _ in range(nodes - 1):
+            cluster.add_node(per_node, timeout=timeout)
+    except BaseException:
+        down(cluster)
+        raise
+    return cluster
+
+
+def down(cluster: LocalCluster | int, grace: float = 15.0) -> int:
+    """Stop every node of ``cluster`` (or of the csp cluster on that GCS port) by PID;
+    returns how many were running."""
+    if isinstance(cluster, int):
+        cluster = LocalCluster.load(cluster)
+    running = [n for n in cluster.nodes if n.alive()]
+    for n in reversed(cluster.nodes):  # workers first, then the head
+        if n.alive():
+            _signal(n.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(n.alive() for n in cluster.nodes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for n in cluster.nodes:  # whatever is left in each node's process group (dashboard forks, workers)
+        _killpg(n.pid, signal.SIGKILL)
+    shutil.rmtree(cluster.root, ignore_errors=True)
+    return len(running)
+
+
+def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: float, gpus: int | None = 0) -> Node:
+    temp = Path(cluster.root) / name
+    temp.mkdir(parents=True, exist_ok=True)
+    log = Path(cluster.root) / f"{name}.log"
+    args = [_ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", f"--num-cpus={cpus:g}"]
+    if gpus is not None:
+        args.append(f"--num-gpus={gpus}")
+    if head:
+        args += ["--head", f"--port={cluster.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dashboard_port}", f"--ray-client-server-port={free_port()}"]
+    else:
+        args += [f"--address={cluster.address}", "--node-ip-address=127.0.0.1"]
+    # Every per-node port free: nodes on one machine would otherwise all want the defaults.
+    args += [f"--{flag}={free_port()}" for flag in AGENT_PORTS]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, env=_env(), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    node = Node(name=name, pid=proc.pid, cpus=cpus, temp_dir=str(temp), log=str(log), head=head)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if "Ray runtime started" in text:
+            node.node_id = _node_id(node)
+            if node.node_id:
+                return node
+        if proc.poll() is not None:
+            last = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
+            raise LocalClusterError(f"ray start for {name} failed ({_plain(last[0])[:200]}); see {log}")
+        time.sleep(0.3)
+    _killpg(proc.pid, signal.SIGKILL)
+    raise LocalClusterError(f"{name} did not start within {timeout:g}s; see {log}")
+
+
+def _node_id(node: Node) -> str | None:
+    pid = node.raylet_pid()
+    if pid is None:
+        return None
+    for arg in _cmdline(pid):
+        if arg.startswith("--node_id="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _check_free(port: int, flag: str) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise LocalClusterError(f"port {port} is in use (another Ray?); pick another {flag}")
+
+
+def _plain(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _children(pid: int) -> list[tuple[int, list[str]]]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.append((int(d.name), _cmdline(int(d.name))))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,166 @@
+"""csp on a real 3-node Ray cluster on this machine (head + two worker nodes, each its own
+raylet), with S3 (SeaweedFS) as the only store the nodes share.
+
+Every command runs as a user runs it: `csp … --address 127.0.0.1:PORT` in a fresh process.
+Nodes are killed by their raylet's PID, as a lost machine would be. The tests share one
+dataset and one baseline run (module fixtures), so the module pays for few trainings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from cluster import checkpoints, storage
+
+pytestmark = pytest.mark.slow
+
+CSP = os.path.join(os.path.dirname(sys.executable), "csp")
+TRAIN = ["--steps", "120", "--batch", "8", "--n-layer", "2", "--d-model", "64", "--n-head", "4", "--d-head", "16",
+         "--pfrac", "0.125", "--lr", "0.03", "--ckpt-every", "20", "--eval-every", "0", "--seed", "3"]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", **extra}
+
+
+def csp(*args, timeout=300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([CSP, *args], capture_output=True, text=True, timeout=timeout, env=_env(**env))
+
+
+def _placements(run: str) -> list[dict]:
+    return [storage.read_json(u) for u in storage.ls(f"{run}/placement", suffix=".json")]
+
+
+def _stored(res: str):
+    import pandas as pd
+
+    if not storage.exists(f"{res}/circuits") or not storage.ls(f"{res}/circuits", suffix=".parquet"):
+        return pd.DataFrame()
+    return pd.read_parquet(f"{res}/circuits", storage_options=storage.storage_options(res))
+
+
+def _debug(run: str) -> dict[int, dict]:
+    """Per rank, the record of its last (re)start: weight hashes and batch ids."""
+    recs = [storage.read_json(u) for u in storage.ls(f"{run}/_debug", suffix=".json") if "/rank-" in u]
+    return {r["rank"]: r for r in sorted(recs, key=lambda r: r["start"])}
+
+
+@pytest.fixture(scope="module")
+def s3_data(multinode, small_corpus, tokenizer_dir, s3_server):
+    """`csp data prepare` on the cluster: corpus and tokenizer read from S3, shards written to S3."""
+    prefix = f"s3://csp-test/multinode-{uuid.uuid4().hex[:8]}"
+    fs = storage.resolve(prefix).fs
+    fs.put(str(small_corpus), f"{prefix[5:]}/corpus", recursive=True)
+    fs.put(str(tokenizer_dir), f"{prefix[5:]}/tokenizer", recursive=True)
+    p = csp("data", "prepare", "--corpus", f"{prefix}/corpus", "--tokenizer", f"{prefix}/tokenizer", "--out", f"{prefix}/data",
+            "--n-ctx", "64", "--shard-mb", "0.1", "--address", multinode.address)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return f"{prefix}/data"
+
+
+@pytest.fixture(scope="module")
+def baseline(two_workers_module, s3_data):
+    """An uninterrupted 2-worker run on the cluster (with per-rank weight hashes)."""
+    run = f"{s3_data.rsplit('/', 1)[0]}/run-full"
+    p = csp("train", "--data", s3_data, "--out", run, "--workers", "2", "--address", two_workers_module.address, *TRAIN,
+            CSP_TRAIN_DEBUG="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_workers_module(multinode):
+    while len(multinode.workers()) < 2:
+        multinode.add_node(2)
+    return multinode
+
+
+def test_a_local_path_is_refused_on_a_multinode_cluster(multinode, tmp_path):
+    out = tmp_path / "data"
+    p = csp("data", "prepare", "--out", str(out), "--address", multinode.address, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "local path" in p.stderr and "s3://" in p.stderr and "3 nodes" in p.stderr and "--shared-fs" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()  # refused before anything was written
+
+
+def test_two_workers_train_one_per_node_with_their_token_servers_beside_them(baseline, s3_data):
+    placed = _placements(baseline)
+    assert sorted(p["rank"] for p in placed) == [0, 1] and all(p["start_step"] == 0 for p in placed)
+    assert placed[0]["node_id"] != placed[1]["node_id"]  # one worker per node
+    assert all(p["token_server_node_id"] == p["node_id"] for p in placed)  # data served on the worker's own node
+    assert all(p["backend"] == "gloo" for p in placed)
+    ranks = _debug(baseline)
+    assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(ranks[0]["hashes"]) == 120  # identical weights every step
+    assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
+    assert checkpoints.latest_step(baseline) == 120
+
+
+def test_a_node_killed_mid_training_resumes_on_the_rest_to_the_same_weights(baseline, two_workers, s3_data):
+    cluster = two_workers
+    run = f"{s3_data.rsplit('/', 1)[0]}/run-killed"
+    proc = subprocess.Popen([CSP, "train", "--data", s3_data, "--out", run, "--workers", "2", "--address", cluster.address, *TRAIN],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(CSP_TRAIN_DEBUG="1"))
+    try:
+        deadline = time.monotonic() + 240
+        while (checkpoints.latest_step(run) or 0) < 20:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        rank1 = next(p for p in _placements(run) if p["rank"] == 1)
+        victim = cluster.node(rank1["node_id"])
+        killed_at = checkpoints.latest_step(run)
+        cluster.kill_node(victim)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert killed_at < 120  # the kill came mid-run
+    restarts = [p for p in _placements(run) if p["start_step"] > 0]
+    assert restarts and {p["rank"] for p in restarts} == {0, 1}  # the group restarted, both ranks
+    assert all(p["node_id"] != victim.node_id for p in restarts)  # on the capacity left
+    assert all(p["token_server_node_id"] == p["node_id"] for p in restarts)
+    full, resumed = _debug(baseline), _debug(run)
+    start = resumed[0]["start"]
+    assert start >= 20 and start % 20 == 0
+    assert resumed[0]["hashes"][-1] == resumed[1]["hashes"][-1] == full[0]["hashes"][-1]  # same final weights
+    for r in (0, 1):
+        assert resumed[r]["batches"] == full[r]["batches"][start:]  # no batch skipped or read twice
+    assert checkpoints.latest_step(run) == 120
+
+
+def test_a_fanout_spreads_over_nodes_and_a_killed_node_loses_no_pair(baseline, two_workers, s3_data):
+    import pandas as pd
+
+    cluster = two_workers
+    res = f"{s3_data.rsplit('/', 1)[0]}/results-{uuid.uuid4().hex[:6]}"
+    tasks = ["var_swap", "if_equals", "indent_for", "else_elif", "for_while", "with_as", "var_if", "class_init"]
+    args = ["prune", baseline, "--out", res, "--address", cluster.address, "--prune-anyway", "--steps", "60",
+            *[x for t in tasks for x in ("--task", t)]]
+    proc = subprocess.Popen([CSP, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 240
+        while len(set(_stored(res).get("ray_node_id", []))) < 2:  # both nodes have finished a pair …
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        stored_before = len(_stored(res))
+        victim = cluster.workers()[-1]  # … and each has one in flight, as the spread keeps them busy
+        cluster.kill_node(victim)
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert stored_before < len(tasks)  # the kill came mid-fan-out
+    df = pd.read_parquet(f"{res}/circuits", storage_options=storage.storage_options(res))
+    assert sorted(df["task"].astype(str)) == sorted(tasks)  # every pair exactly once
+    assert df["ray_node_id"].nunique() >= 2 and df["ray_node_id"].notna().all() and victim.node_id in set(df["ray_node_id"])
+    again = csp(*args, timeout=300)
+    assert again.returncode == 0 and f"{len(tasks)} already stored" in again.stdout and "0 pruned" in again.stdout, again.stdout
+    assert len(pd.read_parquet(f"{res}/circuits", storage_options=storage.storage_options(res))) == len(tasks)
