@@ -8,6 +8,10 @@ of the batch index, so the data position is one integer), metrics go to ``report
 (Ray passes a wrapper of ``ray.train.report``, tests pass ``list.append``), checkpoints go
 to ``save(files, step)``. Resuming from a checkpoint's train state ends bitwise equal to
 the uninterrupted run on CPU.
+
+Precision: on CUDA forward passes run under bf16 autocast with TF32 for the matmuls left
+in fp32; on CPU everything is fp32 unless ``precision="bf16"`` (tests use it to run the
+GPU's numerics here). Master weights, gradients, Adam and the weight top-k are fp32 always.
 """
 
 from __future__ import annotations
@@ -50,11 +54,40 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return d
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full fp32 on CPU (where bf16 matmuls are slow)."""
+# "auto": bf16 autocast on CUDA, plain fp32 on CPU (where bf16 matmuls are slow);
+# "bf16" forces bf16 autocast on any device (how a CPU test runs the GPU's numerics);
+# "fp32" turns autocast off.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype forward passes autocast to on ``device``, or None for plain fp32."""
+    if precision not in PRECISIONS:
+        from sparsity.errors import ConfigError
+
+        raise ConfigError(f"precision={precision!r} out of range: choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The context every forward pass (and the loss) runs in: bf16 autocast where
+    :func:`autocast_dtype` says so, else nothing. Only the matmuls' inputs are cast: the
+    parameters stay fp32 master weights, so gradients, the optimizer state and the weight
+    top-k (which runs outside this context) are fp32 whatever the precision."""
+    dtype = autocast_dtype(device, precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def set_matmul_precision(device: torch.device) -> None:
+    """On CUDA, let the matmuls autocast leaves in fp32 (and every matmul of an fp32 run, or
+    of pruning after training in the same process) use TF32 tensor cores: products with a
+    10-bit mantissa (bf16 has 7), accumulated in fp32. Process-wide; set once by
+    :func:`train`. A no-op elsewhere (CPU matmuls stay plain fp32)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def make_optimizer(model: GPT, cfg: RunConfig) -> torch.optim.Optimizer | Optimizers:
@@ -90,13 +123,13 @@ def normalise_grads_(params: list[torch.nn.Parameter], eps: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, batches: Iterable[torch.Tensor], device: torch.device) -> float:
+def evaluate(model: GPT, batches: Iterable[torch.Tensor], device: torch.device, precision: str = "auto") -> float:
     """Mean next-token loss over the given (fixed) batches."""
     was = model.training
     model.eval()
     total, n = 0.0, 0
     for x in batches:
-        with autocast(device):
+        with autocast(device, precision):
             total += float(model.loss(x.to(device)))
         n += 1
     model.train(was)
@@ -122,14 +155,18 @@ def train(
     stop_after: int | None = None,
     wrap: Callable[[GPT], torch.nn.Module] | None = None,
     on_step: Callable[[int, GPT], None] | None = None,
+    precision: str = "auto",
 ) -> TrainResult:
     """Train a sparse GPT for ``cfg.train.steps`` steps (or resume ``state`` to the end).
 
     ``stop_after`` ends the run early after that many steps (tests use it to interrupt
     a run); ``wrap`` lets a caller wrap the model for the forward/backward (DDP);
-    ``on_step(step, model)`` runs after each step's weight projection.
+    ``on_step(step, model)`` runs after each step's weight projection; ``precision`` is
+    one of :data:`PRECISIONS` (default: bf16 autocast on CUDA, fp32 on CPU).
     """
     tc, dev = cfg.train, resolve_device(device)
+    autocast_dtype(dev, precision)  # a bad precision fails before any work
+    set_matmul_precision(dev)
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(dev)
     optimizer = make_optimizer(model, cfg)
@@ -174,7 +211,7 @@ def train(
             g["lr"] = lr
         # 2. evaluate and checkpoint (the state after `step` steps)
         if val is not None and tc.eval_every and step % tc.eval_every == 0 and step > start:
-            metrics["val_loss"] = evaluate(model, val, dev)
+            metrics["val_loss"] = evaluate(model, val, dev, precision)
             report({"step": step, "val_loss": metrics["val_loss"]})
         if tc.ckpt_every and step % tc.ckpt_every == 0 and step > start:
             checkpoint(step)
@@ -182,7 +219,7 @@ def train(
         loss_sum = 0.0
         for m in range(micro):
             x = batches(step * micro + m).to(dev, non_blocking=True)
-            with autocast(dev):
+            with autocast(dev, precision):
                 logits = net(x[:, :-1])
                 loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
             (loss / micro).backward()
@@ -214,7 +251,7 @@ def train(
 
     if end == tc.steps:
         if val is not None:
-            metrics["val_loss"] = evaluate(model, val, dev)
+            metrics["val_loss"] = evaluate(model, val, dev, precision)
             report({"step": end, "val_loss": metrics["val_loss"]})
         metrics["nonzeros"] = sum(sparsifier.nonzeros().values())
     checkpoint(end)

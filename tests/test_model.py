@@ -29,6 +29,17 @@ def test_abs_topk_keeps_exactly_k_largest_magnitudes():
     assert torch.equal(y[y != 0], x[y != 0])
 
 
+def test_abs_topk_keeps_exactly_k_of_bf16_input_whose_magnitudes_tie():
+    """bf16 activations (CUDA's autocast) tie often: still exactly k kept, none larger dropped."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(1, 4, (6, 64), generator=g) * (torch.randint(0, 2, (6, 64), generator=g) * 2 - 1)).bfloat16()
+    y = abs_topk(x, 20)
+    assert y.dtype == torch.bfloat16 and ((y != 0).sum(-1) == 20).all()
+    smallest_kept = torch.where(y != 0, y.abs(), torch.inf).min(-1).values
+    largest_dropped = torch.where(y == 0, x.abs(), -torch.inf).max(-1).values
+    assert (smallest_kept >= largest_dropped).all() and torch.equal(y[y != 0], x[y != 0])
+
+
 def test_abstopk_keeps_int_afrac_d_entries_at_every_location():
     """At all 8 locations the model keeps exactly int(afrac·width) activations per position."""
     model = _model(afrac=0.25, n_layer=1)

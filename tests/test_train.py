@@ -1,14 +1,18 @@
 import dataclasses
+import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 
 from sparsity import checkpoint as ckpt_lib
 from sparsity.batches import FixedBatches, TokenRows
+from sparsity.errors import ConfigError
+from sparsity.hooks import run_with_cache
 from sparsity.model import GPT
 from sparsity.topk import WeightSparsifier, sparse_targets
-from sparsity.train import evaluate, make_optimizer, normalise_grads_, train
+from sparsity.train import autocast, evaluate, make_optimizer, normalise_grads_, train
 
 
 def _batches(rows, cfg):
@@ -121,3 +125,73 @@ def test_configs_round_trip_through_dicts():
     with pytest.raises(ValueError, match="unknown model config field"):
         type(cfg).from_dict({"model": {"bogus": 1}})
     assert dataclasses.replace(cfg.model, d_model=128).d_model == 128
+
+
+# Where AbsTopK acts and the hook that records its output.
+ABSTOPK_HOOKS = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
+                 "attn_out": "attn.resid_delta", "mlp_in": "mlp.act_in", "mlp_neuron": "mlp.post_act",
+                 "mlp_out": "mlp.resid_delta"}
+
+
+class _RecordsQDtype(torch.nn.Module):
+    """The model's forward, noting the dtype of its first q activation each call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.dtypes = model, []
+
+    def forward(self, idx):
+        with self.model.hooks.record(["0.attn.q"]) as cache:
+            out = self.model(idx)
+        self.dtypes.append(cache["0.attn.q"].dtype)
+        return out
+
+
+def test_bf16_autocast_keeps_exactly_k_weights_per_matrix_and_k_activations():
+    """Under bf16 autocast (CUDA's numerics, forced on CPU) every step leaves each matrix
+    exactly its scheduled nonzeros, in fp32 master weights, with the floor; AbsTopK keeps
+    exactly k of its bf16 activations; the loss stays finite. (CPU's default stays plain
+    fp32: test_dense_configuration_trains_like_a_plain_gpt holds it bit for bit.)"""
+    # Dense embeddings: at density 0.02 a token's residual row has ~2 nonzeros, fewer than
+    # attn_in's k, and AbsTopK cannot keep k entries that are already zero.
+    cfg = tiny_config(t__steps=12, t__log_every=1, s__pfrac=0.02, s__embed_pfrac=1.0, m__block_size=32, m__sink=True)
+    rows = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (64, 33))
+    sched = WeightSparsifier(GPT(cfg.model), cfg.sparsity, cfg.train.steps)
+    checked = []
+
+    def check(step, model):
+        ks = sched.ks(step)
+        for t in sparse_targets(model):
+            assert t.param.dtype == torch.float32, t.name
+            nz = t.param.detach() != 0
+            assert int(nz.sum()) == ks[t.name], (step, t.name)
+            if t.units_dim is not None:
+                assert int(nz.sum(dim=1 - t.units_dim).min()) >= 4, (step, t.name)
+        checked.append(step)
+
+    log, nets = [], []
+
+    def wrap(model):
+        nets.append(_RecordsQDtype(model))
+        return nets[-1]
+
+    bf16 = train(cfg, TokenRows(rows, 8), "cpu", log.append, on_step=check, wrap=wrap, precision="bf16").model
+    assert nets[0].dtypes == [torch.bfloat16] * 12  # every training forward ran under bf16 autocast
+    assert checked == list(range(12))
+    losses = [m["loss"] for m in log if "loss" in m]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+
+    x = torch.from_numpy(rows[:4, :32])
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+        _, cache = run_with_cache(bf16.eval(), x)
+    for layer in range(cfg.model.n_layer):
+        for loc, hook in ABSTOPK_HOOKS.items():
+            k = int(cfg.model.afrac * cfg.model.loc_dims()[loc])
+            assert ((cache[f"{layer}.{hook}"] != 0).sum(-1) == k).all(), (layer, loc)
+    assert cache["0.attn.q"].dtype == cache["0.mlp.post_act"].dtype == torch.bfloat16
+
+
+def test_unknown_precision_is_a_config_error():
+    with pytest.raises(ConfigError, match="precision='fp16' out of range"):
+        train(tiny_config(), lambda i: None, "cpu", precision="fp16")
