@@ -79,9 +79,21 @@ def status_(job_id: str, address: Annotated[str, typer.Option(help="Jobs API add
 
 
 @jobs_app.command()
-def logs(job_id: str, address: Annotated[str, typer.Option(help="Jobs API address.")] = "http://127.0.0.1:8265") -> None:
-    """A job's output so far."""
-    typer.echo(jobs_api.logs(address, job_id), nl=False)
+def logs(
+    job_id: str,
+    address: Annotated[str, typer.Option(help="Jobs API address.")] = "http://127.0.0.1:8265",
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the output until the job ends; exit 1 unless it succeeded.")] = False,
+) -> None:
+    """A job's output so far (or, with --follow, as it comes)."""
+    if not follow:
+        typer.echo(jobs_api.logs(address, job_id), nl=False)
+        return
+    for chunk in jobs_api.follow(address, job_id):
+        typer.echo(chunk, nl=False)
+    st = jobs_api.job_status(address, job_id)
+    typer.echo(f"job {job_id}: {st}", err=True)
+    if st != "SUCCEEDED":
+        raise typer.Exit(1)
 
 
 @jobs_app.command()

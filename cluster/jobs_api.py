@@ -99,6 +99,25 @@ def logs(address: str, job_id: str) -> str:
         raise ClusterError(f"no job {job_id!r} at {address} ({' '.join(str(e).split())[:120]})") from None
 
 
+def follow(address: str, job_id: str):
+    """The job's output as it comes, until the job ends (a generator of text chunks)."""
+    import asyncio
+
+    client = _client(address)
+    job_status(address, job_id)  # an unknown id fails here, cleanly
+    agen = client.tail_job_logs(job_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()
+
+
 def stop(address: str, job_id: str) -> bool:
     try:
         return bool(_client(address).stop_job(job_id))

@@ -170,7 +170,7 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, port: int = 6379, das
     return cluster
 
 
-def down(cluster: LocalCluster | int, grace: float = 15.0) -> int:
+def down(cluster: LocalCluster | int, grace: float = 8.0) -> int:
     """Stop every node of ``cluster`` (or of the csp cluster on that GCS port) by PID;
     returns how many were running."""
     if isinstance(cluster, int):

@@ -149,11 +149,6 @@ def _worker(config: dict) -> None:
             for p in model.parameters():
                 h.update(p.detach().cpu().numpy().tobytes())
             hashes.append(f"{step}:{h.hexdigest()[:16]}")
-        fail = config.get("fail_at_step")
-        marker = storage.resolve(out).join("_debug", "failed-once")
-        if fail is not None and step == fail and rank == world - 1 and not storage.exists(marker):
-            storage.write_text(marker, "1")
-            os._exit(1)  # a worker process dies mid-run, as a preempted node would
 
     from cluster.data import load_rows
     from sparsity.batches import FixedBatches
@@ -174,15 +169,13 @@ def train_distributed(
     workers: int = 2,
     use_gpu: bool = False,
     max_failures: int = 2,
-    fail_at_step: int | None = None,
     debug: bool = False,
     placement: str = "spread",
 ):
     """Train one run on ``workers`` Ray Train workers; resumes from the latest checkpoint.
 
-    Ray must be initialised (cluster.runtime.init). ``fail_at_step`` kills the last
-    rank's process once at that step (a test hook); ``debug`` (or CSP_TRAIN_DEBUG=1) records per-rank
-    weight hashes and batch ids under OUT/_debug.
+    Ray must be initialised (cluster.runtime.init). ``debug`` (or CSP_TRAIN_DEBUG=1)
+    records per-rank weight hashes and batch ids under OUT/_debug.
     """
     debug = debug or os.environ.get("CSP_TRAIN_DEBUG") == "1"
     import ray
@@ -228,7 +221,7 @@ def train_distributed(
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "out": out.uri, "data": storage.resolve(data_uri).uri,
-                           "fail_at_step": fail_at_step, "debug": debug, "backend": torch_backend(use_gpu)},
+                           "debug": debug, "backend": torch_backend(use_gpu)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1} if not use_gpu else None,
                                      placement_strategy=PLACEMENTS[placement]),
         torch_config=TorchConfig(backend=torch_backend(use_gpu)),

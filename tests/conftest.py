@@ -80,6 +80,27 @@ def two_workers(multinode):
 
 
 @pytest.fixture(scope="session")
+def s3_data(multinode, small_corpus, tokenizer_dir):
+    """`csp data prepare` on the multinode cluster, as a user runs it: corpus and tokenizer
+    read from S3, shards written to S3 (the only store the nodes share)."""
+    import subprocess
+    import sys
+
+    from cluster import storage
+
+    prefix = f"s3://{BUCKET}/multinode-{uuid.uuid4().hex[:8]}"
+    fs = storage.resolve(prefix).fs
+    fs.put(str(small_corpus), f"{prefix[5:]}/corpus", recursive=True)
+    fs.put(str(tokenizer_dir), f"{prefix[5:]}/tokenizer", recursive=True)
+    csp = os.path.join(os.path.dirname(sys.executable), "csp")
+    p = subprocess.run([csp, "data", "prepare", "--corpus", f"{prefix}/corpus", "--tokenizer", f"{prefix}/tokenizer",
+                        "--out", f"{prefix}/data", "--n-ctx", "64", "--shard-mb", "0.1", "--address", multinode.address],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return f"{prefix}/data"
+
+
+@pytest.fixture(scope="session")
 def stdlib_files():
     from sparsity import corpus
 

@@ -7,39 +7,14 @@ from conftest import tiny_config
 from typer.testing import CliRunner
 
 from cli.main import app
-from cluster import checkpoints, runtime, storage, trainer
+from cluster import runtime, storage, trainer
 from jobs import sweep
 
 runner = CliRunner()
 
 
-def _debug(out: str) -> list[dict]:
-    return [storage.read_json(u) for u in storage.ls(f"{out}/_debug", suffix=".json")]
-
-
-@pytest.mark.slow
-def test_two_workers_stay_identical_and_a_killed_worker_resumes_to_the_same_weights(ray_session, stdlib_data, tmp_path):
-    """2-worker DDP: identical weights on both ranks after every step, disjoint data; a worker
-    killed at step 15 → the run resumes from the step-10 checkpoint, reads no batch twice,
-    and ends with the uninterrupted run's weights."""
-    cfg = tiny_config(t__steps=24, t__ckpt_every=10, t__batch_size=8)
-    full = str(tmp_path / "full")
-    trainer.train_distributed(stdlib_data, full, cfg, workers=2, debug=True)
-    ranks = sorted(_debug(full), key=lambda d: d["rank"])
-    assert [d["rank"] for d in ranks] == [0, 1]
-    assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(ranks[0]["hashes"]) == 24
-    assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
-
-    killed = str(tmp_path / "killed")
-    trainer.train_distributed(stdlib_data, killed, cfg, workers=2, debug=True, fail_at_step=15)
-    assert storage.exists(f"{killed}/_debug/failed-once")
-    resumed = sorted(_debug(killed), key=lambda d: d["rank"])
-    assert [d["start"] for d in resumed] == [10, 10]  # lost at most one checkpoint interval
-    assert resumed[0]["hashes"][-1] == ranks[0]["hashes"][-1]  # same final weights
-    for r_full, r_res in zip(ranks, resumed, strict=True):
-        assert r_res["batches"] == r_full["batches"][10:]  # continues exactly where step 10 left off
-    assert checkpoints.load(killed).train_state["data_position"] == 24
-    assert checkpoints.latest_step(killed) == 24
+# Two workers with identical weights at every step, disjoint batches, and a killed node's
+# run resuming to the same final weights: tests/test_multinode.py, on a 3-node cluster.
 
 
 def _sweep(ray_session, data, out):
@@ -96,10 +71,19 @@ def test_unreachable_address_is_a_clear_error(tmp_path):
 
 
 def test_more_workers_than_cpus_is_refused(ray_session, stdlib_data, tmp_path):
-    with pytest.raises(trainer.RunError, match="need 9 CPUs"):
+    with pytest.raises(trainer.RunError, match="need 8 CPUs"):
         trainer.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=8)
     assert not os.path.exists(tmp_path / "r")
 
+def test_gpus_select_nccl_and_a_cluster_without_gpus_refuses_them(ray_session, stdlib_data, tmp_path):
+    """The CUDA branch, as far as it runs without a GPU: --gpus picks NCCL (gloo otherwise),
+    and asking for GPUs the cluster lacks is a clear error before anything is written."""
+    assert trainer.torch_backend(True) == "nccl" and trainer.torch_backend(False) == "gloo"
+    with pytest.raises(trainer.RunError, match="needs 2 GPUs; the cluster has 0"):
+        trainer.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=2, use_gpu=True)
+    with pytest.raises(trainer.RunError, match="strict_spread needs 2 nodes"):
+        trainer.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=2, placement="strict_spread")
+    assert not os.path.exists(tmp_path / "r")
 
 
 def test_worker_runtime_env_never_carries_secrets(monkeypatch):

@@ -52,19 +52,6 @@ def _debug(run: str) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def s3_data(multinode, small_corpus, tokenizer_dir, s3_server):
-    """`csp data prepare` on the cluster: corpus and tokenizer read from S3, shards written to S3."""
-    prefix = f"s3://csp-test/multinode-{uuid.uuid4().hex[:8]}"
-    fs = storage.resolve(prefix).fs
-    fs.put(str(small_corpus), f"{prefix[5:]}/corpus", recursive=True)
-    fs.put(str(tokenizer_dir), f"{prefix[5:]}/tokenizer", recursive=True)
-    p = csp("data", "prepare", "--corpus", f"{prefix}/corpus", "--tokenizer", f"{prefix}/tokenizer", "--out", f"{prefix}/data",
-            "--n-ctx", "64", "--shard-mb", "0.1", "--address", multinode.address)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return f"{prefix}/data"
-
-
-@pytest.fixture(scope="module")
 def baseline(two_workers_module, s3_data):
     """An uninterrupted 2-worker run on the cluster (with per-rank weight hashes)."""
     run = f"{s3_data.rsplit('/', 1)[0]}/run-full"
@@ -141,7 +128,7 @@ def test_a_fanout_spreads_over_nodes_and_a_killed_node_loses_no_pair(baseline, t
     cluster = two_workers
     res = f"{s3_data.rsplit('/', 1)[0]}/results-{uuid.uuid4().hex[:6]}"
     tasks = ["var_swap", "if_equals", "indent_for", "else_elif", "for_while", "with_as", "var_if", "class_init"]
-    args = ["prune", baseline, "--out", res, "--address", cluster.address, "--prune-anyway", "--steps", "60",
+    args = ["prune", baseline, "--out", res, "--address", cluster.address, "--prune-anyway", "--steps", "40",
             *[x for t in tasks for x in ("--task", t)]]
     proc = subprocess.Popen([CSP, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     try:

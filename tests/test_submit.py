@@ -1,3 +1,7 @@
+"""Ray Jobs on the multinode cluster (head + two worker nodes): `csp submit` a sweep and a
+prune fan-out whose outputs go to S3, follow a job's logs, stop one; `--address` from a
+fresh process; clean errors."""
+
 import os
 import shutil
 import time
@@ -8,19 +12,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from cluster import jobs_api, s3server
+from cluster import jobs_api, storage
 
 runner = CliRunner()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def head():
-    """A real Ray head (`ray start --head`) on 127.0.0.1 with its own ports and temp dir."""
-    tmp = f"/tmp/csp-ray-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths must fit 107 chars
-    info = jobs_api.up(port=s3server.free_port(), dashboard_port=s3server.free_port(), num_cpus=4, temp_dir=tmp)
-    yield info
-    jobs_api.down(temp_dir=tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
+def head(multinode):
+    return {"address": multinode.address, "dashboard": multinode.dashboard}
 
 
 def _wait(address, job_id, timeout=400):
@@ -34,28 +34,41 @@ def _wait(address, job_id, timeout=400):
 
 
 @pytest.mark.slow
-def test_submit_runs_a_sweep_and_a_fanout_and_logs_show_their_output(head, stdlib_data, tmp_path):
-    """`csp submit` against a head on 127.0.0.1: a small sweep job then a prune fan-out job
-    finish, and `csp jobs logs` shows what they printed."""
+def test_submit_runs_a_sweep_and_a_fanout_on_s3_follows_logs_and_stops_a_job(head, s3_data, two_workers):
+    """`csp submit` on the multinode cluster: a small sweep job then a prune fan-out job
+    finish with their outputs on S3; `csp jobs logs --follow` streams a job to its end; a
+    long job is stopped."""
     addr = head["dashboard"]
-    sweep_dir, res = str(tmp_path / "sweep"), str(tmp_path / "res")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = runner.invoke(app, ["submit", "--address", addr, "--working-dir", repo, "--", "csp", "sweep", "--data", stdlib_data,
-                            "--out", sweep_dir, "--grid", "pfrac=0.5", "--steps", "4", "--batch", "8", "--n-layer", "1",
-                            "--d-model", "32", "--n-head", "2"])
+    base = f"{s3_data.rsplit('/', 1)[0]}/jobs-{uuid.uuid4().hex[:6]}"
+    sweep_dir, res = f"{base}/sweep", f"{base}/res"
+    small = ["--steps", "4", "--batch", "8", "--n-layer", "1", "--d-model", "32", "--n-head", "2"]
+    r = runner.invoke(app, ["submit", "--address", addr, "--working-dir", REPO, "--", "csp", "sweep", "--data", s3_data,
+                            "--out", sweep_dir, "--grid", "pfrac=0.5", *small])
     assert r.exit_code == 0, r.output
     job = r.stdout.strip().splitlines()[-1]
-    assert _wait(addr, job) == "SUCCEEDED", jobs_api.logs(addr, job)[-2000:]
-    r = runner.invoke(app, ["jobs", "logs", job, "--address", addr])
-    assert "pfrac=0.5 " in r.stdout and "wall_seconds" in r.stdout  # the summary table the job printed
-    r = runner.invoke(app, ["submit", "--address", addr, "--working-dir", repo, "--", "csp", "prune", sweep_dir,
+    r = runner.invoke(app, ["jobs", "logs", job, "--follow", "--address", addr])
+    assert r.exit_code == 0, r.output + jobs_api.logs(addr, job)[-2000:]
+    assert "pfrac=0.5 " in r.stdout and "wall_seconds" in r.stdout  # the summary table, streamed to the end
+    assert f"job {job}: SUCCEEDED" in r.stderr
+    assert storage.exists(f"{sweep_dir}/summary.parquet")
+    r = runner.invoke(app, ["submit", "--address", addr, "--working-dir", REPO, "--", "csp", "prune", sweep_dir,
                             "--task", "var_swap", "--task", "if_equals", "--out", res])
     job2 = r.stdout.strip().splitlines()[-1]
     assert _wait(addr, job2) == "SUCCEEDED", jobs_api.logs(addr, job2)[-2000:]
     assert "2 pairs: 2 pruned" in jobs_api.logs(addr, job2)
-    assert len(pd.read_parquet(f"{res}/circuits")) == 2
+    assert len(pd.read_parquet(f"{res}/circuits", storage_options=storage.storage_options(res))) == 2
+    r = runner.invoke(app, ["submit", "--address", addr, "--working-dir", REPO, "--", "csp", "sweep", "--data", s3_data,
+                            "--out", f"{base}/long", "--grid", "pfrac=0.5,0.25", "--steps", "100000", "--batch", "8"])
+    job3 = r.stdout.strip().splitlines()[-1]
+    deadline = time.time() + 120
+    while jobs_api.job_status(addr, job3) != "RUNNING":
+        assert time.time() < deadline, jobs_api.job_status(addr, job3)
+        time.sleep(1)
+    r = runner.invoke(app, ["jobs", "stop", job3, "--address", addr])
+    assert r.exit_code == 0 and "stopped" in r.stdout
+    assert _wait(addr, job3, timeout=120) == "STOPPED"
     r = runner.invoke(app, ["jobs", "list", "--address", addr])
-    assert job in r.stdout and job2 in r.stdout and "SUCCEEDED" in r.stdout
+    assert all(j in r.stdout for j in (job, job2, job3)) and "SUCCEEDED" in r.stdout and "STOPPED" in r.stdout
 
 
 def test_jobs_commands_fail_clearly(head):
@@ -66,8 +79,9 @@ def test_jobs_commands_fail_clearly(head):
 
 
 def test_a_command_given_address_runs_on_that_cluster(head, tmp_path):
-    """`--address HOST:PORT` joins the running head (here a separate `ray start --head`),
-    in a fresh process, as a user's shell would."""
+    """`--address HOST:PORT` joins the running cluster, in a fresh process, as a user's
+    shell would; a local path is accepted on the multinode cluster with --shared-fs (here
+    every node is on this machine, so the path is shared)."""
     import json
     import subprocess
     import sys
@@ -78,7 +92,7 @@ def test_a_command_given_address_runs_on_that_cluster(head, tmp_path):
     out = tmp_path / "data"
     csp = os.path.join(os.path.dirname(sys.executable), "csp")
     p = subprocess.run([csp, "data", "prepare", "--corpus", str(corpus), "--out", str(out), "--n-ctx", "64",
-                        "--address", head["address"]], capture_output=True, text=True, timeout=300)
+                        "--address", head["address"], "--shared-fs"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     manifest = json.loads((out / "manifest.json").read_text())
