@@ -151,3 +151,34 @@ def test_a_fanout_spreads_over_nodes_and_a_killed_node_loses_no_pair(baseline, t
     again = csp(*args, timeout=300)
     assert again.returncode == 0 and f"{len(tasks)} already stored" in again.stdout and "0 pruned" in again.stdout, again.stdout
     assert len(pd.read_parquet(f"{res}/circuits", storage_options=storage.storage_options(res))) == len(tasks)
+
+
+def test_cluster_up_and_down_from_the_cli_touch_only_their_own_nodes(ray_session, s3_server):
+    """`csp cluster up --nodes 2` prints the address to pass to --address; a second `up` on
+    the port is a clear error; `down` stops exactly its nodes by PID — the suite's own
+    in-process Ray (and the session's multinode cluster, if any) lives on."""
+    import socket
+
+    from cluster import local, s3server
+
+    port, dash = s3server.free_port(), s3server.free_port()
+    p = csp("cluster", "up", "--nodes", "2", "--cpus-per-node", "1", "--port", str(port), "--dashboard-port", str(dash), timeout=120)
+    try:
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert f"at 127.0.0.1:{port}" in p.stdout and f"http://127.0.0.1:{dash}" in p.stdout
+        c = local.LocalCluster.load(port)
+        assert [n.name for n in c.nodes] == ["head", "node1"] and all(n.alive() for n in c.nodes)
+        assert len({n.node_id for n in c.nodes}) == 2 and c.nodes[0].cpus == 0 and c.nodes[1].cpus == 1
+        again = csp("cluster", "up", "--port", str(port), timeout=60)
+        assert again.returncode == 2 and "already runs" in again.stderr and "Traceback" not in again.stderr
+        st = csp("cluster", "status", "--address", f"127.0.0.1:{port}", timeout=60)
+        assert st.returncode == 0 and "/1.0 CPU" in st.stdout, st.stdout  # the head declares none, node1 one
+    finally:
+        down = csp("cluster", "down", "--port", str(port), timeout=60)
+    assert down.returncode == 0 and "stopped 2 nodes" in down.stdout, down.stdout + down.stderr
+    assert not any(n.alive() for n in c.nodes)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # the GCS is gone
+    assert ray_session.cluster_resources().get("CPU") == 4  # the suite's own Ray lives on
+    gone = csp("cluster", "down", "--port", str(port), timeout=60)
+    assert gone.returncode == 2 and "no csp cluster on port" in gone.stderr
