@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import sys
 
 from cluster import runtime
+from cluster.local import ray_cli, ray_env
 from sparsity.errors import CspError
 
 EXCLUDES = [".venv", ".venv/**", ".git", ".git/**", "csp-runs", "csp-runs/**", "csp-s3", "csp-s3/**", "**/__pycache__", "*.egg-info"]
@@ -23,22 +23,9 @@ class ClusterError(CspError):
     pass
 
 
-def _ray_cli() -> str:
-    exe = os.path.join(os.path.dirname(sys.executable), "ray")
-    return exe if os.path.exists(exe) else "ray"
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env.setdefault("RAY_AUTH_MODE", "disabled")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return env
-
-
 def status(address: str) -> str:
     runtime._check_reachable(address)
-    p = subprocess.run([_ray_cli(), "status", f"--address={address}"], env=_env(), capture_output=True, text=True, timeout=60)
+    p = subprocess.run([ray_cli(), "status", f"--address={address}"], env=ray_env(), capture_output=True, text=True, timeout=60)
     if p.returncode != 0:
         raise ClusterError(f"ray status failed for {address}: {(p.stderr or p.stdout).strip()[:200]}")
     return p.stdout

@@ -36,12 +36,14 @@ class LocalClusterError(CspError):
     pass
 
 
-def _ray_cli() -> str:
+def ray_cli() -> str:
+    """The `ray` next to this interpreter (the venv's), else the one on PATH."""
     exe = os.path.join(os.path.dirname(sys.executable), "ray")
     return exe if os.path.exists(exe) else "ray"
 
 
-def _env() -> dict:
+def ray_env() -> dict:
+    """This environment for Ray's own processes: quiet defaults, this venv first on PATH."""
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_AUTH_MODE", "disabled")
@@ -192,7 +194,7 @@ def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: f
     temp = Path(cluster.root) / name
     temp.mkdir(parents=True, exist_ok=True)
     log = Path(cluster.root) / f"{name}.log"
-    args = [_ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", f"--num-cpus={cpus:g}"]
+    args = [ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", f"--num-cpus={cpus:g}"]
     if gpus is not None:
         args.append(f"--num-gpus={gpus}")
     if head:
@@ -203,7 +205,7 @@ def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: f
     # Every per-node port free: nodes on one machine would otherwise all want the defaults.
     args += [f"--{flag}={free_port()}" for flag in AGENT_PORTS]
     with open(log, "w") as f:
-        proc = subprocess.Popen(args, env=_env(), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(args, env=ray_env(), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     node = Node(name=name, pid=proc.pid, cpus=cpus, temp_dir=str(temp), log=str(log), head=head)
     deadline = time.monotonic() + timeout

@@ -33,6 +33,23 @@ def csp(*args, timeout=300, **env) -> subprocess.CompletedProcess:
     return subprocess.run([CSP, *args], capture_output=True, text=True, timeout=timeout, env=_env(**env))
 
 
+def _kill_mid_run(cluster, args: list[str], ready, victim, env: dict | None = None) -> None:
+    """Run `csp ARGS` as a user would; once ``ready()`` holds, kill the node ``victim()``
+    names (by its raylet's PID); the command must still succeed."""
+    proc = subprocess.Popen([CSP, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(**(env or {})))
+    try:
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        cluster.kill_node(victim())
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+
+
 def _placements(run: str) -> list[dict]:
     return [storage.read_json(u) for u in storage.ls(f"{run}/placement", suffix=".json")]
 
@@ -92,22 +109,16 @@ def test_two_workers_train_one_per_node_with_their_token_servers_beside_them(bas
 def test_a_node_killed_mid_training_resumes_on_the_rest_to_the_same_weights(baseline, two_workers, s3_data):
     cluster = two_workers
     run = f"{s3_data.rsplit('/', 1)[0]}/run-killed"
-    proc = subprocess.Popen([CSP, "train", "--data", s3_data, "--out", run, "--workers", "2", "--address", cluster.address, *TRAIN],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(CSP_TRAIN_DEBUG="1"))
-    try:
-        deadline = time.monotonic() + 240
-        while (checkpoints.latest_step(run) or 0) < 20:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
-            time.sleep(0.2)
-        rank1 = next(p for p in _placements(run) if p["rank"] == 1)
-        victim = cluster.node(rank1["node_id"])
-        killed_at = checkpoints.latest_step(run)
-        cluster.kill_node(victim)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output
+    seen: dict = {}
+
+    def rank1_node():
+        seen["step"] = checkpoints.latest_step(run)
+        seen["victim"] = cluster.node(next(p for p in _placements(run) if p["rank"] == 1)["node_id"])
+        return seen["victim"]
+
+    _kill_mid_run(cluster, ["train", "--data", s3_data, "--out", run, "--workers", "2", "--address", cluster.address, *TRAIN],
+                  ready=lambda: (checkpoints.latest_step(run) or 0) >= 20, victim=rank1_node, env={"CSP_TRAIN_DEBUG": "1"})
+    killed_at, victim = seen["step"], seen["victim"]
     assert killed_at < 120  # the kill came mid-run
     restarts = [p for p in _placements(run) if p["start_step"] > 0]
     assert restarts and {p["rank"] for p in restarts} == {0, 1}  # the group restarted, both ranks
@@ -130,20 +141,16 @@ def test_a_fanout_spreads_over_nodes_and_a_killed_node_loses_no_pair(baseline, t
     tasks = ["var_swap", "if_equals", "indent_for", "else_elif", "for_while", "with_as", "var_if", "class_init"]
     args = ["prune", baseline, "--out", res, "--address", cluster.address, "--prune-anyway", "--steps", "40",
             *[x for t in tasks for x in ("--task", t)]]
-    proc = subprocess.Popen([CSP, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    try:
-        deadline = time.monotonic() + 240
-        while len(set(_stored(res).get("ray_node_id", []))) < 2:  # both nodes have finished a pair …
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
-            time.sleep(0.2)
-        stored_before = len(_stored(res))
-        victim = cluster.workers()[-1]  # … and each has one in flight, as the spread keeps them busy
-        cluster.kill_node(victim)
-        output, _ = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output
+    seen: dict = {}
+
+    def a_worker_node():
+        seen["stored"] = len(_stored(res))
+        seen["victim"] = cluster.workers()[-1]  # each node has a pair in flight: the spread keeps both busy
+        return seen["victim"]
+
+    # Kill once both nodes have finished a pair.
+    _kill_mid_run(cluster, args, ready=lambda: len(set(_stored(res).get("ray_node_id", []))) >= 2, victim=a_worker_node)
+    stored_before, victim = seen["stored"], seen["victim"]
     assert stored_before < len(tasks)  # the kill came mid-fan-out
     df = pd.read_parquet(f"{res}/circuits", storage_options=storage.storage_options(res))
     assert sorted(df["task"].astype(str)) == sorted(tasks)  # every pair exactly once
