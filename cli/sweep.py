@@ -53,7 +53,8 @@ def run(
     for p in sweep_job.points(parsed):
         sweep_job.trial_config(base, train, p)  # every grid point is valid before Ray starts
     runtime.init(address=address, num_cpus=None if address else max(workers_per_trial + 1, os.cpu_count() or 1),
-                 storage={"--data": data, "--out": out}, shared_fs=shared_fs)
+                 storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
+                 log_to_driver=False)  # no line per report from every trial's workers; failures still raise here
     df = sweep_job.run_sweep(data, out, parsed, base, train, workers_per_trial=workers_per_trial, gpus=gpus)
     _print(df)
 

@@ -62,7 +62,8 @@ def train(
         if placement not in trainer.PLACEMENTS:
             raise typer.BadParameter(f"--placement must be one of {', '.join(trainer.PLACEMENTS)}, got {placement!r}")
         runtime.init(address=address, num_cpus=None if address else max(workers + 1, os.cpu_count() or 1),
-                     storage={"--data": data, "--out": out}, shared_fs=shared_fs)
+                     storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
+                     log_to_driver=False)  # no line per report from every worker; failures still raise here
         result = trainer.train_distributed(data, out, cfg, workers=workers, use_gpu=gpus, placement=placement)
         loc = storage.resolve(out)
         if result is None:

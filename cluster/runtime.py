@@ -25,12 +25,15 @@ class SharedStorageError(CspError):
 
 
 def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, log_to_driver: bool = True,
-         storage: dict[str, str | None] | None = None, shared_fs: bool = False) -> None:
+         storage: dict[str, str | None] | None = None, shared_fs: bool = False, state_api: bool = False) -> None:
     """Start or join Ray once per process; a second call only re-checks ``storage``.
 
     ``storage`` names the URIs the command's nodes read or write (``{"--out": uri, …}``):
     on a cluster of more than one node each must be on S3, or ``shared_fs`` must say the
     local paths are a filesystem every node mounts (see ``check_shared_storage``).
+    ``state_api`` gives an in-process Ray its dashboard (on a free 127.0.0.1 port): Ray
+    Train's placement-group cleaner watches its controller through the State API, and
+    without it warns every few seconds and cannot clean up; ~2 s more start-up.
 
     ``address`` None starts an in-process Ray with ``num_cpus`` logical CPUs (default: the
     machine's cores). Export AWS_ENDPOINT_URL before calling: workers inherit the
@@ -62,11 +65,15 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
             ray.shutdown()
             raise
         return
+    if state_api:
+        from cluster.s3server import free_port
+
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=free_port())
     ray.init(
         address="local",  # a new in-process Ray even when `csp cluster up` runs one on this machine
         num_cpus=num_cpus or os.cpu_count() or 1,
         num_gpus=num_gpus,
-        include_dashboard=False,
+        include_dashboard=state_api,
         **kwargs,
     )
 

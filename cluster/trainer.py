@@ -140,8 +140,10 @@ def _worker(config: dict) -> None:
             with open(os.path.join(tmp, "csp_checkpoint.json"), "w") as f:
                 json.dump({"step": step, "uri": storage.resolve(out).join(checkpoints.CHECKPOINTS, checkpoints.step_dir(step)).uri}, f)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-        last = history[-1] if history else {}
-        ray.train.report({"step": step, **{k: v for k, v in last.items() if k != "step"}}, checkpoint=ckpt)
+        last: dict = {}
+        for m in history:  # the latest value of every metric (a step's val_loss and loss come in separate reports)
+            last.update(m)
+        ray.train.report({**last, "step": step}, checkpoint=ckpt)
 
     def on_step(step: int, model) -> None:
         if debug:

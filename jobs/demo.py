@@ -204,7 +204,7 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     # one for its (idle) controller, so `cores` trials train at once, one thread each.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables between our lines
     runtime.init(address=address, num_cpus=None if address else 2 * cores, log_to_driver=False,
-                 storage={"--out": out_uri}, shared_fs=shared_fs)
+                 storage={"--out": out_uri}, shared_fs=shared_fs, state_api=True)
     timings: dict[str, float] = {}
     t_all = time.monotonic()
     for note in plan.notes:
