@@ -50,7 +50,7 @@ def status(address: Annotated[str, typer.Option(help="GCS address HOST:PORT.")] 
 
 def submit(
     command: Annotated[list[str], typer.Argument(help="The command to run, after --: e.g. -- csp sweep --data … --out s3://…")],
-    address: Annotated[str, typer.Option(help="Jobs API address, http://HOST:8265.")] = "http://127.0.0.1:8265",
+    address: Annotated[str, typer.Option(help="Jobs API address, http://HOST:8265.", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"])] = "http://127.0.0.1:8265",
     working_dir: Annotated[str, typer.Option(help="Directory uploaded with the job (.venv, .git and run outputs excluded).")] = ".",
     wait: Annotated[bool, typer.Option(help="Wait for the job and print its logs.")] = False,
 ) -> None:
@@ -66,14 +66,14 @@ def submit(
 
 
 @jobs_app.command("list")
-def list_(address: Annotated[str, typer.Option(help="Jobs API address.")] = "http://127.0.0.1:8265") -> None:
+def list_(address: Annotated[str, typer.Option(help="Jobs API address.", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"])] = "http://127.0.0.1:8265") -> None:
     """Every job on the cluster."""
     for j in jobs_api.list_jobs(address):
         typer.echo(f"{j['job_id']}  {j['status']:<10} {j['entrypoint']}")
 
 
 @jobs_app.command("status")
-def status_(job_id: str, address: Annotated[str, typer.Option(help="Jobs API address.")] = "http://127.0.0.1:8265") -> None:
+def status_(job_id: str, address: Annotated[str, typer.Option(help="Jobs API address.", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"])] = "http://127.0.0.1:8265") -> None:
     """A job's status."""
     typer.echo(jobs_api.job_status(address, job_id))
 
@@ -81,7 +81,7 @@ def status_(job_id: str, address: Annotated[str, typer.Option(help="Jobs API add
 @jobs_app.command()
 def logs(
     job_id: str,
-    address: Annotated[str, typer.Option(help="Jobs API address.")] = "http://127.0.0.1:8265",
+    address: Annotated[str, typer.Option(help="Jobs API address.", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"])] = "http://127.0.0.1:8265",
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream the output until the job ends; exit 1 unless it succeeded.")] = False,
 ) -> None:
     """A job's output so far (or, with --follow, as it comes)."""
@@ -97,6 +97,6 @@ def logs(
 
 
 @jobs_app.command()
-def stop(job_id: str, address: Annotated[str, typer.Option(help="Jobs API address.")] = "http://127.0.0.1:8265") -> None:
+def stop(job_id: str, address: Annotated[str, typer.Option(help="Jobs API address.", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"])] = "http://127.0.0.1:8265") -> None:
     """Stop a job."""
     typer.echo("stopped" if jobs_api.stop(address, job_id) else "already finished")

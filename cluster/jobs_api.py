@@ -14,12 +14,12 @@ import subprocess
 
 from cluster import runtime
 from cluster.local import ray_cli, ray_env
-from sparsity.errors import CspError
+from sparsity.errors import USAGE, CspRuntimeError
 
 EXCLUDES = [".venv", ".venv/**", ".git", ".git/**", "csp-runs", "csp-runs/**", "csp-s3", "csp-s3/**", "**/__pycache__", "*.egg-info"]
 
 
-class ClusterError(CspError):
+class ClusterError(CspRuntimeError):
     pass
 
 
@@ -44,7 +44,7 @@ def _client(address: str):
 
 def entrypoint(command: list[str]) -> str:
     if not command:
-        raise ClusterError("nothing to submit: give the command after --, e.g. csp submit -- csp sweep …")
+        raise ClusterError("nothing to submit: give the command after --, e.g. csp submit -- csp sweep …", exit_code=USAGE)
     if command[0] == "csp":
         command = ["python", "-m", "cli.main", *command[1:]]
     return shlex.join(command)
@@ -76,14 +76,14 @@ def job_status(address: str, job_id: str) -> str:
     try:
         return str(_client(address).get_job_status(job_id))
     except RuntimeError as e:
-        raise ClusterError(f"no job {job_id!r} at {address} ({' '.join(str(e).split())[:120]})") from None
+        raise ClusterError(f"no job {job_id!r} at {address} ({' '.join(str(e).split())[:120]})", exit_code=USAGE) from None
 
 
 def logs(address: str, job_id: str) -> str:
     try:
         return _client(address).get_job_logs(job_id)
     except RuntimeError as e:
-        raise ClusterError(f"no job {job_id!r} at {address} ({' '.join(str(e).split())[:120]})") from None
+        raise ClusterError(f"no job {job_id!r} at {address} ({' '.join(str(e).split())[:120]})", exit_code=USAGE) from None
 
 
 def follow(address: str, job_id: str):
@@ -109,4 +109,4 @@ def stop(address: str, job_id: str) -> bool:
     try:
         return bool(_client(address).stop_job(job_id))
     except RuntimeError as e:
-        raise ClusterError(f"no job {job_id!r} at {address} ({' '.join(str(e).split())[:120]})") from None
+        raise ClusterError(f"no job {job_id!r} at {address} ({' '.join(str(e).split())[:120]})", exit_code=USAGE) from None

@@ -26,13 +26,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cluster.s3server import free_port
-from sparsity.errors import CspError
+from sparsity.errors import USAGE, CspRuntimeError
 
 STATE_FILE = "cluster.json"
 AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
 
 
-class LocalClusterError(CspError):
+class LocalClusterError(CspRuntimeError):
     pass
 
 
@@ -104,7 +104,7 @@ class LocalCluster:
     def load(cls, port: int) -> LocalCluster:
         path = state_root(port) / STATE_FILE
         if not path.exists():
-            raise LocalClusterError(f"no csp cluster on port {port} (no {path}); start one with `csp cluster up`")
+            raise LocalClusterError(f"no csp cluster on port {port} (no {path}); start one with `csp cluster up`", exit_code=USAGE)
         d = json.loads(path.read_text())
         return cls(port=d["port"], dashboard_port=d["dashboard_port"], root=d["root"], nodes=[Node(**n) for n in d["nodes"]])
 
@@ -144,7 +144,7 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, port: int = 6379, das
        head_cpus: float | None = None, timeout: float = 120.0) -> LocalCluster:
     """Start a head and ``nodes - 1`` worker nodes on this machine; returns the cluster."""
     if nodes < 1:
-        raise LocalClusterError(f"--nodes must be ≥ 1, got {nodes}")
+        raise LocalClusterError(f"--nodes must be ≥ 1, got {nodes}", exit_code=USAGE)
     cores = os.cpu_count() or 1
     per_node = cpus_per_node if cpus_per_node is not None else (cores + 1 if nodes == 1 else max(2, cores))
     root = state_root(port)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import os
 
-from sparsity.errors import CspError
+from sparsity.errors import USAGE, CspError, CspRuntimeError
 
 
-class RayConnectError(CspError):
+class RayConnectError(CspRuntimeError):
     pass
 
 
@@ -122,11 +122,11 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
     target = address if "://" in address else f"ray://{address}"
     parsed = urlparse(target)
     if not parsed.hostname or not parsed.port:
-        raise RayConnectError(f"bad Ray address {address!r}: write HOST:PORT (e.g. 127.0.0.1:6379) or ray://HOST:10001")
+        raise RayConnectError(f"bad Ray address {address!r}: write HOST:PORT (e.g. 127.0.0.1:6379) or ray://HOST:10001", exit_code=USAGE)
     try:
         socket.create_connection((parsed.hostname, parsed.port), timeout=timeout).close()
     except OSError as e:
-        raise RayConnectError(f"cannot reach Ray at {address!r} ({e.strerror or e}); start one with `ray start --head` or drop --address") from None
+        raise RayConnectError(f"cannot reach Ray at {address!r} ({e.strerror or e}); start one with `csp cluster up` or pass the address of a running one") from None
 
 
 def cluster_cpus() -> float:

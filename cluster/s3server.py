@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsity.errors import CspError
+from sparsity.errors import USAGE, CspRuntimeError
 
 
-class S3ServerError(CspError):
+class S3ServerError(CspRuntimeError):
     pass
 
 
@@ -92,7 +92,7 @@ def start(
 ) -> S3Server:
     """Start ``weed mini`` and return once every bucket answers over S3."""
     if not access_key or not secret_key:
-        raise S3ServerError("an S3 server needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        raise S3ServerError("an S3 server needs credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY", exit_code=USAGE)
     data = Path(data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     s3_port = port or free_port(host)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from sparsity.errors import CspError
+from sparsity.errors import RUNTIME, CspError
 
 # Connect fast-fails a dead endpoint; read bounds a server that accepts and never answers.
 # Two attempts ride out one dropped connection. Worst case ≈ 2 × (3 + 3) s < 10 s.
@@ -46,7 +46,7 @@ class MalformedURIError(StorageError):
 
 
 class EndpointUnreachableError(StorageError):
-    pass
+    exit_code = RUNTIME
 
 
 class BucketNotFoundError(StorageError):
@@ -54,7 +54,7 @@ class BucketNotFoundError(StorageError):
 
 
 class AccessDeniedError(StorageError):
-    pass
+    exit_code = RUNTIME
 
 
 class NotFoundError(StorageError):

@@ -69,6 +69,24 @@ def test_user_errors_print_one_line_and_exit_2(args, fragment, tmp_path, ray_ses
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, env, fragment", [
+    (["data", "info", "s3://csp-test/x"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:PORT"}, "cannot reach S3 endpoint http://127.0.0.1:PORT"),
+    (["jobs", "list", "--address", "http://127.0.0.1:PORT"], {}, "cannot reach Ray"),
+    (["jobs", "list"], {"RAY_ADDRESS": "http://127.0.0.1:PORT"}, "cannot reach Ray at '127.0.0.1:PORT'"),  # honoured, as `ray job` does
+    (["data", "prepare", "--out", "OUT", "--address", "127.0.0.1:PORT"], {}, "cannot reach Ray"),
+])
+def test_a_world_that_fails_a_well_formed_command_exits_1(args, env, fragment, tmp_path, s3_server):
+    """Exit 1, not 2, when nothing in the command was wrong: scripts can tell a typo from
+    a service that is down. Still one line, no traceback, nothing written."""
+    port = str(s3server.free_port())  # nothing listens there
+    args = [a.replace("PORT", port).replace("OUT", str(tmp_path / "out")) for a in args]
+    r = CliRunner().invoke(app, args, env={k: v.replace("PORT", port) for k, v in env.items()})
+    assert r.exit_code == 1, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment.replace("PORT", port) in lines[0], r.stderr
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
 def test_tokenizer_build_then_info(small_corpus, tmp_path):
     out = tmp_path / "tok"
     r = _run("tokenizer", "build", "--corpus", str(small_corpus), "--out", str(out), "--vocab-size", "600")
