@@ -57,16 +57,40 @@ class CspGroup(TyperGroup):
         return code
 
 
-def group(help: str | None = None) -> typer.Typer:
-    """A command group with csp's error handling and no shell-completion noise."""
+def group(help: str | None = None, completion: bool = False) -> typer.Typer:
+    """A command group with csp's error handling, ``-h`` as well as ``--help``, and shell
+    completion options only where asked (the root)."""
     return typer.Typer(
         cls=CspGroup,
         help=help,
         no_args_is_help=True,
-        add_completion=False,
+        add_completion=completion,
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
     )
+
+
+def version() -> str:
+    """csp's package version, and the git commit when run from a checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+    from pathlib import Path
+
+    try:
+        v = pkg_version("csp")
+    except PackageNotFoundError:
+        v = "unknown"
+    git = Path(__file__).resolve().parents[1] / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = git / head[5:]
+            head = ref.read_text().strip() if ref.exists() else next(
+                (ln.split()[0] for ln in (git / "packed-refs").read_text().splitlines() if ln.endswith(head[5:])), "")
+        return f"csp {v} (git {head[:12]})" if head else f"csp {v}"
+    except OSError:
+        return f"csp {v}"
 
 
 SHARED_FS_HELP = ("On a cluster of several nodes, accept local paths: they are on a filesystem every node mounts "

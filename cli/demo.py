@@ -12,8 +12,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli._app import SHARED_FS_HELP
-from cluster import storage
-from jobs import demo as demo_lib
 
 
 def demo(
@@ -23,6 +21,9 @@ def demo(
     shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
 ) -> None:
     """Run the pipeline end to end on the embedded default; re-running resumes where it stopped."""
+    from cluster import storage
+    from jobs import demo as demo_lib
+
     t0 = time.monotonic()
     storage.resolve(out)  # a malformed URI fails before Ray starts
     console = Console(stderr=True)

@@ -5,13 +5,31 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
+
 from cli import cluster, data, model, results, s3, sweep, tasks, tokenizer, viz
-from cli._app import group
+from cli._app import group, version
 from cli.demo import demo
 from cli.prune import prune
 from cli.train import train
 
-app = group("csp: train weight-sparse transformers, sweep them on Ray, prune them to circuits.")
+app = group("csp: train weight-sparse transformers, sweep them on Ray, prune them to circuits.", completion=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(version())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[bool, typer.Option("--version", help="Print csp's version (and git commit) and exit.",
+                                               callback=_version, is_eager=True)] = False,
+) -> None:
+    """csp: train weight-sparse transformers, sweep them on Ray, prune them to circuits."""
 app.command()(demo)
 app.command()(train)
 app.command()(prune)

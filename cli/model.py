@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from cli._app import group
-from cluster import checkpoints
-from sparsity import checkpoint as ckpt_lib
 
 app = group("Inspect checkpoints; export/import the reference (openai/circuit_sparsity) layout.")
 
@@ -20,6 +18,9 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Config, nonzeros per matrix and parameter counts of a checkpoint."""
+    from cluster import checkpoints
+    from sparsity import checkpoint as ckpt_lib
+
     d = ckpt_lib.describe(checkpoints.load(ckpt, with_train_state=False))
     if as_json:
         typer.echo(json.dumps(d, indent=2))
@@ -45,6 +46,9 @@ def export_(
     out: Annotated[str, typer.Option(help="Directory for beeg_config.json + final_model.pt.")],
 ) -> None:
     """Write a checkpoint in the reference layout, loadable by circuit_sparsity's load_model."""
+    from cluster import checkpoints
+    from sparsity import checkpoint as ckpt_lib
+
     typer.echo(f"wrote {ckpt_lib.REF_CONFIG} + {ckpt_lib.REF_WEIGHTS} → {checkpoints.export_reference(ckpt, out)}")
 
 
@@ -54,5 +58,7 @@ def import_(
     out: Annotated[str, typer.Option(help="Run directory to store the csp checkpoint in.")],
 ) -> None:
     """Store a reference-layout model as a csp checkpoint."""
+    from cluster import checkpoints
+
     ckpt = checkpoints.import_reference(ref, out)
     typer.echo(f"imported {ckpt.config.model.n_layer}-layer model (density {ckpt.config.sparsity.pfrac:.4f}) → {out}")

@@ -7,9 +7,7 @@ from typing import Annotated
 import typer
 
 from cli._app import SHARED_FS_HELP
-from cluster import storage
-from jobs import prune as prune_job
-from sparsity.prune import ABLATIONS, PruneConfig
+from sparsity.config import ABLATIONS, PruneConfig
 
 
 def prune(
@@ -30,6 +28,9 @@ def prune(
     shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
 ) -> None:
     """Prune a checkpoint to its smallest circuit per task and store every result."""
+    from cluster import storage
+    from jobs import prune as prune_job
+
     cfg = PruneConfig(target=target, ablation=ablation, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
                       prune_anyway=prune_anyway)
 

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from cli._app import group
-from jobs import results as results_lib
 
 app = group("Query stored circuits (pandas + pyarrow filter pushdown on the task partition).")
 FORMATS = ("table", "csv", "json")
@@ -35,6 +34,9 @@ def circuits(
     all_rows: Annotated[bool, typer.Option("--all", help="Every row: unverified circuits, verdicts and controls too (default: verified circuits only).")] = False,
 ) -> None:
     """Verified circuits, one row per (checkpoint, task, pruning config); --all for every row."""
+    from jobs import results as results_lib
+
+    results_lib.check_store(uri, task=task, model=model)
     df = results_lib.circuits(uri, task=task, model=model)
     if not all_rows:
         df = results_lib.verified(df)
@@ -57,6 +59,9 @@ def controls(
 ) -> None:
     """Faithfulness controls beside the circuits they check (random-init model and nonsense
     task must not verify; seed and ablation variants with their node-set Jaccard overlap)."""
+    from jobs import results as results_lib
+
+    results_lib.check_store(uri, task=task)
     _emit(results_lib.controls(uri, task=task), fmt)
 
 
@@ -66,4 +71,7 @@ def frontier(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
 ) -> None:
     """Per model: val loss (capability) vs geometric-mean circuit edges over tasks (interpretability)."""
+    from jobs import results as results_lib
+
+    results_lib.check_store(uri)
     _emit(results_lib.frontier(uri), fmt)

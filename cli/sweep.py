@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from cli._app import SHARED_FS_HELP, group
-from cluster import runtime, storage
-from jobs import sweep as sweep_job
 from sparsity.config import ModelConfig, TrainConfig
 
 app = group("Sweep pfrac × ef (× afrac × seed) on Ray Tune, each trial a distributed training run.")
@@ -43,6 +41,9 @@ def run(
         raise typer.BadParameter("csp sweep needs --data and --out (or the subcommand `status URI`)")
     if workers_per_trial < 1:
         raise typer.BadParameter(f"--workers-per-trial must be ≥ 1, got {workers_per_trial}")
+    from cluster import runtime, storage
+    from jobs import sweep as sweep_job
+
     parsed = sweep_job.parse_grid(grid)
     storage.resolve(out)
     from cluster import data as data_lib
@@ -62,6 +63,8 @@ def run(
 @app.command()
 def status(uri: Annotated[str, typer.Argument(help="A sweep directory.")]) -> None:
     """The sweep summary: one row per trial."""
+    from jobs import sweep as sweep_job
+
     _print(sweep_job.read_summary(uri))
 
 

@@ -7,8 +7,6 @@ from typing import Annotated
 import typer
 
 from cli._app import group
-from cluster import checkpoints, data
-from sparsity import tasks as task_lib
 
 app = group("The 20 next-token tasks that circuits are pruned for.")
 
@@ -16,6 +14,8 @@ app = group("The 20 next-token tasks that circuits are pruned for.")
 @app.command("list")
 def list_() -> None:
     """Every task with what it probes."""
+    from sparsity import tasks as task_lib
+
     width = max(map(len, task_lib.REGISTRY))
     for name, t in task_lib.REGISTRY.items():
         typer.echo(f"{name:<{width}}  {t.description.split('. Example')[0].split(' Example')[0]}")
@@ -25,9 +25,12 @@ def list_() -> None:
 def show(
     name: Annotated[str, typer.Argument(help="Task name (see `csp tasks list`).")],
     n: Annotated[int, typer.Option(help="How many example pairs.")] = 3,
-    seed: Annotated[int, typer.Option(help="Pair seed (train pairs use 0).")] = task_lib.TRAIN_SEED,
+    seed: Annotated[int | None, typer.Option(help="Pair seed (default: the train pairs' seed).")] = None,
 ) -> None:
     """Print example contrast pairs of a task."""
+    from sparsity import tasks as task_lib
+
+    seed = task_lib.TRAIN_SEED if seed is None else seed
     if n < 1:
         raise typer.BadParameter(f"--n must be ≥ 1, got {n}")
     t = task_lib.get(name)
@@ -47,6 +50,9 @@ def eval_(
     n: Annotated[int, typer.Option(help="Held-out pairs per task.")] = 64,
 ) -> None:
     """Held-out loss (two-sided binary CE per pair) and accuracy of a checkpoint on each task."""
+    from cluster import checkpoints, data
+    from sparsity import tasks as task_lib
+
     names = task or list(task_lib.REGISTRY)
     tasks = [task_lib.get(x) for x in names]
     c = checkpoints.load(ckpt, with_train_state=False)

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from cli._app import SHARED_FS_HELP
-from cluster import storage, training
 from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
 
 
@@ -43,6 +42,7 @@ def train(
 ) -> None:
     """Train a weight-sparse GPT; re-running the same command resumes from the last checkpoint."""
     from cluster import data as data_lib
+    from cluster import storage, training
 
     storage.resolve(out)
     ctx = n_ctx or data_lib.read_manifest(data)["n_ctx"]

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from cli._app import group
-from jobs import viz
 
 app = group("Figures from stored circuits: the frontier plot, circuit diagrams.")
 
@@ -18,6 +17,8 @@ def frontier(
     out: Annotated[str | None, typer.Option(help="Directory for frontier.png and frontier.svg (default: URI/figures).")] = None,
 ) -> None:
     """Val loss (capability) vs geometric-mean circuit edges (interpretability), one point per model."""
+    from jobs import viz
+
     for path in viz.plot_frontier(uri, out):
         typer.echo(path)
 
@@ -32,5 +33,7 @@ def circuit(
 ) -> None:
     """Draw one circuit: residual channels as vertical lines, q/k/v channels and neurons as nodes,
     signed weighted edges; hover a node for its id and top-activating tokens."""
+    from jobs import viz
+
     for path in viz.render_circuit(uri, model, task, out, data):
         typer.echo(path)

@@ -394,13 +394,23 @@ def _run_shard_tasks(todo: list[dict], tok, results: dict, workers: int | None, 
                 progress(len(results), total)
 
 
+MANIFEST_KEYS = ("corpus", "tokenizer", "n_ctx", "splits")
+
+
 def read_manifest(uri: str) -> dict:
     """The manifest of a finished dataset; a clear error when there is none."""
     loc = storage.resolve(uri)
     m = loc.join(MANIFEST)
     if not storage.exists(m):
         raise DataError(f"no dataset at {loc.uri}: {MANIFEST} is missing (run `csp data prepare --out {loc.uri}`, or let an interrupted one finish)")
-    return storage.read_json(m)
+    try:
+        manifest = storage.read_json(m)
+    except ValueError:
+        manifest = None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise DataError(f"{m.uri} is not a csp dataset manifest (missing {', '.join(missing)}); re-run `csp data prepare --out {loc.uri}`")
+    return manifest
 
 
 def shard_uris(uri: str, split: str = "train") -> list[str]:

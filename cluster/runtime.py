@@ -121,7 +121,11 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
         return
     target = address if "://" in address else f"ray://{address}"
     parsed = urlparse(target)
-    if not parsed.hostname or not parsed.port:
+    try:
+        port = parsed.port
+    except ValueError:  # a port that is not a number
+        port = None
+    if not parsed.hostname or not port:
         raise RayConnectError(f"bad Ray address {address!r}: write HOST:PORT (e.g. 127.0.0.1:6379) or ray://HOST:10001", exit_code=USAGE)
     try:
         socket.create_connection((parsed.hostname, parsed.port), timeout=timeout).close()

@@ -32,6 +32,7 @@ from sparsity.circuit import (
     WEIGHT_EDGE_KINDS,
     Circuit,
 )
+from sparsity.errors import CspError
 
 CIRCUITS, NODES, EDGES = "circuits", "circuit_nodes", "circuit_edges"
 
@@ -207,7 +208,31 @@ def _query(results_uri: str, table: str, task: str | None, model: str | None, fi
     expr = None
     for e in ([ds.field("task") == task] if task else []) + ([ds.field("model_id") == model] if model else []) + ([filters] if filters is not None else []):
         expr = e if expr is None else expr & e
-    return d.to_table(filter=expr).to_pandas()
+    try:
+        return d.to_table(filter=expr).to_pandas()
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # a stray or truncated file in the store
+        raise ResultsError(f"cannot read the {table} table under {loc.uri}: {' '.join(str(e).split())[:240]}; "
+                           "remove the file that is not a csp results Parquet file") from None
+
+
+class ResultsError(CspError):
+    pass
+
+
+def check_store(results_uri: str, task: str | None = None, model: str | None = None) -> None:
+    """For a reader who names a store, a task or a model: an error that says what exists
+    when the store has no circuits table, or none of that task or model."""
+    loc = storage.resolve(results_uri)
+    if not storage.exists(loc.join(CIRCUITS)) or not storage.ls(loc.join(CIRCUITS), suffix=".parquet"):
+        raise ResultsError(f"no results at {loc.uri}: it has no {CIRCUITS}/ table (`csp prune … --out {loc.uri}` writes one)")
+    if task is None and model is None:
+        return
+    df = _query(results_uri, CIRCUITS, None, None).loc[:, ["task", "model_id"]]
+    for flag, col, value in (("--task", "task", task), ("--model", "model_id", model)):
+        have = sorted(set(df[col].astype(str)))
+        if value is not None and value not in have:
+            shown = ", ".join(have[:12]) + (f", … ({len(have)} in all)" if len(have) > 12 else "")
+            raise ResultsError(f"{flag} {value!r}: no rows in {loc.uri}; it holds {shown}")
 
 
 def circuits(results_uri: str, task: str | None = None, model: str | None = None, filters=None):

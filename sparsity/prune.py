@@ -26,15 +26,15 @@ and k_coef are csp's, chosen from a measured curve (README, "Tasks and circuits"
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 from sparsity.circuit import NODE_LOCATIONS, Circuit, edges_between, extra_edge_counts, node_sizes
+from sparsity.config import ABLATIONS, PruneConfig  # noqa: F401  (re-exported: the pruning config lives with the others)
 from sparsity.errors import ConfigError
 from sparsity.tasks.base import (
     CHANCE_LOSS,
@@ -47,75 +47,11 @@ from sparsity.tasks.base import (
     pair_loss,
 )
 
-ABLATIONS = ("mean", "zero", "resample")
 SELECT_SEED = TRAIN_SEED + 1  # held-out pairs for choosing k: neither train nor test
 RANDOM_BASELINE_DRAWS = 5  # random node sets ablated for the necessity baseline
 # Below this held-out accuracy a model is at chance on a task (64 pairs × 2 prompts: one
 # standard error of a coin is ~0.044, so 0.6 is > 2 SE above 0.5).
 CHANCE_ACCURACY = 0.6
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """Hyper-parameters of one pruning run. Every field is part of the result key
-    (:meth:`key`): two configs never overwrite each other's circuits."""
-
-    target: float = 0.15  # the paper's target, on the summed two-sided loss (chance 2·ln 2)
-    ablation: str = "mean"  # the paper's: pruned nodes take their mean over pretraining data
-    # Weight of Σ H(τ). Measured on the demo's dense d_model-128 model (else_elif, 400 steps):
-    # 87 nodes at 1e-3 vs 135 at 1e-4 (the replication's Table 2 centre), both verified.
-    k_coef: float = 1e-3
-    steps: int = 400  # AdamW steps on τ: where the measured size-vs-steps curve flattens (README)
-    lr: float = 3e-3  # paper (replication's Table 2 centre)
-    weight_decay: float = 1e-3  # paper (same source)
-    warmup_frac: float = 0.05  # then linear decay to 0 (same source)
-    init: float = 0.1  # τ starts just open: every node passes, the penalty must earn each closure
-    init_noise: float = 0.01  # std of the seeded noise on τ's init (breaks ties between nodes)
-    surrogate_temp: float = 1.0  # backward of H(τ) is σ'(τ/temp)/temp (paper: 1)
-    batch_pairs: int = 64  # task datapoints per step (128 prompts), drawn afresh each step
-    n_train: int = 1024  # the pool of distinct train pairs the batches are drawn from
-    # Held-out pairs for bisecting k. k is the smallest that meets the target on these, so it
-    # sits where their noise decides (a winner's curse on the test pairs): 128 rather than 64
-    # halves the variance for ~3 s of forward passes (the demo's first run at 64: 3 of 7
-    # circuits missed the target on test pairs by 0.007-0.010).
-    n_select: int = 128
-    # k must meet the target on the selection pairs by this many standard errors of their
-    # mean loss (0: the paper's plain bisection). In the demo, 2 of 6 circuits miss on test
-    # pairs by 0.002-0.010 either way: their selection loss is more than 1 SE below target.
-    select_se: float = 1.0
-    n_test: int = 128  # held-out pairs for verification (never used to choose anything)
-    calibrate: bool = False  # fit a scale and shift on the answer logits per circuit
-    seed: int = 0  # drives τ-init noise, batch sampling and resample draws
-    prune_anyway: bool = False  # prune even when the full model misses the target (the row says so)
-
-    def __post_init__(self) -> None:
-        def bad(name, allowed):
-            raise ConfigError(f"{name}={getattr(self, name)!r} out of range: {allowed}")
-
-        if not self.target > 0:
-            bad("target", "must be > 0")
-        if self.ablation not in ABLATIONS:
-            bad("ablation", f"choose one of {', '.join(ABLATIONS)}")
-        if self.k_coef < 0:
-            bad("k_coef", "must be ≥ 0")
-        for name in ("steps", "n_train", "n_select", "n_test", "batch_pairs"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                bad(name, "must be an integer ≥ 1")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if not self.surrogate_temp > 0:
-            bad("surrogate_temp", "must be > 0")
-        if not 0 <= self.warmup_frac < 1:
-            bad("warmup_frac", "must be in [0, 1)")
-        if not -1 <= self.init <= 1:
-            bad("init", "must be in [-1, 1] (τ is clamped there)")
-        for name in ("init_noise", "weight_decay", "select_se"):
-            if getattr(self, name) < 0:
-                bad(name, "must be ≥ 0")
-
-    def key(self) -> str:
-        """A short, stable id of this config: part of every stored result's key."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 class _Heaviside(torch.autograd.Function):

@@ -46,10 +46,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' (or None) picks CUDA when present, else CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        from sparsity.errors import ConfigError
+    from sparsity.errors import ConfigError
 
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} out of range: use auto, cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} out of range: CUDA is not available here; use --device cpu")
     return d
 

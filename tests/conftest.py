@@ -189,12 +189,16 @@ def every_ok_row_is_verified(tmp_path_factory):
     yield
     import glob
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     base = tmp_path_factory.getbasetemp()
     bad, seen = [], 0
     for path in glob.glob(str(base / "**" / "circuits" / "task=*" / "*.parquet"), recursive=True):
-        t = pq.read_table(path)
+        try:
+            t = pq.read_table(path)
+        except pa.ArrowInvalid:
+            continue  # a stray non-Parquet file test_results plants to check the readers refuse it
         if not {"status", "sufficiency_loss", "target"} <= set(t.column_names):
             continue  # a hand-made file of an older schema (test_results), from before this invariant
         for r in t.select(["status", "sufficiency_loss", "target"]).to_pylist():

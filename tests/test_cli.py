@@ -55,12 +55,20 @@ def test_every_command_has_help():
         (["tokenizer", "build", "--out", "OUT", "--vocab-size", "100"], "vocab_size=100 out of range"),
         (["tokenizer", "info", "/no/such/tok"], "no tokenizer at"),
         (["nope"], "No such command 'nope'"),
+        (["results", "circuits", "/no/such/results"], "no results at /no/such/results"),
+        (["results", "frontier", "EMPTY"], "it has no circuits/ table"),
+        (["data", "info", "BADMANIFEST"], "is not a csp dataset manifest (missing corpus, tokenizer, splits)"),
+        (["jobs", "list", "--address", "http://127.0.0.1:abc"], "bad Ray address"),
+        (["cluster", "down", "--port", "1"], "no csp cluster on port 1"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(args, fragment, tmp_path, ray_session):
     """Bad input → exactly one line on stderr naming the problem, exit 2, no traceback, nothing written."""
     (tmp_path / "EMPTY").mkdir()
-    args = [a.replace("OUT", str(tmp_path / "out")).replace("EMPTY", str(tmp_path / "EMPTY")) for a in args]
+    (tmp_path / "BADMANIFEST").mkdir()
+    (tmp_path / "BADMANIFEST" / "manifest.json").write_text('{"n_ctx": 64}')
+    args = [a.replace("OUT", str(tmp_path / "out")).replace("EMPTY", str(tmp_path / "EMPTY"))
+            .replace("BADMANIFEST", str(tmp_path / "BADMANIFEST")) for a in args]
     r = _run(*args)
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
@@ -73,7 +81,6 @@ def test_user_errors_print_one_line_and_exit_2(args, fragment, tmp_path, ray_ses
     (["data", "info", "s3://csp-test/x"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:PORT"}, "cannot reach S3 endpoint http://127.0.0.1:PORT"),
     (["jobs", "list", "--address", "http://127.0.0.1:PORT"], {}, "cannot reach Ray"),
     (["jobs", "list"], {"RAY_ADDRESS": "http://127.0.0.1:PORT"}, "cannot reach Ray at '127.0.0.1:PORT'"),  # honoured, as `ray job` does
-    (["data", "prepare", "--out", "OUT", "--address", "127.0.0.1:PORT"], {}, "cannot reach Ray"),
 ])
 def test_a_world_that_fails_a_well_formed_command_exits_1(args, env, fragment, tmp_path, s3_server):
     """Exit 1, not 2, when nothing in the command was wrong: scripts can tell a typo from
@@ -85,6 +92,25 @@ def test_a_world_that_fails_a_well_formed_command_exits_1(args, env, fragment, t
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment.replace("PORT", port) in lines[0], r.stderr
     assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
+def test_version_and_short_help():
+    r = _run("--version")
+    assert r.exit_code == 0 and r.stdout.startswith("csp ") and len(r.stdout.strip().splitlines()) == 1
+    r = _run("-h")
+    assert r.exit_code == 0 and "Usage:" in r.stdout and "--install-completion" in r.stdout
+    r = _run("prune", "-h")
+    assert r.exit_code == 0 and "--target" in r.stdout
+
+
+def test_help_imports_neither_torch_nor_ray():
+    """`csp --help` stays fast: the heavy libraries load inside the commands that use them."""
+    import subprocess
+    import sys
+
+    code = "import sys; from cli.main import app; print(sorted(m for m in ('torch', 'ray', 'pandas') if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
 
 
 def test_tokenizer_build_then_info(small_corpus, tmp_path):

@@ -81,3 +81,27 @@ def test_csp_results_commands(store):
     assert r.exit_code == 0 and "m2" in r.stdout
     r = runner.invoke(app, ["results", "circuits", store, "--where", "bogus >"])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["results", "circuits", "STORE", "--task", "nope"], "--task 'nope': no rows in STORE; it holds if_equals, single_double_quote, var_swap"),
+    (["results", "circuits", "STORE", "--model", "m9"], "--model 'm9': no rows in STORE; it holds m1, m2"),
+    (["results", "controls", "STORE", "--task", "nope"], "--task 'nope': no rows"),
+    (["results", "circuits", "STRAY"], "Parquet magic bytes not found"),
+    (["results", "frontier", "STRAY"], "remove the file that is not a csp results Parquet file"),
+    (["viz", "frontier", "STRAY"], "cannot read the circuits table"),
+])
+def test_results_name_what_exists_and_refuse_a_foreign_file(store, tmp_path, args, fragment):
+    """A mistyped task or model says what the store holds; a stray non-Parquet file in a
+    partition is a one-line error naming it — never "(no rows)" with exit 0, never a traceback."""
+    import shutil
+
+    stray = tmp_path / "stray"
+    shutil.copytree(store, stray)
+    (stray / "circuits" / "task=if_equals" / "notes.parquet").write_text("not parquet")
+    args = [a.replace("STORE", store).replace("STRAY", str(stray)) for a in args]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment.replace("STORE", store) in lines[0], r.stderr
+    assert "Traceback" not in r.output

@@ -64,6 +64,7 @@ def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):
     (["--n-ctx", "512"], "exceeds the data's n_ctx=64"),
     (["--steps", "0"], "steps=0 out of range"),
     (["--device", "cuda:3"], "CUDA is not available"),
+    (["--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
     (["--d-model", "0"], "d_model=0 out of range"),
 ])
 def test_csp_train_bad_flags_are_one_line_errors(stdlib_data, tmp_path, args, fragment):
