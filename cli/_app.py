@@ -8,7 +8,9 @@ box. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
 import sys
+from enum import Enum
 
 import typer
 from typer.core import TyperGroup
@@ -22,8 +24,38 @@ ClickException = UsageError.__mro__[1]
 Abort = typer.Abort
 
 
+def choice(name: str, values) -> type[Enum]:
+    """An Enum of string ``values`` for a typer option: help lists them, click validates them."""
+    return Enum(name, [(v, v) for v in values], type=str)
+
+
+FORMATS = ("table", "csv", "json")
+Format = choice("Format", FORMATS)
+
+
 def _say(line: str) -> None:
     typer.echo(" ".join(line.split()), err=True)
+
+
+# Library errors name config fields ("batch_size=7 out of range: …"); at the command line
+# the user typed flags, so the message names the flag they typed ("--batch 7 out of range").
+FIELD_FLAGS = {
+    "batch_size": "--batch", "block_size": "--n-ctx", "n_ctx": "--n-ctx", "pfrac": "--pfrac", "ef": "--ef",
+    "ef_mlp": "--ef-mlp", "afrac": "--afrac", "steps": "--steps", "lr": "--lr", "optimizer": "--optimizer",
+    "n_layer": "--n-layer", "d_model": "--d-model", "n_head": "--n-head", "d_head": "--d-head", "seed": "--seed",
+    "eval_every": "--eval-every", "ckpt_every": "--ckpt-every", "target": "--target", "ablation": "--ablation",
+    "k_coef": "--k-coef", "device": "--device", "vocab_size": "--vocab-size", "val_fraction": "--val-fraction",
+    "workers": "--workers", "placement": "--placement",
+}
+_FIELD_RE = re.compile(r"^(\w+)=(\S+)(?= )")
+
+
+def flag_message(message: str) -> str:
+    """``field=value …`` → ``--flag value …`` for the fields that are flags."""
+    m = _FIELD_RE.match(message)
+    if m and m.group(1) in FIELD_FLAGS:
+        return f"{FIELD_FLAGS[m.group(1)]} {m.group(2)}{message[m.end(2):]}"
+    return message
 
 
 class CspGroup(TyperGroup):
@@ -46,7 +78,7 @@ class CspGroup(TyperGroup):
             _say("csp: aborted")
             code = 1
         except CspError as e:
-            _say(f"csp: error: {e}")
+            _say(f"csp: error: {flag_message(str(e))}")
             code = e.exit_code
         return self._finish(code, standalone_mode)
 

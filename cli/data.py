@@ -30,7 +30,8 @@ def prepare(
         raise typer.BadParameter(f"--shard-mb must be > 0, got {shard_mb}")
     if workers is not None and workers < 1:
         raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
-    storage.resolve(out)  # a malformed --out fails before Ray starts
+    data.check_prepare_args(n_ctx, val_fraction, int(shard_mb * 1e6))  # every check before Ray starts
+    storage.probe(out)  # a malformed or unreachable --out fails in seconds, not after Ray
     runtime.init(address=address, storage={"--out": out, "--corpus": corpus, "--tokenizer": tokenizer}, shared_fs=shared_fs)
     with bar("shards") as update:
         result = data.prepare(

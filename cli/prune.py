@@ -6,8 +6,10 @@ from typing import Annotated
 
 import typer
 
-from cli._app import SHARED_FS_HELP
+from cli._app import SHARED_FS_HELP, choice
 from sparsity.config import ABLATIONS, PruneConfig
+
+Ablation = choice("Ablation", ABLATIONS)
 
 
 def prune(
@@ -15,7 +17,7 @@ def prune(
     out: Annotated[str, typer.Option(help="Results URI: circuits, circuit_nodes, circuit_edges go under it.")],
     task: Annotated[list[str] | None, typer.Option(help="Task to prune for (repeatable; default: all 20).")] = None,
     target: Annotated[float, typer.Option(help="Largest held-out task loss a circuit may have, on the reference's summed two-sided scale (chance 1.386).")] = PruneConfig.target,
-    ablation: Annotated[str, typer.Option(help=f"How pruned nodes are replaced: {', '.join(ABLATIONS)}.")] = PruneConfig.ablation,
+    ablation: Annotated[Ablation, typer.Option(help="How pruned nodes are replaced (mean: the paper's).")] = PruneConfig.ablation,
     seed: Annotated[int, typer.Option(help="Seed of τ-init noise, pair batches and resample draws.")] = 0,
     steps: Annotated[int, typer.Option(help="Mask-training steps.")] = PruneConfig.steps,
     k_coef: Annotated[float, typer.Option(help="Weight of the node-count penalty.")] = PruneConfig.k_coef,
@@ -31,7 +33,7 @@ def prune(
     from cluster import storage
     from jobs import prune as prune_job
 
-    cfg = PruneConfig(target=target, ablation=ablation, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
+    cfg = PruneConfig(target=target, ablation=Ablation(ablation).value, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
                       prune_anyway=prune_anyway)
 
     def show(name: str, r: dict) -> None:
@@ -62,6 +64,8 @@ def prune(
     from cluster import runtime
     from jobs import fanout
 
+    fanout.expand_checkpoints(ckpt)  # a missing checkpoint or sweep fails before Ray starts
+    storage.probe(out)
     runtime.init(address=address, storage={"--out": out, "--data": data, "CKPT": next((u for u in ckpt if not u.startswith("s3://")), ckpt[0])},
                  shared_fs=shared_fs)
 

@@ -6,15 +6,11 @@ from typing import Annotated
 
 import typer
 
-from cli._app import group
+from cli._app import Format, group
 
 app = group("Query stored circuits (pandas + pyarrow filter pushdown on the task partition).")
-FORMATS = ("table", "csv", "json")
-
-
-def _emit(df, fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+def _emit(df, fmt) -> None:
+    fmt = Format(fmt).value
     if fmt == "csv":
         typer.echo(df.to_csv(index=False), nl=False)
     elif fmt == "json":
@@ -29,7 +25,7 @@ def circuits(
     task: Annotated[str | None, typer.Option(help="Only this task (partition pruning).")] = None,
     model: Annotated[str | None, typer.Option(help="Only this model id.")] = None,
     where: Annotated[str | None, typer.Option(help="A pandas query on the rows, e.g. 'n_edges < 100 and status == \"ok\"'.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = "table",
     all_columns: Annotated[bool, typer.Option("--all-columns", help="Every column, not the summary ones.")] = False,
     all_rows: Annotated[bool, typer.Option("--all", help="Every row: unverified circuits, verdicts and controls too (default: verified circuits only).")] = False,
 ) -> None:
@@ -55,7 +51,7 @@ def circuits(
 def controls(
     uri: Annotated[str, typer.Argument(help="Results URI.")],
     task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = "table",
 ) -> None:
     """Faithfulness controls beside the circuits they check (random-init model and nonsense
     task must not verify; seed and ablation variants with their node-set Jaccard overlap)."""
@@ -68,7 +64,7 @@ def controls(
 @app.command()
 def frontier(
     uri: Annotated[str, typer.Argument(help="Results URI.")],
-    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = "table",
 ) -> None:
     """Per model: val loss (capability) vs geometric-mean circuit edges over tasks (interpretability)."""
     from jobs import results as results_lib

@@ -26,6 +26,12 @@ def serve(
         raise typer.BadParameter("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY first: the server accepts only those credentials")
     if not 1 <= port <= 65535:
         raise typer.BadParameter(f"--port must be in [1, 65535], got {port}")
+    from cluster import storage
+
+    for b in bucket:  # a name S3 refuses would leave the server waiting for a bucket it never makes
+        if "/" in b or not b:
+            raise typer.BadParameter(f"--bucket {b!r} is not a bucket name (3-63 chars: lowercase letters, digits, '.', '-')")
+        storage.resolve(f"s3://{b}")
     server = s3server.start(dir, key, secret, buckets=tuple(bucket), port=port)
     typer.echo(f"S3 at {server.endpoint_url}, buckets {', '.join(server.buckets)}, data in {server.data_dir}")
     typer.echo(f"  export AWS_ENDPOINT_URL={server.endpoint_url}   # plus your AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from cli._app import SHARED_FS_HELP, group
-from sparsity.config import ModelConfig, TrainConfig
+from cli._app import SHARED_FS_HELP, choice, group
+from sparsity.config import OPTIMIZERS, ModelConfig, TrainConfig
+
+Optimizer = choice("Optimizer", OPTIMIZERS)
 
 app = group("Sweep pfrac × ef (× afrac × seed) on Ray Tune, each trial a distributed training run.")
 app.info.invoke_without_command = True
@@ -24,7 +26,7 @@ def run(
     steps: Annotated[int, typer.Option(help="Optimizer steps per trial.")] = TrainConfig.steps,
     batch: Annotated[int, typer.Option(help="Sequences per step.")] = TrainConfig.batch_size,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
-    optimizer: Annotated[str, typer.Option(help="adam (the paper's recipe) or muon (Muon on the block matrices, Adam on the rest).")] = TrainConfig.optimizer,
+    optimizer: Annotated[Optimizer, typer.Option(help="adam (the paper's recipe) or muon (Muon on the block matrices, Adam on the rest).")] = TrainConfig.optimizer,
     n_layer: Annotated[int, typer.Option(help="Transformer blocks.")] = ModelConfig.n_layer,
     d_model: Annotated[int, typer.Option(help="Base width (ef multiplies it).")] = ModelConfig.d_model,
     n_head: Annotated[int, typer.Option(help="Base heads (ef multiplies them).")] = ModelConfig.n_head,
@@ -50,9 +52,14 @@ def run(
 
     ctx_len = n_ctx or data_lib.read_manifest(data)["n_ctx"]
     base = ModelConfig(block_size=ctx_len, n_layer=n_layer, d_model=d_model, n_head=n_head, d_mlp=4 * d_model)
-    train = TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer=optimizer, ckpt_every=max(1, steps // 4), eval_every=max(1, steps // 4))
-    for p in sweep_job.points(parsed):
-        sweep_job.trial_config(base, train, p)  # every grid point is valid before Ray starts
+    train = TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value, ckpt_every=max(1, steps // 4), eval_every=max(1, steps // 4))
+    from sparsity.errors import ConfigError
+
+    for p in sweep_job.points(parsed):  # every grid point is valid before Ray starts
+        try:
+            sweep_job.trial_config(base, train, p)
+        except ConfigError as e:
+            raise ConfigError(f"--grid point {';'.join(f'{k}={v}' for k, v in p.items())}: {e}") from None
     runtime.init(address=address, num_cpus=None if address else max(workers_per_trial + 1, os.cpu_count() or 1),
                  storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
                  log_to_driver=False)  # no line per report from every trial's workers; failures still raise here

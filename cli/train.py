@@ -7,8 +7,18 @@ from typing import Annotated
 
 import typer
 
-from cli._app import SHARED_FS_HELP
-from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
+from cli._app import SHARED_FS_HELP, choice
+from sparsity.config import (
+    OPTIMIZERS,
+    PLACEMENTS,
+    ModelConfig,
+    RunConfig,
+    SparsityConfig,
+    TrainConfig,
+)
+
+Optimizer = choice("Optimizer", OPTIMIZERS)
+Placement = choice("Placement", PLACEMENTS)
 
 
 def train(
@@ -21,7 +31,7 @@ def train(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = TrainConfig.steps,
     batch: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = TrainConfig.batch_size,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
-    optimizer: Annotated[str, typer.Option(help="adam (the paper's recipe) or muon (Muon on the block matrices, Adam on the rest).")] = TrainConfig.optimizer,
+    optimizer: Annotated[Optimizer, typer.Option(help="adam (the paper's recipe) or muon (Muon on the block matrices, Adam on the rest).")] = TrainConfig.optimizer,
     n_layer: Annotated[int, typer.Option(help="Transformer blocks.")] = ModelConfig.n_layer,
     d_model: Annotated[int, typer.Option(help="Base residual width (before ef).")] = ModelConfig.d_model,
     n_head: Annotated[int, typer.Option(help="Base attention heads (before ef).")] = ModelConfig.n_head,
@@ -36,11 +46,13 @@ def train(
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP); 1 = one process, no Ray.")] = 1,
     gpus: Annotated[bool, typer.Option("--gpus", help="One GPU per worker, NCCL (with --workers).")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address for --workers (default: in-process Ray).")] = None,
-    placement: Annotated[str, typer.Option(help="Where --workers go: spread (one per node where there is room, packed when not: "
+    placement: Annotated[Placement, typer.Option(help="Where --workers go: spread (one per node where there is room, packed when not: "
                                                  "a run survives losing a node), strict_spread (one per node, or wait) or pack.")] = "spread",
     shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
 ) -> None:
     """Train a weight-sparse GPT; re-running the same command resumes from the last checkpoint."""
+    if not 0 < afrac <= 1:
+        raise typer.BadParameter(f"--afrac must be in (0, 1] (1 = no activation sparsity), got {afrac}")
     from cluster import data as data_lib
     from cluster import storage, training
 
@@ -52,19 +64,17 @@ def train(
     cfg = RunConfig(
         model=base.scaled(ef, ef_mlp),
         sparsity=SparsityConfig(pfrac=pfrac, ef=ef, ef_mlp=ef_mlp),
-        train=TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer=optimizer, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every),
+        train=TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every),
     )
     if workers < 1:
         raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
     if workers > 1 or address or gpus:
         from cluster import runtime, trainer
 
-        if placement not in trainer.PLACEMENTS:
-            raise typer.BadParameter(f"--placement must be one of {', '.join(trainer.PLACEMENTS)}, got {placement!r}")
         runtime.init(address=address, num_cpus=None if address else max(workers + 1, os.cpu_count() or 1),
                      storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
                      log_to_driver=False)  # no line per report from every worker; failures still raise here
-        result = trainer.train_distributed(data, out, cfg, workers=workers, use_gpu=gpus, placement=placement)
+        result = trainer.train_distributed(data, out, cfg, workers=workers, use_gpu=gpus, placement=Placement(placement).value)
         loc = storage.resolve(out)
         if result is None:
             typer.echo(f"{loc.uri} already finished {steps} steps; nothing to do")

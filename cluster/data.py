@@ -228,6 +228,16 @@ class PrepareResult:
     tokenizer_trained: bool
 
 
+def check_prepare_args(n_ctx: int, val_fraction: float, shard_bytes: int) -> None:
+    """The plan's numbers in range (the CLI checks them before Ray starts)."""
+    if not 8 <= n_ctx <= 65536:
+        raise DataError(f"--n-ctx {n_ctx} out of range: must be in [8, 65536]")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} out of range: must be in [0, 1)")
+    if shard_bytes < 1:
+        raise DataError(f"shard_bytes={shard_bytes} out of range: must be ≥ 1")
+
+
 def prepare(
     corpus: str | None,
     out: str,
@@ -246,12 +256,7 @@ def prepare(
     the same plan does no work at all. Ray must be initialised (cluster.runtime.init);
     ``workers`` bounds the shard tasks in flight (default: the cluster's CPUs).
     """
-    if not 8 <= n_ctx <= 65536:
-        raise DataError(f"n_ctx={n_ctx} out of range: must be in [8, 65536]")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction={val_fraction} out of range: must be in [0, 1)")
-    if shard_bytes < 1:
-        raise DataError(f"shard_bytes={shard_bytes} out of range: must be ≥ 1")
+    check_prepare_args(n_ctx, val_fraction, shard_bytes)
     out_loc = storage.resolve(out)
     files, corpus_fp = list_corpus(corpus)
 

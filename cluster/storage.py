@@ -389,6 +389,16 @@ def exists(uri: str | Location) -> bool:
         return os.path.exists(loc.path)
 
 
+def probe(uri: str | Location) -> Location:
+    """Check, before any long work starts, that an output location can be reached: for
+    S3, that the endpoint answers, the credentials are accepted and the bucket exists (one
+    HEAD request, within the usual 10 s); a local path needs nothing. Returns the location."""
+    loc = resolve(uri)
+    if loc.is_s3:
+        _check_bucket(loc)
+    return loc
+
+
 def _check_bucket(loc: Location) -> None:
     """s3fs answers False for a missing bucket; surface it as BucketNotFoundError."""
     try:

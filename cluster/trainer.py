@@ -35,7 +35,7 @@ from cluster.training import METRICS_FILE, RUN_FILE, RunError, load_data
 from sparsity.config import RunConfig
 
 PREFETCH = 4
-PLACEMENTS = {"spread": "SPREAD", "strict_spread": "STRICT_SPREAD", "pack": "PACK"}
+RAY_STRATEGIES = {"spread": "SPREAD", "strict_spread": "STRICT_SPREAD", "pack": "PACK"}  # sparsity.config.PLACEMENTS → Ray's names
 PLACEMENT_DIR = "placement"
 
 
@@ -187,8 +187,8 @@ def train_distributed(
 
     if workers < 1:
         raise RunError(f"workers={workers} out of range: must be ≥ 1")
-    if placement not in PLACEMENTS:
-        raise RunError(f"placement={placement!r}: choose one of {', '.join(PLACEMENTS)}")
+    if placement not in RAY_STRATEGIES:
+        raise RunError(f"placement={placement!r}: choose one of {', '.join(RAY_STRATEGIES)}")
     if cfg.train.batch_size % (workers * cfg.train.micro_batches):
         raise RunError(f"batch_size={cfg.train.batch_size} must divide evenly over {workers} workers × {cfg.train.micro_batches} micro-batches")
     need = workers  # the Train controller takes no CPU (Ray Train v2 pins it to this driver's node)
@@ -225,7 +225,7 @@ def train_distributed(
         train_loop_config={"cfg": cfg.to_dict(), "out": out.uri, "data": storage.resolve(data_uri).uri,
                            "debug": debug, "backend": torch_backend(use_gpu)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1} if not use_gpu else None,
-                                     placement_strategy=PLACEMENTS[placement]),
+                                     placement_strategy=RAY_STRATEGIES[placement]),
         torch_config=TorchConfig(backend=torch_backend(use_gpu)),
         run_config=run_config,
     )

@@ -20,6 +20,8 @@ from sparsity.errors import ConfigError
 # The 8 places AbsTopK can sparsify activations (DESIGN.md, "The method").
 LOCTYPES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
 ALL_LOCTYPES = ",".join(LOCTYPES)
+OPTIMIZERS = ("adam", "muon")
+PLACEMENTS = ("spread", "strict_spread", "pack")  # where Ray Train puts the workers of one run
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -158,7 +160,7 @@ class TrainConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, name, v, "must be an integer ≥ 0")
         _check(self.batch_size % self.micro_batches == 0, "micro_batches", self.micro_batches, f"must divide batch_size={self.batch_size}")
-        _check(self.optimizer in ("adam", "muon"), "optimizer", self.optimizer, "must be 'adam' or 'muon'")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, "must be 'adam' or 'muon'")
         _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be > 0")
         _check(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")

@@ -49,10 +49,12 @@ def test_every_command_has_help():
         (["data", "prepare", "--out", "OUT", "--shard-mb", "0"], "--shard-mb must be > 0"),
         (["data", "prepare", "--out", "OUT", "--corpus", "/no/such/dir"], "corpus not found"),
         (["data", "prepare", "--out", "OUT", "--corpus", "EMPTY"], "no .py files"),
-        (["data", "prepare", "--out", "OUT", "--corpus", "EMPTY", "--n-ctx", "4"], "n_ctx=4 out of range"),
+        (["data", "prepare", "--out", "OUT", "--corpus", "EMPTY", "--n-ctx", "4"], "--n-ctx 4 out of range"),
+        (["data", "prepare", "--out", "OUT", "--n-ctx", "0"], "--n-ctx 0 out of range"),
+        (["s3", "serve", "--bucket", "Bad_Name"], "is not a valid bucket name"),
         (["data", "info", "/no/such/dataset"], "no dataset at /no/such/dataset"),
         (["tokenizer", "build", "--out", "OUT", "--corpus", "/no/such/dir"], "corpus not found"),
-        (["tokenizer", "build", "--out", "OUT", "--vocab-size", "100"], "vocab_size=100 out of range"),
+        (["tokenizer", "build", "--out", "OUT", "--vocab-size", "100"], "--vocab-size 100 out of range"),
         (["tokenizer", "info", "/no/such/tok"], "no tokenizer at"),
         (["nope"], "No such command 'nope'"),
         (["results", "circuits", "/no/such/results"], "no results at /no/such/results"),
@@ -80,6 +82,7 @@ def test_user_errors_print_one_line_and_exit_2(args, fragment, tmp_path, ray_ses
 @pytest.mark.parametrize("args, env, fragment", [
     (["data", "info", "s3://csp-test/x"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:PORT"}, "cannot reach S3 endpoint http://127.0.0.1:PORT"),
     (["jobs", "list", "--address", "http://127.0.0.1:PORT"], {}, "cannot reach Ray"),
+    (["data", "prepare", "--out", "s3://csp-test/x"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:PORT"}, "cannot reach S3 endpoint"),  # before Ray
     (["jobs", "list"], {"RAY_ADDRESS": "http://127.0.0.1:PORT"}, "cannot reach Ray at '127.0.0.1:PORT'"),  # honoured, as `ray job` does
 ])
 def test_a_world_that_fails_a_well_formed_command_exits_1(args, env, fragment, tmp_path, s3_server):

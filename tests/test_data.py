@@ -114,9 +114,9 @@ def test_output_made_from_another_tokenizer_or_context_is_refused(ray_session, s
 
 
 def test_bad_prepare_arguments(tmp_path, small_corpus):
-    with pytest.raises(data.DataError, match="n_ctx"):
+    with pytest.raises(data.DataError, match="--n-ctx 0"):
         data.prepare(str(small_corpus), str(tmp_path), n_ctx=0)
-    with pytest.raises(data.DataError, match="val_fraction"):
+    with pytest.raises(data.DataError, match="--val-fraction 1.5"):
         data.prepare(str(small_corpus), str(tmp_path), val_fraction=1.5)
     with pytest.raises(data.DataError, match="no tokenizer"):
         data.prepare(str(small_corpus), str(tmp_path / "o"), tokenizer=str(tmp_path / "none"))

@@ -46,7 +46,7 @@ def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_ses
 @pytest.mark.parametrize("grid, fragment", [
     ("foo=1", "unknown grid key 'foo'"),
     ("pfrac=", "grid key 'pfrac' has no values"),
-    ("pfrac=2", "pfrac=2.0 out of range"),
+    ("pfrac=2", "--grid point pfrac=2.0: pfrac=2.0 out of range"),
     ("pfrac=a", "are not all floats"),
     ("", "empty grid"),
 ])

@@ -102,8 +102,8 @@ def test_csp_tasks_list_show_and_eval(planted_run):
 @pytest.mark.parametrize("args, fragment", [
     (["tasks", "show", "nope"], "unknown task 'nope'"),
     (["prune", "RUN", "--out", "OUT", "--task", "nope"], "unknown task 'nope'"),
-    (["prune", "RUN", "--out", "OUT", "--ablation", "median"], "ablation='median' out of range"),
-    (["prune", "RUN", "--out", "OUT", "--target", "0"], "target=0.0 out of range"),
+    (["prune", "RUN", "--out", "OUT", "--ablation", "median"], "Invalid value for '--ablation'"),
+    (["prune", "RUN", "--out", "OUT", "--target", "0"], "--target 0.0 out of range"),
     (["prune", "/no/such/run", "--out", "OUT"], "no checkpoint at /no/such/run"),
 ])
 def test_prune_and_tasks_bad_input(planted_run, tmp_path, args, fragment):

@@ -59,13 +59,16 @@ def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--pfrac", "0"], "pfrac=0.0 out of range"),
-    (["--afrac", "0"], "afrac=0.0 out of range"),
+    (["--pfrac", "0"], "--pfrac 0.0 out of range"),
+    (["--afrac", "0"], "--afrac must be in (0, 1]"),
+    (["--afrac", "5"], "--afrac must be in (0, 1]"),  # not a silent "no activation sparsity"
+    (["--batch", "7", "--workers", "2"], "--batch 7 must divide evenly over 2 workers"),
+    (["--optimizer", "sgd"], "Invalid value for '--optimizer'"),
     (["--n-ctx", "512"], "exceeds the data's n_ctx=64"),
-    (["--steps", "0"], "steps=0 out of range"),
+    (["--steps", "0"], "--steps 0 out of range"),
     (["--device", "cuda:3"], "CUDA is not available"),
     (["--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
-    (["--d-model", "0"], "d_model=0 out of range"),
+    (["--d-model", "0"], "--d-model 0 out of range"),
 ])
 def test_csp_train_bad_flags_are_one_line_errors(stdlib_data, tmp_path, args, fragment):
     r = runner.invoke(app, ["train", "--data", stdlib_data, "--out", str(tmp_path / "run"), "--steps", "2", *args])
