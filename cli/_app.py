@@ -104,25 +104,10 @@ def group(help: str | None = None, completion: bool = False) -> typer.Typer:
 
 
 def version() -> str:
-    """csp's package version, and the git commit when run from a checkout."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as pkg_version
-    from pathlib import Path
+    """csp's package version, with the git commit (and .dirty) when run from a checkout."""
+    from sparsity.version import code_version
 
-    try:
-        v = pkg_version("csp")
-    except PackageNotFoundError:
-        v = "unknown"
-    git = Path(__file__).resolve().parents[1] / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if head.startswith("ref: "):
-            ref = git / head[5:]
-            head = ref.read_text().strip() if ref.exists() else next(
-                (ln.split()[0] for ln in (git / "packed-refs").read_text().splitlines() if ln.endswith(head[5:])), "")
-        return f"csp {v} (git {head[:12]})" if head else f"csp {v}"
-    except OSError:
-        return f"csp {v}"
+    return f"csp {code_version()}"
 
 
 SHARED_FS_HELP = ("On a cluster of several nodes, accept local paths: they are on a filesystem every node mounts "

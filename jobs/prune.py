@@ -44,6 +44,7 @@ def model_meta(ckpt, ckpt_uri: str) -> dict:
     name = os.path.basename(checkpoints.checkpoint_dir(ckpt_uri).rstrip("/").rsplit("/checkpoints", 1)[0]) or "model"
     return {
         "model_id": f"{name}-{ckpt.fingerprint[:8]}",
+        "trial": name,
         "checkpoint_uri": checkpoints.checkpoint_dir(ckpt_uri),
         "checkpoint_fingerprint": ckpt.fingerprint,
         "step": ckpt.step,

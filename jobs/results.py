@@ -20,8 +20,10 @@ pairs and so did the circuit (sufficiency). :func:`frontier` and the CLI count t
 
 from __future__ import annotations
 
+import datetime
 import json
 
+import pandas as pd
 import pyarrow as pa
 
 from cluster import storage
@@ -33,12 +35,14 @@ from sparsity.circuit import (
     Circuit,
 )
 from sparsity.errors import CspError
+from sparsity.version import code_version
 
 CIRCUITS, NODES, EDGES = "circuits", "circuit_nodes", "circuit_edges"
 
 _MODEL_FIELDS = [
     pa.field("schema_version", pa.int32(), nullable=False),
     pa.field("model_id", pa.string(), nullable=False),
+    pa.field("trial", pa.string()),  # the run's name: a sweep's trial (joins summary.parquet on `trial`)
     pa.field("checkpoint_uri", pa.string()),
     pa.field("checkpoint_fingerprint", pa.string()),
     pa.field("step", pa.int64()),
@@ -88,7 +92,8 @@ CIRCUITS_SCHEMA = pa.schema(
         pa.field("convergence", pa.string()),  # JSON [[step, task loss, open gates], ...] of the mask training
         pa.field("prune_seconds", pa.float64()),
         pa.field("ray_node_id", pa.string()),  # the Ray node that pruned it (null outside Ray)
-        pa.field("code_version", pa.string()),
+        pa.field("code_version", pa.string()),  # package version + git commit (+ .dirty) that made the row
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
         pa.field("provenance", pa.string()),  # JSON: prune config, seeds, model config
     ]
 )
@@ -101,7 +106,7 @@ NODES_SCHEMA = pa.schema([
     pa.field("control", pa.string()),
     pa.field("layer", pa.int32()),
     pa.field("location", pa.string()),
-    pa.field("index", pa.int32()),
+    pa.field("node_index", pa.int32()),  # the unit within its location: a residual channel, head dim or neuron
 ])
 
 EDGES_SCHEMA = pa.schema([
@@ -121,18 +126,43 @@ EDGES_SCHEMA = pa.schema([
 ])
 
 
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def _pandas_metadata(schema: pa.Schema) -> dict:
+    """Pandas metadata for ``schema``: integers read back as nullable Int64/Int32 (null =
+    not applicable, never a float NaN) and booleans as ``boolean``, with plain
+    ``pd.read_parquet`` as with :func:`circuits`."""
+    import pandas as pd
 
-    try:
-        return version("csp")
-    except PackageNotFoundError:
-        return "unknown"
+    def dtype(t: pa.DataType):
+        if pa.types.is_integer(t):
+            return {8: "Int8", 16: "Int16", 32: "Int32", 64: "Int64"}[t.bit_width]
+        if pa.types.is_boolean(t):
+            return "boolean"
+        if pa.types.is_timestamp(t):
+            return f"datetime64[us, {t.tz}]" if t.tz else "datetime64[us]"
+        return object if pa.types.is_string(t) else t.to_pandas_dtype()
+
+    tmpl = pd.DataFrame({f.name: pd.Series([], dtype=dtype(f.type)) for f in schema if f.name != "task"})
+    return pa.Schema.from_pandas(tmpl, preserve_index=False).metadata
+
+
+_META: dict[str, dict] = {}
 
 
 def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """The rows as a table of ``schema`` without the partition column ``task``, carrying
+    the pandas metadata that gives readers nullable integers and booleans."""
     cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
-    return pa.Table.from_pydict(cols, schema=schema)
+    t = pa.Table.from_pydict(cols, schema=schema).drop(["task"])
+    key = ",".join(schema.names)
+    if key not in _META:
+        _META[key] = _pandas_metadata(t.schema)
+    return t.replace_schema_metadata(_META[key])
+
+
+# Statuses with no circuit: their per-circuit counts are null ("not applicable"), not 0.
+NO_CIRCUIT = ("chance", "model_misses_target", "failed")
+COUNT_COLUMNS = ["k", "n_open", "n_nodes", "n_edges", "n_edges_resid"] + [
+    f.name for f in CIRCUITS_SCHEMA if f.name.startswith(("n_nodes_", "n_edges_")) and f.name != "n_edges_resid"]
 
 
 def result_uid(model_id: str, prune_key: str, control: str | None) -> str:
@@ -164,14 +194,17 @@ def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | No
                          "ablation": cfg.ablation, "target": cfg.target})
     if circuit is not None:
         cfg_cols["base_prune_key"] = circuit.provenance.get("base_prune_key")
-    row = {**base, **model, "status": status, "error": error, "code_version": code_version(), **cfg_cols, **extra}
+    row = {**base, **model, "status": status, "error": error, "code_version": code_version(),
+           "created_at": datetime.datetime.now(datetime.UTC), **cfg_cols, **extra}
     if circuit is not None:
         base = {**base, "prune_key": key, "control": control}
         crow, nodes, edges = circuit.to_rows()
         row.update({k: v for k, v in crow.items() if k not in ("task",)})
         row["status"] = status or circuit.metrics.get("status", "ok")
-        storage.write_parquet(root.join(NODES, f"task={task}", uid), _table([{**base, **n} for n in nodes], NODES_SCHEMA).drop(["task"]))
-        storage.write_parquet(root.join(EDGES, f"task={task}", uid), _table([{**base, **e} for e in edges], EDGES_SCHEMA).drop(["task"]))
+        storage.write_parquet(root.join(NODES, f"task={task}", uid), _table([{**base, **n} for n in nodes], NODES_SCHEMA))
+        storage.write_parquet(root.join(EDGES, f"task={task}", uid), _table([{**base, **e} for e in edges], EDGES_SCHEMA))
+    if row["status"] in NO_CIRCUIT:
+        row.update(dict.fromkeys(COUNT_COLUMNS))
     if row["status"] == "ok" and not (row.get("sufficiency_loss") is not None and row.get("target") is not None
                                       and row["sufficiency_loss"] <= row["target"]):
         # The store's one invariant: `ok` means verified on test pairs (DESIGN.md, Pruning).
@@ -179,7 +212,7 @@ def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | No
                          f"{row.get('sufficiency_loss')} does not meet target {row.get('target')}")
     if isinstance(row.get("provenance"), dict):
         row["provenance"] = json.dumps(row["provenance"], sort_keys=True)
-    storage.write_parquet(root.join(CIRCUITS, f"task={task}", uid), _table([row], CIRCUITS_SCHEMA).drop(["task"]))
+    storage.write_parquet(root.join(CIRCUITS, f"task={task}", uid), _table([row], CIRCUITS_SCHEMA))
     return uid
 
 
@@ -202,17 +235,25 @@ def _query(results_uri: str, table: str, task: str | None, model: str | None, fi
     schema = {CIRCUITS: CIRCUITS_SCHEMA, NODES: NODES_SCHEMA, EDGES: EDGES_SCHEMA}[table]
     loc = storage.resolve(results_uri).join(table)
     if not storage.ls(loc):
-        return _table([], schema).to_pandas()
+        df = _table([], schema).to_pandas()
+        df["task"] = pd.Categorical([])
+        return df
     part = ds.partitioning(pa.schema([pa.field("task", pa.string())]), flavor="hive")
     d = ds.dataset(loc.path, filesystem=loc.pa_fs, format="parquet", partitioning=part, schema=schema)
     expr = None
     for e in ([ds.field("task") == task] if task else []) + ([ds.field("model_id") == model] if model else []) + ([filters] if filters is not None else []):
         expr = e if expr is None else expr & e
     try:
-        return d.to_table(filter=expr).to_pandas()
+        t = d.to_table(filter=expr)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # a stray or truncated file in the store
         raise ResultsError(f"cannot read the {table} table under {loc.uri}: {' '.join(str(e).split())[:240]}; "
                            "remove the file that is not a csp results Parquet file") from None
+    # As plain `pd.read_parquet` reads the table: nullable integers and booleans, the task
+    # partition last, as a category.
+    body = t.drop(["task"])
+    df = body.replace_schema_metadata(_pandas_metadata(body.schema)).to_pandas()
+    df["task"] = t.column("task").combine_chunks().dictionary_encode().to_pandas().astype("category")
+    return df
 
 
 class ResultsError(CspError):
@@ -309,7 +350,7 @@ def controls(results_uri: str, task: str | None = None):
         uid_rows = nd[(nd["model_id"] == model_id) & (nd["task"] == t)]
         if "prune_key" in uid_rows:
             uid_rows = uid_rows[(uid_rows["prune_key"] == key) & (uid_rows["control"].fillna("") == (control or ""))]
-        return set(zip(uid_rows["layer"], uid_rows["location"], uid_rows["index"], strict=True))
+        return set(zip(uid_rows["layer"], uid_rows["location"], uid_rows["node_index"], strict=True))
 
     rows = []
     for r in ctl.itertuples():

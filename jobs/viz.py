@@ -348,7 +348,7 @@ class CircuitRenderer:
         ed = results.edges(self.results_uri, task=task, model=model_id)
         nd = nd[(nd["prune_key"] == row["prune_key"]) & nd["control"].isna()]
         ed = ed[(ed["prune_key"] == row["prune_key"]) & ed["control"].isna()]
-        nodes = [(int(r.layer), r.location, int(r.index)) for r in nd.itertuples()]
+        nodes = [(int(r.layer), r.location, int(r.node_index)) for r in nd.itertuples()]
         edges = [{"src": (int(r.src_layer), r.src_location, int(r.src_index)), "dst": (int(r.dst_layer), r.dst_location, int(r.dst_index)),
                   "kind": r.kind, "weight": float(r.weight)} for r in ed.itertuples()]
         ckpt, model, tok, scan = self._model(row["checkpoint_uri"])

@@ -32,7 +32,7 @@ import torch
 NODE_LOCATIONS = ("attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta", "mlp.act_in", "mlp.post_act", "mlp.resid_delta")
 WEIGHT_EDGE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.out")
 EXTRA_EDGE_KINDS = ("qk", "embed", "unembed")  # counted in columns n_edges_<kind>, no edge rows
-SCHEMA_VERSION = 2  # 2: summed task loss, prune key, controls, verification columns
+SCHEMA_VERSION = 3  # 2: summed task loss, prune key, controls, verification columns; 3: node_index, nullable counts, created_at, trial
 
 
 def node_sizes(cfg) -> dict[str, int]:
@@ -95,7 +95,7 @@ class Circuit:
             **self.metrics,
             "provenance": json.dumps(self.provenance, sort_keys=True),
         }
-        nodes = [{"task": self.task, "layer": layer, "location": loc, "index": idx} for layer, loc, idx in self.nodes]
+        nodes = [{"task": self.task, "layer": layer, "location": loc, "node_index": idx} for layer, loc, idx in self.nodes]
         edges = [{"task": self.task, "kind": e["kind"], "weight": e["weight"],
                   "src_layer": e["src"][0], "src_location": e["src"][1], "src_index": e["src"][2],
                   "dst_layer": e["dst"][0], "dst_location": e["dst"][1], "dst_index": e["dst"][2]} for e in self.edges]
@@ -107,7 +107,7 @@ class Circuit:
         metric_keys -= {k for k in row if k.startswith(("n_nodes_", "n_edges_"))}
         return cls(
             task=row["task"],
-            nodes=[(int(n["layer"]), n["location"], int(n["index"])) for n in nodes],
+            nodes=[(int(n["layer"]), n["location"], int(n["node_index"] if "node_index" in n else n["index"])) for n in nodes],
             edges=[{"src": (int(e["src_layer"]), e["src_location"], int(e["src_index"])),
                     "dst": (int(e["dst_layer"]), e["dst_location"], int(e["dst_index"])),
                     "kind": e["kind"], "weight": float(e["weight"])} for e in edges],

@@ -54,6 +54,18 @@ def test_quick_demo_stores_every_pair_in_the_three_tables(quick_demo):
         assert m in stdout  # the summary table printed at the end names every model
 
 
+def test_quick_demo_tables_read_back_with_the_documented_dtypes_and_join_the_sweep_on_trial(quick_demo):
+    import pandas as pd
+    from test_results import assert_documented_dtypes
+
+    out, _ = quick_demo
+    assert_documented_dtypes(str(out / "results"))
+    circuits = pd.read_parquet(out / "results" / "circuits")
+    sweep = pd.read_parquet(out / "sweep" / "summary.parquet")
+    joined = circuits.merge(sweep[["trial", "val_loss"]], on="trial", suffixes=("", "_sweep"))
+    assert len(joined) == len(circuits) and set(joined["trial"]) == set(sweep["trial"])  # every row joins, no string work
+
+
 def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_them(quick_demo):
     out, _ = quick_demo
     figs = out / "figures"

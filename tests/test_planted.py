@@ -138,7 +138,8 @@ def test_a_planted_model_that_misses_the_target_is_stored_as_such_and_not_pruned
     store = str(tmp_path / "results")
     results.write_result(store, {"model_id": "weak", "checkpoint_fingerprint": "w"}, task.name, c, cfg=cfg)
     row = results.circuits(store).iloc[0]
-    assert row["status"] == "model_misses_target" and row["n_nodes"] == 0 and row["full_misses_target"]
+    assert row["status"] == "model_misses_target" and row["full_misses_target"]
+    assert row[["n_nodes", "n_edges", "k"]].isna().all()  # no circuit: its counts are "not applicable", not 0
     assert results.nodes(store).empty and results.frontier(store)["tasks_with_circuit"].tolist() == [0]
 
 

@@ -105,3 +105,36 @@ def test_results_name_what_exists_and_refuse_a_foreign_file(store, tmp_path, arg
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment.replace("STORE", store) in lines[0], r.stderr
     assert "Traceback" not in r.output
+
+
+def assert_documented_dtypes(uri: str) -> None:
+    """The three tables read with plain `pd.read_parquet` have the dtypes README documents,
+    and `jobs.results` returns the same columns in the same order with the same dtypes."""
+    import pandas as pd
+
+    for table, reader in ((results.CIRCUITS, results.circuits), (results.NODES, results.nodes), (results.EDGES, results.edges)):
+        plain = pd.read_parquet(f"{uri}/{table}", storage_options=storage.storage_options(uri))
+        ours = reader(uri)
+        assert list(plain.columns) == list(ours.columns) and plain.columns[-1] == "task", table
+        assert isinstance(plain["task"].dtype, pd.CategoricalDtype) and isinstance(ours["task"].dtype, pd.CategoricalDtype)
+        for col in plain.columns:
+            assert str(plain[col].dtype) == str(ours[col].dtype), (table, col, plain[col].dtype, ours[col].dtype)
+        ints = [c for c in plain.columns if str(plain[c].dtype).startswith("int")]
+        assert not ints, f"{table}: numpy ints {ints} (they turn float on the first null)"
+    c = pd.read_parquet(f"{uri}/{results.CIRCUITS}", storage_options=storage.storage_options(uri))
+    for col in ("n_nodes", "n_edges", "k", "n_nodes_attn_q", "n_edges_qk", "step", "prune_seed"):
+        assert str(c[col].dtype) == "Int64", (col, c[col].dtype)
+    assert str(c["full_misses_target"].dtype) == "boolean"
+    assert str(c["created_at"].dtype) == "datetime64[us, UTC]" and c["created_at"].notna().all()
+    assert c["code_version"].str.match(r"^\d+\.\d+\.\d+(\+g[0-9a-f]{12}(\.dirty)?)?$").all()
+    verdicts = c[c["status"].isin(results.NO_CIRCUIT)]
+    assert verdicts[results.COUNT_COLUMNS].isna().all().all()  # no circuit: counts are "not applicable", not 0
+    circuits = c[~c["status"].isin(results.NO_CIRCUIT)]
+    assert circuits[["n_nodes", "n_edges"]].notna().all().all()
+    n = pd.read_parquet(f"{uri}/{results.NODES}", storage_options=storage.storage_options(uri))
+    assert "node_index" in n.columns and "index" not in n.columns and str(n["node_index"].dtype) == "Int32"
+
+
+def test_tables_read_back_with_the_documented_dtypes(store):
+    results.write_result(store, {**META, "model_id": "m3", "val_loss": 5.0}, "if_equals", None, status="failed", error="boom")
+    assert_documented_dtypes(store)
