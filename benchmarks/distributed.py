@@ -85,7 +85,7 @@ def main() -> None:
 
     n_ctx = data.read_manifest(args.data)["n_ctx"]
     d = args.d_model
-    cfg = RunConfig(model=ModelConfig(block_size=n_ctx, d_model=d, n_head=max(1, d // 16), d_mlp=4 * d),
+    cfg = RunConfig(model=ModelConfig.gpt(d, block_size=n_ctx, n_head=max(1, d // 16)),
                     sparsity=SparsityConfig(pfrac=0.125),
                     train=TrainConfig(steps=args.steps, batch_size=args.batch, log_every=5, eval_every=0, ckpt_every=0))
     out: dict = {"model": f"d_model {d} × 2 layers, ctx {n_ctx}, batch {args.batch}", "cpus": os.cpu_count()}

@@ -53,7 +53,9 @@ def prune(
         if layers:
             typer.echo(f"{'':<28}   {layers}")
 
-    single = len(ckpt) == 1 and address is None and not storage.exists(storage.resolve(ckpt[0]).join("summary.parquet"))
+    from jobs import sweep
+
+    single = len(ckpt) == 1 and address is None and not sweep.is_sweep(ckpt[0])
     if single:
         rows = prune_job.prune_checkpoint(ckpt[0], task, out, cfg, data_uri=data, device=device, progress=show, controls=controls)
         real = [r for r in rows if r.get("control") is None]

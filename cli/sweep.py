@@ -51,7 +51,7 @@ def run(
     from cluster import data as data_lib
 
     ctx_len = n_ctx or data_lib.read_manifest(data)["n_ctx"]
-    base = ModelConfig(block_size=ctx_len, n_layer=n_layer, d_model=d_model, n_head=n_head, d_mlp=4 * d_model)
+    base = ModelConfig.gpt(d_model, block_size=ctx_len, n_layer=n_layer, n_head=n_head)
     train = TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value, ckpt_every=max(1, steps // 4), eval_every=max(1, steps // 4))
     from sparsity.errors import ConfigError
 

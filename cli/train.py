@@ -1,8 +1,8 @@
-"""csp train: train one weight-sparse GPT from token shards (one process)."""
+"""csp train: parse the flags, hand the run to jobs/train.py, print what it did."""
 
 from __future__ import annotations
 
-import os
+import contextlib
 from typing import Annotated
 
 import typer
@@ -12,7 +12,6 @@ from sparsity.config import (
     OPTIMIZERS,
     PLACEMENTS,
     ModelConfig,
-    RunConfig,
     SparsityConfig,
     TrainConfig,
 )
@@ -53,36 +52,33 @@ def train(
     """Train a weight-sparse GPT; re-running the same command resumes from the last checkpoint."""
     if not 0 < afrac <= 1:
         raise typer.BadParameter(f"--afrac must be in (0, 1] (1 = no activation sparsity), got {afrac}")
-    from cluster import data as data_lib
-    from cluster import storage, training
-
-    storage.resolve(out)
-    ctx = n_ctx or data_lib.read_manifest(data)["n_ctx"]
-    base = ModelConfig(block_size=ctx, n_layer=n_layer, d_model=d_model, n_head=n_head, d_head=d_head, d_mlp=4 * d_model,
-                       afrac=None if afrac >= 1.0 else afrac, sink=sink,
-                       enable_bigram_table=bigram, learnable_bigram_table=bigram)
-    cfg = RunConfig(
-        model=base.scaled(ef, ef_mlp),
-        sparsity=SparsityConfig(pfrac=pfrac, ef=ef, ef_mlp=ef_mlp),
-        train=TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every),
-    )
     if workers < 1:
         raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
-    if workers > 1 or address or gpus:
-        from cluster import runtime, trainer
+    from cluster import storage
+    from jobs import train as train_job
 
-        runtime.init(address=address, num_cpus=None if address else max(workers + 1, os.cpu_count() or 1),
-                     storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
-                     log_to_driver=False)  # no line per report from every worker; failures still raise here
-        result = trainer.train_distributed(data, out, cfg, workers=workers, use_gpu=gpus, placement=Placement(placement).value)
-        loc = storage.resolve(out)
-        if result is None:
-            typer.echo(f"{loc.uri} already finished {steps} steps; nothing to do")
-            return
-        m = result.metrics or {}
-        typer.echo(f"trained {m.get('step', steps)} steps on {workers} workers: loss {m.get('loss', float('nan')):.4f}, "
-                   f"val loss {m.get('val_loss', float('nan')):.4f} → {loc.uri}")
+    storage.resolve(out)
+    cfg = train_job.build_config(data, n_ctx=n_ctx, n_layer=n_layer, d_model=d_model, n_head=n_head, d_head=d_head, afrac=afrac,
+                                 sink=sink, bigram=bigram, pfrac=pfrac, ef=ef, ef_mlp=ef_mlp, steps=steps, batch_size=batch, lr=lr,
+                                 optimizer=Optimizer(optimizer).value, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every)
+    opts = dict(workers=workers, gpus=gpus, address=address, placement=Placement(placement).value, shared_fs=shared_fs, device=device)
+    if workers > 1 or address or gpus:
+        r = train_job.run(data, out, cfg, **opts)
+    else:
+        with _bar(steps) as progress:
+            r = train_job.run(data, out, cfg, progress=progress, **opts)
+    if r is None:
+        typer.echo(f"{storage.resolve(out).uri} already finished {steps} steps; nothing to do")
         return
+    on = f" on {r['workers']} workers" if r["workers"] > 1 else ""
+    nz = f", {r['nonzeros']:,} nonzero weights" if r.get("nonzeros") else ""
+    typer.echo(f"trained {r['step']} steps{on}: loss {r.get('loss', float('nan')):.4f}, val loss {r.get('val_loss', float('nan')):.4f}"
+               f"{nz} → {r['out']}")
+
+
+@contextlib.contextmanager
+def _bar(steps: int):
+    """A transient progress bar on stderr fed by the run's reports."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -106,11 +102,4 @@ def train(
             info += f" L0 {last.get('l0', 1.0):.3f} {last.get('tokens_per_s', 0):,.0f} tok/s"
             p.update(task, completed=m["step"], info=info)
 
-        result = training.train_local(data, out, cfg, device=device, progress=progress)
-    loc = storage.resolve(out)
-    if result is None:
-        typer.echo(f"{loc.uri} already finished {steps} steps; nothing to do")
-        return
-    m = result.metrics
-    typer.echo(f"trained {result.step} steps: loss {m.get('loss', float('nan')):.4f}, val loss {m.get('val_loss', float('nan')):.4f}, "
-               f"{m.get('nonzeros', 0):,} nonzero weights → {loc.uri}")
+        yield progress

@@ -1,5 +1,7 @@
-"""Checkpoints on a storage URI (local or s3://).
+"""A run directory on a storage URI (local or s3://), and the one owner of its layout.
 
+    RUN/run.json                    the RunConfig and the dataset it trains on
+    RUN/metrics.jsonl               every reported metric
     RUN/checkpoints/step-00000500/{model.safetensors, config.json, train_state.pt}
     RUN/checkpoints/latest.json     {"step": 500, "path": "step-00000500"}, written after the files
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 from cluster import storage
 from sparsity import checkpoint as ckpt_lib
 
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 _FILES = (ckpt_lib.MODEL_FILE, ckpt_lib.CONFIG_FILE, ckpt_lib.STATE_FILE)
@@ -36,9 +40,22 @@ def save(run_uri: str, files: dict[str, bytes], step: int, keep_last: int = 2) -
     return d.uri
 
 
+def latest_uri(run_uri: str) -> storage.Location:
+    """Where a run's latest.json is (written last, after the checkpoint it names)."""
+    return storage.resolve(run_uri).join(CHECKPOINTS, LATEST)
+
+
 def latest_step(run_uri: str) -> int | None:
-    loc = storage.resolve(run_uri).join(CHECKPOINTS, LATEST)
+    loc = latest_uri(run_uri)
     return int(storage.read_json(loc)["step"]) if storage.exists(loc) else None
+
+
+def run_name(ckpt_uri: str) -> str:
+    """The name of the run a checkpoint belongs to: its run directory's last component
+    (a sweep trial's name), for a run, its checkpoints/ or one step directory."""
+    d = _checkpoint_dir(ckpt_uri)
+    run = d.parent.parent if d.parent.name == CHECKPOINTS else d
+    return run.name or "model"
 
 
 def _checkpoint_dir(uri: str) -> storage.Location:
@@ -86,7 +103,7 @@ def run_data_uri(ckpt_uri: str) -> str | None:
     """The dataset a checkpoint was trained on, from its run's run.json (None if unknown)."""
     d = _checkpoint_dir(ckpt_uri)
     for cand in (d.parent.parent, d.parent, d):  # run/checkpoints/step-N, or the run dir itself
-        f = cand.join("run.json")
+        f = cand.join(RUN_FILE)
         if storage.exists(f):
             return storage.read_json(f).get("data")
     return None

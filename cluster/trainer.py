@@ -31,7 +31,8 @@ import os
 import tempfile
 
 from cluster import checkpoints, runtime, storage
-from cluster.training import METRICS_FILE, RUN_FILE, RunError, load_data
+from cluster.checkpoints import METRICS_FILE, RUN_FILE
+from cluster.training import RunError, load_data
 from sparsity.config import RunConfig
 
 PREFETCH = 4

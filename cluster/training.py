@@ -14,13 +14,11 @@ import json
 from collections.abc import Callable
 
 from cluster import checkpoints, data, storage
+from cluster.checkpoints import METRICS_FILE, RUN_FILE
 from sparsity import train as train_lib
 from sparsity.batches import FixedBatches, TokenRows
 from sparsity.config import RunConfig
 from sparsity.errors import CspError
-
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 
 
 class RunError(CspError):

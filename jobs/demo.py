@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from cluster import data, runtime, storage
+from cluster import checkpoints, data, runtime, storage
 from jobs import fanout as fanout_lib
 from jobs import prune as prune_job
 from jobs import results, sweep, viz
@@ -33,6 +33,8 @@ from jobs.prune import solved
 from sparsity import tasks as task_lib
 from sparsity.config import ModelConfig, TrainConfig
 from sparsity.prune import PruneConfig
+
+SUMMARY = "summary.parquet"  # OUT/summary.parquet: the models table (not a sweep summary: no runs/ beside it)
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     log(f"      frontier.png/.svg and {len(diagrams)} circuit diagrams")
 
     summary = model_summary(sw.uri, res.uri)
-    storage.write_parquet(root.join("summary.parquet"), pa.Table.from_pandas(summary, schema=SUMMARY_SCHEMA, preserve_index=False))
+    storage.write_parquet(root.join(SUMMARY), pa.Table.from_pandas(summary, schema=SUMMARY_SCHEMA, preserve_index=False))
     timings["total"] = time.monotonic() - t_all
     report = root.join("report.html")
     ctl = results.controls(res.uri)
@@ -286,7 +288,7 @@ def _watch_steps(sw, pts: list[dict], steps: int, progress: Callable[[int, int],
     if progress is None:
         yield
         return
-    latest = [sw.join("runs", sweep.trial_name(p), "checkpoints", "latest.json") for p in pts]
+    latest = [checkpoints.latest_uri(sweep.run_loc(sw, sweep.trial_name(p)).uri) for p in pts]
     total = steps * len(pts)
     stop = threading.Event()
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from cluster import checkpoints, runtime, storage
-from jobs import results
+from jobs import results, sweep
 from jobs.prune import Loaded, control_config, control_jobs, model_meta, prune_pair, solved
 from sparsity import prune as prune_lib
 from sparsity import tasks as task_lib
@@ -50,10 +50,8 @@ def expand_checkpoints(uris: list[str]) -> list[str]:
     """Sweep directories become the final checkpoint of each trial; others stay as given."""
     out = []
     for uri in uris:
-        loc = storage.resolve(uri)
-        if storage.exists(loc.join("summary.parquet")):
-            df = storage.read_parquet(loc.join("summary.parquet")).to_pandas()
-            out += [str(u) for u in df["checkpoint_uri"]]
+        if sweep.is_sweep(uri):
+            out += [str(u) for u in sweep.read_summary(uri)["checkpoint_uri"]]
         else:
             out.append(checkpoints.checkpoint_dir(uri))
     return out

@@ -11,7 +11,6 @@ beside it. The fan-out over many checkpoints on Ray (jobs/fanout.py) reuses
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -41,7 +40,7 @@ class PruneError(CspError):
 
 def model_meta(ckpt, ckpt_uri: str) -> dict:
     cfg = ckpt.config
-    name = os.path.basename(checkpoints.checkpoint_dir(ckpt_uri).rstrip("/").rsplit("/checkpoints", 1)[0]) or "model"
+    name = checkpoints.run_name(ckpt_uri)
     return {
         "model_id": f"{name}-{ckpt.fingerprint[:8]}",
         "trial": name,

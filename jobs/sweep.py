@@ -21,7 +21,7 @@ import time
 import pyarrow as pa
 
 from cluster import checkpoints, runtime, storage, trainer
-from cluster.training import METRICS_FILE
+from cluster.checkpoints import METRICS_FILE
 from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
 from sparsity.errors import CspError
 
@@ -90,17 +90,31 @@ def trial_name(point: dict) -> str:
 
 def trial_config(base: ModelConfig, train: TrainConfig, point: dict) -> RunConfig:
     """The RunConfig of one grid point: width scaled by ef, density pfrac/ef²."""
-    ef = point.get("ef", 1.0)
-    model = base.scaled(ef)
     if "afrac" in point:
-        model = dataclasses.replace(model, afrac=None if point["afrac"] >= 1 else point["afrac"])
+        base = dataclasses.replace(base, afrac=None if point["afrac"] >= 1 else point["afrac"])
     tc = dataclasses.replace(train, seed=point.get("seed", train.seed), lr=point.get("lr", train.lr))
-    return RunConfig(model=model, sparsity=SparsityConfig(pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=ef), train=tc)
+    return RunConfig.at_width(base, tc, pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=point.get("ef", 1.0))
 
 
 def points(grid: dict[str, list]) -> list[dict]:
     keys = list(grid)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+SUMMARY = "summary.parquet"  # SWEEP/summary.parquet: one row per trial
+RUNS = "runs"  # SWEEP/runs/<trial>/: each trial's run directory
+
+
+def run_loc(sweep, trial: str) -> storage.Location:
+    """A trial's run directory inside a sweep."""
+    return storage.resolve(sweep).join(RUNS, trial)
+
+
+def is_sweep(uri: str) -> bool:
+    """Whether ``uri`` is a sweep directory (a summary beside its runs/), not a run, a
+    checkpoint or a demo directory (whose summary.parquet is its models table)."""
+    loc = storage.resolve(uri)
+    return storage.exists(loc.join(SUMMARY)) and storage.exists(loc.join(RUNS))
 
 
 def _run_trial(config: dict) -> None:
@@ -110,7 +124,7 @@ def _run_trial(config: dict) -> None:
     cfg = RunConfig.from_dict(config["cfg"])
     sweep = storage.resolve(config["sweep"])
     name = config["trial"]
-    out = sweep.join("runs", name)
+    out = run_loc(sweep, name)
     t0 = time.perf_counter()
     trainer.train_distributed(config["data"], out.uri, cfg, workers=config["workers"], use_gpu=config["gpus"])
     row = summarize_trial(sweep, name, config["point"], cfg, time.perf_counter() - t0)
@@ -118,7 +132,7 @@ def _run_trial(config: dict) -> None:
 
 
 def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) -> dict:
-    out = sweep.join("runs", name)
+    out = run_loc(sweep, name)
     ckpt = checkpoints.load(out.uri, with_train_state=False)
     metrics_loc = out.join(METRICS_FILE)
     history = [json.loads(x) for x in storage.read_text(metrics_loc).splitlines() if x.strip()] if storage.exists(metrics_loc) else []
@@ -196,12 +210,12 @@ def write_summary(sweep_uri: str):
     sweep = storage.resolve(sweep_uri)
     rows = [storage.read_json(u) for u in storage.ls(sweep.join("trials"), suffix=".json")]
     table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
-    storage.write_parquet(sweep.join("summary.parquet"), table)
+    storage.write_parquet(sweep.join(SUMMARY), table)
     return table.to_pandas()
 
 
 def read_summary(sweep_uri: str):
-    loc = storage.resolve(sweep_uri).join("summary.parquet")
+    loc = storage.resolve(sweep_uri).join(SUMMARY)
     if not storage.exists(loc):
         raise SweepError(f"no sweep summary at {storage.resolve(sweep_uri).uri}; run `csp sweep --out {storage.resolve(sweep_uri).uri}` first")
     return storage.read_parquet(loc).to_pandas()

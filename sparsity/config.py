@@ -21,6 +21,7 @@ from sparsity.errors import ConfigError
 LOCTYPES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
 ALL_LOCTYPES = ",".join(LOCTYPES)
 OPTIMIZERS = ("adam", "muon")
+MLP_RATIO = 4  # d_mlp = MLP_RATIO × d_model unless given (GPT-2's ratio)
 PLACEMENTS = ("spread", "strict_spread", "pack")  # where Ray Train puts the workers of one run
 
 
@@ -39,7 +40,7 @@ class ModelConfig:
     n_head: int = 4
     d_head: int = 16  # decoupled from d_model: attention width = n_head * d_head
     d_model: int = 64
-    d_mlp: int = 256  # 4 × d_model, the GPT-2 ratio
+    d_mlp: int = 256  # MLP_RATIO × d_model, the GPT-2 ratio
     bias: bool = True  # DESIGN.md: Linear biases (they stay dense)
     rms_norm: bool = True  # RMSNorm, no learned shift: fewer dense parameters
     activation_type: str = "gelu"
@@ -78,6 +79,11 @@ class ModelConfig:
         a = self.d_attn
         return {"attn_in": self.d_model, "attn_q": a, "attn_k": a, "attn_v": a, "attn_out": self.d_model,
                 "mlp_in": self.d_model, "mlp_neuron": self.d_mlp, "mlp_out": self.d_model}
+
+    @classmethod
+    def gpt(cls, d_model: int, **kw) -> ModelConfig:
+        """A model of width ``d_model`` with the GPT-2 MLP (d_mlp = MLP_RATIO × d_model)."""
+        return cls(d_model=d_model, d_mlp=kw.pop("d_mlp", MLP_RATIO * d_model), **kw)
 
     def scaled(self, ef: float, ef_mlp: float | None = None) -> ModelConfig:
         """This config widened by ``ef``: d_model and n_head (so attention width) by ef,
@@ -180,6 +186,13 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def at_width(cls, base: ModelConfig, train: TrainConfig, pfrac: float = SparsityConfig.pfrac, ef: float = 1.0,
+                 ef_mlp: float | None = None, **sparsity) -> RunConfig:
+        """The one way to widen a base model: ``ef``/``ef_mlp`` scale the model and go into
+        the sparsity config that divides the density by them, so the two always agree."""
+        return cls(model=base.scaled(ef, ef_mlp), sparsity=SparsityConfig(pfrac=pfrac, ef=ef, ef_mlp=ef_mlp, **sparsity), train=train)
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

@@ -1,0 +1,49 @@
+"""The train workflow behind `csp train`: one RunConfig from the user's choices, then one
+run — in this process, or on Ray Train workers (in-process Ray or a cluster) — resumed
+from its last checkpoint, or nothing when it already finished."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from cluster import data, storage
+from sparsity.config import ModelConfig, RunConfig, TrainConfig
+
+
+def build_config(data_uri: str, *, n_ctx: int | None = None, n_layer: int = ModelConfig.n_layer, d_model: int = ModelConfig.d_model,
+                 n_head: int = ModelConfig.n_head, d_head: int = ModelConfig.d_head, afrac: float | None = None,
+                 sink: bool = False, bigram: bool = False, pfrac: float = 0.125, ef: float = 1.0, ef_mlp: float | None = None,
+                 **train) -> RunConfig:
+    """The RunConfig of one run on ``data_uri`` (its context unless ``n_ctx``); ``afrac``
+    1 or None turns activation sparsity off; ``train`` are TrainConfig fields."""
+    ctx = n_ctx or data.read_manifest(data_uri)["n_ctx"]
+    base = ModelConfig.gpt(d_model, block_size=ctx, n_layer=n_layer, n_head=n_head, d_head=d_head,
+                           afrac=None if afrac is None or afrac >= 1.0 else afrac, sink=sink,
+                           enable_bigram_table=bigram, learnable_bigram_table=bigram)
+    return RunConfig.at_width(base, TrainConfig(**train), pfrac=pfrac, ef=ef, ef_mlp=ef_mlp)
+
+
+def run(data_uri: str, out_uri: str, cfg: RunConfig, *, workers: int = 1, gpus: bool = False, address: str | None = None,
+        placement: str = "spread", shared_fs: bool = False, device: str = "auto",
+        progress: Callable[[dict], None] | None = None) -> dict | None:
+    """Train (or resume) the run; None when it had already finished. Without workers,
+    GPUs or an address it runs here with ``progress`` per report; otherwise on Ray Train.
+    Returns step, workers and the final metrics (loss, val_loss, nonzeros…)."""
+    if workers > 1 or address or gpus:
+        from cluster import runtime, trainer
+
+        runtime.init(address=address, num_cpus=None if address else max(workers + 1, os.cpu_count() or 1),
+                     storage={"--data": data_uri, "--out": out_uri}, shared_fs=shared_fs, state_api=True,
+                     log_to_driver=False)  # no line per report from every worker; failures still raise here
+        result = trainer.train_distributed(data_uri, out_uri, cfg, workers=workers, use_gpu=gpus, placement=placement)
+        if result is None:
+            return None
+        m = dict(result.metrics or {})
+        return {**m, "step": m.get("step", cfg.train.steps), "workers": workers, "out": storage.resolve(out_uri).uri}
+    from cluster import training
+
+    result = training.train_local(data_uri, out_uri, cfg, device=device, progress=progress)
+    if result is None:
+        return None
+    return {**result.metrics, "step": result.step, "workers": 1, "out": storage.resolve(out_uri).uri}
