@@ -30,7 +30,41 @@ def choice(name: str, values) -> type[Enum]:
 
 
 FORMATS = ("table", "csv", "json")
-Format = choice("Format", FORMATS)
+Format = choice("Format", FORMATS)  # every listing command: one row per item
+DetailFormat = choice("DetailFormat", ("table", "json"))  # the info commands: one nested record
+
+
+def emit(rows, fmt, table: str | None = None) -> None:
+    """Print ``rows`` (a DataFrame or a list of flat dicts) as ``--format`` says: csv and
+    json from the rows; table as ``table`` when given, else the rows aligned."""
+    import json
+
+    fmt = getattr(fmt, "value", fmt)
+    if fmt == "json":
+        records = rows.to_dict(orient="records") if hasattr(rows, "to_dict") else rows
+        typer.echo(json.dumps(records, indent=2, default=str))
+        return
+    if fmt == "csv":
+        import csv
+        import io
+
+        if hasattr(rows, "to_csv"):
+            typer.echo(rows.to_csv(index=False), nl=False)
+            return
+        buf = io.StringIO()
+        if rows:
+            w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        typer.echo(buf.getvalue(), nl=False)
+        return
+    if table is not None:
+        typer.echo(table)
+    elif hasattr(rows, "to_string"):
+        typer.echo(rows.to_string(index=False) if len(rows) else "(no rows)")
+    else:
+        width = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in (rows[0] if rows else {})}
+        typer.echo("\n".join("  ".join(f"{str(r[k]):<{w}}" for k, w in width.items()) for r in rows) if rows else "(no rows)")
 
 
 def _say(line: str) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._app import group
+from cli._app import Format, emit, group
 from cluster import jobs_api
 
 cluster_app = group("Start, stop and inspect a Ray cluster on this machine: a head and N-1 worker nodes, each its own raylet.")
@@ -66,10 +66,13 @@ def submit(
 
 
 @jobs_app.command("list")
-def list_(address: Annotated[str, typer.Option(help="Jobs API address.", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"])] = "http://127.0.0.1:8265") -> None:
+def list_(
+    address: Annotated[str, typer.Option(help="Jobs API address.", envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"])] = "http://127.0.0.1:8265",
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = "table",
+) -> None:
     """Every job on the cluster."""
-    for j in jobs_api.list_jobs(address):
-        typer.echo(f"{j['job_id']}  {j['status']:<10} {j['entrypoint']}")
+    jobs = jobs_api.list_jobs(address)
+    emit(jobs, fmt, table="\n".join(f"{j['job_id']}  {j['status']:<10} {j['entrypoint']}" for j in jobs) or "(no jobs)")
 
 
 @jobs_app.command("status")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli._app import SHARED_FS_HELP, group
+from cli._app import SHARED_FS_HELP, DetailFormat, emit, group
 from cli._progress import bar
 from cluster import data, runtime, storage
 
@@ -45,6 +45,10 @@ def prepare(
 
 
 @app.command()
-def info(uri: Annotated[str, typer.Argument(help="A dataset written by `csp data prepare`.")]) -> None:
+def info(
+    uri: Annotated[str, typer.Argument(help="A dataset written by `csp data prepare`.")],
+    fmt: Annotated[DetailFormat, typer.Option("--format", help="table, or json (the whole manifest).")] = "table",
+) -> None:
     """Summarise a dataset: corpus, tokenizer, shards, sequences and tokens per split."""
-    typer.echo(data.manifest_summary(data.read_manifest(uri)))
+    m = data.read_manifest(uri)
+    emit(m, fmt, table=data.manifest_summary(m))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
-from cli._app import group
+from cli._app import DetailFormat, emit, group
 
 app = group("Inspect checkpoints; export/import the reference (openai/circuit_sparsity) layout.")
 
@@ -15,15 +14,15 @@ app = group("Inspect checkpoints; export/import the reference (openai/circuit_sp
 @app.command()
 def info(
     ckpt: Annotated[str, typer.Argument(help="A run directory (its latest checkpoint) or a checkpoint directory.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    fmt: Annotated[DetailFormat, typer.Option("--format", help="table, or json (everything, per matrix).")] = "table",
 ) -> None:
     """Config, nonzeros per matrix and parameter counts of a checkpoint."""
     from cluster import checkpoints
     from sparsity import checkpoint as ckpt_lib
 
     d = ckpt_lib.describe(checkpoints.load(ckpt, with_train_state=False))
-    if as_json:
-        typer.echo(json.dumps(d, indent=2))
+    if DetailFormat(fmt).value == "json":
+        emit(d, "json")
         return
     m = d["model"]
     typer.echo(f"step {d['step']}  sha256 {d['fingerprint'][:16]}")

@@ -6,17 +6,11 @@ from typing import Annotated
 
 import typer
 
-from cli._app import Format, group
+from cli._app import Format, emit, group
 
 app = group("Query stored circuits (pandas + pyarrow filter pushdown on the task partition).")
 def _emit(df, fmt) -> None:
-    fmt = Format(fmt).value
-    if fmt == "csv":
-        typer.echo(df.to_csv(index=False), nl=False)
-    elif fmt == "json":
-        typer.echo(df.to_json(orient="records", indent=2))
-    else:
-        typer.echo(df.to_string(index=False) if len(df) else "(no rows)")
+    emit(df, fmt)
 
 
 @app.command()

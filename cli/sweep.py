@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._app import SHARED_FS_HELP, choice, group
+from cli._app import SHARED_FS_HELP, Format, choice, emit, group
 from sparsity.config import OPTIMIZERS, ModelConfig, TrainConfig
 
 Optimizer = choice("Optimizer", OPTIMIZERS)
@@ -68,13 +68,16 @@ def run(
 
 
 @app.command()
-def status(uri: Annotated[str, typer.Argument(help="A sweep directory.")]) -> None:
+def status(
+    uri: Annotated[str, typer.Argument(help="A sweep directory.")],
+    fmt: Annotated[Format, typer.Option("--format", help="Output format (csv and json carry every column).")] = "table",
+) -> None:
     """The sweep summary: one row per trial."""
     from jobs import sweep as sweep_job
 
-    _print(sweep_job.read_summary(uri))
+    _print(sweep_job.read_summary(uri), fmt)
 
 
-def _print(df) -> None:
+def _print(df, fmt="table") -> None:
     cols = ["trial", "pfrac", "ef", "d_model", "steps", "final_loss", "val_loss", "nonzeros", "wall_seconds"]
-    typer.echo(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    emit(df, fmt, table=df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))

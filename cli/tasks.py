@@ -6,19 +6,19 @@ from typing import Annotated
 
 import typer
 
-from cli._app import group
+from cli._app import Format, emit, group
 
 app = group("The 20 next-token tasks that circuits are pruned for.")
 
 
 @app.command("list")
-def list_() -> None:
+def list_(fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = "table") -> None:
     """Every task with what it probes."""
     from sparsity import tasks as task_lib
 
+    rows = [{"task": name, "probes": t.description.split(". Example")[0].split(" Example")[0]} for name, t in task_lib.REGISTRY.items()]
     width = max(map(len, task_lib.REGISTRY))
-    for name, t in task_lib.REGISTRY.items():
-        typer.echo(f"{name:<{width}}  {t.description.split('. Example')[0].split(' Example')[0]}")
+    emit(rows, fmt, table="\n".join(f"{r['task']:<{width}}  {r['probes']}" for r in rows))
 
 
 @app.command()

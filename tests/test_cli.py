@@ -178,3 +178,18 @@ def test_s3_serve_without_credentials_is_a_one_line_error(monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     r = _run("s3", "serve")
     assert r.exit_code == 2 and "set AWS_ACCESS_KEY_ID" in r.stderr
+
+
+def test_listing_and_info_commands_share_one_format_option(stdlib_data):
+    import csv
+    import io
+    import json
+
+    r = _run("tasks", "list", "--format", "json")
+    assert r.exit_code == 0 and len(json.loads(r.stdout)) == 20 and {"task", "probes"} <= set(json.loads(r.stdout)[0])
+    r = _run("tasks", "list", "--format", "csv")
+    assert r.exit_code == 0 and len(list(csv.DictReader(io.StringIO(r.stdout)))) == 20
+    r = _run("data", "info", stdlib_data, "--format", "json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["n_ctx"] == 64
+    r = _run("data", "info", stdlib_data, "--format", "csv")
+    assert r.exit_code == 2 and "Invalid value for '--format'" in r.stderr  # a nested record has no csv form

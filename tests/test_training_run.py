@@ -41,7 +41,7 @@ def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):
                             "--pfrac", "0.25", "--eval-every", "6", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "trained 12 steps" in r.stdout
-    r = runner.invoke(app, ["model", "info", str(out), "--json"])
+    r = runner.invoke(app, ["model", "info", str(out), "--format", "json"])
     info = json.loads(r.stdout)
     c_fc = info["matrices"]["transformer.h.0.mlp.c_fc.weight"]
     assert info["step"] == 12 and c_fc["nonzeros"] <= round(0.25 * c_fc["numel"])
