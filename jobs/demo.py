@@ -31,7 +31,7 @@ from jobs import prune as prune_job
 from jobs import results, sweep, viz
 from jobs.prune import solved
 from sparsity import tasks as task_lib
-from sparsity.config import ModelConfig, TrainConfig
+from sparsity.config import ModelConfig, SparsityConfig, TrainConfig
 from sparsity.prune import PruneConfig
 
 SUMMARY = "summary.parquet"  # OUT/summary.parquet: the models table (not a sweep summary: no runs/ beside it)
@@ -56,7 +56,7 @@ class Plan:
     notes: tuple[str, ...] = ()
 
     def lr(self, pfrac: float, ef: float) -> float:
-        return float(f"{self.lr_dense / math.sqrt(viz.density(pfrac, ef)):.3g}")
+        return float(f"{self.lr_dense / math.sqrt(SparsityConfig(pfrac=pfrac, ef=ef).l0frac):.3g}")
 
     def points(self) -> list[dict]:
         grid = [{"pfrac": p, "ef": e} for e in self.efs for p in self.pfracs]
@@ -137,7 +137,7 @@ def model_summary(sweep_uri: str, results_uri: str):
         ef = float(t.ef)
         rows.append({
             "model_id": c["model_id"].iloc[0] if len(c) else None, "trial": t.trial, "pfrac": t.pfrac, "ef": ef,
-            "d_model": t.d_model, "density": viz.density(t.pfrac, ef), "nonzeros": t.nonzeros, "steps": t.steps,
+            "d_model": t.d_model, "density": SparsityConfig(pfrac=t.pfrac, ef=ef).l0frac, "nonzeros": t.nonzeros, "steps": t.steps,
             "val_loss": t.val_loss, "tasks_solved": int(c["status"].map(solved).sum()) if len(c) else 0,
             "tasks_with_circuit": int((c["status"] == "ok").sum()) if len(c) else 0,
             "geomean_edges": float(f["geomean_edges"].iloc[0]) if len(f) else math.nan,
@@ -182,7 +182,7 @@ def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
     mine = ok[ok["task"].isin(tasks)]
     uris = set(mine["checkpoint_uri"])
     good = set(mine[mine["status"] == "ok"]["checkpoint_uri"])
-    ranked = sorted((str(t.checkpoint_uri) not in good, viz.density(t.pfrac, float(t.ef)), -float(t.ef), str(t.checkpoint_uri))
+    ranked = sorted((str(t.checkpoint_uri) not in good, SparsityConfig(pfrac=t.pfrac, ef=float(t.ef)).l0frac, -float(t.ef), str(t.checkpoint_uri))
                     for t in trials.itertuples() if str(t.checkpoint_uri) in uris)
     return tasks, [r[-1] for r in ranked[: plan.control_models]]
 

@@ -49,6 +49,8 @@ def model_meta(ckpt, ckpt_uri: str) -> dict:
         "step": ckpt.step,
         "pfrac": cfg.sparsity.pfrac,
         "ef": cfg.sparsity.ef,
+        "ef_mlp": cfg.sparsity.ef_mlp,
+        "density": cfg.sparsity.l0frac,
         "afrac": cfg.model.afrac,
         "seed": cfg.train.seed,
         "val_loss": ckpt.meta.get("metrics", {}).get("val_loss"),

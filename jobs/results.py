@@ -48,6 +48,8 @@ _MODEL_FIELDS = [
     pa.field("step", pa.int64()),
     pa.field("pfrac", pa.float64()),
     pa.field("ef", pa.float64()),
+    pa.field("ef_mlp", pa.float64()),  # null: the MLP widens with ef
+    pa.field("density", pa.float64()),  # weight density of every block matrix, as trained (SparsityConfig.l0frac)
     pa.field("afrac", pa.float64()),
     pa.field("seed", pa.int64()),
     pa.field("val_loss", pa.float64()),
@@ -319,7 +321,8 @@ def frontier(results_uri: str):
         good = ok[(ok["model_id"] == model_id) & (ok["prune_key"] == key)]
         first = g.iloc[0]
         rows.append({
-            "model_id": model_id, "prune_key": key, "pfrac": first["pfrac"], "ef": first["ef"], "val_loss": first["val_loss"],
+            "model_id": model_id, "prune_key": key, "pfrac": first["pfrac"], "ef": first["ef"],
+            "density": first.get("density"), "val_loss": first["val_loss"],
             "tasks_solved": int(g["status"].isin(["ok", "not_verified", "trivial", "target_not_reached"]).sum()),
             "tasks_with_circuit": len(good), "tasks": len(g),
             "geomean_edges": geomean(good["n_edges"]),

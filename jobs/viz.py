@@ -46,14 +46,17 @@ class VizError(CspError):
 
 # ---------------------------------------------------------------- frontier
 
-def density(pfrac: float, ef: float) -> float:
-    """Weight density of every block matrix of a model (``SparsityConfig.l0frac``)."""
+def density(pfrac: float, ef: float, stored: float | None = None) -> float:
+    """Weight density of every block matrix: the one stored with the model's rows (it knows
+    ef_mlp), else derived from (pfrac, ef) for rows written before it was stored."""
+    if stored is not None and stored == stored:  # not None, not NaN
+        return float(stored)
     return SparsityConfig(pfrac=float(pfrac), ef=float(ef)).l0frac
 
 
-def model_label(pfrac: float, ef: float) -> str:
+def model_label(pfrac: float, ef: float, stored_density: float | None = None) -> str:
     """'pfrac 1/8 · ef 2', or 'dense · ef 1' when every matrix is dense at that width."""
-    p = "dense" if density(pfrac, ef) >= 1 else (f"pfrac 1/{round(1 / pfrac)}" if pfrac < 1 and abs(1 / pfrac - round(1 / pfrac)) < 1e-6 else f"pfrac {pfrac:g}")
+    p = "dense" if density(pfrac, ef, stored_density) >= 1 else (f"pfrac 1/{round(1 / pfrac)}" if pfrac < 1 and abs(1 / pfrac - round(1 / pfrac)) < 1e-6 else f"pfrac {pfrac:g}")
     return f"{p} · ef {ef:g}"
 
 
@@ -78,7 +81,7 @@ def plot_frontier(results_uri: str, out_uri: str | None = None) -> list[str]:
         if g.empty:  # this width's models have no circuits: named in the title instead
             continue
         color = cmap(0.15 + 0.7 * i / max(1, len(efs) - 1))
-        is_dense = g["pfrac"].combine(g["ef"], lambda p, e: density(p, e) >= 1).astype(bool)
+        is_dense = g.apply(lambda r: density(r["pfrac"], r["ef"], r.get("density")) >= 1, axis=1).astype(bool)
         sparse, dense = g[~is_dense], g[is_dense]
         if len(sparse) > 1:
             ax.plot(sparse[col], sparse["val_loss"], "-", color=color, alpha=0.5, lw=1)
@@ -87,7 +90,7 @@ def plot_frontier(results_uri: str, out_uri: str | None = None) -> list[str]:
         if len(dense):
             ax.scatter(dense[col], dense["val_loss"], s=70, marker="s", color=color, edgecolor="black", lw=0.5, label=f"dense, ef {ef:g}", zorder=3)
         for _, r in g.iterrows():
-            ax.annotate(f"{model_label(r['pfrac'], r['ef'])}\n{int(r['tasks_with_circuit'])}/{int(r['tasks'])} tasks",
+            ax.annotate(f"{model_label(r['pfrac'], r['ef'], r.get('density'))}\n{int(r['tasks_with_circuit'])}/{int(r['tasks'])} tasks",
                         (r[col], r["val_loss"]), textcoords="offset points", xytext=(7, 4), fontsize=7.5)
     missing = f[f[col].isna()]
     ax.set_xscale("log")

@@ -62,15 +62,46 @@ def test_every_command_has_help():
         (["data", "info", "BADMANIFEST"], "is not a csp dataset manifest (missing corpus, tokenizer, splits)"),
         (["jobs", "list", "--address", "http://127.0.0.1:abc"], "bad Ray address"),
         (["cluster", "down", "--port", "1"], "no csp cluster on port 1"),
+        (["cluster", "up", "--nodes", "0"], "--nodes must be ≥ 1"),
+        (["data", "prepare", "--out", "OUT", "--val-fraction", "1.5"], "--val-fraction 1.5 out of range"),
+        (["data", "prepare", "--out", "OUT", "--workers", "0"], "--workers must be ≥ 1"),
+        (["data", "info", "DATA", "--format", "csv"], "Invalid value for '--format'"),
+        (["train", "--data", "DATA", "--out", "OUT", "--pfrac", "0"], "--pfrac 0.0 out of range"),
+        (["train", "--data", "DATA", "--out", "OUT", "--afrac", "5"], "--afrac must be in (0, 1]"),
+        (["train", "--data", "DATA", "--out", "OUT", "--steps", "0"], "--steps 0 out of range"),
+        (["train", "--data", "DATA", "--out", "OUT", "--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
+        (["train", "--data", "DATA", "--out", "OUT", "--optimizer", "sgd"], "Invalid value for '--optimizer'"),
+        (["train", "--data", "DATA", "--out", "OUT", "--placement", "nowhere"], "Invalid value for '--placement'"),
+        (["train", "--data", "DATA", "--out", "OUT", "--workers", "0"], "--workers must be ≥ 1"),
+        (["train", "--data", "DATA", "--out", "OUT", "--n-ctx", "512"], "exceeds the data's n_ctx=64"),
+        (["train", "--data", "/no/such/data", "--out", "OUT"], "no dataset at /no/such/data"),
+        (["sweep", "--data", "DATA", "--out", "OUT", "--grid", "foo=1"], "unknown grid key 'foo'"),
+        (["sweep", "--data", "DATA", "--out", "OUT", "--grid", "pfrac=2"], "--grid point pfrac=2.0"),
+        (["sweep", "--data", "DATA", "--out", "OUT", "--workers-per-trial", "0"], "--workers-per-trial must be ≥ 1"),
+        (["sweep", "status", "/no/such/sweep"], "no sweep summary at /no/such/sweep"),
+        (["prune", "/no/such/run", "--out", "OUT"], "no checkpoint at /no/such/run"),
+        (["prune", "/no/such/run", "/no/such/other", "--out", "OUT"], "no checkpoint at /no/such/run"),  # fan-out: before Ray
+        (["prune", "/no/such/run", "--out", "OUT", "--target", "0"], "--target 0.0 out of range"),
+        (["prune", "/no/such/run", "--out", "OUT", "--steps", "0"], "--steps 0 out of range"),
+        (["prune", "/no/such/run", "--out", "OUT", "--ablation", "median"], "Invalid value for '--ablation'"),
+        (["results", "controls", "/no/such/results"], "no results at /no/such/results"),
+        (["results", "circuits", "EMPTY", "--format", "xml"], "Invalid value for '--format'"),
+        (["viz", "frontier", "/no/such/results"], "no circuits stored under /no/such/results"),
+        (["tasks", "show", "nope"], "unknown task 'nope'"),
+        (["tasks", "show", "if_equals", "--n", "0"], "--n must be ≥ 1"),
+        (["model", "info", "/no/such/run"], "no checkpoint at /no/such/run"),
+        (["s3", "serve", "--port", "0"], "--port must be in [1, 65535]"),
+        (["demo", "--out", "gs://b/x"], "unsupported URI scheme"),
+        (["submit", "--address", "http://127.0.0.1:abc", "--", "csp", "--help"], "bad Ray address"),
     ],
 )
-def test_user_errors_print_one_line_and_exit_2(args, fragment, tmp_path, ray_session):
+def test_user_errors_print_one_line_and_exit_2(args, fragment, tmp_path, ray_session, stdlib_data):
     """Bad input → exactly one line on stderr naming the problem, exit 2, no traceback, nothing written."""
     (tmp_path / "EMPTY").mkdir()
     (tmp_path / "BADMANIFEST").mkdir()
     (tmp_path / "BADMANIFEST" / "manifest.json").write_text('{"n_ctx": 64}')
     args = [a.replace("OUT", str(tmp_path / "out")).replace("EMPTY", str(tmp_path / "EMPTY"))
-            .replace("BADMANIFEST", str(tmp_path / "BADMANIFEST")) for a in args]
+            .replace("BADMANIFEST", str(tmp_path / "BADMANIFEST")).replace("DATA", stdlib_data) for a in args]
     r = _run(*args)
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
