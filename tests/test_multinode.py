@@ -178,7 +178,12 @@ def test_cluster_up_and_down_from_the_cli_touch_only_their_own_nodes(ray_session
         assert len({n.node_id for n in c.nodes}) == 2 and c.nodes[0].cpus == 0 and c.nodes[1].cpus == 1
         again = csp("cluster", "up", "--port", str(port), timeout=60)
         assert again.returncode == 1 and "already runs" in again.stderr and "Traceback" not in again.stderr
-        st = csp("cluster", "status", "--address", f"127.0.0.1:{port}", timeout=60)
+        deadline = time.monotonic() + 30
+        while True:  # `ray status` reads the autoscaler's view, which catches up within seconds
+            st = csp("cluster", "status", "--address", f"127.0.0.1:{port}", timeout=60)
+            if st.returncode != 0 or "/1.0 CPU" in st.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert st.returncode == 0 and "/1.0 CPU" in st.stdout, st.stdout  # the head declares none, node1 one
     finally:
         down = csp("cluster", "down", "--port", str(port), timeout=60)
