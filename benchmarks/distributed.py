@@ -42,7 +42,7 @@ def _on_cluster(nodes: int, cpus: int, data: str, cfg, tmp: str, pairs: int) -> 
     """Train 2 workers and fan out ``pairs`` prunes on a fresh local cluster of ``nodes`` nodes."""
     import ray
 
-    from cluster import local, runtime, s3server, storage, trainer
+    from cluster import local, ray_train, runtime, s3server, storage
     from jobs import fanout
     from sparsity.prune import PruneConfig
 
@@ -51,7 +51,7 @@ def _on_cluster(nodes: int, cpus: int, data: str, cfg, tmp: str, pairs: int) -> 
         runtime.init(address=c.address, log_to_driver=False)
         run = os.path.join(tmp, f"run-{nodes}")
         t0 = time.perf_counter()
-        trainer.train_distributed(data, run, cfg, workers=2)
+        ray_train.train_distributed(data, run, cfg, workers=2)
         train_wall = time.perf_counter() - t0
         placed = [storage.read_json(u) for u in storage.ls(os.path.join(run, "placement"), suffix=".json")]
         res = os.path.join(tmp, f"res-{nodes}")
@@ -80,7 +80,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from cluster import data, runtime, trainer
+    from cluster import data, ray_train, runtime
     from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
 
     n_ctx = data.read_manifest(args.data)["n_ctx"]
@@ -95,12 +95,12 @@ def main() -> None:
             for workers in (1, 2):
                 run = os.path.join(tmp, f"w{workers}")
                 t0 = time.perf_counter()
-                trainer.train_distributed(args.data, run, cfg, workers=workers)
+                ray_train.train_distributed(args.data, run, cfg, workers=workers)
                 wall = time.perf_counter() - t0
                 out[f"{workers}_worker"] = {"tokens_per_s": round(_rate(run, workers)), "wall_seconds": round(wall, 1)}
             out["speedup_2_vs_1"] = round(out["2_worker"]["tokens_per_s"] / out["1_worker"]["tokens_per_s"], 2)
 
-            server = ray.remote(num_cpus=0)(trainer.TokenServer).remote(args.data, cfg.to_dict(), 0, 2)
+            server = ray.remote(num_cpus=0)(ray_train.TokenServer).remote(args.data, cfg.to_dict(), 0, 2)
             ray.get(server.batch.remote(0))
             n = 200
             t0 = time.perf_counter()

@@ -28,7 +28,7 @@ def main() -> None:
 
     from cluster import checkpoints, data, runtime, storage
     from jobs import fanout, results
-    from sparsity import checkpoint as ckpt_lib
+    from sparsity import checkpoint_format as ckpt_lib
     from sparsity.circuit import Circuit
     from sparsity.config import ModelConfig, RunConfig, SparsityConfig
     from sparsity.model import GPT

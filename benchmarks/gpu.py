@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from sparsity import checkpoint as ckpt_lib  # noqa: E402
+from sparsity import checkpoint_format as ckpt_lib  # noqa: E402
 from sparsity import corpus, tokenizer  # noqa: E402
 from sparsity import prune as prune_lib  # noqa: E402
 from sparsity.batches import FixedBatches, TokenRows  # noqa: E402

@@ -103,7 +103,8 @@ class CspGroup(TyperGroup):
                 code = 2
                 return self._finish(code, standalone_mode)
             where = e.ctx.command_path if e.ctx is not None else "csp"
-            _say(f"{where}: error: {e.format_message()} (see '{where} --help')")
+            msg = e.format_message().replace("Value error, ", "")  # click's wording for an enum choice
+            _say(f"{where}: error: {msg} (see '{where} --help')")
             code = 2
         except ClickException as e:
             _say(f"csp: error: {e.format_message()}")

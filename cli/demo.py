@@ -8,10 +8,9 @@ import time
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cli._app import SHARED_FS_HELP
+from cli._progress import bars
 
 
 def demo(
@@ -26,23 +25,18 @@ def demo(
 
     t0 = time.monotonic()
     storage.resolve(out)  # a malformed URI fails before Ray starts
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as p:
-        shards = p.add_task("shards", total=None, info="", visible=False)
-        steps = p.add_task("training steps", total=None, info="", visible=False)
-        pairs = p.add_task("pairs", total=None, info="", visible=False)
-
-        def shard_progress(done: int, total: int) -> None:
-            p.update(shards, completed=done, total=total, visible=done < total)
+    with bars() as b:
+        shards = b.add("shards", hide_when_done=True)
+        steps = b.add("training steps", hide_when_done=True)
+        pairs = b.add("pairs", hide_when_done=True)
 
         def train_progress(done: int, total: int) -> None:
-            p.update(steps, completed=done, total=total, visible=done < total, info="checkpointed, all models")
+            steps(done, total, "checkpointed, all models")
 
         def prune_progress(done: int, total: int, row: dict) -> None:
-            p.update(pairs, completed=done, total=total, visible=done < total, info=f"{row['task']}: {row['status']}")
+            pairs(done, total, f"{row['task']}: {row['status']}")
 
-        result = demo_lib.run(out, quick=quick, address=address, shared_fs=shared_fs, log=typer.echo, shard_progress=shard_progress,
+        result = demo_lib.run(out, quick=quick, address=address, shared_fs=shared_fs, log=typer.echo, shard_progress=shards,
                                   prune_progress=prune_progress, train_progress=train_progress)
     typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s; open {result['report']}")
     if result["report"].startswith("s3://"):  # a browser cannot open s3:// URIs; the links inside are relative

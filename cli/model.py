@@ -18,7 +18,7 @@ def info(
 ) -> None:
     """Config, nonzeros per matrix and parameter counts of a checkpoint."""
     from cluster import checkpoints
-    from sparsity import checkpoint as ckpt_lib
+    from sparsity import checkpoint_format as ckpt_lib
 
     d = ckpt_lib.describe(checkpoints.load(ckpt, with_train_state=False))
     if DetailFormat(fmt).value == "json":
@@ -46,7 +46,7 @@ def export_(
 ) -> None:
     """Write a checkpoint in the reference layout, loadable by circuit_sparsity's load_model."""
     from cluster import checkpoints
-    from sparsity import checkpoint as ckpt_lib
+    from sparsity import checkpoint_format as ckpt_lib
 
     typer.echo(f"wrote {ckpt_lib.REF_CONFIG} + {ckpt_lib.REF_WEIGHTS} → {checkpoints.export_reference(ckpt, out)}")
 

@@ -31,7 +31,7 @@ def prune(
 ) -> None:
     """Prune a checkpoint to its smallest circuit per task and store every result."""
     from cluster import storage
-    from jobs import prune as prune_job
+    from jobs import prune_pairs as prune_job
 
     cfg = PruneConfig(target=target, ablation=Ablation(ablation).value, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
                       prune_anyway=prune_anyway)

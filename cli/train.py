@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cli._app import SHARED_FS_HELP, choice
+from cli._progress import bar
 from sparsity.config import (
     OPTIMIZERS,
     PLACEMENTS,
@@ -79,20 +80,8 @@ def train(
 @contextlib.contextmanager
 def _bar(steps: int):
     """A transient progress bar on stderr fed by the run's reports."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     last: dict = {}
-    with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True) as p:
-        task = p.add_task("train", total=steps, info="")
+    with bar("train", total=steps, eta=True) as update:
 
         def progress(m: dict) -> None:
             last.update(m)
@@ -100,6 +89,6 @@ def _bar(steps: int):
             if "val_loss" in last:
                 info += f" val {last['val_loss']:.3f}"
             info += f" L0 {last.get('l0', 1.0):.3f} {last.get('tokens_per_s', 0):,.0f} tok/s"
-            p.update(task, completed=m["step"], info=info)
+            update(m["step"], info=info)
 
         yield progress

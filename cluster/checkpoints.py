@@ -12,7 +12,7 @@ deleted after a newer one is complete (``keep_last``).
 from __future__ import annotations
 
 from cluster import storage
-from sparsity import checkpoint as ckpt_lib
+from sparsity import checkpoint_format as ckpt_lib
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"

@@ -369,7 +369,7 @@ def _describe_source(corpus: str | None) -> str:
 
 
 def _run_shard_tasks(todo: list[dict], tok, results: dict, workers: int | None, progress, total: int) -> None:
-    """Fan the shard specs out as Ray tasks, at most ``workers`` in flight (ray.wait)."""
+    """Fan the shard specs out as Ray tasks, at most ``workers`` in flight."""
     if not todo:
         return
     import ray
@@ -381,22 +381,14 @@ def _run_shard_tasks(todo: list[dict], tok, results: dict, workers: int | None, 
     limit = max(1, int(workers or runtime.cluster_cpus() or 1))
     tok_ref = ray.put(tok.to_files())  # shipped once, shared by every task
     task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-    pending = list(todo)
-    inflight: dict = {}
-    while pending or inflight:
-        while pending and len(inflight) < limit:
-            spec = pending.pop(0)
-            inflight[task.remote(spec, tok_ref)] = spec
-        ready, _ = ray.wait(list(inflight), num_returns=1)
-        for ref in ready:
-            spec = inflight.pop(ref)
-            try:
-                results[spec["name"]] = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                cause = e.cause if isinstance(e.cause, CspError) else None
-                raise cause or DataError(f"writing {spec['name']} failed: {type(e.cause).__name__}: {e.cause}") from None
-            if progress:
-                progress(len(results), total)
+    for spec, ref in runtime.bounded_map(lambda spec: task.remote(spec, tok_ref), todo, limit):
+        try:
+            results[spec["name"]] = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, CspError) else None
+            raise cause or DataError(f"writing {spec['name']} failed: {type(e.cause).__name__}: {e.cause}") from None
+        if progress:
+            progress(len(results), total)
 
 
 MANIFEST_KEYS = ("corpus", "tokenizer", "n_ctx", "splits")

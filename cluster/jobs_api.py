@@ -24,7 +24,7 @@ class ClusterError(CspRuntimeError):
 
 
 def status(address: str) -> str:
-    runtime._check_reachable(address)
+    runtime.check_reachable(address)
     p = subprocess.run([ray_cli(), "status", f"--address={address}"], env=ray_env(), capture_output=True, text=True, timeout=60)
     if p.returncode != 0:
         raise ClusterError(f"ray status failed for {address}: {(p.stderr or p.stdout).strip()[:200]}")
@@ -34,8 +34,8 @@ def status(address: str) -> str:
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    runtime._check_reachable(address.replace("http://", "").replace("https://", ""))
-    runtime._quiet_env()
+    runtime.check_reachable(address.replace("http://", "").replace("https://", ""))
+    runtime.quiet_env()
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # connection and version errors come in several types

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from sparsity.errors import USAGE, CspError, CspRuntimeError
+
+T = TypeVar("T")
 
 
 class RayConnectError(CspRuntimeError):
     pass
 
 
-def _quiet_env() -> None:
+def quiet_env() -> None:
     # Usage stats would try the network; token auth turns on by itself once a token file
     # exists, and head and clients must agree — so pin both unless the user chose.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -46,14 +50,14 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: int 
     if ray.is_initialized():
         check_shared_storage(storage or {}, shared_fs)
         return
-    _quiet_env()
+    quiet_env()
     kwargs: dict = {"logging_level": logging.WARNING, "configure_logging": True, "log_to_driver": log_to_driver}
     if address:
         kwargs["runtime_env"] = worker_runtime_env()
     elif os.environ.get("RAY_ADDRESS"):  # inside a Ray job: join its cluster, keep the job's runtime env
         address = os.environ["RAY_ADDRESS"]
     if address:
-        _check_reachable(address)
+        check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -112,7 +116,7 @@ def worker_runtime_env() -> dict:
     return {"env_vars": {k: os.environ[k] for k in keep if os.environ.get(k)}}
 
 
-def _check_reachable(address: str, timeout: float = 3.0) -> None:
+def check_reachable(address: str, timeout: float = 3.0) -> None:
     """Ray retries an unreachable GCS for minutes; a plain TCP connect fails in seconds."""
     import socket
     from urllib.parse import urlparse
@@ -138,3 +142,25 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def bounded_map(submit: Callable[[T], Any], items: Iterable[T], limit: int) -> Iterator[tuple[T, Any]]:
+    """Submit ``items`` (``submit(item)`` returns an ObjectRef) with at most ``limit``
+    pending at once, in the given order; yield ``(item, ref)`` as each finishes, in
+    completion order. ``ray.get(ref)`` is the caller's: it decides what a failure means.
+    Back-pressure keeps the object store and the scheduler's queue small however many
+    items there are."""
+    import ray
+
+    pending, inflight = iter(items), {}
+    limit = max(1, int(limit))
+    while True:
+        for item in pending:
+            inflight[submit(item)] = item
+            if len(inflight) >= limit:
+                break
+        if not inflight:
+            return
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in ready:
+            yield inflight.pop(ref), ref

@@ -14,22 +14,20 @@ the stored results each time (seconds).
 
 from __future__ import annotations
 
-import contextlib
-import html
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from cluster import checkpoints, data, runtime, storage
+from cluster import data, runtime, storage
 from jobs import fanout as fanout_lib
-from jobs import prune as prune_job
+from jobs import prune_pairs as prune_job
+from jobs import report as report_lib
 from jobs import results, sweep, viz
-from jobs.prune import solved
+from jobs.prune_pairs import solved
 from sparsity import tasks as task_lib
 from sparsity.config import ModelConfig, SparsityConfig, TrainConfig
 from sparsity.prune import PruneConfig
@@ -151,16 +149,6 @@ def model_summary(sweep_uri: str, results_uri: str):
     return df.sort_values(["ef", "pfrac"]).reset_index(drop=True)
 
 
-def format_summary(df) -> str:
-    show = df.assign(
-        model=[viz.model_label(p, e) for p, e in zip(df["pfrac"], df["ef"], strict=True)],
-        density=[f"1/{round(1 / d)}" if d < 1 else "dense" for d in df["density"]],
-        circuits=[f"{a}/{b}" for a, b in zip(df["tasks_with_circuit"], df["tasks_solved"], strict=True)],
-        quote_edges=[_num(v, "d") for v in df["quote_edges"]],
-    )[["model", "d_model", "density", "nonzeros", "val_loss", "circuits", "geomean_edges", "quote_loss", "quote_edges"]]
-    return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
-
-
 def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
     """(tasks, checkpoint URIs) that get the faithfulness controls.
 
@@ -185,12 +173,6 @@ def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
     ranked = sorted((str(t.checkpoint_uri) not in good, SparsityConfig(pfrac=t.pfrac, ef=float(t.ef)).l0frac, -float(t.ef), str(t.checkpoint_uri))
                     for t in trials.itertuples() if str(t.checkpoint_uri) in uris)
     return tasks, [r[-1] for r in ranked[: plan.control_models]]
-
-
-def format_controls(ctl) -> str:
-    show = ctl.assign(model=ctl["model_id"].str.rsplit("-", n=1).str[0])[
-        ["model", "task", "control", "status", "n_nodes", "sufficiency_loss", "real_n_nodes", "jaccard", "passes"]]
-    return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
 
 
 def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs: bool = False,
@@ -224,7 +206,7 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     pts = plan.points()
     log(f"[2/5] training {len(pts)} models with Ray Tune (pfrac {{{_vals(plan.pfracs)}}} × ef {{{_vals(plan.efs)}}} + a dense baseline at ef {plan.dense_ef:g}; "
         f"base d_model {plan.base.d_model} × {plan.base.n_layer} layers, {plan.train.steps} {plan.train.optimizer} steps of {plan.train.batch_size}×{plan.n_ctx} tokens) → {sw.uri}")
-    with _watch_steps(sw, pts, plan.train.steps, train_progress):
+    with sweep.watch_steps(sw, pts, plan.train.steps, train_progress):
         trials = sweep.run_sweep(ds.uri, sw.uri, None, plan.base, plan.train, workers_per_trial=1, extra_points=pts)
     timings["train"] = time.monotonic() - t0
     log(f"      {len(trials)} models trained; val loss " + ", ".join(f"{r.trial} {r.val_loss:.3f}" for r in trials.itertuples()))
@@ -269,158 +251,17 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     timings["total"] = time.monotonic() - t_all
     report = root.join("report.html")
     ctl = results.controls(res.uri)
-    storage.write_text(report, report_html(plan, summary, real, root, diagrams, timings, quick, ctl))
+    storage.write_text(report, report_lib.render(plan, summary, real, root, diagrams, timings, quick, ctl))
     log(f"[5/5] report → {report.uri}")
     log("")
-    log(format_summary(summary))
+    log(report_lib.format_summary(summary))
     if len(ctl):
         log("")
         log("controls (random-init model and nonsense task must not verify; seed/ablation variants: node-set Jaccard vs the real circuit):")
-        log(format_controls(ctl))
+        log(report_lib.format_controls(ctl))
     return {"out": root.uri, "report": report.uri, "frontier": frontier_files, "diagrams": diagrams,
             "summary": summary, "timings": timings, "counts": counts}
 
 
-@contextlib.contextmanager
-def _watch_steps(sw, pts: list[dict], steps: int, progress: Callable[[int, int], None] | None, every: float = 5.0):
-    """While the sweep trains, report the steps checkpointed over all its trials (each run's
-    ``checkpoints/latest.json``), from a polling thread: Tune itself stays quiet."""
-    if progress is None:
-        yield
-        return
-    latest = [checkpoints.latest_uri(sweep.run_loc(sw, sweep.trial_name(p)).uri) for p in pts]
-    total = steps * len(pts)
-    stop = threading.Event()
-
-    def poll() -> None:
-        while True:
-            done = 0
-            for loc in latest:
-                try:
-                    done += int(storage.read_json(loc)["step"]) if storage.exists(loc) else 0
-                except Exception:  # noqa: BLE001 - a file being replaced; the next poll reads it
-                    pass
-            progress(min(done, total), total)
-            if stop.wait(every):
-                return
-
-    t = threading.Thread(target=poll, name="csp-demo-train-progress", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join()
-
-
 def _vals(vals) -> str:
     return ", ".join(f"{v:g}" for v in vals)
-
-
-def _rel(root, uri: str) -> str:
-    """``uri`` relative to the output root, for links that work from disk and from a copy."""
-    base = root.uri.rstrip("/") + "/"
-    return uri[len(base):] if uri.startswith(base) else uri
-
-
-def _inline_svg(text: str) -> str:
-    """An SVG document's <svg> element, for inlining in HTML."""
-    i = text.find("<svg")
-    return text[i:] if i >= 0 else text
-
-
-def report_html(plan: Plan, summary, circ, root, diagrams: list[dict], timings: dict, quick: bool, ctl=None) -> str:
-    e = html.escape
-    by_pair = {(d["model_id"], d["task"]): d for d in diagrams}
-    models = [m for m in summary["model_id"] if m is not None]
-    label = {r.model_id: viz.model_label(r.pfrac, r.ef) for r in summary.itertuples() if r.model_id is not None}
-    parts = [
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>csp demo report</title><style>"
-        "body{font-family:Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;color:#1a202c;padding:0 16px}"
-        "table{border-collapse:collapse;font-size:13px;margin:8px 0 20px}td,th{border:1px solid #e2e8f0;padding:4px 8px;text-align:right}"
-        "th{background:#f7fafc}td.l,th.l{text-align:left}.ok{background:#f0fff4}.chance{color:#a0aec0}.tnr{background:#fffaf0}"
-        ".fig{overflow:auto;border:1px solid #e2e8f0;margin:8px 0 24px}#panel{position:fixed;right:12px;bottom:12px;white-space:pre;"
-        "font:12px Menlo,Consolas,monospace;background:#f7fafcee;border:1px solid #cbd5e0;padding:8px;max-width:420px;display:none}"
-        "code{background:#edf2f7;padding:1px 4px}</style></head><body>",
-        f"<h1>csp demo{' (quick)' if quick else ''}</h1>",
-        "<p>Weight-sparse transformers trained on this Python's standard library, each pruned to the smallest circuit that "
-        f"solves each of {len(task_lib.REGISTRY)} Python-code tasks (task loss ≤ {plan.prune.target:g} on held-out pairs, "
-        f"{plan.prune.ablation} ablation). Outputs: <code>{e(root.uri)}</code>.</p>",
-    ]
-    for note in plan.notes:
-        parts.append(f"<p><b>Note:</b> {e(note)}.</p>")
-    parts.append("<p>Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".</p>")
-    parts.append("<h2>Models</h2><table><tr><th class=l>model</th><th>d_model</th><th>weight density</th><th>nonzeros</th><th>val loss</th>"
-                 "<th>tasks solved (full model)</th><th>verified circuits</th><th>geomean edges</th><th>quote task loss</th><th>quote circuit edges</th></tr>")
-    for r in summary.itertuples():
-        dens = "dense" if r.density >= 1 else f"1/{round(1 / r.density)}"
-        parts.append(f"<tr><td class=l>{e(viz.model_label(r.pfrac, r.ef))}<br><small>{e(str(r.model_id))}</small></td><td>{r.d_model}</td>"
-                     f"<td>{dens}</td><td>{r.nonzeros:,}</td><td>{r.val_loss:.3f}</td><td>{r.tasks_solved}</td><td>{r.tasks_with_circuit}</td>"
-                     f"<td>{_num(r.geomean_edges, '.1f')}</td><td>{_num(r.quote_loss, '.3f')}</td><td>{_num(r.quote_edges, 'd')}</td></tr>")
-    parts.append("</table>")
-    front_svg = root.join("figures", "frontier.svg")
-    parts.append("<h2>Frontier: capability vs interpretability</h2>"
-                 "<p>Each point is a model: validation loss against the geometric mean of its circuits' edge counts. "
-                 "Down and left is better on both. Files: <a href=\"figures/frontier.png\">PNG</a>, <a href=\"figures/frontier.svg\">SVG</a>.</p>")
-    if storage.exists(front_svg):
-        parts.append(f"<div class=\"fig frontier\">{_inline_svg(storage.read_text(front_svg))}</div>")
-    parts.append("<h2>Circuits</h2><p>Edges of each (model, task) circuit; a link opens its diagram. "
-                 "<span class=chance>chance</span> / <span class=chance>misses</span>: the full model does not do the task "
-                 "(at chance, or above the target), so nothing was pruned.</p>")
-    parts.append("<table><tr><th class=l>task</th>" + "".join(f"<th>{e(label[m])}</th>" for m in models) + "</tr>")
-    cell = {(r.model_id, r.task): r for r in circ.itertuples()}
-    for t in task_lib.REGISTRY:
-        parts.append(f"<tr><td class=l>{e(t)}</td>")
-        for m in models:
-            r = cell.get((m, t))
-            if r is None:
-                parts.append("<td>—</td>")
-                continue
-            d = by_pair.get((m, t))
-            if r.status in ("chance", "model_misses_target"):
-                word = "chance" if r.status == "chance" else "misses"
-                parts.append(f"<td class=chance title=\"full model: held-out loss {r.full_loss:.3f}, accuracy {r.full_accuracy:.2f}\">{word}</td>")
-            elif d:
-                cls = "ok" if r.status == "ok" else "tnr"
-                parts.append(f"<td class={cls} title=\"{e(r.status)}: sufficiency loss {_num(r.sufficiency_loss, '.3f')}\">"
-                             f"<a href=\"{e(_rel(root, d['html']))}\">{int(r.n_edges)} edges</a>{'' if r.status == 'ok' else ' *'}</td>")
-            else:
-                parts.append(f"<td>{e(r.status)}</td>")
-        parts.append("</tr>")
-    parts.append("</table><p>* not verified (met the target on selection pairs, not on test pairs) or target not reached: "
-                 "the best circuit found is stored and drawn, and not counted.</p>")
-    if ctl is not None and len(ctl):
-        parts.append("<h2>Faithfulness controls</h2><p>A circuit is a claim about its model; these are its evidence. The same "
-                     "architecture untrained (random_init) and the same prompts with answers assigned at random (nonsense_task) are "
-                     "pruned with the same config and must <b>not</b> yield verified circuits; other ablations and pruning seeds show "
-                     "how stable the circuit is (Jaccard: node-set overlap with the real circuit).</p>"
-                     "<table><tr><th class=l>model</th><th class=l>task</th><th class=l>control</th><th class=l>status</th><th>nodes</th>"
-                     "<th>test sufficiency loss</th><th>real circuit nodes</th><th>Jaccard</th><th class=l>verdict</th></tr>")
-        for r in ctl.itertuples():
-            verdict = "—" if r.passes is None or pd_isna(r.passes) else ("passes" if r.passes else "FAILS: a control verified")
-            parts.append(f"<tr><td class=l>{e(label.get(r.model_id, r.model_id))}</td><td class=l>{e(r.task)}</td><td class=l>{e(r.control)}</td>"
-                         f"<td class=l>{e(r.status)}</td><td>{_num(r.n_nodes, 'd')}</td><td>{_num(r.sufficiency_loss, '.3f')}</td>"
-                         f"<td>{_num(r.real_n_nodes, 'd')}</td><td>{_num(r.jaccard, '.2f')}</td><td class=l>{verdict}</td></tr>")
-        parts.append("</table>")
-    featured = [d for d in diagrams if d["task"] == "single_double_quote"] or diagrams[:2]
-    if featured:
-        parts.append("<h2>Circuit diagrams</h2><p>Residual channels are vertical lines through the layers; curves are nonzero "
-                     "weights (blue positive, red negative). Hover a node for its id and the tokens that activate it most.</p>")
-        for d in featured:
-            parts.append(f"<h3>{e(d['task'])} — {e(label.get(d['model_id'], d['model_id']))}</h3>"
-                         f"<div class=\"fig circuit\">{_inline_svg(storage.read_text(d['svg']))}</div>")
-    parts.append("<div id=\"panel\"></div><script>" + viz.PAGE_JS + "</script></body></html>\n")
-    return "\n".join(parts)
-
-
-def pd_isna(v) -> bool:
-    import pandas as pd
-
-    return bool(pd.isna(v))
-
-
-def _num(v, fmt: str) -> str:
-    """``v`` formatted, or a dash where it is missing (None, NaN or pandas' NA)."""
-    import pandas as pd
-
-    return "—" if pd.isna(v) else format(int(v) if fmt == "d" else v, fmt)

@@ -4,11 +4,11 @@ Results already stored (by checkpoint fingerprint, task, pruning-config key and 
 are skipped, so a re-run of the same config prunes nothing. Each task is retried on
 failure (a raised exception or a dead worker process); one that still fails is stored as a
 ``failed`` row with its error, never dropped. A checkpoint is loaded once per worker
-process (cached by URI), and at most ``max_in_flight`` tasks are pending at once (ray.wait
+process (cached by URI), and at most ``max_in_flight`` tasks are pending at once (runtime.bounded_map
 back-pressure). Tasks are spread over the cluster's nodes (Ray's SPREAD strategy), and a
 task whose node dies is retried on another; every row records the Ray node that made it
 (``ray_node_id``). With controls, a second wave runs the faithfulness controls
-(jobs.prune.CONTROLS) of every pair whose model solves its task.
+(jobs.prune_pairs.CONTROLS) of every pair whose model solves its task.
 """
 
 from __future__ import annotations
@@ -18,20 +18,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from cluster import checkpoints, runtime, storage
-from jobs import results, sweep
-from jobs.prune import Loaded, control_config, control_jobs, model_meta, prune_pair, solved
+from jobs import loader, results, sweep
+from jobs.prune_pairs import Loaded, control_config, control_jobs, model_meta, prune_pair, solved
 from sparsity import prune as prune_lib
 from sparsity import tasks as task_lib
-
-_LOADED: dict[str, Loaded] = {}  # per worker process: one checkpoint resident at a time
-
-
-def _load(ckpt_uri: str, data_uri: str | None) -> Loaded:
-    key = f"{ckpt_uri}|{data_uri}"
-    if key not in _LOADED:
-        _LOADED.clear()
-        _LOADED[key] = Loaded(ckpt_uri, data_uri)
-    return _LOADED[key]
 
 
 def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data_uri: str | None,
@@ -43,7 +33,7 @@ def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data
             os._exit(1)  # the worker process dies, as when its PID is killed
         raise RuntimeError("injected failure")
     cfg = prune_lib.PruneConfig(**cfg_dict)
-    return prune_pair(_load(ckpt_uri, data_uri), task_lib.get(task_name), cfg, out_uri, control=control)
+    return prune_pair(loader.cached(ckpt_uri, data_uri, Loaded), task_lib.get(task_name), cfg, out_uri, control=control)
 
 
 def expand_checkpoints(uris: list[str]) -> list[str]:
@@ -96,31 +86,27 @@ def fanout(
         todo = [(u, n, c) for u, n, c in items if (fps[u], n, control_config(cfg, c).key(), c or "") not in done]
         counts["pairs"] += len(items)
         counts["skipped"] += len(items) - len(todo)
-        pending, inflight, finished = list(todo), {}, 0
-        while pending or inflight:
-            while pending and len(inflight) < limit:
-                u, n, c = pending.pop(0)
-                marker = None
-                if inject_failure and inject_failure.get("task") == n and c is None:
-                    marker = storage.resolve(out_uri).join("_debug", f"fail-{fps[u][:8]}-{n}").uri
-                kill = bool(inject_failure and inject_failure.get("kill"))
-                inflight[remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker, kill, c)] = (u, n, c)
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                u, n, c = inflight.pop(ref)
-                try:
-                    row = ray.get(ref)
-                    counts["pruned"] += 1
-                except (ray.exceptions.RayError, Exception) as e:  # retries exhausted: store the failure
-                    err = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                    ckpt = checkpoints.load(u, with_train_state=False)
-                    results.write_result(out_uri, model_meta(ckpt, u), n, None, status="failed", error=err,
-                                         extra={"control": c}, cfg=control_config(cfg, c))
-                    row = {"task": n, "control": c, "status": "failed", "error": err}
-                    counts["failed"] += 1
-                finished += 1
-                if progress:
-                    progress(finished, len(todo), row)
+        def submit(item: tuple[str, str, str | None]):
+            u, n, c = item
+            marker = None
+            if inject_failure and inject_failure.get("task") == n and c is None:
+                marker = storage.resolve(out_uri).join("_debug", f"fail-{fps[u][:8]}-{n}").uri
+            kill = bool(inject_failure and inject_failure.get("kill"))
+            return remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker, kill, c)
+
+        for finished, ((u, n, c), ref) in enumerate(runtime.bounded_map(submit, todo, limit), start=1):
+            try:
+                row = ray.get(ref)
+                counts["pruned"] += 1
+            except (ray.exceptions.RayError, Exception) as e:  # retries exhausted: store the failure
+                err = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                ckpt = checkpoints.load(u, with_train_state=False)
+                results.write_result(out_uri, model_meta(ckpt, u), n, None, status="failed", error=err,
+                                     extra={"control": c}, cfg=control_config(cfg, c))
+                row = {"task": n, "control": c, "status": "failed", "error": err}
+                counts["failed"] += 1
+            if progress:
+                progress(finished, len(todo), row)
 
     wave([(u, n, None) for u in ckpts for n in names])
     if controls:

@@ -13,14 +13,17 @@ worker plus one for its Train controller.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+import threading
 import time
+from collections.abc import Callable
 
 import pyarrow as pa
 
-from cluster import checkpoints, runtime, storage, trainer
+from cluster import checkpoints, ray_train, runtime, storage
 from cluster.checkpoints import METRICS_FILE
 from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
 from sparsity.errors import CspError
@@ -126,7 +129,7 @@ def _run_trial(config: dict) -> None:
     name = config["trial"]
     out = run_loc(sweep, name)
     t0 = time.perf_counter()
-    trainer.train_distributed(config["data"], out.uri, cfg, workers=config["workers"], use_gpu=config["gpus"])
+    ray_train.train_distributed(config["data"], out.uri, cfg, workers=config["workers"], use_gpu=config["gpus"])
     row = summarize_trial(sweep, name, config["point"], cfg, time.perf_counter() - t0)
     tune.report({k: v for k, v in row.items() if isinstance(v, int | float) and v is not None})
 
@@ -219,3 +222,35 @@ def read_summary(sweep_uri: str):
     if not storage.exists(loc):
         raise SweepError(f"no sweep summary at {storage.resolve(sweep_uri).uri}; run `csp sweep --out {storage.resolve(sweep_uri).uri}` first")
     return storage.read_parquet(loc).to_pandas()
+
+
+@contextlib.contextmanager
+def watch_steps(sw, pts: list[dict], steps: int, progress: Callable[[int, int], None] | None, every: float = 5.0):
+    """While the sweep trains, report the steps checkpointed over all its trials (each run's
+    ``checkpoints/latest.json``), from a polling thread: Tune itself stays quiet."""
+    if progress is None:
+        yield
+        return
+    latest = [checkpoints.latest_uri(run_loc(sw, trial_name(p)).uri) for p in pts]
+    total = steps * len(pts)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            done = 0
+            for loc in latest:
+                try:
+                    done += int(storage.read_json(loc)["step"]) if storage.exists(loc) else 0
+                except Exception:  # noqa: BLE001 - a file being replaced; the next poll reads it
+                    pass
+            progress(min(done, total), total)
+            if stop.wait(every):
+                return
+
+    t = threading.Thread(target=poll, name="csp-sweep-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()

@@ -19,8 +19,8 @@ from collections import defaultdict
 
 import torch
 
-from cluster import checkpoints, data, storage
-from jobs import results
+from cluster import data, storage
+from jobs import loader, results
 from sparsity.config import SparsityConfig
 from sparsity.errors import CspError
 
@@ -320,21 +320,19 @@ class CircuitRenderer:
         self.results_uri = results_uri
         self.data_uri = data_uri
         self.with_tokens = with_tokens
-        self._models: dict[str, tuple] = {}
+        self._rows: dict[str, object] = {}  # val rows scanned for top tokens, of the resident model
 
     def _model(self, ckpt_uri: str):
-        if ckpt_uri not in self._models:
-            ckpt = checkpoints.load(ckpt_uri, with_train_state=False)
-            src = self.data_uri or checkpoints.run_data_uri(ckpt_uri)
-            model = ckpt.build_model()
-            tok = rows = None
-            if self.with_tokens and src:
-                tok = data.load_tokenizer(src)
-                block = model.config.block_size
-                rows = torch.from_numpy(data.load_rows(src, "val", max_rows=TOP_ROWS)[:, :block].astype("int64"))
-            self._models.clear()
-            self._models[ckpt_uri] = (ckpt, model, tok, rows)
-        return self._models[ckpt_uri]
+        if ckpt_uri not in self._rows:
+            m = loader.cached(ckpt_uri, self.data_uri, need_tokenizer=False)
+            rows = None
+            if self.with_tokens and m.tok is not None:
+                block = m.model.config.block_size
+                rows = torch.from_numpy(data.load_rows(m.data_uri, "val", max_rows=TOP_ROWS)[:, :block].astype("int64"))
+            self._rows.clear()
+            self._rows[ckpt_uri] = rows
+        m = loader.cached(ckpt_uri, self.data_uri, need_tokenizer=False)
+        return m.ckpt, m.model, m.tok if self.with_tokens else None, self._rows[ckpt_uri]
 
     def svg(self, model_id: str, task: str, prune_key: str | None = None) -> str:
         rows = results.circuits(self.results_uri, task=task, model=model_id)

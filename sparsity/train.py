@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsity import checkpoint as ckpt_lib
+from sparsity import checkpoint_format as ckpt_lib
 from sparsity.config import RunConfig
 from sparsity.model import GPT
 from sparsity.optim import Muon, Optimizers

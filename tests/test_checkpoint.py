@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_config
 
 from cluster import checkpoints, storage
-from sparsity import checkpoint as ckpt_lib
+from sparsity import checkpoint_format as ckpt_lib
 from sparsity.model import GPT
 
 # The reference GPTConfig's fields (openai/circuit_sparsity, inference/gpt.py): its loader

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from jobs import demo as demo_lib
-from jobs import prune as prune_job
+from jobs import prune_pairs as prune_job
 from jobs import viz
 from sparsity import tasks as task_lib
 
@@ -135,7 +135,7 @@ def test_training_progress_counts_the_steps_each_run_has_checkpointed(tmp_path):
     pts = [{"pfrac": 0.5, "ef": 1.0}, {"pfrac": 1.0, "ef": 1.0}]
     storage.write_json(sw.join("runs", sweep.trial_name(pts[0]), "checkpoints", "latest.json"), {"path": "step-00000300", "step": 300})
     seen = []
-    with demo_lib._watch_steps(sw, pts, 900, lambda done, total: seen.append((done, total)), every=0.01):
+    with sweep.watch_steps(sw, pts, 900, lambda done, total: seen.append((done, total)), every=0.01):
         while not seen:
             time.sleep(0.005)
         storage.write_json(sw.join("runs", sweep.trial_name(pts[1]), "checkpoints", "latest.json"), {"path": "step-00000900", "step": 900})

@@ -7,7 +7,7 @@ from conftest import tiny_config
 from typer.testing import CliRunner
 
 from cli.main import app
-from cluster import runtime, storage, trainer
+from cluster import ray_train, runtime, storage
 from jobs import sweep
 
 runner = CliRunner()
@@ -63,26 +63,26 @@ def test_unreachable_address_is_a_clear_error(tmp_path):
     s.bind(("127.0.0.1", 0))
     try:
         with pytest.raises(runtime.RayConnectError, match="cannot reach Ray"):
-            runtime._check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+            runtime.check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
     finally:
         s.close()
     with pytest.raises(runtime.RayConnectError, match="bad Ray address"):
-        runtime._check_reachable("nohost")
+        runtime.check_reachable("nohost")
 
 
 def test_more_workers_than_cpus_is_refused(ray_session, stdlib_data, tmp_path):
-    with pytest.raises(trainer.RunError, match="need 8 CPUs"):
-        trainer.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=8)
+    with pytest.raises(ray_train.RunError, match="need 8 CPUs"):
+        ray_train.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=8)
     assert not os.path.exists(tmp_path / "r")
 
 def test_gpus_select_nccl_and_a_cluster_without_gpus_refuses_them(ray_session, stdlib_data, tmp_path):
     """The CUDA branch, as far as it runs without a GPU: --gpus picks NCCL (gloo otherwise),
     and asking for GPUs the cluster lacks is a clear error before anything is written."""
-    assert trainer.torch_backend(True) == "nccl" and trainer.torch_backend(False) == "gloo"
-    with pytest.raises(trainer.RunError, match="needs 2 GPUs; the cluster has 0"):
-        trainer.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=2, use_gpu=True)
-    with pytest.raises(trainer.RunError, match="strict_spread needs 2 nodes"):
-        trainer.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=2, placement="strict_spread")
+    assert ray_train.torch_backend(True) == "nccl" and ray_train.torch_backend(False) == "gloo"
+    with pytest.raises(ray_train.RunError, match="needs 2 GPUs; the cluster has 0"):
+        ray_train.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=2, use_gpu=True)
+    with pytest.raises(ray_train.RunError, match="strict_spread needs 2 nodes"):
+        ray_train.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=2, placement="strict_spread")
     assert not os.path.exists(tmp_path / "r")
 
 
@@ -92,3 +92,45 @@ def test_worker_runtime_env_never_carries_secrets(monkeypatch):
     env = runtime.worker_runtime_env()["env_vars"]
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
     assert "top-secret-value" not in str(env) and "AWS_SECRET_ACCESS_KEY" not in env
+
+
+def test_bounded_map_keeps_at_most_limit_in_flight_and_returns_every_item(ray_session):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Gauge:
+        def __init__(self):
+            self.now = self.peak = 0
+
+        def enter(self):
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+        def leave(self):
+            self.now -= 1
+
+        def get_peak(self):
+            return self.peak
+
+    g = Gauge.remote()
+
+    @ray.remote(num_cpus=0)
+    def work(i, gauge):
+        import time
+
+        ray.get(gauge.enter.remote())
+        time.sleep(0.05)
+        ray.get(gauge.leave.remote())
+        if i == 3:
+            raise ValueError("item 3")
+        return i * i
+
+    got, failed = {}, []
+    for i, ref in runtime.bounded_map(lambda i: work.remote(i, g), range(10), limit=3):
+        try:
+            got[i] = ray.get(ref)
+        except ray.exceptions.RayTaskError:
+            failed.append(i)
+    assert got == {i: i * i for i in range(10) if i != 3} and failed == [3]
+    assert 1 <= ray.get(g.get_peak.remote()) <= 3
+    assert list(runtime.bounded_map(lambda i: work.remote(i, g), [], limit=3)) == []

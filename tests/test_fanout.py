@@ -5,7 +5,7 @@ from test_planted import planted_model
 
 from cluster import checkpoints, storage
 from jobs import fanout, results
-from sparsity import checkpoint as ckpt_lib
+from sparsity import checkpoint_format as ckpt_lib
 from sparsity.config import RunConfig, SparsityConfig
 from sparsity.prune import PruneConfig
 

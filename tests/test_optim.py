@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from sparsity import checkpoint as ckpt_lib
+from sparsity import checkpoint_format as ckpt_lib
 from sparsity.batches import FixedBatches, TokenRows
 from sparsity.model import GPT
 from sparsity.optim import Muon, Optimizers, orthogonalise

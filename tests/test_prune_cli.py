@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from cluster import checkpoints, storage
 from jobs import results
-from sparsity import checkpoint as ckpt_lib
+from sparsity import checkpoint_format as ckpt_lib
 from sparsity.config import RunConfig, SparsityConfig
 
 runner = CliRunner()

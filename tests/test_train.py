@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from sparsity import checkpoint as ckpt_lib
+from sparsity import checkpoint_format as ckpt_lib
 from sparsity.batches import FixedBatches, TokenRows
 from sparsity.errors import ConfigError
 from sparsity.hooks import run_with_cache

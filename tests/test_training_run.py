@@ -6,7 +6,7 @@ from conftest import tiny_config
 from typer.testing import CliRunner
 
 from cli.main import app
-from cluster import checkpoints, training
+from cluster import checkpoints, local_train
 
 runner = CliRunner()
 
@@ -15,23 +15,23 @@ def test_interrupted_local_run_resumes_to_the_same_weights(stdlib_data, tmp_path
     """train_local stopped mid-run and re-run ends equal to an uninterrupted run, and a
     finished run does no work."""
     cfg = tiny_config(t__steps=24, t__ckpt_every=10, t__eval_every=10)
-    full = training.train_local(stdlib_data, str(tmp_path / "full"), cfg, device="cpu")
+    full = local_train.train_local(stdlib_data, str(tmp_path / "full"), cfg, device="cpu")
     part = str(tmp_path / "part")
-    training.train_local(stdlib_data, part, cfg, device="cpu", stop_after=15)
+    local_train.train_local(stdlib_data, part, cfg, device="cpu", stop_after=15)
     assert checkpoints.latest_step(part) == 15
-    resumed = training.train_local(stdlib_data, part, cfg, device="cpu")
+    resumed = local_train.train_local(stdlib_data, part, cfg, device="cpu")
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert training.train_local(stdlib_data, part, cfg, device="cpu") is None
+    assert local_train.train_local(stdlib_data, part, cfg, device="cpu") is None
     steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 24
 
 
 def test_a_run_directory_with_another_config_is_refused(stdlib_data, tmp_path):
     out = str(tmp_path / "run")
-    training.train_local(stdlib_data, out, tiny_config(t__steps=2), device="cpu")
-    with pytest.raises(training.RunError, match="another configuration"):
-        training.train_local(stdlib_data, out, tiny_config(t__steps=2, s__pfrac=0.5), device="cpu")
+    local_train.train_local(stdlib_data, out, tiny_config(t__steps=2), device="cpu")
+    with pytest.raises(local_train.RunError, match="another configuration"):
+        local_train.train_local(stdlib_data, out, tiny_config(t__steps=2, s__pfrac=0.5), device="cpu")
 
 
 def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):

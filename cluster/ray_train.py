@@ -32,7 +32,7 @@ import tempfile
 
 from cluster import checkpoints, runtime, storage
 from cluster.checkpoints import METRICS_FILE, RUN_FILE
-from cluster.training import RunError, load_data
+from cluster.local_train import RunError, load_data
 from sparsity.config import RunConfig
 
 PREFETCH = 4

@@ -18,6 +18,7 @@ import torch
 
 from cluster import checkpoints, data, storage
 from jobs import results
+from jobs.loader import LoadedModel
 from sparsity import prune as prune_lib
 from sparsity import tasks as task_lib
 from sparsity.errors import CspError
@@ -98,19 +99,11 @@ def random_init_model(ckpt) -> GPT:
     return model
 
 
-class Loaded:
+class Loaded(LoadedModel):
     """One checkpoint ready to prune: model, tokenizer, ablation inputs, metadata."""
 
     def __init__(self, ckpt_uri: str, data_uri: str | None = None, tokenizer_uri: str | None = None, device: str = "cpu"):
-        self.ckpt_uri, self.device = ckpt_uri, device
-        self.ckpt = checkpoints.load(ckpt_uri, with_train_state=False)
-        self.data_uri = data_uri or checkpoints.run_data_uri(ckpt_uri)
-        if tokenizer_uri is None and self.data_uri is None:
-            raise PruneError(f"no tokenizer for {ckpt_uri}: its run.json names no dataset; pass --data (or --tokenizer)")
-        self.tok = data.load_tokenizer(tokenizer_uri or self.data_uri)
-        if self.tok.n_vocab != self.ckpt.config.model.vocab_size:
-            raise PruneError(f"tokenizer has {self.tok.n_vocab} ids but the model's vocab_size is {self.ckpt.config.model.vocab_size}")
-        self.model = self.ckpt.build_model(device)
+        super().__init__(ckpt_uri, data_uri, tokenizer_uri, device)
         self.meta = model_meta(self.ckpt, ckpt_uri)
         self._means: dict | None = None  # node means of the trained model (cached beside it)
         self._random_model: GPT | None = None  # the random-init control's model and its node means

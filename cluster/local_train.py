@@ -5,7 +5,7 @@
     RUN/checkpoints/…      see cluster/checkpoints.py
 
 Re-running the same command resumes from the latest checkpoint; a finished run does no
-work. Ray Train's distributed version (cluster/trainer.py) reuses these pieces.
+work. Ray Train's distributed version (cluster/ray_train.py) reuses these pieces.
 """
 
 from __future__ import annotations
