@@ -147,3 +147,5 @@ def version() -> str:
 
 SHARED_FS_HELP = ("On a cluster of several nodes, accept local paths: they are on a filesystem every node mounts "
                   "(default: refuse them and ask for s3://).")
+TAKE_OVER_HELP = ("Take over --out from a writer whose heartbeat stopped (a run killed on another machine; one killed "
+                  "on this machine is taken over by itself); a live writer is never displaced.")

@@ -9,6 +9,7 @@ import typer
 from cli._app import SHARED_FS_HELP, DetailFormat, emit, group
 from cli._progress import bar
 from cluster import data, runtime, storage
+from sparsity.errors import RUNTIME
 
 app = group("Tokenize a corpus into Parquet shards of fixed-length sequences.")
 
@@ -31,7 +32,7 @@ def prepare(
     if workers is not None and workers < 1:
         raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
     data.check_prepare_args(n_ctx, val_fraction, int(shard_mb * 1e6))  # every check before Ray starts
-    storage.probe(out)  # a malformed or unreachable --out fails in seconds, not after Ray
+    storage.check_writable(out)  # a malformed, unreachable or read-only --out fails in seconds, before any compute
     runtime.init(address=address, storage={"--out": out, "--corpus": corpus, "--tokenizer": tokenizer}, shared_fs=shared_fs)
     with bar("shards") as update:
         result = data.prepare(
@@ -52,3 +53,21 @@ def info(
     """Summarise a dataset: corpus, tokenizer, shards, sequences and tokens per split."""
     m = data.read_manifest(uri)
     emit(m, fmt, table=data.manifest_summary(m))
+
+
+@app.command()
+def verify(
+    uri: Annotated[str, typer.Argument(help="A dataset written by `csp data prepare`.")],
+    fmt: Annotated[DetailFormat, typer.Option("--format", help="table, or json (every problem found).")] = "table",
+) -> None:
+    """Read every shard back against the manifest: present, of the size and checksum it was
+    written with, a readable Parquet footer and the right row count. Exit 1 on any problem."""
+    with bar("shards") as update:
+        report = data.verify(uri, progress=update)
+    emit(report, fmt, table=data.verify_summary(report))
+    if report["problems"]:
+        raise data.DataError(
+            f"{len(report['problems'])} damaged or missing file(s) in {report['uri']}: "
+            f"delete them and re-run `csp data prepare --out {report['uri']}` with the same arguments to rewrite them",
+            exit_code=RUNTIME,
+        )

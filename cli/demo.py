@@ -24,7 +24,7 @@ def demo(
     from jobs import demo as demo_lib
 
     t0 = time.monotonic()
-    storage.resolve(out)  # a malformed URI fails before Ray starts
+    storage.check_writable(out)  # a malformed, read-only or unreachable --out fails before Ray starts
     with bars() as b:
         shards = b.add("shards", hide_when_done=True)
         steps = b.add("training steps", hide_when_done=True)

@@ -35,10 +35,14 @@ def prune(
 
     cfg = PruneConfig(target=target, ablation=Ablation(ablation).value, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
                       prune_anyway=prune_anyway)
+    storage.check_writable(out)  # a read-only or unreachable --out fails before any pruning
 
     def show(name: str, r: dict) -> None:
         if r.get("already_stored"):
             typer.echo(f"{name:<28} {r['status']:<19} already stored with this config (nothing done)")
+            return
+        if r["status"] == "claimed":
+            typer.echo(f"{name:<28} {'claimed':<19} being pruned by another process: {r['held_by']}")
             return
         if r["status"] in ("chance", "model_misses_target", "failed"):
             extra = f"full model: held-out accuracy {r['full_accuracy']:.2f}, loss {r['full_loss']:.3f}" if r["status"] != "failed" else r["error"]
@@ -67,7 +71,6 @@ def prune(
     from jobs import fanout
 
     fanout.expand_checkpoints(ckpt)  # a missing checkpoint or sweep fails before Ray starts
-    storage.probe(out)
     runtime.init(address=address, storage={"--out": out, "--data": data, "CKPT": next((u for u in ckpt if not u.startswith("s3://")), ckpt[0])},
                  shared_fs=shared_fs)
 
@@ -75,4 +78,6 @@ def prune(
         typer.echo(f"[{done}/{total}] {row['task']}{' [' + row['control'] + ']' if row.get('control') else ''}: {row['status']}")
 
     counts = fanout.fanout(ckpt, task, out, cfg, data_uri=data, progress=tick, controls=controls)
-    typer.echo(f"{counts['pairs']} pairs: {counts['pruned']} pruned, {counts['skipped']} already stored, {counts['failed']} failed → {out}")
+    elsewhere = f", {counts['elsewhere']} being pruned by another process" if counts["elsewhere"] else ""
+    typer.echo(f"{counts['pairs']} pairs: {counts['pruned']} pruned, {counts['skipped']} already stored{elsewhere}, "
+               f"{counts['failed']} failed → {out}")

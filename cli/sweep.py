@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._app import SHARED_FS_HELP, Format, choice, emit, group
+from cli._app import SHARED_FS_HELP, TAKE_OVER_HELP, Format, choice, emit, group
 from sparsity.config import OPTIMIZERS, ModelConfig, TrainConfig
 
 Optimizer = choice("Optimizer", OPTIMIZERS)
@@ -35,6 +35,7 @@ def run(
     gpus: Annotated[bool, typer.Option("--gpus", help="One GPU per worker.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: in-process Ray).")] = None,
     shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
+    take_over: Annotated[bool, typer.Option("--take-over", help=TAKE_OVER_HELP)] = False,
 ) -> None:
     """Run (or resume) a sweep; a finished sweep trains nothing and reprints its summary."""
     if ctx.invoked_subcommand is not None:
@@ -47,7 +48,7 @@ def run(
     from jobs import sweep as sweep_job
 
     parsed = sweep_job.parse_grid(grid)
-    storage.resolve(out)
+    storage.check_writable(out)  # a read-only or unreachable --out fails before Ray starts
     from cluster import data as data_lib
 
     ctx_len = n_ctx or data_lib.read_manifest(data)["n_ctx"]
@@ -63,7 +64,7 @@ def run(
     runtime.init(address=address, num_cpus=None if address else max(workers_per_trial + 1, os.cpu_count() or 1),
                  storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
                  log_to_driver=False)  # no line per report from every trial's workers; failures still raise here
-    df = sweep_job.run_sweep(data, out, parsed, base, train, workers_per_trial=workers_per_trial, gpus=gpus)
+    df = sweep_job.run_sweep(data, out, parsed, base, train, workers_per_trial=workers_per_trial, gpus=gpus, take_over=take_over)
     _print(df)
 
 

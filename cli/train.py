@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._app import SHARED_FS_HELP, choice
+from cli._app import SHARED_FS_HELP, TAKE_OVER_HELP, choice
 from cli._progress import bar
 from sparsity.config import (
     OPTIMIZERS,
@@ -49,6 +49,7 @@ def train(
     placement: Annotated[Placement, typer.Option(help="Where --workers go: spread (one per node where there is room, packed when not: "
                                                  "a run survives losing a node), strict_spread (one per node, or wait) or pack.")] = "spread",
     shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
+    take_over: Annotated[bool, typer.Option("--take-over", help=TAKE_OVER_HELP)] = False,
 ) -> None:
     """Train a weight-sparse GPT; re-running the same command resumes from the last checkpoint."""
     if not 0 < afrac <= 1:
@@ -58,11 +59,12 @@ def train(
     from cluster import storage
     from jobs import train as train_job
 
-    storage.resolve(out)
+    storage.check_writable(out)  # a read-only or unreachable --out fails before any compute
     cfg = train_job.build_config(data, n_ctx=n_ctx, n_layer=n_layer, d_model=d_model, n_head=n_head, d_head=d_head, afrac=afrac,
                                  sink=sink, bigram=bigram, pfrac=pfrac, ef=ef, ef_mlp=ef_mlp, steps=steps, batch_size=batch, lr=lr,
                                  optimizer=Optimizer(optimizer).value, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every)
-    opts = dict(workers=workers, gpus=gpus, address=address, placement=Placement(placement).value, shared_fs=shared_fs, device=device)
+    opts = dict(workers=workers, gpus=gpus, address=address, placement=Placement(placement).value, shared_fs=shared_fs, device=device,
+                take_over=take_over)
     if workers > 1 or address or gpus:
         r = train_job.run(data, out, cfg, **opts)
     else:

@@ -2,6 +2,7 @@
 
     RUN/run.json                    the RunConfig and the dataset it trains on
     RUN/metrics.jsonl               every reported metric
+    RUN/lease.json                  who writes the run now (cluster/lease.py)
     RUN/checkpoints/step-00000500/{model.safetensors, config.json, train_state.pt}
     RUN/checkpoints/latest.json     {"step": 500, "path": "step-00000500"}, written after the files
 
@@ -18,6 +19,7 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
+LEASE_FILE = "lease.json"  # RUN/lease.json: the run's one writer (cluster/lease.py)
 _FILES = (ckpt_lib.MODEL_FILE, ckpt_lib.CONFIG_FILE, ckpt_lib.STATE_FILE)
 
 
@@ -26,18 +28,69 @@ def step_dir(step: int) -> str:
 
 
 def save(run_uri: str, files: dict[str, bytes], step: int, keep_last: int = 2) -> str:
-    """Write one checkpoint, then point latest.json at it, then drop old ones."""
+    """Write one checkpoint, then point latest.json at it, then drop old ones.
+
+    latest.json only moves forward: a writer whose step is behind it (a second writer the
+    lease did not stop, or a stale one) is refused before it writes anything."""
     root = storage.resolve(run_uri).join(CHECKPOINTS)
+    ahead = _latest_record(root)
+    if ahead is not None and int(ahead["step"]) > step:
+        raise ckpt_lib.CheckpointError(f"{root.join(LATEST).uri} is already at step {ahead['step']}, ahead of this writer's step {step}: "
+                                       "another process writes this run; refusing to move it back")
     d = root.join(step_dir(step))
     for name, data in files.items():
         storage.write_bytes(d.join(name), data)
     storage.write_json(root.join(LATEST), {"step": step, "path": step_dir(step)})
     if keep_last > 0:
-        steps = sorted({int(u.rsplit("step-", 1)[1].split("/", 1)[0]) for u in storage.ls(root) if "/step-" in u})
-        for old in steps[:-keep_last]:
+        for old in _steps(root)[:-keep_last]:
             if old != step:
                 storage.remove(root.join(step_dir(old)), recursive=True)
     return d.uri
+
+
+def _steps(root: storage.Location) -> list[int]:
+    """Step numbers of the step directories under ``root`` (RUN/checkpoints), ascending."""
+    out = set()
+    for u in storage.ls(root):
+        tail = u.rsplit("/step-", 1)
+        if len(tail) == 2 and tail[1].split("/", 1)[0].isdigit():
+            out.add(int(tail[1].split("/", 1)[0]))
+    return sorted(out)
+
+
+def _complete(d: storage.Location) -> bool:
+    return all(storage.exists(d.join(n)) for n in _FILES[:2])
+
+
+def _latest_record(root: storage.Location) -> dict | None:
+    loc = root.join(LATEST)
+    return storage.read_json(loc) if storage.exists(loc) else None
+
+
+_WARNED: set[str] = set()
+
+
+def _resolve_latest(root: storage.Location) -> storage.Location | None:
+    """The step directory latest.json names; when that one is missing or incomplete (deleted
+    by hand, a copy cut short), the newest complete one, with a warning on stderr."""
+    rec = _latest_record(root)
+    if rec is None:
+        return None
+    d = root.join(rec["path"])
+    if _complete(d):
+        return d
+    for step in reversed(_steps(root)):
+        cand = root.join(step_dir(step))
+        if _complete(cand):
+            if root.uri not in _WARNED:
+                _WARNED.add(root.uri)
+                import sys
+
+                print(f"csp: warning: {root.join(LATEST).uri} names {rec['path']}, which is missing or incomplete; "
+                      f"using {step_dir(step)}, the newest complete checkpoint", file=sys.stderr)
+            return cand
+    raise ckpt_lib.CheckpointError(f"{root.join(LATEST).uri} names {rec['path']}, which is missing or incomplete, "
+                                   "and no other complete checkpoint is there; delete the run directory and train again")
 
 
 def latest_uri(run_uri: str) -> storage.Location:
@@ -46,8 +99,30 @@ def latest_uri(run_uri: str) -> storage.Location:
 
 
 def latest_step(run_uri: str) -> int | None:
-    loc = latest_uri(run_uri)
-    return int(storage.read_json(loc)["step"]) if storage.exists(loc) else None
+    """The step of the checkpoint a resume would load (None: no checkpoint yet)."""
+    d = _resolve_latest(storage.resolve(run_uri).join(CHECKPOINTS))
+    return None if d is None else int(d.name.split("-", 1)[1])
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    """The run's metrics rows (RUN/metrics.jsonl), oldest first."""
+    import json
+
+    loc = storage.resolve(run_uri).join(METRICS_FILE)
+    if not storage.exists(loc):
+        return []
+    return [json.loads(line) for line in storage.read_text(loc).splitlines() if line.strip()]
+
+
+def write_metrics(run_uri: str, rows: list[dict], since_step: int) -> None:
+    """Store this process's metric ``rows`` (all after ``since_step``, where it resumed)
+    merged with the stored rows up to ``since_step``: what earlier processes of the run
+    reported is kept, rows of steps it redid are replaced."""
+    import json
+
+    kept = [m for m in read_metrics(run_uri) if m.get("step", 0) <= since_step] if since_step > 0 else []
+    mine = [m for m in rows if m.get("step", 0) > since_step]
+    storage.write_text(storage.resolve(run_uri).join(METRICS_FILE), "".join(json.dumps(m) + "\n" for m in kept + mine))
 
 
 def run_name(ckpt_uri: str) -> str:
@@ -64,8 +139,9 @@ def _checkpoint_dir(uri: str) -> storage.Location:
     if storage.exists(loc.join(ckpt_lib.CONFIG_FILE)):
         return loc
     for root in (loc.join(CHECKPOINTS), loc):
-        if storage.exists(root.join(LATEST)):
-            return root.join(storage.read_json(root.join(LATEST))["path"])
+        d = _resolve_latest(root)
+        if d is not None:
+            return d
     raise ckpt_lib.CheckpointError(
         f"no checkpoint at {loc.uri}: expected {ckpt_lib.CONFIG_FILE}, or {CHECKPOINTS}/{LATEST} from `csp train`"
     )

@@ -12,7 +12,9 @@ Each row is ``n_ctx + 1`` consecutive tokens of documents joined by ``<|endoftex
 (inputs ``row[:-1]``, targets ``row[1:]``); the tail of a shard shorter than a row is
 dropped and counted. Shards are written in parallel by Ray tasks, each an atomic write
 followed by its marker, so an interrupted run resumes where it stopped and a finished
-one does nothing.
+one does nothing. A marker (and the manifest) records its shard's byte size and sha256:
+a marker counts only while its shard is there at that size, and :func:`verify` reads
+every shard back against them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pyarrow as pa
 from cluster import storage
 from sparsity import corpus as corpus_lib
 from sparsity import tokenizer as tok_lib
-from sparsity.errors import CspError
+from sparsity.errors import RUNTIME, CspError
 
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
@@ -198,9 +200,12 @@ def write_shard(spec: dict, tok_files: dict[str, bytes]) -> dict:
     meta = {b"csp.n_ctx": str(n_ctx).encode(), b"csp.tokenizer": fp.encode()}
     table = pa.Table.from_arrays([column], schema=shard_schema(n_ctx).with_metadata(meta))
     out = storage.resolve(spec["out"])
-    storage.write_parquet(out.join(spec["name"]), table, compression="zstd")
+    payload = storage.parquet_bytes(table, compression="zstd")
+    storage.write_bytes(out.join(spec["name"]), payload)
     result = {
         "path": spec["name"],
+        "bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
         "sequences": int(n_seq),
         "tokens": int(n_seq * seq_len),
         "dropped_tokens": int(total - n_seq * seq_len),
@@ -218,6 +223,11 @@ def _spec_fingerprint(split: str, i: int, files: list[CorpusFile], n_ctx: int, t
     for f in files:
         h.update(f"{f.rel}\0{f.size}\n".encode())
     return h.hexdigest()
+
+
+# What the manifest keeps of each shard's marker (``bytes`` and ``sha256`` are absent
+# from datasets written before they were recorded).
+SHARD_KEYS = ("path", "sequences", "tokens", "dropped_tokens", "documents", "source_bytes", "bytes", "sha256")
 
 
 @dataclass
@@ -252,8 +262,9 @@ def prepare(
     """Corpus → (tokenizer) → Parquet token shards + manifest at ``out``.
 
     Trains the tokenizer into ``out/tokenizer`` when none is given. Idempotent: shards
-    with a completion marker from the same plan are skipped, and a complete dataset with
-    the same plan does no work at all. Ray must be initialised (cluster.runtime.init);
+    with a completion marker from the same plan, whose file is there at the size the
+    marker recorded, are skipped, and a complete dataset with the same plan and every
+    shard in place does no work at all; a lost or truncated shard is written again. Ray must be initialised (cluster.runtime.init);
     ``workers`` bounds the shard tasks in flight (default: the cluster's CPUs).
     """
     check_prepare_args(n_ctx, val_fraction, shard_bytes)
@@ -297,23 +308,29 @@ def prepare(
     plan_fp = hashlib.sha256("".join(s["plan"] for s in specs).encode()).hexdigest()
 
     manifest_loc = out_loc.join(MANIFEST)
+    present = storage.sizes(out_loc, suffix=".parquet")  # one listing: what is really there
     if storage.exists(manifest_loc):
         old = storage.read_json(manifest_loc)
-        if old.get("plan_fingerprint") == plan_fp:
+        if old.get("plan_fingerprint") != plan_fp:
+            raise DataError(
+                f"{out_loc.uri} already holds a dataset made from another corpus, tokenizer or --n-ctx; choose a new --out or delete it"
+            )
+        if all(_intact(out_loc, s, present) for split in old["splits"].values() for s in split["shards"]):
             if progress:
                 progress(len(specs), len(specs))
             return PrepareResult(old, 0, len(specs), False)
-        raise DataError(
-            f"{out_loc.uri} already holds a dataset made from another corpus, tokenizer or --n-ctx; choose a new --out or delete it"
-        )
+        # A shard of a finished dataset is gone or resized: withdraw the manifest (its
+        # presence means complete) and rewrite what is missing below.
+        storage.remove(manifest_loc)
 
-    # Resume: shards whose marker carries this plan are done.
+    # Resume: shards whose marker carries this plan, and whose file is there at the size
+    # the marker recorded, are done.
     results: dict[str, dict] = {}
     todo = []
     for s in specs:
         marker = out_loc.join(COMPLETIONS, s["name"].replace(".parquet", ".json"))
         done = storage.read_json(marker) if storage.exists(marker) else None
-        if done is not None and done.get("plan") == s["plan"]:
+        if done is not None and done.get("plan") == s["plan"] and _intact(out_loc, done, present):
             results[s["name"]] = done
         else:
             todo.append(s)
@@ -321,6 +338,15 @@ def prepare(
     if progress:
         progress(skipped, len(specs))
     _run_shard_tasks(todo, tok, results, workers, progress, len(specs))
+    if todo:  # the manifest goes only over shards this process can see, at their size
+        present = storage.sizes(out_loc, suffix=".parquet")
+        lost = [r["path"] for r in results.values() if not _intact(out_loc, r, present)]
+        if lost:
+            raise DataError(
+                f"{len(lost)} shard(s) written by Ray tasks are not at {out_loc.uri} ({', '.join(sorted(lost)[:3])}): "
+                "the tasks wrote somewhere this process cannot see (a local --out on several nodes?); use s3:// or a shared filesystem",
+                exit_code=RUNTIME,
+            )
 
     per_split = {}
     for split in plan:
@@ -330,7 +356,7 @@ def prepare(
             for k, v in r["skipped"].items():
                 skipped_files[k] = skipped_files.get(k, 0) + v
         per_split[split] = {
-            "shards": [{k: r[k] for k in ("path", "sequences", "tokens", "dropped_tokens", "documents", "source_bytes")} for r in shards],
+            "shards": [{k: r[k] for k in SHARD_KEYS if k in r} for r in shards],
             "sequences": sum(r["sequences"] for r in shards),
             "tokens": sum(r["tokens"] for r in shards),
             "dropped_tokens": sum(r["dropped_tokens"] for r in shards),
@@ -360,6 +386,13 @@ def prepare(
     }
     storage.write_json(manifest_loc, manifest)
     return PrepareResult(manifest, len(todo), skipped, trained)
+
+
+def _intact(out_loc: storage.Location, record: dict, present: dict[str, int]) -> bool:
+    """A shard recorded by a marker or the manifest is there, at the size it was written
+    (records from before sizes were kept: there at all)."""
+    size = present.get(out_loc.join(record["path"]).uri)
+    return size is not None and record.get("bytes", size) == size
 
 
 def _describe_source(corpus: str | None) -> str:
@@ -417,6 +450,89 @@ def shard_uris(uri: str, split: str = "train") -> list[str]:
     if split not in manifest["splits"]:
         raise DataError(f"split {split!r} not in {loc.uri}; it has {sorted(manifest['splits'])}")
     return [loc.join(s["path"]).uri for s in manifest["splits"][split]["shards"]]
+
+
+def verify(uri: str, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Read a finished dataset back against its manifest: the tokenizer's fingerprint, and
+    every shard present, of the byte size and sha256 recorded when it was written, with a
+    readable Parquet footer and pages, the shard schema and the manifest's row count.
+
+    Returns ``{"uri", "shards", "sequences", "problems": [{"path", "problem"}]}``, one
+    problem per damaged file (several findings of one file joined by "; ").
+    """
+    loc = storage.resolve(uri)
+    manifest = read_manifest(uri)
+    problems = []
+    tok_path = manifest["tokenizer"].get("path", TOKENIZER_DIR)
+    try:
+        tok = load_tokenizer(loc.join(tok_path).uri)
+        if tok.fingerprint != manifest["tokenizer"]["fingerprint"]:
+            problems.append({"path": tok_path, "problem": "tokenizer differs from the one the shards were made with (fingerprint)"})
+    except CspError as e:
+        problems.append({"path": tok_path, "problem": str(e)})
+    entries = [e for split in manifest["splits"].values() for e in split["shards"]]
+    present = storage.sizes(loc, suffix=".parquet")
+    for i, entry in enumerate(entries):
+        found = _shard_problems(loc, entry, present, manifest["n_ctx"])
+        if found:
+            problems.append({"path": entry["path"], "problem": "; ".join(found)})
+        if progress:
+            progress(i + 1, len(entries))
+    return {
+        "uri": loc.uri,
+        "shards": len(entries),
+        "sequences": sum(e["sequences"] for e in entries),
+        "problems": problems,
+    }
+
+
+def _shard_problems(loc: storage.Location, entry: dict, present: dict[str, int], n_ctx: int) -> list[str]:
+    """What is wrong with one shard of a manifest ([] when nothing is)."""
+    import pyarrow.parquet as pq
+
+    shard = loc.join(entry["path"])
+    size = present.get(shard.uri)
+    if size is None:
+        return ["missing"]
+    expected = entry
+    if "bytes" not in entry:  # a manifest from before sizes were recorded: its marker may have them
+        marker = loc.join(COMPLETIONS, entry["path"].replace(".parquet", ".json"))
+        try:
+            expected = storage.read_json(marker) if storage.exists(marker) else entry
+        except storage.StorageError:
+            pass
+    found = []
+    want = expected.get("bytes")
+    if want is not None and size != want:
+        found.append(f"{'truncated' if size < want else 'resized'}: {size:,} bytes, {want:,} when written")
+    try:
+        payload = storage.read_bytes(shard)
+    except storage.StorageError as e:
+        return [*found, str(e)]
+    if not found and expected.get("sha256") not in (None, hashlib.sha256(payload).hexdigest()):
+        found.append("content changed since it was written (sha256 differs)")
+    try:
+        table = pq.read_table(pa.BufferReader(payload), page_checksum_verification=True)
+    except Exception as e:  # whatever pyarrow raises for damaged bytes
+        found.append(f"not a readable Parquet file (corrupt or truncated: {' '.join(str(e).split())[:160]})")
+        return found
+    schema = shard_schema(n_ctx)
+    if not table.schema.remove_metadata().equals(schema):
+        found.append(f"schema {table.schema.remove_metadata()} is not the shard schema {schema}")
+    elif table.num_rows != entry["sequences"]:
+        found.append(f"{table.num_rows:,} rows, the manifest says {entry['sequences']:,}")
+    return found
+
+
+def verify_summary(report: dict) -> str:
+    """One line per problem, then a summary line."""
+    width = max((len(p["path"]) for p in report["problems"]), default=0)
+    lines = [f"{p['path']:<{width}}  {p['problem']}" for p in report["problems"]]
+    if report["problems"]:
+        lines.append(f"{len(report['problems'])} problem(s) in {report['uri']} ({report['shards']} shards checked)")
+    else:
+        lines.append(f"ok: {report['shards']} shards, {report['sequences']:,} sequences in {report['uri']} match the manifest")
+    return "\n".join(lines)
 
 
 def manifest_summary(manifest: dict) -> str:

@@ -30,9 +30,9 @@ import json
 import os
 import tempfile
 
-from cluster import checkpoints, runtime, storage
-from cluster.checkpoints import METRICS_FILE, RUN_FILE
-from cluster.local_train import RunError, load_data
+from cluster import checkpoints, lease, runtime, storage
+from cluster.checkpoints import RUN_FILE
+from cluster.local_train import RunError, check_config, check_data, load_data, run_lease
 from sparsity.config import RunConfig
 
 PREFETCH = 4
@@ -135,8 +135,9 @@ def _worker(config: dict) -> None:
     def save(files: dict[str, bytes], step: int) -> None:
         ckpt = None
         if rank == 0:
+            lease.check_owner(storage.resolve(out).join(checkpoints.LEASE_FILE), config["owner"])  # the driver still owns the run
             checkpoints.save(out, files, step)
-            storage.write_text(storage.resolve(out).join(METRICS_FILE).uri, "".join(json.dumps(m) + "\n" for m in history))
+            checkpoints.write_metrics(out, history, state.step if state is not None else 0)  # keeps what earlier attempts stored
             tmp = tempfile.mkdtemp()
             with open(os.path.join(tmp, "csp_checkpoint.json"), "w") as f:
                 json.dump({"step": step, "uri": storage.resolve(out).join(checkpoints.CHECKPOINTS, checkpoints.step_dir(step)).uri}, f)
@@ -174,17 +175,18 @@ def train_distributed(
     max_failures: int = 2,
     debug: bool = False,
     placement: str = "spread",
+    take_over: bool = False,
+    owner: str | None = None,
 ):
     """Train one run on ``workers`` Ray Train workers; resumes from the latest checkpoint.
 
     Ray must be initialised (cluster.runtime.init). ``debug`` (or CSP_TRAIN_DEBUG=1)
-    records per-rank weight hashes and batch ids under OUT/_debug.
+    records per-rank weight hashes and batch ids under OUT/_debug. This process holds the
+    run's lease (RUN/lease.json) while Ray Train runs, through its worker restarts;
+    ``owner`` names the holder (a sweep trial passes its own, so a retried trial re-takes it).
     """
     debug = debug or os.environ.get("CSP_TRAIN_DEBUG") == "1"
     import ray
-    from ray.train import FailureConfig, LoggingConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     if workers < 1:
         raise RunError(f"workers={workers} out of range: must be ≥ 1")
@@ -203,15 +205,23 @@ def train_distributed(
     if use_gpu and ray.cluster_resources().get("GPU", 0) < workers:
         raise RunError(f"--gpus with {workers} workers needs {workers} GPUs; the cluster has {ray.cluster_resources().get('GPU', 0):g}")
     out = storage.resolve(out_uri)
-    run_file = out.join(RUN_FILE)
     record = {"config": cfg.to_dict(), "data": storage.resolve(data_uri).uri, "workers": workers}
-    if storage.exists(run_file) and storage.read_json(run_file).get("config") != record["config"]:
-        raise RunError(f"{out.uri} holds a run with another configuration; choose a new --out or delete it")
+    check_config(out, record["config"])
     step = checkpoints.latest_step(out.uri)
     if step is not None and step >= cfg.train.steps:
         return None
-    load_data(data_uri, cfg)  # fail fast on a bad dataset, before any actor starts
-    storage.write_json(run_file, record)
+    check_data(data_uri, cfg)  # fail fast on a bad dataset, before the lease and before any actor starts
+    with run_lease(out, f"csp train --workers {workers}", take_over, owner) as held:
+        check_config(out, record["config"])
+        storage.write_json(out.join(RUN_FILE), record)
+        return _fit(out, data_uri, cfg, workers, use_gpu, max_failures, debug, placement, held.owner)
+
+
+def _fit(out: storage.Location, data_uri: str, cfg: RunConfig, workers: int, use_gpu: bool, max_failures: int, debug: bool,
+         placement: str, owner: str):
+    from ray.train import FailureConfig, LoggingConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     ray_storage = out.join("ray")
     run_config = RayRunConfig(
@@ -224,7 +234,7 @@ def train_distributed(
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "out": out.uri, "data": storage.resolve(data_uri).uri,
-                           "debug": debug, "backend": torch_backend(use_gpu)},
+                           "debug": debug, "backend": torch_backend(use_gpu), "owner": owner},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1} if not use_gpu else None,
                                      placement_strategy=RAY_STRATEGIES[placement]),
         torch_config=TorchConfig(backend=torch_backend(use_gpu)),

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from sparsity.errors import RUNTIME, CspError
+from sparsity.errors import RUNTIME, CspError, CspRuntimeError
 
 # Connect fast-fails a dead endpoint; read bounds a server that accepts and never answers.
 # Two attempts ride out one dropped connection. Worst case ≈ 2 × (3 + 3) s < 10 s.
@@ -59,6 +59,10 @@ class AccessDeniedError(StorageError):
 
 class NotFoundError(StorageError):
     pass
+
+
+class CorruptFileError(StorageError, CspRuntimeError):
+    """A file is there but cannot be read back as what it claims to be (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -310,7 +314,9 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 @contextlib.contextmanager
-def _errors(loc: Location, op: str) -> Iterator[None]:
+def errors(loc: Location, op: str) -> Iterator[None]:
+    """Turn any backend error raised in the block into one StorageError naming ``op`` and
+    the location (credentials redacted)."""
     try:
         yield
     except StorageError:
@@ -325,7 +331,7 @@ def _errors(loc: Location, op: str) -> Iterator[None]:
 def write_bytes(uri: str | Location, data: bytes) -> Location:
     """Write ``data`` atomically: readers see the old object or the whole new one."""
     loc = resolve(uri)
-    with _errors(loc, "write"):
+    with errors(loc, "write"):
         if loc.is_s3:
             # One PUT (multipart above 5 GiB): atomic on S3. aiobotocore can wait forever for
             # a PUT's response (read_timeout does not cover it), so the call gets a deadline
@@ -348,7 +354,7 @@ def write_bytes(uri: str | Location, data: bytes) -> Location:
 
 def read_bytes(uri: str | Location) -> bytes:
     loc = resolve(uri)
-    with _errors(loc, "read"):
+    with errors(loc, "read"):
         if loc.is_s3:
             return loc.fs.cat_file(loc.path)
         with open(loc.path, "rb") as fh:
@@ -382,7 +388,7 @@ def read_json(uri: str | Location):
 def exists(uri: str | Location) -> bool:
     """True when a file/object (or, locally, a directory) is at the location."""
     loc = resolve(uri)
-    with _errors(loc, "check"):
+    with errors(loc, "check"):
         if loc.is_s3:
             _check_bucket(loc)
             return bool(loc.fs.exists(loc.path))
@@ -396,6 +402,33 @@ def probe(uri: str | Location) -> Location:
     loc = resolve(uri)
     if loc.is_s3:
         _check_bucket(loc)
+    return loc
+
+
+def check_writable(uri: str | Location) -> Location:
+    """Check, before any compute starts, that an output directory can be written: for S3,
+    :func:`probe` and then a small probe object written under the prefix and deleted
+    again; locally, that the path is not a file and its nearest existing ancestor is a
+    directory this user may write (nothing is created). Returns the location."""
+    loc = probe(uri)
+    if loc.is_s3:
+        marker = loc.join(f".csp-write-probe-{uuid.uuid4().hex}")
+        with errors(loc, "write"):
+            loc.fs.pipe_file(marker.path, b"csp write probe", timeout=WRITE_DEADLINE_S)
+        with errors(loc, "delete"):
+            loc.fs.rm(marker.path)
+        return loc
+    if os.path.exists(loc.path) and not os.path.isdir(loc.path):
+        raise StorageError(f"cannot write to {loc.uri}: it is a file, not a directory; choose a directory for the output")
+    ancestor = loc.path
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise StorageError(f"cannot write to {loc.uri}: {ancestor} is a file, not a directory; choose another location")
+    effective = os.access in os.supports_effective_ids  # the user we run as, under sudo/setuid too
+    if not os.access(ancestor, os.W_OK | os.X_OK, effective_ids=effective):
+        where = "" if ancestor == loc.path else f" ({ancestor}, its nearest existing directory)"
+        raise AccessDeniedError(f"cannot write to {loc.uri}: permission denied{where}; choose another location or fix its permissions")
     return loc
 
 
@@ -414,50 +447,129 @@ def _check_bucket(loc: Location) -> None:
 def ls(uri: str | Location, suffix: str = "", recursive: bool = True) -> list[str]:
     """URIs of the files under a prefix (recursive by default), sorted; [] if none."""
     loc = resolve(uri)
-    with _errors(loc, "list"):
+    if recursive:
+        return sorted(sizes(loc, suffix))
+    with errors(loc, "list"):
         if loc.is_s3:
             _check_bucket(loc)
             fs = loc.fs
             if not fs.exists(loc.path):
                 return []
-            paths = fs.find(loc.path) if recursive else [p for p in fs.ls(loc.path, detail=False) if fs.isfile(p)]
-            return sorted(f"s3://{p}" for p in paths if p.endswith(suffix))
+            return sorted(f"s3://{p}" for p in fs.ls(loc.path, detail=False) if fs.isfile(p) and p.endswith(suffix))
         if not os.path.isdir(loc.path):
             return []
-        out = []
-        if recursive:
-            for dirpath, _dirs, files in os.walk(loc.path):
-                out.extend(os.path.join(dirpath, f) for f in files if f.endswith(suffix) and ".tmp-" not in f)
-        else:
-            out = [os.path.join(loc.path, f) for f in os.listdir(loc.path) if os.path.isfile(os.path.join(loc.path, f)) and f.endswith(suffix)]
-        return sorted(out)
+        return sorted(os.path.join(loc.path, f) for f in os.listdir(loc.path)
+                      if os.path.isfile(os.path.join(loc.path, f)) and f.endswith(suffix))
+
+
+def sizes(uri: str | Location, suffix: str = "") -> dict[str, int]:
+    """``{uri: bytes}`` of every file under a prefix (recursive), in one listing; {} if none."""
+    loc = resolve(uri)
+    with errors(loc, "list"):
+        if loc.is_s3:
+            _check_bucket(loc)
+            fs = loc.fs
+            if not fs.exists(loc.path):
+                return {}
+            return {f"s3://{p}": size for p, size in sorted(_s3_files(fs, loc).items()) if p.endswith(suffix)}
+        out = {}
+        for dirpath, _dirs, files in os.walk(loc.path):  # nothing when the directory is missing
+            for f in files:
+                if f.endswith(suffix) and ".tmp-" not in f:
+                    with contextlib.suppress(FileNotFoundError):  # removed while we listed
+                        out[os.path.join(dirpath, f)] = os.path.getsize(os.path.join(dirpath, f))
+        return out
+
+
+def _s3_files(fs, loc: Location) -> dict[str, int]:
+    """``{path: size}`` of the objects under a prefix. s3fs answers a prefix with no objects
+    left but a directory entry (SeaweedFS keeps one after its last object is deleted) with
+    that entry itself: it is no file."""
+    return {p: int(info.get("size", 0)) for p, info in fs.find(loc.path, detail=True).items() if info.get("type") != "directory"}
 
 
 def remove(uri: str | Location, recursive: bool = False) -> None:
     """Delete a file/object (or a whole prefix with ``recursive``); missing is fine."""
     loc = resolve(uri)
-    with _errors(loc, "delete"):
+    with errors(loc, "delete"):
         fs = loc.fs
         if fs.exists(loc.path):
             fs.rm(loc.path, recursive=recursive)
 
 
-def write_parquet(uri: str | Location, table, **kwargs) -> Location:
-    """Serialize a pyarrow Table in memory, then write it in one atomic PUT/rename."""
+def parquet_bytes(table, **kwargs) -> bytes:
+    """A pyarrow Table as Parquet file bytes. Pages carry a CRC by default, so a byte
+    flipped in a data page fails the read instead of decoding to other values."""
     import pyarrow.parquet as pq
 
+    kwargs.setdefault("write_page_checksum", True)
     buf = io.BytesIO()
     pq.write_table(table, buf, **kwargs)
-    return write_bytes(uri, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_parquet(uri: str | Location, table, **kwargs) -> Location:
+    """Serialize a pyarrow Table in memory, then write it in one atomic PUT/rename."""
+    return write_bytes(uri, parquet_bytes(table, **kwargs))
 
 
 def read_parquet(uri: str | Location, columns: list[str] | None = None):
-    """A pyarrow Table from one Parquet file or a directory of them."""
+    """A pyarrow Table from one Parquet file or a directory of them. A file that is there
+    but unreadable (truncated, overwritten, a bad page checksum) raises CorruptFileError
+    naming it."""
     import pyarrow.parquet as pq
 
     loc = resolve(uri)
-    with _errors(loc, "read"):
-        return pq.read_table(loc.path, filesystem=loc.pa_fs, columns=columns)
+    try:
+        return pq.read_table(loc.path, filesystem=loc.pa_fs, columns=columns, page_checksum_verification=True)
+    except Exception as exc:
+        err = _translate(loc, "read", exc)
+        if type(err) is StorageError and is_corrupt_parquet(exc):
+            raise corrupt_parquet(_corrupt_member(loc, exc), exc) from None
+        raise err from None
+
+
+# What pyarrow says about a Parquet file whose bytes are wrong (footer, thrift headers,
+# compressed pages, checksums, the embedded Arrow schema), as opposed to a missing file,
+# a refused credential or an unreachable endpoint (those are translated above).
+_CORRUPT = (
+    "magic bytes", "Parquet file size", "base64", "thrift", "Unexpected end of stream", "decompression failed",
+    "flatbuffers", "schema message", "page header", "checksum", "Destination buffer", "know what type",
+    "Negative size", "corrupt",
+)
+
+
+def is_corrupt_parquet(exc: BaseException) -> bool:
+    """True when a pyarrow error says a Parquet file's bytes are damaged."""
+    return any(m in str(exc) for m in _CORRUPT)
+
+
+def corrupt_parquet(uri: str, exc: BaseException) -> CorruptFileError:
+    """The one-line error for an unreadable Parquet file."""
+    return CorruptFileError(
+        f"{uri} is not a readable Parquet file (corrupt or truncated: {_one_line(str(exc), 160)}); "
+        "delete it and re-run the command that wrote it"
+    )
+
+
+def _corrupt_member(loc: Location, exc: BaseException) -> str:
+    """The file to blame: named in pyarrow's message, else found by reading the files of a
+    directory one by one, else the location itself."""
+    m = re.search(r"Parquet input source '([^']+)'", str(exc))
+    if m:
+        return f"s3://{m.group(1)}" if loc.is_s3 else m.group(1)
+    import pyarrow.parquet as pq
+
+    try:
+        members = [u for u in ls(loc) if not os.path.basename(u).startswith(("_", "."))]
+        for member in members:
+            try:
+                pq.read_table(resolve(member).path, filesystem=loc.pa_fs, page_checksum_verification=True)
+            except Exception:
+                return member
+    except Exception:  # diagnosing must not hide the original error
+        pass
+    return loc.uri
 
 
 def storage_options(uri: str | Location) -> dict:

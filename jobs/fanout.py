@@ -1,7 +1,9 @@
 """Prune fan-out: one Ray task per (checkpoint, task[, control]), into the results tables.
 
 Results already stored (by checkpoint fingerprint, task, pruning-config key and control)
-are skipped, so a re-run of the same config prunes nothing. Each task is retried on
+are skipped, so a re-run of the same config prunes nothing; a pair another fan-out is
+pruning at the moment (its claim, jobs.prune_pairs.prune_pair) is left to it, so
+concurrent fan-outs into one store split the pairs. Each task is retried on
 failure (a raised exception or a dead worker process); one that still fails is stored as a
 ``failed`` row with its error, never dropped. A checkpoint is loaded once per worker
 process (cached by URI), and at most ``max_in_flight`` tasks are pending at once (runtime.bounded_map
@@ -17,7 +19,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict
 
-from cluster import checkpoints, runtime, storage
+from cluster import checkpoints, lease, runtime, storage
 from jobs import loader, results, sweep
 from jobs.prune_pairs import Loaded, control_config, control_jobs, model_meta, prune_pair, solved
 from sparsity import prune as prune_lib
@@ -25,7 +27,7 @@ from sparsity import tasks as task_lib
 
 
 def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data_uri: str | None,
-               fail_once_marker: str | None = None, kill: bool = False, control: str | None = None) -> dict:
+               fail_once_marker: str | None = None, kill: bool = False, control: str | None = None, owner: str | None = None) -> dict:
     """The Ray task body: prune one pair (or one control of it) and store it."""
     if fail_once_marker and not storage.exists(fail_once_marker):  # test hook: the first attempt fails
         storage.write_text(fail_once_marker, "1")
@@ -33,7 +35,7 @@ def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data
             os._exit(1)  # the worker process dies, as when its PID is killed
         raise RuntimeError("injected failure")
     cfg = prune_lib.PruneConfig(**cfg_dict)
-    return prune_pair(loader.cached(ckpt_uri, data_uri, Loaded), task_lib.get(task_name), cfg, out_uri, control=control)
+    return prune_pair(loader.cached(ckpt_uri, data_uri, Loaded), task_lib.get(task_name), cfg, out_uri, control=control, owner=owner)
 
 
 def expand_checkpoints(uris: list[str]) -> list[str]:
@@ -79,7 +81,8 @@ def fanout(
     remote = ray.remote(num_cpus=1, max_retries=max_retries, retry_exceptions=True, scheduling_strategy="SPREAD")(prune_task)
     if task_env:  # e.g. the S3 endpoint the tasks must write to, when it is not the cluster's default
         remote = remote.options(runtime_env={"env_vars": task_env})
-    counts = {"pairs": 0, "skipped": 0, "pruned": 0, "failed": 0}
+    counts = {"pairs": 0, "skipped": 0, "pruned": 0, "failed": 0, "elsewhere": 0}
+    me = lease.new_owner("fanout")  # each pair's claim: owner me:pair, so Ray's retry of a task re-takes it
 
     def wave(items: list[tuple[str, str, str | None]]) -> None:
         done = results.stored_pairs(out_uri)
@@ -92,12 +95,17 @@ def fanout(
             if inject_failure and inject_failure.get("task") == n and c is None:
                 marker = storage.resolve(out_uri).join("_debug", f"fail-{fps[u][:8]}-{n}").uri
             kill = bool(inject_failure and inject_failure.get("kill"))
-            return remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker, kill, c)
+            return remote.remote(u, n, out_uri, asdict(cfg), data_uri, marker, kill, c, f"{me}:{fps[u][:12]}:{n}:{c or ''}")
 
         for finished, ((u, n, c), ref) in enumerate(runtime.bounded_map(submit, todo, limit), start=1):
             try:
                 row = ray.get(ref)
-                counts["pruned"] += 1
+                if row["status"] == "claimed":  # another fan-out is pruning it right now
+                    counts["elsewhere"] += 1
+                elif row.get("already_stored"):  # stored by another fan-out since this wave began
+                    counts["skipped"] += 1
+                else:
+                    counts["pruned"] += 1
             except (ray.exceptions.RayError, Exception) as e:  # retries exhausted: store the failure
                 err = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 ckpt = checkpoints.load(u, with_train_state=False)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from cluster import checkpoints, data, storage
+from cluster import checkpoints, data, lease, storage
 from jobs import results
 from jobs.loader import LoadedModel
 from sparsity import prune as prune_lib
@@ -208,9 +208,26 @@ def _ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def prune_pair(loaded: Loaded, task, cfg: prune_lib.PruneConfig, out_uri: str, control: str | None = None) -> dict:
-    """Evaluate, then prune (unless the model misses), then store one result."""
+def prune_pair(loaded: Loaded, task, cfg: prune_lib.PruneConfig, out_uri: str, control: str | None = None,
+               owner: str | None = None) -> dict:
+    """Claim the pair, then evaluate, prune (unless the model misses) and store one result.
+
+    The claim (a lease under RESULTS/_claims/) makes concurrent fan-outs into one store
+    split the pairs: a pair claimed by a live process, or stored meanwhile, is left to it.
+    ``owner`` lets a retry of the same Ray task re-take its own claim at once."""
     run_cfg = control_config(cfg, control)
+    where = results.claim_uri(out_uri, task.name, loaded.meta["model_id"], run_cfg.key(), control)
+    claim, holder = lease.try_acquire(where, owner or lease.new_owner("prune"), what=f"prune {task.name}", take_over=True)
+    if claim is None:
+        return {"task": task.name, "control": control, "status": "claimed", "held_by": lease.describe(holder or {})}
+    with claim.start():
+        if results.is_stored(out_uri, task.name, loaded.meta["model_id"], run_cfg.key(), control):
+            return {"task": task.name, "control": control, "status": "already_stored", "already_stored": True}
+        return _prune_and_store(loaded, task, cfg, run_cfg, out_uri, control)
+
+
+def _prune_and_store(loaded: Loaded, task, cfg: prune_lib.PruneConfig, run_cfg: prune_lib.PruneConfig, out_uri: str,
+                     control: str | None) -> dict:
     model, ablate, batches = loaded.inputs(run_cfg.ablation, control)
     ptask = task_lib.nonsense(task) if control == "nonsense_task" else task
     extra = {"ablation": run_cfg.ablation, "target": run_cfg.target, "control": control, "ray_node_id": _ray_node_id()}

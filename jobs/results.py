@@ -172,6 +172,19 @@ def result_uid(model_id: str, prune_key: str, control: str | None) -> str:
     return f"{model_id}--{prune_key}{'--' + control if control else ''}.parquet"
 
 
+CLAIMS = "_claims"  # RESULTS/_claims/task=T/<uid>.json: the lease of a pair being pruned now
+
+
+def claim_uri(results_uri: str, task: str, model_id: str, prune_key: str, control: str | None) -> storage.Location:
+    """Where the process pruning one result holds its claim (cluster/lease.py)."""
+    return storage.resolve(results_uri).join(CLAIMS, f"task={task}", result_uid(model_id, prune_key, control).replace(".parquet", ".json"))
+
+
+def is_stored(results_uri: str, task: str, model_id: str, prune_key: str, control: str | None) -> bool:
+    """Whether this result's circuits row exists (it is written last, after nodes and edges)."""
+    return storage.exists(storage.resolve(results_uri).join(CIRCUITS, f"task={task}", result_uid(model_id, prune_key, control)))
+
+
 def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | None, status: str | None = None,
                  error: str | None = None, extra: dict | None = None, cfg=None) -> str:
     """Store one (checkpoint, task, pruning config, control) result: a circuit, or a verdict

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from cluster import checkpoints, ray_train, runtime, storage
+from cluster import checkpoints, local_train, ray_train, runtime, storage
 from cluster.checkpoints import METRICS_FILE
 from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
 from sparsity.errors import CspError
@@ -129,7 +129,8 @@ def _run_trial(config: dict) -> None:
     name = config["trial"]
     out = run_loc(sweep, name)
     t0 = time.perf_counter()
-    ray_train.train_distributed(config["data"], out.uri, cfg, workers=config["workers"], use_gpu=config["gpus"])
+    ray_train.train_distributed(config["data"], out.uri, cfg, workers=config["workers"], use_gpu=config["gpus"],
+                                owner=f"{config['owner']}:{name}")  # a retried trial re-takes its run's lease
     row = summarize_trial(sweep, name, config["point"], cfg, time.perf_counter() - t0)
     tune.report({k: v for k, v in row.items() if isinstance(v, int | float) and v is not None})
 
@@ -155,8 +156,12 @@ def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) 
 
 
 def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base: ModelConfig, train: TrainConfig,
-              workers_per_trial: int = 1, gpus: bool = False, extra_points: list[dict] | None = None):
+              workers_per_trial: int = 1, gpus: bool = False, extra_points: list[dict] | None = None, take_over: bool = False):
     """Run (or resume) a sweep; returns the summary as a pandas DataFrame.
+
+    The sweep directory has one writer at a time (SWEEP/lease.json, held while this runs;
+    ``take_over`` displaces a writer whose heartbeat stopped); each trial's run directory
+    has its own lease, held by the trial.
 
     ``extra_points`` are trials beside (or instead of) the grid, e.g. a dense baseline
     ``{"pfrac": 4, "ef": 2}`` (pfrac = ef² is dense at that width), or points with their
@@ -173,40 +178,42 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
     if cpus < need:
         raise SweepError(f"each trial needs {need} CPUs ({workers_per_trial} workers + a controller); the cluster declares {cpus:g}")
     sweep = storage.resolve(sweep_uri)
-    storage.write_json(sweep.join("sweep.json"), {"grid": grid or {}, "extra_points": extra_points or [], "base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "data": data_uri,
-                                                   "workers_per_trial": workers_per_trial})
-    todo = []
-    for p in pts:
-        name = trial_name(p)
-        if not storage.exists(sweep.join("trials", f"{name}.json")):
-            todo.append(p)
-    if todo:
-        space = {"trial": tune.grid_search([trial_name(p) for p in todo])}
-        by_name = {trial_name(p): p for p in todo}
+    with local_train.run_lease(sweep, "csp sweep", take_over) as held:
+        owner = held.owner  # trials get the id (a str: the lease itself stays in this process)
+        storage.write_json(sweep.join("sweep.json"), {"grid": grid or {}, "extra_points": extra_points or [], "base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "data": data_uri,
+                                                       "workers_per_trial": workers_per_trial})
+        todo = []
+        for p in pts:
+            name = trial_name(p)
+            if not storage.exists(sweep.join("trials", f"{name}.json")):
+                todo.append(p)
+        if todo:
+            space = {"trial": tune.grid_search([trial_name(p) for p in todo])}
+            by_name = {trial_name(p): p for p in todo}
 
-        def trial_fn(config: dict) -> None:
-            name = config["trial"]
-            _run_trial({"trial": name, "point": by_name[name], "cfg": cfgs[name].to_dict(), "data": data_uri,
-                        "sweep": sweep.uri, "workers": workers_per_trial, "gpus": gpus})
+            def trial_fn(config: dict) -> None:
+                name = config["trial"]
+                _run_trial({"trial": name, "point": by_name[name], "cfg": cfgs[name].to_dict(), "data": data_uri,
+                            "sweep": sweep.uri, "workers": workers_per_trial, "gpus": gpus, "owner": owner})
 
-        tune_store = sweep.join("tune")
-        tuner = tune.Tuner(
-            tune.with_resources(trial_fn, {"CPU": 0.01}),  # the trial only drives its TorchTrainer
-            param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // need))),
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=tune_store.uri if not sweep.is_s3 else tune_store.path,
-                storage_filesystem=tune_store.pa_fs if sweep.is_s3 else None,
-                failure_config=tune.FailureConfig(max_failures=1),
-                verbose=0,
-            ),
-        )
-        results = tuner.fit()
-        errors = [r.error for r in results if r.error is not None]
-        if errors:
-            raise SweepError(f"{len(errors)} trial(s) failed; first: {type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]}")
-    return write_summary(sweep_uri)
+            tune_store = sweep.join("tune")
+            tuner = tune.Tuner(
+                tune.with_resources(trial_fn, {"CPU": 0.01}),  # the trial only drives its TorchTrainer
+                param_space=space,
+                tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // need))),
+                run_config=tune.RunConfig(
+                    name="tune",
+                    storage_path=tune_store.uri if not sweep.is_s3 else tune_store.path,
+                    storage_filesystem=tune_store.pa_fs if sweep.is_s3 else None,
+                    failure_config=tune.FailureConfig(max_failures=1),
+                    verbose=0,
+                ),
+            )
+            results = tuner.fit()
+            errors = [r.error for r in results if r.error is not None]
+            if errors:
+                raise SweepError(f"{len(errors)} trial(s) failed; first: {type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]}")
+        return write_summary(sweep_uri)
 
 
 def write_summary(sweep_uri: str):

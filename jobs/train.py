@@ -26,7 +26,7 @@ def build_config(data_uri: str, *, n_ctx: int | None = None, n_layer: int = Mode
 
 def run(data_uri: str, out_uri: str, cfg: RunConfig, *, workers: int = 1, gpus: bool = False, address: str | None = None,
         placement: str = "spread", shared_fs: bool = False, device: str = "auto",
-        progress: Callable[[dict], None] | None = None) -> dict | None:
+        progress: Callable[[dict], None] | None = None, take_over: bool = False) -> dict | None:
     """Train (or resume) the run; None when it had already finished. Without workers,
     GPUs or an address it runs here with ``progress`` per report; otherwise on Ray Train.
     Returns step, workers and the final metrics (loss, val_loss, nonzeros…)."""
@@ -36,14 +36,15 @@ def run(data_uri: str, out_uri: str, cfg: RunConfig, *, workers: int = 1, gpus: 
         runtime.init(address=address, num_cpus=None if address else max(workers + 1, os.cpu_count() or 1),
                      storage={"--data": data_uri, "--out": out_uri}, shared_fs=shared_fs, state_api=True,
                      log_to_driver=False)  # no line per report from every worker; failures still raise here
-        result = ray_train.train_distributed(data_uri, out_uri, cfg, workers=workers, use_gpu=gpus, placement=placement)
+        result = ray_train.train_distributed(data_uri, out_uri, cfg, workers=workers, use_gpu=gpus, placement=placement,
+                                             take_over=take_over)
         if result is None:
             return None
         m = dict(result.metrics or {})
         return {**m, "step": m.get("step", cfg.train.steps), "workers": workers, "out": storage.resolve(out_uri).uri}
     from cluster import local_train
 
-    result = local_train.train_local(data_uri, out_uri, cfg, device=device, progress=progress)
+    result = local_train.train_local(data_uri, out_uri, cfg, device=device, progress=progress, take_over=take_over)
     if result is None:
         return None
     return {**result.metrics, "step": result.step, "workers": 1, "out": storage.resolve(out_uri).uri}

@@ -67,15 +67,23 @@ def _state_bytes(model: GPT) -> bytes:
     return save(sd)
 
 
+def identity(weights_sha256: str, run: dict) -> str:
+    """A checkpoint's fingerprint: the hash of its weights *and* the run config that gives
+    them meaning (the same tensors under another head split are another model)."""
+    return hashlib.sha256(json.dumps({"weights": weights_sha256, "run": run}, sort_keys=True).encode()).hexdigest()
+
+
 def to_files(model: GPT, config: RunConfig, step: int, meta: dict | None = None, train_state: dict | None = None) -> dict[str, bytes]:
     """The checkpoint's files. ``train_state`` (optimizer, RNG, data position) is optional:
     without it the checkpoint can be evaluated and pruned, not resumed."""
     weights = _state_bytes(model)
+    wsha = hashlib.sha256(weights).hexdigest()
     info = {
         "format_version": FORMAT_VERSION,
         "run": config.to_dict(),
         "step": int(step),
-        "fingerprint": hashlib.sha256(weights).hexdigest(),
+        "weights_sha256": wsha,
+        "fingerprint": identity(wsha, config.to_dict()),
         **(meta or {}),
     }
     files = {MODEL_FILE: weights, CONFIG_FILE: (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()}
@@ -99,8 +107,17 @@ def from_files(files: dict[str, bytes], where: str = "checkpoint", with_train_st
         config = RunConfig.from_dict(meta["run"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{where}/{CONFIG_FILE} is not a valid checkpoint config ({type(e).__name__}: {e})") from None
-    if hashlib.sha256(files[MODEL_FILE]).hexdigest() != meta.get("fingerprint"):
-        raise CheckpointError(f"{where}/{MODEL_FILE} does not match the fingerprint in {CONFIG_FILE} (truncated or replaced)")
+    actual = hashlib.sha256(files[MODEL_FILE]).hexdigest()
+    recorded = meta.get("weights_sha256")
+    if recorded is None:  # written before fingerprints covered the config: the weights' hash alone
+        if actual != meta.get("fingerprint"):
+            raise CheckpointError(f"{where}/{MODEL_FILE} does not match the fingerprint in {CONFIG_FILE} (truncated or replaced)")
+    elif identity(recorded, meta["run"]) != meta.get("fingerprint"):
+        raise CheckpointError(f"{where}/{CONFIG_FILE} was edited: its run config no longer matches the fingerprint it was saved "
+                              "with; restore the original file (the weights only mean something under their own config)")
+    elif actual != recorded:
+        raise CheckpointError(f"{where}/{MODEL_FILE} does not belong with {CONFIG_FILE}: the weights' hash is not the one "
+                              "recorded there (one of the two files was replaced or truncated)")
     try:
         state = load(files[MODEL_FILE])
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -208,9 +225,9 @@ def import_reference(files: dict[str, bytes], where: str = "reference model") ->
     run = RunConfig(model=mcfg, sparsity=SparsityConfig(pfrac=max(density, 1e-6)))
     model = GPT(mcfg)
     load_state(model, state, where)
-    weights = _state_bytes(model)
+    wsha = hashlib.sha256(_state_bytes(model)).hexdigest()
     meta = {"format_version": FORMAT_VERSION, "run": run.to_dict(), "step": 0, "imported_from": "reference",
-            "fingerprint": hashlib.sha256(weights).hexdigest(), "where": where}
+            "weights_sha256": wsha, "fingerprint": identity(wsha, run.to_dict()), "where": where}
     return Checkpoint(run, model.state_dict(), meta)
 
 

@@ -70,23 +70,26 @@ def list_files(source: str | os.PathLike | None = None) -> list[SourceFile]:
     """Every ``.py`` file of ``source``, sorted by relative path.
 
     ``source`` is a directory (searched recursively), a glob pattern (``**`` allowed), a
-    single file, or None for the standard library. Raises CorpusError when the source does
-    not exist or holds no Python file.
+    single file, or None for the standard library. A path that exists is taken literally
+    (a directory named ``corpus [v1]`` is that directory); only one that does not is a
+    glob. Raises CorpusError when the source does not exist or holds no Python file.
     """
     if source is None:
         root = default_corpus_root()
         paths = _walk(root)
     else:
         src = os.fspath(source)
-        if _is_glob(src):
-            root = Path(_glob_root(src))
-            paths = [Path(p) for p in glob.glob(src, recursive=True) if p.endswith(".py") and os.path.isfile(p)]
-        elif os.path.isdir(src):
+        fixed, rest = _glob_split(src) if _is_glob(src) else (src, "")
+        if os.path.isdir(src):
             root = Path(src)
             paths = _walk(root)
         elif os.path.isfile(src):
             root = Path(src).parent
             paths = [Path(src)]
+        elif rest:
+            root = Path(fixed)
+            pattern = os.path.join(glob.escape(fixed), rest)  # the literal part may hold [ ] * ? too
+            paths = [Path(p) for p in glob.glob(pattern, recursive=True) if p.endswith(".py") and os.path.isfile(p)]
         else:
             raise CorpusError(f"corpus not found: {src!r} is neither a directory, a file nor a glob; pass an existing path")
     files = [SourceFile(str(p.resolve()), p.resolve().relative_to(root.resolve()).as_posix()) for p in paths]
@@ -103,15 +106,15 @@ def _walk(root: Path) -> list[Path]:
     return out
 
 
-def _glob_root(pattern: str) -> str:
-    """The longest leading directory of a glob pattern that holds no wildcard."""
+def _glob_split(pattern: str) -> tuple[str, str]:
+    """``(root, rest)``: the longest leading directory of a glob pattern taken literally —
+    parts with no wildcard, or naming a directory that exists as written — and the
+    pattern below it ("" when nothing is left to match)."""
     parts = Path(pattern).parts
-    fixed = []
-    for part in parts:
-        if _is_glob(part):
-            break
-        fixed.append(part)
-    return str(Path(*fixed)) if fixed else "."
+    n = 0
+    while n < len(parts) and (not _is_glob(parts[n]) or os.path.isdir(os.path.join(*parts[: n + 1]))):
+        n += 1
+    return (os.path.join(*parts[:n]) if n else "."), (os.path.join(*parts[n:]) if n < len(parts) else "")
 
 
 def decode_source(data: bytes) -> tuple[str | None, str | None]:

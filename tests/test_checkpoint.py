@@ -92,11 +92,12 @@ def test_import_accepts_reference_quirks(tmp_path):
 
 
 @pytest.mark.parametrize("damage, fragment", [
-    ("truncate_weights", "does not match the fingerprint"),
+    ("truncate_weights", "model.safetensors does not belong with config.json"),
     ("bad_config", "not a valid checkpoint config"),
     ("missing_weights", "missing model.safetensors"),
     ("wrong_shape", "shape mismatch"),
     ("truncate_state", "train_state.pt is unreadable"),
+    ("other_config", "model.safetensors does not belong with config.json"),
 ])
 def test_corrupted_checkpoints_fail_with_one_clear_error(damage, fragment, tmp_path):
     cfg, model = _trained()
@@ -109,13 +110,41 @@ def test_corrupted_checkpoints_fail_with_one_clear_error(damage, fragment, tmp_p
         del files["model.safetensors"]
     elif damage == "truncate_state":
         files["train_state.pt"] = files["train_state.pt"][:50]
-    else:
+    elif damage == "other_config":  # config.json of another checkpoint (self-consistent, other weights)
+        cfg2, model2 = _trained(t__seed=1)
+        with torch.no_grad():
+            next(model2.parameters()).add_(1.0)
+        files["config.json"] = ckpt_lib.to_files(model2, cfg2, 3)["config.json"]
+    else:  # a config whose own fingerprint was recomputed, over weights of another shape
         meta = json.loads(files["config.json"])
         meta["run"]["model"]["d_mlp"] = 128
+        meta["fingerprint"] = ckpt_lib.identity(meta["weights_sha256"], meta["run"])
         files["config.json"] = json.dumps(meta).encode()
     with pytest.raises(ckpt_lib.CheckpointError, match=fragment) as e:
         ckpt_lib.from_files(files).build_model()
     assert "\n" not in str(e.value)
+
+
+def test_an_edited_head_split_is_refused_naming_config_json(tmp_path):
+    """Same tensor shapes, another model: 4 heads × 16 → 2 × 32 must not load silently
+    under the old fingerprint (the model id and the prune store key derive from it)."""
+    from cluster import checkpoints
+
+    cfg, model = _trained()
+    m = cfg.model
+    run = tmp_path / "run"
+    checkpoints.save(str(run), ckpt_lib.to_files(model, cfg, 3), 3)
+    original = checkpoints.load(str(run), with_train_state=False).fingerprint
+    cfile = run / "checkpoints" / "step-00000003" / "config.json"
+    meta = json.loads(cfile.read_text())
+    meta["run"]["model"].update(n_head=m.n_head // 2, d_head=m.d_head * 2)
+    cfile.write_text(json.dumps(meta))
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"config.json was edited") as e:
+        checkpoints.load(str(run), with_train_state=False)
+    assert "model.safetensors" not in str(e.value)
+    # The fingerprint covers the config: the same weights under the other split are another id.
+    other = ckpt_lib.identity(meta["weights_sha256"], meta["run"])
+    assert other != original and ckpt_lib.identity(meta["weights_sha256"], cfg.to_dict()) == original
 
 
 @pytest.mark.parametrize("edit, fragment", [

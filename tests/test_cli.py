@@ -53,6 +53,7 @@ def test_every_command_has_help():
         (["data", "prepare", "--out", "OUT", "--n-ctx", "0"], "--n-ctx 0 out of range"),
         (["s3", "serve", "--bucket", "Bad_Name"], "is not a valid bucket name"),
         (["data", "info", "/no/such/dataset"], "no dataset at /no/such/dataset"),
+        (["data", "verify", "/no/such/dataset"], "no dataset at /no/such/dataset"),
         (["tokenizer", "build", "--out", "OUT", "--corpus", "/no/such/dir"], "corpus not found"),
         (["tokenizer", "build", "--out", "OUT", "--vocab-size", "100"], "--vocab-size 100 out of range"),
         (["tokenizer", "info", "/no/such/tok"], "no tokenizer at"),

@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -121,3 +122,90 @@ def test_bad_prepare_arguments(tmp_path, small_corpus):
     with pytest.raises(data.DataError, match="no tokenizer"):
         data.prepare(str(small_corpus), str(tmp_path / "o"), tokenizer=str(tmp_path / "none"))
     assert not (tmp_path / "o").exists()
+
+
+def _shard(out, name):
+    return os.path.join(out, *name.split("/"))
+
+
+def test_a_lost_or_truncated_shard_is_rewritten_even_with_its_marker_kept(ray_session, small_corpus, tokenizer_dir, tmp_path):
+    """A marker counts only while its shard is there at the recorded size: a deleted or
+    truncated shard is rewritten, identical to the original, and the manifest is whole."""
+    out = str(tmp_path / "ds")
+    first = _prepare(out, small_corpus, tokenizer_dir)
+    total = first.shards_written
+    names = ("train/shard-00001.parquet", "train/shard-00000.parquet")
+    original = {n: open(_shard(out, n), "rb").read() for n in names}
+
+    # The measured fault: a shard and the manifest gone, every marker kept.
+    os.unlink(_shard(out, names[0]))
+    os.unlink(os.path.join(out, data.MANIFEST))
+    again = _prepare(out, small_corpus, tokenizer_dir)
+    assert (again.shards_written, again.shards_skipped) == (1, total - 1)
+    assert open(_shard(out, names[0]), "rb").read() == original[names[0]]
+    assert again.manifest == first.manifest == storage.read_json(os.path.join(out, data.MANIFEST))
+
+    # A finished dataset (manifest kept) that lost a shard, and one whose shard was truncated.
+    os.unlink(_shard(out, names[1]))
+    assert _prepare(out, small_corpus, tokenizer_dir).shards_written == 1
+    os.truncate(_shard(out, names[0]), 100)
+    assert _prepare(out, small_corpus, tokenizer_dir).shards_written == 1
+    assert {n: open(_shard(out, n), "rb").read() for n in names} == original
+    assert storage.read_json(os.path.join(out, data.MANIFEST)) == first.manifest
+
+
+def test_verify_passes_a_fresh_dataset_and_names_every_damaged_shard(ray_session, small_corpus, tokenizer_dir, tmp_path):
+    """`csp data verify`: exit 0 on a fresh dataset; a shard overwritten in the middle, one
+    truncated and one deleted are each named on a line of their own, exit 1."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = str(tmp_path / "ds")
+    _prepare(out, small_corpus, tokenizer_dir)
+    r = CliRunner().invoke(app, ["data", "verify", out])
+    assert r.exit_code == 0, r.output
+    sequences = sum(s["sequences"] for s in data.read_manifest(out)["splits"].values())
+    assert r.stdout.strip().splitlines() == [f"ok: 4 shards, {sequences:,} sequences in {out} match the manifest"]
+
+    overwritten, truncated, deleted = "train/shard-00000.parquet", "train/shard-00002.parquet", "val/shard-00000.parquet"
+    size = os.path.getsize(_shard(out, overwritten))
+    with open(_shard(out, overwritten), "r+b") as fh:  # same size, bytes flipped mid-file
+        fh.seek(size // 2)
+        fh.write(b"\xff" * 8)
+    os.truncate(_shard(out, truncated), os.path.getsize(_shard(out, truncated)) // 2)
+    os.unlink(_shard(out, deleted))
+
+    r = CliRunner().invoke(app, ["data", "verify", out])
+    assert r.exit_code == 1, r.output
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[-1] == f"3 problem(s) in {out} (4 shards checked)"
+    by_shard = {line.split()[0]: line for line in lines[:3]}
+    assert "sha256 differs" in by_shard[overwritten] and "not a readable Parquet file" in by_shard[overwritten]
+    assert "truncated" in by_shard[truncated] and "not a readable Parquet file" in by_shard[truncated]
+    assert by_shard[deleted].split()[1:] == ["missing"]
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "3 damaged or missing file(s)" in err[0] and "Traceback" not in r.output
+
+    r = CliRunner().invoke(app, ["data", "verify", out, "--format", "json"])
+    assert r.exit_code == 1
+    assert sorted(p["path"] for p in json.loads(r.stdout)["problems"]) == sorted([overwritten, truncated, deleted])
+
+    # Training's own read of the damaged shard names it as corrupt, not "Invalid base64 input".
+    with pytest.raises(storage.CorruptFileError, match=f"{_shard(out, overwritten)} is not a readable Parquet file"):
+        data.read_shard(_shard(out, overwritten))
+
+
+def test_a_corpus_directory_named_like_a_glob_is_read_as_that_directory(small_corpus, tmp_path):
+    """`corpus [v1]` exists, so it is a directory, not a glob; globs below it work too."""
+    import shutil
+
+    named = tmp_path / "my corpus [v1]"
+    shutil.copytree(small_corpus / "json", named)
+    files, fp = data.list_corpus(str(named))
+    ref, ref_fp = data.list_corpus(str(small_corpus / "json"))
+    assert [f.rel for f in files] == [f.rel for f in ref] and fp == ref_fp and len(files) >= 5
+    assert [f.rel for f in data.list_corpus(f"{named}/*.py")[0]] == [f.rel for f in ref]
+    assert corpus.list_files(str(named / "decoder.py"))[0].rel == "decoder.py"
+    with pytest.raises(corpus.CorpusError, match="corpus not found"):
+        corpus.list_files(str(named / "nope"))

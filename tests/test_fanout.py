@@ -34,7 +34,7 @@ def test_fanout_stores_each_pair_once_retries_failures_and_reruns_do_nothing(ray
     task raises once is retried and stored once; a second run prunes nothing and adds no row."""
     cfg = PruneConfig(steps=100)
     counts = fanout.fanout(two_runs, TASKS, s3_prefix, cfg, inject_failure={"task": "if_equals"})
-    assert counts == {"pairs": 6, "skipped": 0, "pruned": 6, "failed": 0}
+    assert counts == {"pairs": 6, "skipped": 0, "pruned": 6, "failed": 0, "elsewhere": 0}
     opts = storage.storage_options(s3_prefix)
     circuits = pd.read_parquet(f"{s3_prefix}/circuits", storage_options=opts)
     assert len(circuits) == 6
@@ -47,7 +47,7 @@ def test_fanout_stores_each_pair_once_retries_failures_and_reruns_do_nothing(ray
     assert len(nodes) == circuits["n_nodes"].sum() and len(edges) >= circuits["n_edges"].sum()
 
     again = fanout.fanout(two_runs, TASKS, s3_prefix, cfg)
-    assert again == {"pairs": 6, "skipped": 6, "pruned": 0, "failed": 0}
+    assert again == {"pairs": 6, "skipped": 6, "pruned": 0, "failed": 0, "elsewhere": 0}
     assert len(results.read_table(s3_prefix)) == 6
 
 
@@ -111,3 +111,44 @@ def test_s3_going_down_mid_fanout_is_a_clear_error_and_leaves_no_partial_pair(ra
         assert stopped == [1]
     finally:
         again.stop()
+
+
+@pytest.mark.slow
+def test_concurrent_fanouts_into_one_store_prune_each_pair_once_in_total(ray_session, two_runs, tmp_path):
+    """Two fan-outs at once into one store: each pair is pruned by one of them; a pair whose
+    claim another live process holds is left to it (and pruned once the claim is gone)."""
+    import threading
+
+    from cluster import lease
+    from jobs.prune_pairs import model_meta
+
+    out = str(tmp_path / "res")
+    cfg = PruneConfig(steps=20)
+    tasks = ["var_swap", "if_equals"]
+    got = [None, None]
+
+    def run(i):
+        got[i] = fanout.fanout(two_runs, tasks if i == 0 else tasks[::-1], out, cfg)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(c["pruned"] for c in got) == 4, got
+    assert all(c["pruned"] + c["skipped"] + c["elsewhere"] == 4 and c["failed"] == 0 for c in got), got
+    c = results.read_table(out)
+    assert len(c) == 4 and c.groupby(["checkpoint_fingerprint", "task"]).size().max() == 1
+    assert not [u for u in storage.ls(f"{out}/_claims") if u.endswith(".json")]  # every claim released
+
+    # A live claim held elsewhere: this fan-out leaves that pair alone.
+    meta = model_meta(checkpoints.load(two_runs[0], with_train_state=False), two_runs[0])
+    where = results.claim_uri(out, "with_as", meta["model_id"], cfg.key(), None)
+    held = lease.acquire(where, owner="someone-else", what="prune with_as").start()
+    try:
+        counts = fanout.fanout(two_runs, ["with_as"], out, cfg)
+        assert counts == {"pairs": 2, "skipped": 0, "pruned": 1, "failed": 0, "elsewhere": 1}
+    finally:
+        held.release()
+    counts = fanout.fanout(two_runs, ["with_as"], out, cfg)
+    assert counts == {"pairs": 2, "skipped": 1, "pruned": 1, "failed": 0, "elsewhere": 0}

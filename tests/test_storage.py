@@ -106,7 +106,7 @@ def refused_port():
     s.close()
 
 
-@pytest.mark.parametrize("op", ["read", "write", "exists", "ls", "parquet"])
+@pytest.mark.parametrize("op", ["read", "write", "exists", "ls", "parquet", "writable"])
 def test_unreachable_endpoint_fails_fast_and_clearly(s3_server, monkeypatch, op, refused_port):
     """Nothing listening at AWS_ENDPOINT_URL → EndpointUnreachableError in < 10 s, naming the URI."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{refused_port}")
@@ -117,6 +117,7 @@ def test_unreachable_endpoint_fails_fast_and_clearly(s3_server, monkeypatch, op,
         "exists": lambda: storage.exists(uri),
         "ls": lambda: storage.ls("s3://csp-test/any"),
         "parquet": lambda: storage.read_parquet(uri),
+        "writable": lambda: storage.check_writable("s3://csp-test/any"),
     }
     err, dt = _timed(calls[op])
     assert isinstance(err, storage.EndpointUnreachableError), err
@@ -161,7 +162,7 @@ def test_endpoint_that_never_answers_times_out_within_10s(s3_server, monkeypatch
         listener.close()
 
 
-@pytest.mark.parametrize("op", ["read", "write", "exists", "ls"])
+@pytest.mark.parametrize("op", ["read", "write", "exists", "ls", "writable"])
 def test_missing_bucket_is_named(s3_server, op):
     """A bucket that does not exist → BucketNotFoundError naming the bucket (no auto-create)."""
     uri = "s3://no-such-bucket-csp/x"
@@ -170,13 +171,14 @@ def test_missing_bucket_is_named(s3_server, op):
         "write": lambda: storage.write_bytes(uri, b"x"),
         "exists": lambda: storage.exists(uri),
         "ls": lambda: storage.ls(uri),
+        "writable": lambda: storage.check_writable(uri),
     }
     err, dt = _timed(calls[op])
     assert isinstance(err, storage.BucketNotFoundError), err
     assert "no-such-bucket-csp" in str(err) and dt < 10
 
 
-@pytest.mark.parametrize("op", ["read", "write", "ls", "parquet"])
+@pytest.mark.parametrize("op", ["read", "write", "ls", "parquet", "writable"])
 def test_refused_credentials_never_show_the_secret(s3_server, monkeypatch, op):
     """Wrong secret → AccessDeniedError naming the key id, never the secret."""
     wrong = "wrong-secret-" + "q" * 20
@@ -187,6 +189,7 @@ def test_refused_credentials_never_show_the_secret(s3_server, monkeypatch, op):
         "write": lambda: storage.write_bytes(uri, b"x"),
         "ls": lambda: storage.ls("s3://csp-test/denied"),
         "parquet": lambda: storage.read_parquet(uri),
+        "writable": lambda: storage.check_writable("s3://csp-test/denied"),
     }
     err, dt = _timed(calls[op])
     assert isinstance(err, storage.AccessDeniedError), err
@@ -200,3 +203,98 @@ def test_missing_object_and_file_are_not_found(s3_prefix, tmp_path):
         storage.read_bytes(s3_prefix + "/missing")
     with pytest.raises(storage.NotFoundError):
         storage.read_bytes(str(tmp_path / "missing"))
+
+
+def _damage(path, kind):
+    """Break a Parquet file the ways disks and people do: the footer overwritten (pyarrow's
+    "Invalid base64 input"), a data page overwritten (caught by the page CRC), truncated."""
+    data = open(path, "rb").read()
+    n, footer = len(data), int.from_bytes(data[-8:-4], "little")
+    at = {"footer": n - 8 - footer // 2, "page": 200, "truncated": None}[kind]
+    data = data[: n // 2] if at is None else data[:at] + b"\xff" * 16 + data[at + 16 :]
+    open(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("kind", ["footer", "page", "truncated"])
+def test_a_damaged_parquet_file_is_named_as_corrupt(tmp_path, kind):
+    """Reading a damaged Parquet file, alone or inside a directory, raises one line that
+    names that file and says it is corrupt (exit 1), whatever pyarrow said."""
+    table = pa.table({"a": list(range(5000)), "b": [f"row {i}" for i in range(5000)]})
+    good, bad = tmp_path / "t" / "part-0.parquet", tmp_path / "t" / "part-1.parquet"
+    storage.write_parquet(str(good), table)
+    storage.write_parquet(str(bad), table)
+    _damage(bad, kind)
+    for uri in (str(bad), str(tmp_path / "t")):
+        with pytest.raises(storage.CorruptFileError) as e:
+            storage.read_parquet(uri)
+        msg = str(e.value)
+        assert msg.startswith(f"{bad} is not a readable Parquet file (corrupt or truncated") and "\n" not in msg
+        assert e.value.exit_code == 1
+    assert storage.read_parquet(str(good)).equals(table)
+
+
+def test_a_damaged_parquet_object_on_s3_is_named_as_corrupt(s3_prefix, tmp_path):
+    path = tmp_path / "x.parquet"
+    storage.write_parquet(str(path), pa.table({"a": list(range(1000))}))
+    _damage(path, "footer")
+    uri = f"{s3_prefix}/x.parquet"
+    storage.write_bytes(uri, path.read_bytes())
+    with pytest.raises(storage.CorruptFileError, match=f"^{uri} is not a readable Parquet file"):
+        storage.read_parquet(uri)
+
+
+def test_check_writable_creates_nothing_and_refuses_files(tmp_path):
+    """A new nested directory under a writable one passes without being created; an
+    existing file, or a path below one, is refused naming it (exit 2: the path is wrong)."""
+    new = tmp_path / "a" / "b" / "out"
+    assert storage.check_writable(str(new)).uri == str(new) and not (tmp_path / "a").exists()
+    (tmp_path / "f.txt").write_text("x")
+    for uri in (tmp_path / "f.txt", tmp_path / "f.txt" / "sub"):
+        with pytest.raises(storage.StorageError, match=f"cannot write to {uri}: .*not a directory") as e:
+            storage.check_writable(str(uri))
+        assert e.value.exit_code == 2
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only directory")
+def test_check_writable_refuses_a_read_only_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with pytest.raises(storage.AccessDeniedError, match=f"cannot write to {ro}/out: permission denied") as e:
+        storage.check_writable(str(ro / "out"))
+    assert e.value.exit_code == 1
+
+
+def test_check_writable_on_s3_leaves_no_probe_behind(s3_prefix):
+    assert storage.check_writable(s3_prefix).uri == s3_prefix
+    assert storage.ls(s3_prefix) == []
+
+
+def _cli_out_cases(tmp_path):
+    """A read-only --out (skipped as root) and an --out below a file, for both commands."""
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    (tmp_path / "f.txt").write_text("x")
+    cases = [(str(tmp_path / "f.txt" / "out"), 2, "is a file, not a directory")]
+    if os.geteuid() != 0:
+        cases.append((str(ro / "out"), 1, "permission denied"))
+    return cases
+
+
+@pytest.mark.parametrize("command", [["data", "prepare", "--n-ctx", "64"], ["prune", "/no/such/run"]])
+def test_an_unwritable_out_fails_before_any_compute(tmp_path, monkeypatch, command):
+    """`data prepare` and `prune` refuse an --out they cannot write in one line naming it,
+    before Ray starts or a tokenizer is trained (prune: before it even looks at the run)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from cluster import data, runtime
+
+    started = []
+    monkeypatch.setattr(runtime, "init", lambda *a, **k: started.append("ray"))
+    monkeypatch.setattr(data, "build_tokenizer", lambda *a, **k: started.append("tokenizer"))
+    for out, code, fragment in _cli_out_cases(tmp_path):
+        r = CliRunner().invoke(app, [*command, "--out", out])
+        assert r.exit_code == code, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"cannot write to {out}" in lines[0] and fragment in lines[0], r.stderr
+    assert started == [] and os.listdir(tmp_path / "ro") == []
