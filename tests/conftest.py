@@ -206,3 +206,22 @@ def every_ok_row_is_verified(tmp_path_factory):
             if r["status"] == "ok" and not (r["sufficiency_loss"] is not None and r["sufficiency_loss"] <= r["target"]):
                 bad.append((path, r))
     assert not bad, f"{len(bad)} of {seen} stored ok rows miss their target on test pairs: {bad[:3]}"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may write in, root included: mode 0o555, and as root also the
+    immutable attribute (chattr +i, removed again afterwards), which root cannot bypass."""
+    import shutil
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    immutable = False
+    if os.geteuid() == 0:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode:
+            pytest.skip("running as root on a filesystem without chattr +i: no directory is read-only to root")
+        immutable = True
+    yield ro
+    if immutable:
+        subprocess.run(["chattr", "-i", str(ro)], check=True)

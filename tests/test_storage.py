@@ -255,10 +255,8 @@ def test_check_writable_creates_nothing_and_refuses_files(tmp_path):
         assert e.value.exit_code == 2
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only directory")
-def test_check_writable_refuses_a_read_only_directory(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir(mode=0o555)
+def test_check_writable_refuses_a_read_only_directory(read_only_dir):
+    ro = read_only_dir
     with pytest.raises(storage.AccessDeniedError, match=f"cannot write to {ro}/out: permission denied") as e:
         storage.check_writable(str(ro / "out"))
     assert e.value.exit_code == 1
@@ -269,21 +267,19 @@ def test_check_writable_on_s3_leaves_no_probe_behind(s3_prefix):
     assert storage.ls(s3_prefix) == []
 
 
-def _cli_out_cases(tmp_path):
-    """A read-only --out (skipped as root) and an --out below a file, for both commands."""
-    ro = tmp_path / "ro"
-    ro.mkdir(mode=0o555)
+def _cli_out_cases(tmp_path, ro):
+    """A read-only --out and an --out below a file."""
     (tmp_path / "f.txt").write_text("x")
-    cases = [(str(tmp_path / "f.txt" / "out"), 2, "is a file, not a directory")]
-    if os.geteuid() != 0:
-        cases.append((str(ro / "out"), 1, "permission denied"))
-    return cases
+    return [(str(tmp_path / "f.txt" / "out"), 2, "is a file, not a directory"), (str(ro / "out"), 1, "permission denied")]
 
 
-@pytest.mark.parametrize("command", [["data", "prepare", "--n-ctx", "64"], ["prune", "/no/such/run"]])
-def test_an_unwritable_out_fails_before_any_compute(tmp_path, monkeypatch, command):
-    """`data prepare` and `prune` refuse an --out they cannot write in one line naming it,
-    before Ray starts or a tokenizer is trained (prune: before it even looks at the run)."""
+@pytest.mark.parametrize("command", [["data", "prepare", "--n-ctx", "64"], ["prune", "/no/such/run"],
+                                     ["train", "--data", "/no/such/data"], ["sweep", "--data", "/no/such/data"],
+                                     ["demo"]])
+def test_an_unwritable_out_fails_before_any_compute(tmp_path, read_only_dir, monkeypatch, command):
+    """`data prepare`, `prune`, `train`, `sweep` and `demo` refuse an --out they cannot write
+    in one line naming it, before Ray starts or a tokenizer is trained (before they even look
+    at their inputs)."""
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -292,9 +288,9 @@ def test_an_unwritable_out_fails_before_any_compute(tmp_path, monkeypatch, comma
     started = []
     monkeypatch.setattr(runtime, "init", lambda *a, **k: started.append("ray"))
     monkeypatch.setattr(data, "build_tokenizer", lambda *a, **k: started.append("tokenizer"))
-    for out, code, fragment in _cli_out_cases(tmp_path):
+    for out, code, fragment in _cli_out_cases(tmp_path, read_only_dir):
         r = CliRunner().invoke(app, [*command, "--out", out])
         assert r.exit_code == code, r.output
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and f"cannot write to {out}" in lines[0] and fragment in lines[0], r.stderr
-    assert started == [] and os.listdir(tmp_path / "ro") == []
+    assert started == [] and os.listdir(read_only_dir) == []
