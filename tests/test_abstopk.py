@@ -1,0 +1,131 @@
+"""AbsTopK (sparsity.model.abs_topk) against a plain reference: a stable sort of -|x|
+along the last dimension, whose first k entries are kept (ties: lowest index first)."""
+
+import pytest
+import torch
+
+import sparsity.model as model_mod
+from sparsity.config import LOCTYPES, ModelConfig
+from sparsity.model import GPT, abs_topk
+
+CFG = ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, d_head=8, d_model=16, d_mlp=64, afrac=0.25)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def reference_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the first k entries of a stable sort of -|x| (the documented tie rule)."""
+    order = torch.sort(-x.detach().abs().float(), dim=-1, stable=True).indices[..., :k]
+    return torch.zeros(x.shape, dtype=torch.bool).scatter_(-1, order, True)
+
+
+def old_abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The formulation before the fast one: topk indices, gather, scatter."""
+    if k >= x.shape[-1]:
+        return x
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+
+
+def tricky(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Values from a few integers (ties everywhere), signs, many zeros, rows with fewer
+    nonzeros than any k here, an all-zero row, ±inf in a few rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, shape, generator=g).float()
+    x = x * (torch.rand(shape, generator=g) < 0.7)
+    rows = x.view(-1, shape[-1])
+    rows[0] = 0.0
+    rows[1, 1:] = 0.0  # one nonzero
+    rows[2] = 2.0  # all tie
+    rows[3, :2] = float("inf")
+    rows[4, -1] = -float("inf")
+    rows[5, ::2] = -float("inf")  # more infs than k: ties at inf
+    return x
+
+
+def check(x: torch.Tensor, k: int) -> None:
+    """Output, kept set and gradient all equal the reference's."""
+    x = x.clone().requires_grad_()
+    keep = reference_mask(x, k)
+    y = abs_topk(x, k)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert torch.equal(y.detach(), torch.where(keep, x.detach(), 0))
+    assert (keep.sum(-1) == min(k, x.shape[-1])).all()
+    g = torch.randn(x.shape).to(x.dtype)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(keep, g, 0))  # kept zeros pass their gradient too
+    with torch.no_grad():
+        assert torch.equal(abs_topk(x, k), y.detach())  # the inference path agrees
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loc", LOCTYPES)
+def test_keeps_the_reference_set_at_every_location(loc, dtype):
+    """At each location's width and k, tied, zero-heavy and ±inf inputs keep exactly the
+    first k of a stable sort of -|x|, and the gradient passes exactly there."""
+    dim, k = CFG.loc_dims()[loc], int(CFG.afrac * CFG.loc_dims()[loc])
+    for seed in range(3):
+        check(tricky((3, 5, dim), seed).to(dtype), k)
+        check(torch.randn(3, 5, dim, generator=torch.Generator().manual_seed(seed)).to(dtype), k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_edge_ks_and_strided_input(dtype):
+    """k = 1, width - 1 and width, k = 0 (all dropped, zero gradient), a strided view (q/k/v
+    are splits of c_attn's output) and a 1-D input all match the reference."""
+    x = tricky((4, 6, 16), 7).to(dtype)
+    for k in (1, 15, 16, 0):
+        check(x, k)
+    base = tricky((4, 6, 48), 8).to(dtype).requires_grad_()
+    g = torch.randn(4, 6, 16).to(dtype)
+    for i, view in enumerate(base.split(16, dim=-1)):
+        assert not view.is_contiguous()
+        keep = reference_mask(view, 4)
+        y = abs_topk(view, 4)
+        assert torch.equal(y.detach(), torch.where(keep, view.detach(), 0))
+        y.backward(g)
+        assert torch.equal(base.grad[..., 16 * i: 16 * (i + 1)], torch.where(keep, g, 0))
+    assert abs_topk(x, 16) is x
+    check(x[0, 0], 4)  # one row, no batch dimensions
+
+
+def test_a_tiny_gpt_gives_the_old_formulations_logits_and_gradients():
+    """With afrac set at all 8 locations, logits and every parameter's gradient equal those
+    of the topk/gather/scatter formulation it replaced (random weights: no ties)."""
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    idx = torch.randint(0, CFG.vocab_size, (3, CFG.block_size + 1), generator=torch.Generator().manual_seed(1))
+
+    def run(f):
+        model.zero_grad(set_to_none=True)
+        saved, model_mod.abs_topk = model_mod.abs_topk, f
+        try:
+            logits = model(idx[:, :-1])
+            model.loss(idx).backward()
+        finally:
+            model_mod.abs_topk = saved
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    new_logits, new_grads = run(abs_topk)
+    old_logits, old_grads = run(old_abs_topk)
+    assert torch.equal(new_logits, old_logits)
+    for name, g in old_grads.items():
+        assert torch.allclose(new_grads[name], g, rtol=1e-5, atol=1e-7), name
+    dense = GPT(ModelConfig(**{**CFG.__dict__, "afrac": None}))
+    dense.load_state_dict(model.state_dict())
+    assert not torch.allclose(dense(idx[:, :-1]), new_logits)  # AbsTopK really acted
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_path_keeps_the_reference_set(dtype):
+    """The sync-free CUDA path keeps the same set and passes the same gradient."""
+    for dim, k in ((256, 64), (1024, 256)):
+        x = tricky((8, 32, dim), 3).to(dtype)
+        keep = reference_mask(x, k)
+        xc = x.cuda().requires_grad_()
+        y = abs_topk(xc, k)
+        assert torch.equal(y.detach().cpu(), torch.where(keep, x, 0))
+        g = torch.randn(x.shape).to(dtype)
+        y.backward(g.cuda())
+        assert torch.equal(xc.grad.cpu(), torch.where(keep, g, 0))
