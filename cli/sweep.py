@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cli._app import SHARED_FS_HELP, TAKE_OVER_HELP, Format, choice, emit, group
-from sparsity.config import OPTIMIZERS, ModelConfig, TrainConfig
+from sparsity.config import LR_DENSE, OPTIMIZERS, ModelConfig, TrainConfig
 
 Optimizer = choice("Optimizer", OPTIMIZERS)
 
@@ -25,7 +25,8 @@ def run(
     grid: Annotated[str, typer.Option(help="Axes separated by ';', values by ',': 'pfrac=0.25,0.5;ef=1,2'.")] = "pfrac=0.25,0.5;ef=1,2",
     steps: Annotated[int, typer.Option(help="Optimizer steps per trial.")] = TrainConfig.steps,
     batch: Annotated[int, typer.Option(help="Sequences per step.")] = TrainConfig.batch_size,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate of every trial (default: csp's density rule, "
+                                                  "LR_DENSE / sqrt(each trial's weight density); a grid lr axis wins).")] = None,
     optimizer: Annotated[Optimizer, typer.Option(help="adam (the paper's recipe) or muon (Muon on the block matrices, Adam on the rest).")] = TrainConfig.optimizer,
     n_layer: Annotated[int, typer.Option(help="Transformer blocks.")] = ModelConfig.n_layer,
     d_model: Annotated[int, typer.Option(help="Base width (ef multiplies it).")] = ModelConfig.d_model,
@@ -53,18 +54,19 @@ def run(
 
     ctx_len = n_ctx or data_lib.read_manifest(data)["n_ctx"]
     base = ModelConfig.gpt(d_model, block_size=ctx_len, n_layer=n_layer, n_head=n_head)
-    train = TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value, ckpt_every=max(1, steps // 4), eval_every=max(1, steps // 4))
+    train = TrainConfig(steps=steps, batch_size=batch, lr=lr or LR_DENSE[Optimizer(optimizer).value], optimizer=Optimizer(optimizer).value, ckpt_every=max(1, steps // 4), eval_every=max(1, steps // 4))
     from sparsity.errors import ConfigError
 
     for p in sweep_job.points(parsed):  # every grid point is valid before Ray starts
         try:
-            sweep_job.trial_config(base, train, p)
+            sweep_job.trial_config(base, train, p, density_lr=lr is None)
         except ConfigError as e:
             raise ConfigError(f"--grid point {';'.join(f'{k}={v}' for k, v in p.items())}: {e}") from None
     runtime.init(address=address, num_cpus=None if address else max(workers_per_trial + 1, os.cpu_count() or 1),
                  storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
                  log_to_driver=False)  # no line per report from every trial's workers; failures still raise here
-    df = sweep_job.run_sweep(data, out, parsed, base, train, workers_per_trial=workers_per_trial, gpus=gpus, take_over=take_over)
+    df = sweep_job.run_sweep(data, out, parsed, base, train, workers_per_trial=workers_per_trial, gpus=gpus, take_over=take_over,
+                             density_lr=lr is None)
     _print(df)
 
 

@@ -30,7 +30,8 @@ def train(
     afrac: Annotated[float, typer.Option(help="AbsTopK activation fraction at all 8 locations (1 = off).")] = 0.25,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = TrainConfig.steps,
     batch: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = TrainConfig.batch_size,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TrainConfig.lr,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: csp's density rule, "
+                                                  "LR_DENSE / sqrt(weight density); printed).")] = None,
     optimizer: Annotated[Optimizer, typer.Option(help="adam (the paper's recipe) or muon (Muon on the block matrices, Adam on the rest).")] = TrainConfig.optimizer,
     n_layer: Annotated[int, typer.Option(help="Transformer blocks.")] = ModelConfig.n_layer,
     d_model: Annotated[int, typer.Option(help="Base residual width (before ef).")] = ModelConfig.d_model,
@@ -63,6 +64,8 @@ def train(
     cfg = train_job.build_config(data, n_ctx=n_ctx, n_layer=n_layer, d_model=d_model, n_head=n_head, d_head=d_head, afrac=afrac,
                                  sink=sink, bigram=bigram, pfrac=pfrac, ef=ef, ef_mlp=ef_mlp, steps=steps, batch_size=batch, lr=lr,
                                  optimizer=Optimizer(optimizer).value, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every)
+    if lr is None:
+        typer.echo(cfg.lr_rule())
     opts = dict(workers=workers, gpus=gpus, address=address, placement=Placement(placement).value, shared_fs=shared_fs, device=device,
                 take_over=take_over)
     if workers > 1 or address or gpus:

@@ -29,7 +29,7 @@ from jobs import report as report_lib
 from jobs import results, sweep, viz
 from jobs.prune_pairs import solved
 from sparsity import tasks as task_lib
-from sparsity.config import ModelConfig, SparsityConfig, TrainConfig
+from sparsity.config import ModelConfig, SparsityConfig, TrainConfig, density_lr
 from sparsity.prune import PruneConfig
 
 SUMMARY = "summary.parquet"  # OUT/summary.parquet: the models table (not a sweep summary: no runs/ beside it)
@@ -54,7 +54,7 @@ class Plan:
     notes: tuple[str, ...] = ()
 
     def lr(self, pfrac: float, ef: float) -> float:
-        return float(f"{self.lr_dense / math.sqrt(SparsityConfig(pfrac=pfrac, ef=ef).l0frac):.3g}")
+        return density_lr(SparsityConfig(pfrac=pfrac, ef=ef).l0frac, self.train.optimizer, self.lr_dense)
 
     def points(self) -> list[dict]:
         grid = [{"pfrac": p, "ef": e} for e in self.efs for p in self.pfracs]

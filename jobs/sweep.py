@@ -91,12 +91,15 @@ def trial_name(point: dict) -> str:
     return "_".join(f"{k}={point[k]:g}" for k in AXES if k in point)
 
 
-def trial_config(base: ModelConfig, train: TrainConfig, point: dict) -> RunConfig:
-    """The RunConfig of one grid point: width scaled by ef, density pfrac/ef²."""
+def trial_config(base: ModelConfig, train: TrainConfig, point: dict, density_lr: bool = False) -> RunConfig:
+    """The RunConfig of one grid point: width scaled by ef, density pfrac/ef². Its lr: the
+    point's own, else with ``density_lr`` csp's density rule (sparsity.config.density_lr,
+    from ``train.optimizer``), else ``train.lr``."""
     if "afrac" in point:
         base = dataclasses.replace(base, afrac=None if point["afrac"] >= 1 else point["afrac"])
     tc = dataclasses.replace(train, seed=point.get("seed", train.seed), lr=point.get("lr", train.lr))
-    return RunConfig.at_width(base, tc, pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=point.get("ef", 1.0))
+    cfg = RunConfig.at_width(base, tc, pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=point.get("ef", 1.0))
+    return cfg.with_density_lr() if density_lr and "lr" not in point else cfg
 
 
 def points(grid: dict[str, list]) -> list[dict]:
@@ -156,7 +159,8 @@ def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) 
 
 
 def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base: ModelConfig, train: TrainConfig,
-              workers_per_trial: int = 1, gpus: bool = False, extra_points: list[dict] | None = None, take_over: bool = False):
+              workers_per_trial: int = 1, gpus: bool = False, extra_points: list[dict] | None = None, take_over: bool = False,
+              density_lr: bool = False):
     """Run (or resume) a sweep; returns the summary as a pandas DataFrame.
 
     The sweep directory has one writer at a time (SWEEP/lease.json, held while this runs;
@@ -165,14 +169,14 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
 
     ``extra_points`` are trials beside (or instead of) the grid, e.g. a dense baseline
     ``{"pfrac": 4, "ef": 2}`` (pfrac = ef² is dense at that width), or points with their
-    own ``lr``."""
+    own ``lr``. ``density_lr``: trials without an lr of their own take csp's density rule."""
     from ray import tune
 
     pts = points(grid) if grid else []
     pts += [p for p in (extra_points or []) if trial_name(p) not in {trial_name(q) for q in pts}]
     if not pts:
         raise SweepError("nothing to train: give a grid or extra points")
-    cfgs = {trial_name(p): trial_config(base, train, p) for p in pts}  # validates every point first
+    cfgs = {trial_name(p): trial_config(base, train, p, density_lr) for p in pts}  # validates every point first
     need = workers_per_trial + 1
     cpus = runtime.cluster_cpus()
     if cpus < need:

@@ -14,14 +14,16 @@ from sparsity.config import ModelConfig, RunConfig, TrainConfig
 def build_config(data_uri: str, *, n_ctx: int | None = None, n_layer: int = ModelConfig.n_layer, d_model: int = ModelConfig.d_model,
                  n_head: int = ModelConfig.n_head, d_head: int = ModelConfig.d_head, afrac: float | None = None,
                  sink: bool = False, bigram: bool = False, pfrac: float = 0.125, ef: float = 1.0, ef_mlp: float | None = None,
-                 **train) -> RunConfig:
+                 lr: float | None = None, **train) -> RunConfig:
     """The RunConfig of one run on ``data_uri`` (its context unless ``n_ctx``); ``afrac``
-    1 or None turns activation sparsity off; ``train`` are TrainConfig fields."""
+    1 or None turns activation sparsity off; ``lr`` None takes csp's density rule
+    (sparsity.config.density_lr); ``train`` are the other TrainConfig fields."""
     ctx = n_ctx or data.read_manifest(data_uri)["n_ctx"]
     base = ModelConfig.gpt(d_model, block_size=ctx, n_layer=n_layer, n_head=n_head, d_head=d_head,
                            afrac=None if afrac is None or afrac >= 1.0 else afrac, sink=sink,
                            enable_bigram_table=bigram, learnable_bigram_table=bigram)
-    return RunConfig.at_width(base, TrainConfig(**train), pfrac=pfrac, ef=ef, ef_mlp=ef_mlp)
+    cfg = RunConfig.at_width(base, TrainConfig(**train, **({} if lr is None else {"lr": lr})), pfrac=pfrac, ef=ef, ef_mlp=ef_mlp)
+    return cfg.with_density_lr() if lr is None else cfg
 
 
 def run(data_uri: str, out_uri: str, cfg: RunConfig, *, workers: int = 1, gpus: bool = False, address: str | None = None,

@@ -22,6 +22,18 @@ LOCTYPES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_
 ALL_LOCTYPES = ",".join(LOCTYPES)
 OPTIMIZERS = ("adam", "muon")
 MLP_RATIO = 4  # d_mlp = MLP_RATIO × d_model unless given (GPT-2's ratio)
+
+# csp's learning-rate rule — ours, not the paper's: the paper tunes lr per experiment and
+# notes that sparser models want larger ones; its training code has one base lr and no
+# rule across densities. A model whose block matrices keep a fraction d of their weights
+# trains at LR_DENSE[optimizer] / sqrt(d) unless --lr says otherwise.
+LR_DENSE = {"adam": 1e-2, "muon": 1e-2}
+
+
+def density_lr(density: float, optimizer: str = "adam", lr_dense: float | None = None) -> float:
+    """The learning rate of a model at block-weight ``density`` (3 significant digits)."""
+    base = LR_DENSE[optimizer] if lr_dense is None else lr_dense
+    return float(f"{base / math.sqrt(density):.3g}")
 PLACEMENTS = ("spread", "strict_spread", "pack")  # where Ray Train puts the workers of one run
 
 
@@ -193,6 +205,17 @@ class RunConfig:
         """The one way to widen a base model: ``ef``/``ef_mlp`` scale the model and go into
         the sparsity config that divides the density by them, so the two always agree."""
         return cls(model=base.scaled(ef, ef_mlp), sparsity=SparsityConfig(pfrac=pfrac, ef=ef, ef_mlp=ef_mlp, **sparsity), train=train)
+
+    def with_density_lr(self, lr_dense: float | None = None) -> RunConfig:
+        """This config at csp's density-scaled learning rate (:func:`density_lr`)."""
+        lr = density_lr(self.sparsity.l0frac, self.train.optimizer, lr_dense)
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, lr=lr))
+
+    def lr_rule(self) -> str:
+        """How the density rule arrives at this config's lr, for a log line."""
+        d = self.sparsity.l0frac
+        return (f"lr {self.train.lr:.3g} = {LR_DENSE[self.train.optimizer]:g} / sqrt(density {d:.4g}) "
+                f"(csp's density rule for {self.train.optimizer}; --lr sets it)")
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

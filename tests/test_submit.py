@@ -43,7 +43,7 @@ def test_submit_runs_a_sweep_and_a_fanout_on_s3_follows_logs_and_stops_a_job(hea
     sweep_dir, res = f"{base}/sweep", f"{base}/res"
     small = ["--steps", "4", "--batch", "8", "--n-layer", "1", "--d-model", "32", "--n-head", "2"]
     r = runner.invoke(app, ["submit", "--address", addr, "--working-dir", REPO, "--", "csp", "sweep", "--data", s3_data,
-                            "--out", sweep_dir, "--grid", "pfrac=0.5", *small])
+                            "--out", sweep_dir, "--grid", "pfrac=0.5", "--lr", "0.007", *small])
     assert r.exit_code == 0, r.output
     job = r.stdout.strip().splitlines()[-1]
     r = runner.invoke(app, ["jobs", "logs", job, "--follow", "--address", addr])
@@ -51,6 +51,9 @@ def test_submit_runs_a_sweep_and_a_fanout_on_s3_follows_logs_and_stops_a_job(hea
     assert "pfrac=0.5 " in r.stdout and "wall_seconds" in r.stdout  # the summary table, streamed to the end
     assert f"job {job}: SUCCEEDED" in r.stderr
     assert storage.exists(f"{sweep_dir}/summary.parquet")
+    trial = storage.read_parquet(f"{sweep_dir}/summary.parquet").to_pandas()["trial"].iloc[0]
+    run = storage.read_json(f"{sweep_dir}/runs/{trial}/run.json")
+    assert run["config"]["train"]["lr"] == 0.007  # an explicit --lr wins over the density rule
     r = runner.invoke(app, ["submit", "--address", addr, "--working-dir", REPO, "--", "csp", "prune", sweep_dir,
                             "--task", "var_swap", "--task", "if_equals", "--out", res])
     job2 = r.stdout.strip().splitlines()[-1]

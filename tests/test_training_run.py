@@ -41,6 +41,10 @@ def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):
                             "--pfrac", "0.25", "--eval-every", "6", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "trained 12 steps" in r.stdout
+    from sparsity.config import density_lr
+
+    lr = json.loads((out / "run.json").read_text())["config"]["train"]["lr"]
+    assert lr == density_lr(0.25, "adam") and f"lr {lr:.3g} = " in r.stdout and "density rule" in r.stdout
     r = runner.invoke(app, ["model", "info", str(out), "--format", "json"])
     info = json.loads(r.stdout)
     c_fc = info["matrices"]["transformer.h.0.mlp.c_fc.weight"]
