@@ -4,8 +4,11 @@
 
 Figures, from one run:
 
+* one plain process (no Ray) with torch on every core: the best single process on these
+  cores, the baseline that N workers must beat;
 * in-process Ray: training tokens/s with 1 and 2 Ray Train workers (same global batch;
-  rate taken from the reported steady-state tokens/s, startup excluded) and their ratio;
+  rate taken from the reported steady-state tokens/s, startup excluded), their ratio, and
+  2 workers against the best single process;
   the token-server actor's batches/s as tokens/s against what the trainer consumes;
 * a local multi-node cluster (cluster/local.py), the same 4 logical CPUs laid out two
   ways: one worker node of 4 CPUs, then two worker nodes of 2 CPUs. On each, a 2-worker
@@ -91,6 +94,16 @@ def main() -> None:
     out: dict = {"model": f"d_model {d} × 2 layers, ctx {n_ctx}, batch {args.batch}", "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_in_process:
+            import torch
+
+            from cluster import local_train
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            run = os.path.join(tmp, "plain")
+            t0 = time.perf_counter()
+            local_train.train_local(args.data, run, cfg, device="cpu")
+            out["plain_process"] = {"threads": torch.get_num_threads(), "tokens_per_s": round(_rate(run, 1)),
+                                    "wall_seconds": round(time.perf_counter() - t0, 1)}
             runtime.init(num_cpus=4)
             for workers in (1, 2):
                 run = os.path.join(tmp, f"w{workers}")
@@ -99,6 +112,7 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 out[f"{workers}_worker"] = {"tokens_per_s": round(_rate(run, workers)), "wall_seconds": round(wall, 1)}
             out["speedup_2_vs_1"] = round(out["2_worker"]["tokens_per_s"] / out["1_worker"]["tokens_per_s"], 2)
+            out["2_workers_over_plain_process"] = round(out["2_worker"]["tokens_per_s"] / out["plain_process"]["tokens_per_s"], 2)
 
             server = ray.remote(num_cpus=0)(ray_train.TokenServer).remote(args.data, cfg.to_dict(), 0, 2)
             ray.get(server.batch.remote(0))

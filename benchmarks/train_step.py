@@ -85,7 +85,58 @@ def main() -> None:
         out[name] = {"ms_per_step": round(ms, 1), "fwd_bwd_optimizer_ms": round(compute, 1), "tokens_per_s": round(tokens / ms * 1e3), "projection_ms": round(proj, 2),
                      "projection_share": round(proj / ms, 4), "nonzero_weights": nz}
     out["sparse_over_dense_step_ratio"] = round(out["sparse"]["ms_per_step"] / out["dense"]["ms_per_step"], 3)
+    if args.afrac:
+        out["abstopk"] = _abstopk_share(runs["sparse"][0], x, dev, args.steps)
     print(json.dumps(out, indent=2))
+
+
+def _abstopk_share(model, x, dev, reps: int) -> dict:
+    """AbsTopK's share of a forward (with grad) of the sparse model: the forward timed as
+    is and with every AbsTopK location replaced by the identity, alternating; and the
+    AbsTopK op itself against one plain ``torch.topk`` of |x| at the model's own shapes."""
+    from sparsity import model as model_lib
+
+    real = model_lib.abs_topk
+    idx = x[:, :-1]
+
+    def fwd(identity: bool) -> float:
+        model_lib.abs_topk = (lambda t, k: t) if identity else real
+        try:
+            _sync(dev)
+            t0 = time.perf_counter()
+            with autocast(dev):
+                model(idx)
+            _sync(dev)
+            return time.perf_counter() - t0
+        finally:
+            model_lib.abs_topk = real
+
+    on, off = [], []
+    for i in range(reps + 2):
+        for identity in ((False, True) if i % 2 == 0 else (True, False)):
+            (off if identity else on).append(fwd(identity))
+    ms_on, ms_off = statistics.median(on[2:]) * 1e3, statistics.median(off[2:]) * 1e3
+    cfg = model.config
+    shapes = [(int(cfg.afrac * d), d) for loc, d in cfg.loc_dims().items() if loc in cfg.loctypes]
+    ratio = None
+    if shapes:
+        a = torch.randn(idx.shape[0] * idx.shape[1], max(d for _, d in shapes), device=dev)
+        ours, plain = [], []
+        for _ in range(reps):
+            for k, d in shapes:
+                t = a[:, :d].contiguous()
+                _sync(dev)
+                t0 = time.perf_counter()
+                real(t, k)
+                _sync(dev)
+                t1 = time.perf_counter()
+                t.abs().topk(k, dim=-1, sorted=False)
+                _sync(dev)
+                ours.append(t1 - t0)
+                plain.append(time.perf_counter() - t1)
+        ratio = round(sum(ours) / sum(plain), 3)
+    return {"forward_ms": round(ms_on, 1), "forward_without_abstopk_ms": round(ms_off, 1),
+            "share_of_forward": round(1 - ms_off / ms_on, 3), "abstopk_over_torch_topk": ratio}
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def train(
     ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = TrainConfig.ckpt_every,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (one process).")] = "auto",
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP); 1 = one process, no Ray.")] = 1,
+    cpus_per_worker: Annotated[int, typer.Option(help="CPUs (and torch threads) each --workers worker holds.")] = 1,
     gpus: Annotated[bool, typer.Option("--gpus", help="One GPU per worker, NCCL (with --workers).")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address for --workers (default: in-process Ray).")] = None,
     placement: Annotated[Placement, typer.Option(help="Where --workers go: spread (one per node where there is room, packed when not: "
@@ -57,6 +58,8 @@ def train(
         raise typer.BadParameter(f"--afrac must be in (0, 1] (1 = no activation sparsity), got {afrac}")
     if workers < 1:
         raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
+    if cpus_per_worker < 1:
+        raise typer.BadParameter(f"--cpus-per-worker must be ≥ 1, got {cpus_per_worker}")
     from cluster import storage
     from jobs import train as train_job
 
@@ -67,7 +70,7 @@ def train(
     if lr is None:
         typer.echo(cfg.lr_rule())
     opts = dict(workers=workers, gpus=gpus, address=address, placement=Placement(placement).value, shared_fs=shared_fs, device=device,
-                take_over=take_over)
+                take_over=take_over, cpus_per_worker=cpus_per_worker)
     if workers > 1 or address or gpus:
         r = train_job.run(data, out, cfg, **opts)
     else:

@@ -101,10 +101,15 @@ def _worker(config: dict) -> None:
     """The per-worker training function (a plain function of a dict, as Ray's examples)."""
     import ray.train
     import ray.train.torch
+    import torch
 
     from sparsity import train as train_lib
 
     cfg = RunConfig.from_dict(config["cfg"])
+    # torch on as many threads as the CPUs Ray gave this worker (--cpus-per-worker), no more:
+    # more would contend with the other workers on the node.
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(cpus)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     out = config["out"]
@@ -118,7 +123,8 @@ def _worker(config: dict) -> None:
     node = ray.get_runtime_context().get_node_id()
     storage.write_json(storage.resolve(out).join(PLACEMENT_DIR, f"from-{state.step if state else 0}-rank-{rank}.json"), {
         "rank": rank, "world": world, "node_id": node, "token_server_node_id": ray.get(server.node_id.remote()),
-        "start_step": state.step if state else 0, "device": str(device), "backend": config.get("backend")})
+        "start_step": state.step if state else 0, "device": str(device), "backend": config.get("backend"),
+        "cpus": cpus, "torch_threads": torch.get_num_threads()})
 
     def wrap(model):
         if world == 1:
@@ -177,6 +183,7 @@ def train_distributed(
     placement: str = "spread",
     take_over: bool = False,
     owner: str | None = None,
+    cpus_per_worker: int = 1,
 ):
     """Train one run on ``workers`` Ray Train workers; resumes from the latest checkpoint.
 
@@ -194,10 +201,12 @@ def train_distributed(
         raise RunError(f"placement={placement!r}: choose one of {', '.join(RAY_STRATEGIES)}")
     if cfg.train.batch_size % (workers * cfg.train.micro_batches):
         raise RunError(f"batch_size={cfg.train.batch_size} must divide evenly over {workers} workers × {cfg.train.micro_batches} micro-batches")
-    need = workers  # the Train controller takes no CPU (Ray Train v2 pins it to this driver's node)
+    if cpus_per_worker < 1:
+        raise RunError(f"cpus_per_worker={cpus_per_worker} out of range: must be ≥ 1")
+    need = workers * cpus_per_worker  # the Train controller takes no CPU (Ray Train v2 pins it to this driver's node)
     have = runtime.cluster_cpus()
     if have < need:
-        raise RunError(f"{workers} workers need {need} CPUs (one per worker) but the cluster declares {have:g}; "
+        raise RunError(f"{workers} workers need {need} CPUs ({cpus_per_worker} per worker) but the cluster declares {have:g}; "
                        "start Ray with more --num-cpus or use fewer --workers")
     if placement == "strict_spread" and len(runtime.alive_nodes()) < workers:
         raise RunError(f"placement strict_spread needs {workers} nodes (one per worker) but the cluster has {len(runtime.alive_nodes())}; "
@@ -214,11 +223,11 @@ def train_distributed(
     with run_lease(out, f"csp train --workers {workers}", take_over, owner) as held:
         check_config(out, record["config"])
         storage.write_json(out.join(RUN_FILE), record)
-        return _fit(out, data_uri, cfg, workers, use_gpu, max_failures, debug, placement, held.owner)
+        return _fit(out, data_uri, cfg, workers, use_gpu, max_failures, debug, placement, held.owner, cpus_per_worker)
 
 
 def _fit(out: storage.Location, data_uri: str, cfg: RunConfig, workers: int, use_gpu: bool, max_failures: int, debug: bool,
-         placement: str, owner: str):
+         placement: str, owner: str, cpus_per_worker: int = 1):
     from ray.train import FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -235,7 +244,7 @@ def _fit(out: storage.Location, data_uri: str, cfg: RunConfig, workers: int, use
         _worker,
         train_loop_config={"cfg": cfg.to_dict(), "out": out.uri, "data": storage.resolve(data_uri).uri,
                            "debug": debug, "backend": torch_backend(use_gpu), "owner": owner},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1} if not use_gpu else None,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker} if not use_gpu else None,
                                      placement_strategy=RAY_STRATEGIES[placement]),
         torch_config=TorchConfig(backend=torch_backend(use_gpu)),
         run_config=run_config,

@@ -28,18 +28,18 @@ def build_config(data_uri: str, *, n_ctx: int | None = None, n_layer: int = Mode
 
 def run(data_uri: str, out_uri: str, cfg: RunConfig, *, workers: int = 1, gpus: bool = False, address: str | None = None,
         placement: str = "spread", shared_fs: bool = False, device: str = "auto",
-        progress: Callable[[dict], None] | None = None, take_over: bool = False) -> dict | None:
+        progress: Callable[[dict], None] | None = None, take_over: bool = False, cpus_per_worker: int = 1) -> dict | None:
     """Train (or resume) the run; None when it had already finished. Without workers,
     GPUs or an address it runs here with ``progress`` per report; otherwise on Ray Train.
     Returns step, workers and the final metrics (loss, val_loss, nonzeros…)."""
     if workers > 1 or address or gpus:
         from cluster import ray_train, runtime
 
-        runtime.init(address=address, num_cpus=None if address else max(workers + 1, os.cpu_count() or 1),
+        runtime.init(address=address, num_cpus=None if address else max(workers * cpus_per_worker + 1, os.cpu_count() or 1),
                      storage={"--data": data_uri, "--out": out_uri}, shared_fs=shared_fs, state_api=True,
                      log_to_driver=False)  # no line per report from every worker; failures still raise here
         result = ray_train.train_distributed(data_uri, out_uri, cfg, workers=workers, use_gpu=gpus, placement=placement,
-                                             take_over=take_over)
+                                             take_over=take_over, cpus_per_worker=cpus_per_worker)
         if result is None:
             return None
         m = dict(result.metrics or {})

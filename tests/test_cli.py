@@ -74,6 +74,7 @@ def test_every_command_has_help():
         (["train", "--data", "DATA", "--out", "OUT", "--optimizer", "sgd"], "Invalid value for '--optimizer': 'sgd' is not one of 'adam', 'muon'"),
         (["train", "--data", "DATA", "--out", "OUT", "--placement", "nowhere"], "Invalid value for '--placement'"),
         (["train", "--data", "DATA", "--out", "OUT", "--workers", "0"], "--workers must be ≥ 1"),
+        (["train", "--data", "DATA", "--out", "OUT", "--cpus-per-worker", "0"], "--cpus-per-worker must be ≥ 1"),
         (["train", "--data", "DATA", "--out", "OUT", "--n-ctx", "512"], "exceeds the data's n_ctx=64"),
         (["train", "--data", "/no/such/data", "--out", "OUT"], "no dataset at /no/such/data"),
         (["sweep", "--data", "DATA", "--out", "OUT", "--grid", "foo=1"], "unknown grid key 'foo'"),

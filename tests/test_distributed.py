@@ -83,6 +83,8 @@ def test_unreachable_address_is_a_clear_error(tmp_path):
 def test_more_workers_than_cpus_is_refused(ray_session, stdlib_data, tmp_path):
     with pytest.raises(ray_train.RunError, match="need 8 CPUs"):
         ray_train.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=8)
+    with pytest.raises(ray_train.RunError, match=r"2 workers need 6 CPUs \(3 per worker\)"):
+        ray_train.train_distributed(stdlib_data, str(tmp_path / "r"), tiny_config(t__batch_size=8), workers=2, cpus_per_worker=3)
     assert not os.path.exists(tmp_path / "r")
 
 def test_gpus_select_nccl_and_a_cluster_without_gpus_refuses_them(ray_session, stdlib_data, tmp_path):

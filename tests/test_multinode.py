@@ -100,6 +100,7 @@ def test_two_workers_train_one_per_node_with_their_token_servers_beside_them(bas
     assert placed[0]["node_id"] != placed[1]["node_id"]  # one worker per node
     assert all(p["token_server_node_id"] == p["node_id"] for p in placed)  # data served on the worker's own node
     assert all(p["backend"] == "gloo" for p in placed)
+    assert all(p["torch_threads"] == int(p["cpus"]) == 1 for p in placed)  # one CPU each: one torch thread each
     ranks = _debug(baseline)
     assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(ranks[0]["hashes"]) == 120  # identical weights every step
     assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
