@@ -29,7 +29,7 @@ from jobs import report as report_lib
 from jobs import results, sweep, viz
 from jobs.prune_pairs import solved
 from sparsity import tasks as task_lib
-from sparsity.config import ModelConfig, SparsityConfig, TrainConfig, density_lr
+from sparsity.config import LR_DENSE, ModelConfig, SparsityConfig, TrainConfig, density_lr
 from sparsity.prune import PruneConfig
 
 SUMMARY = "summary.parquet"  # OUT/summary.parquet: the models table (not a sweep summary: no runs/ beside it)
@@ -52,6 +52,13 @@ class Plan:
     controls: tuple[str, ...] = ("single_double_quote",)  # tasks whose solved pairs get the faithfulness controls
     control_models: int = 1  # ... on this many of the sparsest models that solve it (each control is a pruning run)
     notes: tuple[str, ...] = ()
+    reseeded: tuple[tuple[float, float, int], ...] = ()  # (pfrac, ef, seed): grid points trained again at another seed
+
+    def with_optimizer(self, optimizer: str) -> Plan:
+        """The same plan trained with another optimizer (e.g. the paper's Adam vs Muon)."""
+        import dataclasses
+
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, optimizer=optimizer), lr_dense=LR_DENSE[optimizer])
 
     def lr(self, pfrac: float, ef: float) -> float:
         return density_lr(SparsityConfig(pfrac=pfrac, ef=ef).l0frac, self.train.optimizer, self.lr_dense)
@@ -61,25 +68,27 @@ class Plan:
         dense = {"pfrac": self.dense_ef ** 2, "ef": self.dense_ef}
         # Widest first: Tune starts trials in this order, so the long ones do not end up last.
         pts = [dense] + [q for q in sorted(grid, key=lambda q: -q["ef"]) if q != dense]
+        pts += [{"pfrac": p, "ef": e, "seed": s} for p, e, s in self.reseeded]
         return [{**q, "lr": self.lr(q["pfrac"], q["ef"])} for q in pts]
 
 
-def full_plan() -> Plan:
-    """17 minutes on 2 CPU cores (measured: data 9 s, training 643 s, pruning 309 s, figures
-    46 s; README, "The demo, step by step").
+def full_plan(optimizer: str = "muon") -> Plan:
+    """The demo on the paper's architecture (AbsTopK at afrac 0.25 at all 8 locations).
 
     pfrac is relative to the dense d_model-64 base, so the grid is dense and 1/2 at d_model
     64 and 1/4 and 1/8 at d_model 128 — at ef 2, pfrac 1 has the base's nonzeros spread over
-    4× larger matrices. Muon on the block matrices: Adam needs about twice the tokens for
-    the same loss (sparsity/optim.py)."""
-    base = ModelConfig(block_size=128, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, afrac=None)
+    4× larger matrices. So it holds both frontier comparisons: two widths at equal nonzeros
+    (pfrac 1 and 1/2 at d_model 64 and 128) and three densities at d_model 128 — plus one
+    point trained at a second seed, so the noise between seeds shows on the plot.
+    ``optimizer``: Muon on the block matrices by default (benchmarks/demo_optimizers.py
+    runs this plan with the paper's Adam and with Muon, side by side; README has both)."""
+    base = ModelConfig(block_size=128, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, afrac=0.25)
     return Plan(
         name="demo", n_ctx=128, base=base, pfracs=(1.0, 0.5), efs=(1.0, 2.0), dense_ef=2.0,
-        train=TrainConfig(steps=700, batch_size=16, optimizer="muon", eval_every=350, ckpt_every=175),
+        train=TrainConfig(steps=700, batch_size=16, optimizer=optimizer, eval_every=350, ckpt_every=175),
         prune=PruneConfig(),  # the library's defaults: the paper's settings, 400 steps, k_coef 1e-3
-        lr_dense=1e-2,
-        notes=("activation sparsity (AbsTopK) is off in the demo: it costs ~40% of a CPU step; "
-               "`csp sweep` and `csp train` keep it on by default",),
+        lr_dense=LR_DENSE[optimizer],
+        reseeded=((0.5, 2.0, 1),),
     )
 
 
@@ -104,6 +113,7 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("trial", pa.string()),
     pa.field("pfrac", pa.float64()),
     pa.field("ef", pa.float64()),
+    pa.field("seed", pa.int64()),
     pa.field("d_model", pa.int64()),
     pa.field("density", pa.float64()),
     pa.field("nonzeros", pa.int64()),
@@ -134,7 +144,7 @@ def model_summary(sweep_uri: str, results_uri: str):
         q_ok = quote[quote["status"] == "ok"]
         ef = float(t.ef)
         rows.append({
-            "model_id": c["model_id"].iloc[0] if len(c) else None, "trial": t.trial, "pfrac": t.pfrac, "ef": ef,
+            "model_id": c["model_id"].iloc[0] if len(c) else None, "trial": t.trial, "pfrac": t.pfrac, "ef": ef, "seed": int(t.seed),
             "d_model": t.d_model, "density": SparsityConfig(pfrac=t.pfrac, ef=ef).l0frac, "nonzeros": t.nonzeros, "steps": t.steps,
             "val_loss": t.val_loss, "tasks_solved": int(c["status"].map(solved).sum()) if len(c) else 0,
             "tasks_with_circuit": int((c["status"] == "ok").sum()) if len(c) else 0,
@@ -146,7 +156,7 @@ def model_summary(sweep_uri: str, results_uri: str):
         })
     df = pd.DataFrame(rows, columns=[f.name for f in SUMMARY_SCHEMA])
     df["quote_edges"] = df["quote_edges"].astype("Int64")
-    return df.sort_values(["ef", "pfrac"]).reset_index(drop=True)
+    return df.sort_values(["ef", "pfrac", "seed"]).reset_index(drop=True)
 
 
 def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
@@ -179,9 +189,10 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
         log: Callable[[str], None] = print,
         shard_progress: Callable | None = None,
         prune_progress: Callable[[int, int, dict], None] | None = None,
-        train_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Run (or resume) the demo under ``out_uri``; returns paths and timings."""
-    plan = quick_plan() if quick else full_plan()
+        train_progress: Callable[[int, int], None] | None = None, plan: Plan | None = None) -> dict:
+    """Run (or resume) the demo under ``out_uri`` (``plan``: another than the default's);
+    returns paths and timings."""
+    plan = plan or (quick_plan() if quick else full_plan())
     root = storage.resolve(out_uri)
     cores = os.cpu_count() or 1
     # Two logical CPUs per core: each sweep trial holds one for its single Train worker and
@@ -255,6 +266,8 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     log(f"[5/5] report → {report.uri}")
     log("")
     log(report_lib.format_summary(summary))
+    for claim in report_lib.frontier_claims(summary):
+        log(claim)
     if len(ctl):
         log("")
         log("controls (random-init model and nonsense task must not verify; seed/ablation variants: node-set Jaccard vs the real circuit):")

@@ -35,10 +35,16 @@ def _inline_svg(text: str) -> str:
     return text[i:] if i >= 0 else text
 
 
+def label(pfrac: float, ef: float, seed=0) -> str:
+    """A model's name in tables and plots: its density and width, and its seed when not 0."""
+    return viz.model_label(pfrac, ef) + (f", seed {int(seed)}" if seed else "")
+
+
 def format_summary(df) -> str:
     """The models table as the demo prints it."""
+    seeds = df["seed"] if "seed" in df else [0] * len(df)
     show = df.assign(
-        model=[viz.model_label(p, e) for p, e in zip(df["pfrac"], df["ef"], strict=True)],
+        model=[label(p, e, s) for p, e, s in zip(df["pfrac"], df["ef"], seeds, strict=True)],
         density=[_density(d) for d in df["density"]],
         circuits=[f"{a}/{b}" for a, b in zip(df["tasks_with_circuit"], df["tasks_solved"], strict=True)],
         quote_edges=[_num(v, "d") for v in df["quote_edges"]],
@@ -51,6 +57,69 @@ def format_controls(ctl) -> str:
     show = ctl.assign(model=ctl["model_id"].str.rsplit("-", n=1).str[0])[
         ["model", "task", "control", "status", "n_nodes", "sufficiency_loss", "real_n_nodes", "jaccard", "passes"]]
     return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
+
+
+def frontier_claims(summary) -> list[str]:
+    """The paper's two frontier claims, checked on this run's models from verified circuits
+    only (``geomean_edges``: the geometric mean of a model's verified circuits' edges):
+
+    1. at equal width, sparser weights give smaller circuits;
+    2. at equal nonzeros, the wider model is better on both axes (lower val loss, smaller
+       circuits): the frontier moves outward.
+
+    Where the plan trained a point at two seeds, their difference is the noise scale: a
+    difference smaller than it is reported as within noise."""
+    import math
+
+    df = summary[summary["model_id"].notna()]
+    seed0 = df[df["seed"] == 0] if "seed" in df else df
+    noise_loss = noise_edges = 0.0
+    if "seed" in df:
+        for _, grp in df.groupby(["pfrac", "ef"]):
+            if grp["seed"].nunique() > 1:
+                noise_loss = max(noise_loss, float(grp["val_loss"].max() - grp["val_loss"].min()))
+                e = grp["geomean_edges"].dropna()
+                if len(e) > 1:
+                    noise_edges = max(noise_edges, float(e.max() - e.min()))
+    out = []
+    if noise_loss or noise_edges:
+        out.append(f"Seed noise (one point at two seeds): val loss ±{noise_loss:.3f}, geomean edges ±{noise_edges:.1f}.")
+    for d_model, grp in seed0.groupby("d_model"):
+        g = grp.dropna(subset=["geomean_edges"]).sort_values("density")
+        if len(g) < 2:
+            continue
+        edges = [float(v) for v in g["geomean_edges"]]
+        dens = ", ".join(f"{density_label(d)}: {e:.1f}" for d, e in zip(g["density"], edges, strict=True))
+        steps = [b - a for a, b in zip(edges, edges[1:], strict=False)]
+        if all(x > noise_edges for x in steps):
+            verdict = "reproduced: sparser → smaller circuits"
+        elif all(x > 0 for x in steps):
+            verdict = "same order, but within seed noise"
+        else:
+            verdict = "not reproduced"
+        out.append(f"Sparser at equal width (d_model {d_model}; geomean edges of verified circuits — {dens}): {verdict}.")
+    for _, grp in seed0.groupby("pfrac"):  # one pfrac: about the same nonzeros at every width
+        g = grp.sort_values("d_model")
+        if g["d_model"].nunique() < 2:
+            continue
+        narrow, wide = g.iloc[0], g.iloc[-1]
+        dl = float(wide["val_loss"] - narrow["val_loss"])
+        e_n, e_w = narrow["geomean_edges"], wide["geomean_edges"]
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (e_n, e_w)):
+            out.append(f"Wider at equal nonzeros (~{int(narrow['nonzeros']):,}): d_model {int(wide['d_model'])} vs {int(narrow['d_model'])} "
+                       f"val loss {dl:+.3f}; not both have verified circuits, so the circuit side cannot be judged.")
+            continue
+        de = float(e_w - e_n)
+        better_loss, better_edges = dl < -noise_loss, de < -noise_edges
+        verdict = ("reproduced: the frontier moves outward" if better_loss and better_edges else
+                   "partly: better on one axis" if better_loss or better_edges else "not reproduced")
+        out.append(f"Wider at equal nonzeros (~{int(narrow['nonzeros']):,}): d_model {int(wide['d_model'])} vs {int(narrow['d_model'])} — "
+                   f"val loss {dl:+.3f}, geomean edges {de:+.1f}: {verdict}.")
+    return out
+
+
+def density_label(d: float) -> str:
+    return _density(d)
 
 
 def _cell(r, d: dict | None, root) -> dict:
@@ -75,8 +144,8 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
 
     by_pair = {(d["model_id"], d["task"]): d for d in diagrams}
     ids = [m for m in summary["model_id"] if m is not None]
-    label = {r.model_id: viz.model_label(r.pfrac, r.ef) for r in summary.itertuples() if r.model_id is not None}
-    models = [{"label": viz.model_label(r.pfrac, r.ef), "model_id": str(r.model_id), "d_model": r.d_model,
+    label_of = {r.model_id: label(r.pfrac, r.ef, getattr(r, "seed", 0)) for r in summary.itertuples() if r.model_id is not None}
+    models = [{"label": label(r.pfrac, r.ef, getattr(r, "seed", 0)), "model_id": str(r.model_id), "d_model": r.d_model,
                "density": _density(r.density), "nonzeros": f"{r.nonzeros:,}", "val_loss": f"{r.val_loss:.3f}",
                "tasks_solved": r.tasks_solved, "tasks_with_circuit": r.tasks_with_circuit,
                "geomean_edges": _num(r.geomean_edges, ".1f"), "quote_loss": _num(r.quote_loss, ".3f"),
@@ -86,7 +155,7 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
     controls = []
     for r in ctl.itertuples() if ctl is not None else ():
         verdict = "—" if r.passes is None or pd.isna(r.passes) else ("passes" if r.passes else "FAILS: a control verified")
-        controls.append({"label": label.get(r.model_id, r.model_id), "task": r.task, "control": r.control, "status": r.status,
+        controls.append({"label": label_of.get(r.model_id, r.model_id), "task": r.task, "control": r.control, "status": r.status,
                          "n_nodes": _num(r.n_nodes, "d"), "sufficiency_loss": _num(r.sufficiency_loss, ".3f"),
                          "real_n_nodes": _num(r.real_n_nodes, "d"), "jaccard": _num(r.jaccard, ".2f"), "verdict": verdict})
     featured = [d for d in diagrams if d["task"] == "single_double_quote"] or diagrams[:2]
@@ -96,9 +165,9 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
     return template.render(
         quick=quick, n_tasks=len(task_lib.REGISTRY), target=f"{plan.prune.target:g}", ablation=plan.prune.ablation,
         root=root.uri, notes=plan.notes, timings=", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
-        models=models, column_labels=[label[m] for m in ids], grid=grid, controls=controls,
+        models=models, column_labels=[label_of[m] for m in ids], grid=grid, controls=controls,
         frontier_svg=_inline_svg(storage.read_text(front_svg)) if storage.exists(front_svg) else None,
-        featured=[{"task": d["task"], "label": label.get(d["model_id"], d["model_id"]), "svg": _inline_svg(storage.read_text(d["svg"]))}
+        featured=[{"task": d["task"], "label": label_of.get(d["model_id"], d["model_id"]), "svg": _inline_svg(storage.read_text(d["svg"]))}
                   for d in featured],
-        page_js=viz.PAGE_JS,
+        page_js=viz.PAGE_JS, claims=frontier_claims(summary),
     )
