@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=8, help="prune fan-out size on each cluster layout")
     ap.add_argument("--skip-in-process", action="store_true", help="only the multi-node comparison")
+    ap.add_argument("--skip-cluster", action="store_true", help="only the in-process comparison")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -124,11 +125,12 @@ def main() -> None:
             out["loader_over_consumption"] = round(loader / (out["2_worker"]["tokens_per_s"] / 2), 1)
             ray.shutdown()
 
-        one = _on_cluster(2, 4, args.data, cfg, tmp, args.pairs)  # head + one 4-CPU worker node
-        two = _on_cluster(3, 2, args.data, cfg, tmp, args.pairs)  # head + two 2-CPU worker nodes
-        out["cluster_1_node"], out["cluster_2_nodes"] = one, two
-        out["train_tokens_per_s_2_nodes_over_1"] = round(two["train_tokens_per_s"] / one["train_tokens_per_s"], 2)
-        out["fanout_pairs_per_min_2_nodes_over_1"] = round(two["fanout_pairs_per_min"] / one["fanout_pairs_per_min"], 2)
+        if not args.skip_cluster:
+            one = _on_cluster(2, 4, args.data, cfg, tmp, args.pairs)  # head + one 4-CPU worker node
+            two = _on_cluster(3, 2, args.data, cfg, tmp, args.pairs)  # head + two 2-CPU worker nodes
+            out["cluster_1_node"], out["cluster_2_nodes"] = one, two
+            out["train_tokens_per_s_2_nodes_over_1"] = round(two["train_tokens_per_s"] / one["train_tokens_per_s"], 2)
+            out["fanout_pairs_per_min_2_nodes_over_1"] = round(two["fanout_pairs_per_min"] / one["fanout_pairs_per_min"], 2)
     print(json.dumps(out, indent=2))
 
 
