@@ -82,11 +82,15 @@ def frontier_claims(summary) -> list[str]:
                 if len(e) > 1:
                     noise_edges = max(noise_edges, float(e.max() - e.min()))
     out = []
-    if noise_loss or noise_edges:
-        out.append(f"Seed noise (one point at two seeds): val loss ±{noise_loss:.3f}, geomean edges ±{noise_edges:.1f}.")
+    if "seed" in df and (df["seed"] != 0).any():
+        edges_txt = f"geomean edges ±{noise_edges:.1f}" if noise_edges else "geomean edges: not both have verified circuits"
+        out.append(f"Seed noise (one point at two seeds): val loss ±{noise_loss:.3f}, {edges_txt}.")
     for d_model, grp in seed0.groupby("d_model"):
         g = grp.dropna(subset=["geomean_edges"]).sort_values("density")
         if len(g) < 2:
+            if grp["density"].nunique() > 1:
+                out.append(f"Sparser at equal width (d_model {d_model}): fewer than two of its densities have verified "
+                           "circuits, so it cannot be judged.")
             continue
         edges = [float(v) for v in g["geomean_edges"]]
         dens = ", ".join(f"{density_label(d)}: {e:.1f}" for d, e in zip(g["density"], edges, strict=True))
