@@ -27,7 +27,9 @@ MLP_RATIO = 4  # d_mlp = MLP_RATIO × d_model unless given (GPT-2's ratio)
 # notes that sparser models want larger ones; its training code has one base lr and no
 # rule across densities. A model whose block matrices keep a fraction d of their weights
 # trains at LR_DENSE[optimizer] / sqrt(d) unless --lr says otherwise.
-LR_DENSE = {"adam": 1e-2, "muon": 1e-2}
+# Adam: TrainConfig.lr's measurement (best of 3e-3…1e-1 for a dense d64 model in 300 steps);
+# Muon: the demo's (sparsity/optim.py scales its update so one lr serves every shape).
+LR_DENSE = {"adam": 3e-2, "muon": 1e-2}
 
 
 def density_lr(density: float, optimizer: str = "adam", lr_dense: float | None = None) -> float:
