@@ -1,5 +1,6 @@
-"""The full demo plan trained with the paper's Adam and with Muon, side by side; prints one
-JSON object (outside CI: two full demos, ~20 minutes each on 2 CPU cores).
+"""The demo plan on the paper's architecture (``demo.full_plan(paper=True)``: AbsTopK on,
+one point at a second seed) trained with the paper's Adam and with Muon, side by side;
+prints one JSON object (outside CI: two full demos, ~25 minutes each on 2 CPU cores).
 
     python benchmarks/demo_optimizers.py [--out ./csp-runs/optimizers] [--optimizers adam,muon]
 
@@ -25,10 +26,10 @@ def main() -> None:
     ap.add_argument("--out", default="./csp-runs/optimizers")
     ap.add_argument("--optimizers", default="adam,muon")
     args = ap.parse_args()
-    out: dict = {"plan": "demo.full_plan", "runs": {}}
+    out: dict = {"plan": "demo.full_plan(paper=True)", "runs": {}}
     for opt in args.optimizers.split(","):
         t0 = time.monotonic()
-        r = demo.run(f"{args.out.rstrip('/')}/{opt}", plan=demo.full_plan(opt), log=lambda _m: None)
+        r = demo.run(f"{args.out.rstrip('/')}/{opt}", plan=demo.full_plan(opt, paper=True), log=lambda _m: None)
         s = r["summary"]
         out["runs"][opt] = {
             "wall_s": round(time.monotonic() - t0, 1), "timings_s": {k: round(v, 1) for k, v in r["timings"].items()},
