@@ -30,9 +30,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import sparsity.model as model_mod  # noqa: E402
+from benchmarks._steps import sync as _sync  # noqa: E402
+from benchmarks._steps import timed_step  # noqa: E402
 from sparsity.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from sparsity.model import GPT  # noqa: E402
-from sparsity.train import autocast, make_optimizer, normalise_grads_, resolve_device  # noqa: E402
+from sparsity.train import make_optimizer, resolve_device  # noqa: E402
 
 NEW = model_mod.abs_topk
 SHAPE = dict(d_model=256, n_head=16, d_head=16, d_mlp=1024, n_layer=4, block_size=256, afrac=0.25)  # train_step.py's model
@@ -164,9 +166,6 @@ CANDIDATES = {"old": old, "new": NEW, "topk_where": topk_where, "topk_mul": topk
               "topk_scatter": topk_scatter, "kthvalue_mul": kthvalue_mul, "stable_sort": stable_sort, "radix": radix}
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _inputs(cfg: ModelConfig, batch: int, dev: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -234,16 +233,7 @@ def time_steps(cfg: ModelConfig, batch: int, steps: int, dev: torch.device) -> d
         model, opt, t = runs[name]
         model_mod.abs_topk = old if name == "old" else NEW
         try:
-            _sync(dev)
-            t0 = time.perf_counter()
-            with autocast(dev):
-                loss = model.loss(x)
-            loss.backward()
-            normalise_grads_(list(model.parameters()), 1e-5)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(dev)
-            t.append(time.perf_counter() - t0)
+            t.append(timed_step(model, opt, x, dev))
         finally:
             model_mod.abs_topk = NEW
 

@@ -18,15 +18,12 @@ import time  # noqa: E402
 import _bootstrap  # noqa: F401  (first: fixes sys.path)
 import torch  # noqa: E402
 
+from benchmarks._steps import sync as _sync  # noqa: E402
+from benchmarks._steps import timed_step  # noqa: E402
 from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig  # noqa: E402
 from sparsity.model import GPT  # noqa: E402
 from sparsity.topk import WeightSparsifier  # noqa: E402
-from sparsity.train import autocast, make_optimizer, normalise_grads_, resolve_device  # noqa: E402
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+from sparsity.train import autocast, make_optimizer, resolve_device  # noqa: E402
 
 
 def main() -> None:
@@ -54,15 +51,8 @@ def main() -> None:
 
     def one_step(name: str, step: int) -> None:
         model, opt, sp, t = runs[name]
-        _sync(dev)
         t0 = time.perf_counter()
-        with autocast(dev):
-            loss = model.loss(x)
-        loss.backward()
-        normalise_grads_(list(model.parameters()), 1e-5)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(dev)
+        timed_step(model, opt, x, dev)
         t1 = time.perf_counter()
         sp.apply(step)  # a no-op for the dense model (k = numel)
         _sync(dev)
