@@ -54,12 +54,6 @@ class Plan:
     notes: tuple[str, ...] = ()
     reseeded: tuple[tuple[float, float, int], ...] = ()  # (pfrac, ef, seed): grid points trained again at another seed
 
-    def with_optimizer(self, optimizer: str) -> Plan:
-        """The same plan trained with another optimizer (e.g. the paper's Adam vs Muon)."""
-        import dataclasses
-
-        return dataclasses.replace(self, train=dataclasses.replace(self.train, optimizer=optimizer), lr_dense=LR_DENSE[optimizer])
-
     def lr(self, pfrac: float, ef: float) -> float:
         return density_lr(SparsityConfig(pfrac=pfrac, ef=ef).l0frac, self.train.optimizer, self.lr_dense)
 

@@ -93,7 +93,7 @@ def frontier_claims(summary) -> list[str]:
                            "circuits, so it cannot be judged.")
             continue
         edges = [float(v) for v in g["geomean_edges"]]
-        dens = ", ".join(f"{density_label(d)}: {e:.1f}" for d, e in zip(g["density"], edges, strict=True))
+        dens = ", ".join(f"{_density(d)}: {e:.1f}" for d, e in zip(g["density"], edges, strict=True))
         steps = [b - a for a, b in zip(edges, edges[1:], strict=False)]
         if all(x > noise_edges for x in steps):
             verdict = "reproduced: sparser → smaller circuits"
@@ -120,10 +120,6 @@ def frontier_claims(summary) -> list[str]:
         out.append(f"Wider at equal nonzeros (~{int(narrow['nonzeros']):,}): d_model {int(wide['d_model'])} vs {int(narrow['d_model'])} — "
                    f"val loss {dl:+.3f}, geomean edges {de:+.1f}: {verdict}.")
     return out
-
-
-def density_label(d: float) -> str:
-    return _density(d)
 
 
 def _cell(r, d: dict | None, root) -> dict:

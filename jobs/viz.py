@@ -323,15 +323,14 @@ class CircuitRenderer:
         self._rows: dict[str, object] = {}  # val rows scanned for top tokens, of the resident model
 
     def _model(self, ckpt_uri: str):
+        m = loader.cached(ckpt_uri, self.data_uri, need_tokenizer=False)
         if ckpt_uri not in self._rows:
-            m = loader.cached(ckpt_uri, self.data_uri, need_tokenizer=False)
             rows = None
             if self.with_tokens and m.tok is not None:
                 block = m.model.config.block_size
                 rows = torch.from_numpy(data.load_rows(m.data_uri, "val", max_rows=TOP_ROWS)[:, :block].astype("int64"))
             self._rows.clear()
             self._rows[ckpt_uri] = rows
-        m = loader.cached(ckpt_uri, self.data_uri, need_tokenizer=False)
         return m.ckpt, m.model, m.tok if self.with_tokens else None, self._rows[ckpt_uri]
 
     def svg(self, model_id: str, task: str, prune_key: str | None = None) -> str:
