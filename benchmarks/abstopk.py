@@ -2,6 +2,9 @@
 
     python benchmarks/abstopk.py [--reps 7] [--steps 6] [--device cpu]
 
+``new`` is ``sparsity.model.abs_topk`` as installed: the C kernel on CPU where it was built
+(``backend`` in the output says which), ``torch_ops`` the torch path it falls back to.
+
 Shapes: d_model 256 × 4 layers, ctx 256, batch 8 (2048 rows per call), afrac 0.25, at each
 of the 8 locations: the residual reads and writes and the attention q/k/v are 256 wide (q,
 k, v are strided views of the fused c_attn output, as in the model), the MLP neurons 1024
@@ -29,6 +32,7 @@ import _bootstrap  # noqa: F401  (first: fixes sys.path)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import sparsity.abstopk as abstopk_lib  # noqa: E402
 import sparsity.model as model_mod  # noqa: E402
 from benchmarks._steps import sync as _sync  # noqa: E402
 from benchmarks._steps import timed_step  # noqa: E402
@@ -162,7 +166,12 @@ def radix(x: torch.Tensor, k: int) -> torch.Tensor:
     return x * mask.view(x.shape)
 
 
-CANDIDATES = {"old": old, "new": NEW, "topk_where": topk_where, "topk_mul": topk_mul, "topk_function": topk_function,
+def torch_ops(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The torch-ops path of ``sparsity.abstopk`` (what runs where the C kernel is not built)."""
+    return abstopk_lib._abs_topk_torch(x, k)
+
+
+CANDIDATES = {"old": old, "new": NEW, "torch_ops": torch_ops, "topk_where": topk_where, "topk_mul": topk_mul, "topk_function": topk_function,
               "topk_scatter": topk_scatter, "kthvalue_mul": kthvalue_mul, "stable_sort": stable_sort, "radix": radix}
 
 
@@ -262,7 +271,7 @@ def main() -> None:
     # per model forward: every location once per layer
     total = {name: {m: round(sum(v[name][m] for v in locs.values()) * cfg.n_layer, 1) for m in ("no_grad", "fwd", "fwd_bwd")}
              for name in CANDIDATES}
-    out = {"device": str(dev), "threads": torch.get_num_threads(), "shape": f"d_model 256 × 4 layers, ctx 256, batch {args.batch}, afrac 0.25",
+    out = {"device": str(dev), "threads": torch.get_num_threads(), "backend": abstopk_lib.backend(), "shape": f"d_model 256 × 4 layers, ctx 256, batch {args.batch}, afrac 0.25",
            "per_location_ms": locs, "per_model_forward_ms": total,
            "over_old": {name: {m: round(total[name][m] / total["old"][m], 3) for m in total[name]} for name in CANDIDATES}}
     out["steps"] = time_steps(cfg, args.batch, args.steps, dev)

@@ -69,6 +69,12 @@ def train(
                                  optimizer=Optimizer(optimizer).value, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every)
     if lr is None:
         typer.echo(cfg.lr_rule())
+    if cfg.model.afrac and not gpus:
+        from sparsity import abstopk
+
+        if abstopk.backend() == "torch":  # the same result, ~5x slower on CPU: say so
+            typer.echo("AbsTopK runs on torch ops on CPU (the C kernel is not built or CSP_ABSTOPK=torch is set); "
+                       "reinstall csp where a C compiler is found for a ~5x faster forward")
     opts = dict(workers=workers, gpus=gpus, address=address, placement=Placement(placement).value, shared_fs=shared_fs, device=device,
                 take_over=take_over, cpus_per_worker=cpus_per_worker)
     if workers > 1 or address or gpus:

@@ -16,51 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsity.abstopk import abs_topk  # noqa: F401  (called through this module: benchmarks swap it)
 from sparsity.config import ModelConfig
 from sparsity.hooks import Hooks, hook_names
-
-
-def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest-|x| entries of the last dimension, zero the rest (AbsTopK).
-
-    Exactly k entries of every row survive (all of them when k ≥ the width). Ties: among
-    entries whose |x| equals the row's k-th largest |x|, the lowest indices survive — the
-    first k of a stable sort of -|x|. Zeros are no exception: a row with fewer than k
-    nonzeros keeps its lowest-index zeros, and a kept entry passes its gradient. The
-    gradient is 1 at kept entries, 0 elsewhere; autograd saves only the mask for it.
-
-    One ``topk`` gives each row's k-th largest |x|; the mask is |x| ≥ it, with the index
-    rule applied where ties make that keep more than k. On CUDA the rule always runs (no
-    host sync) and the mask is bool. On CPU a cheap count skips it when no row ties, and
-    the mask is a 0/1 tensor of x's dtype, written in place over |x| (a bool compare and
-    ``where`` are several times slower there). ``topk`` is most of the cost; on 2 CPU cores
-    ``kthvalue``, a stable sort and a radix histogram were all slower (benchmarks/abstopk.py).
-    ±inf is kept or dropped like any value; NaN is unsupported.
-    """
-    if k >= x.shape[-1]:
-        return x
-    if x.dim() == 1:
-        return abs_topk(x[None], k)[0]
-    a = x.detach().abs()
-    if k <= 0:
-        return torch.where(torch.zeros_like(a, dtype=torch.bool), x, 0)
-    kth = a.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # (..., 1)
-
-    def lowest_ties(a: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:  # bool: a > kth, then a == kth by index up to k
-        gt, eq = a > kth, a == kth
-        need = k - gt.sum(-1, keepdim=True, dtype=torch.int32)
-        return gt | (eq & (eq.to(torch.int32).cumsum(-1, dtype=torch.int32) <= need))
-
-    if x.device.type != "cpu":
-        return torch.where(lowest_ties(a, kth), x, 0)
-    keep = torch.ge(a, kth, out=a)  # in place, as 1.0/0.0: one vectorised pass (a bool compare is ~8x slower)
-    tied = keep.sum(-1, dtype=torch.float32) != k  # rows holding more than k (ties at kth): a few per step
-    if bool(tied.any()):
-        rows = tied.nonzero(as_tuple=True)
-        keep[rows] = lowest_ties(x.detach()[rows].abs(), kth[rows]).to(keep.dtype)
-    if bool(kth.isinf().any()):
-        return torch.where(keep.bool(), x, 0)  # x * keep is NaN where an inf is dropped
-    return x * keep
 
 
 class _Sparsifier:

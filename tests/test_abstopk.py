@@ -1,15 +1,29 @@
 """AbsTopK (sparsity.model.abs_topk) against a plain reference: a stable sort of -|x|
-along the last dimension, whose first k entries are kept (ties: lowest index first)."""
+along the last dimension, whose first k entries are kept (ties: lowest index first). Every
+test runs on both CPU implementations: the compiled kernel and the torch ops."""
+
+import shutil
 
 import pytest
 import torch
 
+import sparsity.abstopk as abstopk_mod
 import sparsity.model as model_mod
 from sparsity.config import LOCTYPES, ModelConfig
 from sparsity.model import GPT, abs_topk
 
 CFG = ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, d_head=8, d_model=16, d_mlp=64, afrac=0.25)
 DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.fixture(params=["compiled", "torch"], autouse=True)
+def backend(request):
+    """Each test once per CPU implementation."""
+    if request.param == "compiled" and abstopk_mod._kernel is None:
+        pytest.skip("the AbsTopK kernel is not built here")
+    old = abstopk_mod.set_backend(request.param)
+    yield request.param
+    abstopk_mod.set_backend(old)
 
 
 def reference_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -113,6 +127,35 @@ def test_a_tiny_gpt_gives_the_old_formulations_logits_and_gradients():
     dense = GPT(ModelConfig(**{**CFG.__dict__, "afrac": None}))
     dense.load_state_dict(model.state_dict())
     assert not torch.allclose(dense(idx[:, :-1]), new_logits)  # AbsTopK really acted
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("width", (256, 1024))
+def test_many_rows_of_changing_scale_and_ties_keep_the_reference_set(width, dtype):
+    """Enough rows for several threads and for the kernel's bracket (learned row to row) to
+    hit and miss: rows whose scale jumps by 1000x, rows of integers (ties at the k-th),
+    all-zero rows, a strided view; float32, bfloat16 and float16."""
+    g = torch.Generator().manual_seed(width)
+    k = width // 4
+    x = torch.randn(700, width, generator=g)
+    x *= torch.where(torch.rand(700, 1, generator=g) < 0.2, 1000.0, 1.0)  # the bracket misses here
+    x *= torch.where(torch.rand(700, 1, generator=g) < 0.1, 1e-6, 1.0)
+    x[::7] = torch.randint(-3, 4, (100, width), generator=g).float()
+    x[5::50] = 0.0
+    x[6::50, : width // 2] = float("inf")
+    check(x.to(dtype), k)
+    wide = torch.randn(40, 20, 3 * width, generator=g).to(dtype)
+    check(wide[..., width: 2 * width], k)  # q/k/v-like view: rows 3·width apart
+
+
+def test_the_kernel_is_built_where_a_c_compiler_is():
+    """`pip install` builds the kernel whenever a C compiler exists (it is optional)."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the torch path is the only one")
+    assert abstopk_mod._kernel is not None
+    assert abstopk_mod.backend() == "compiled"
+    with pytest.raises(ValueError, match="0 < k < n"):
+        abstopk_mod._kernel.select(0, 8, 0, 0, 1, 8, 8, 4, 1)
 
 
 @pytest.mark.gpu
