@@ -1,6 +1,7 @@
 """Distributed throughput on this machine; prints one JSON object.
 
     python benchmarks/distributed.py --data csp-runs/data [--steps 60] [--d-model 128] [--pairs 8]
+                                     [--tune-trials 3] [--skip-in-process] [--skip-cluster]
 
 Figures, from one run:
 
@@ -10,6 +11,12 @@ Figures, from one run:
   rate taken from the reported steady-state tokens/s, startup excluded), their ratio, and
   2 workers against the best single process;
   the token-server actor's batches/s as tokens/s against what the trainer consumes;
+* Ray Tune: a sweep of ``--tune-trials`` one-worker trials run one at a time (Ray given 1
+  CPU), and where each trial's time beyond its training steps goes: Tune starting the trial,
+  (Ray Train starting a worker: only for trials of several workers), data setup, the loop
+  beyond its steps (evaluations, checkpoints), teardown, the trial's summary; from
+  wall-clock marks the trial leaves in its run directory (timings.json, and placement/ for
+  Ray Train workers);
 * a local multi-node cluster (cluster/local.py), the same 4 logical CPUs laid out two
   ways: one worker node of 4 CPUs, then two worker nodes of 2 CPUs. On each, a 2-worker
   training run (tokens/s; on two nodes the workers are one per node, so gradients cross
@@ -39,6 +46,48 @@ def _rate(run: str, workers: int) -> float:
     hist = [json.loads(x) for x in storage.read_text(os.path.join(run, "metrics.jsonl")).splitlines()]
     rates = [m["tokens_per_s"] for m in hist if "tokens_per_s" in m][2:]  # skip warm-up
     return statistics.median(rates) * workers
+
+
+def _tune_overhead(data: str, cfg, tmp: str, trials: int) -> dict:
+    """A sweep of ``trials`` one-worker trials, one at a time; per trial, the seconds outside
+    its training steps, by phase."""
+    import dataclasses
+
+    import ray
+
+    from cluster import runtime, storage
+    from jobs import sweep
+
+    runtime.init(num_cpus=1)  # one trial at a time
+    try:
+        sw = os.path.join(tmp, "sweep")
+        grid = {"seed": list(range(trials))}
+        train = dataclasses.replace(cfg.train, eval_every=cfg.train.steps // 2, ckpt_every=cfg.train.steps // 2)
+        t_call = time.time()
+        sweep.run_sweep(data, sw, grid, cfg.model, train, extra_points=None)
+        t_done = time.time()
+    finally:
+        ray.shutdown()
+    rows, prev = [], t_call
+    marks = []
+    for p in sweep.points(grid):
+        run = sweep.run_loc(storage.resolve(sw), sweep.trial_name(p))
+        t = storage.read_json(run.join(sweep.TIMINGS_FILE))
+        placed = run.join("placement", "from-0-rank-0.json")  # a Ray Train worker's marks (N > 1 workers)
+        w = storage.read_json(placed) if storage.exists(placed) else {**t, "t_worker_start": t["t_trial_start"]}
+        marks.append((t["t_trial_start"], t, w, _rate(run.uri, 1)))
+    tokens_per_step = cfg.train.batch_size * cfg.model.block_size
+    for start, t, w, rate in sorted(marks, key=lambda m: m[0]):
+        steps_s = cfg.train.steps * tokens_per_step / rate
+        phases = {"tune_starts_trial": start - prev, "train_starts_worker": w["t_worker_start"] - start,  # 0: trains in the trial
+                  "worker_data_setup": w["t_ready"] - w["t_worker_start"],
+                  "loop_beyond_steps": w["t_loop_end"] - w["t_ready"] - steps_s,
+                  "train_teardown": t["t_fit_end"] - w["t_loop_end"], "trial_summary": t["t_summary_end"] - t["t_fit_end"]}
+        rows.append({"steps_seconds": round(steps_s, 1), "overhead_seconds": round(sum(phases.values()), 1),
+                     **{k: round(v, 2) for k, v in phases.items()}})
+        prev = t["t_summary_end"]
+    return {"trials": rows, "sweep_end_after_last_trial_seconds": round(t_done - prev, 1),
+            "overhead_per_trial_seconds": round(statistics.median(r["overhead_seconds"] for r in rows), 1)}
 
 
 def _on_cluster(nodes: int, cpus: int, data: str, cfg, tmp: str, pairs: int) -> dict:
@@ -79,6 +128,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8, help="prune fan-out size on each cluster layout")
     ap.add_argument("--skip-in-process", action="store_true", help="only the multi-node comparison")
     ap.add_argument("--skip-cluster", action="store_true", help="only the in-process comparison")
+    ap.add_argument("--tune-trials", type=int, default=3, help="trials in the Tune overhead sweep (0: skip it)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -124,6 +174,10 @@ def main() -> None:
             out["loader_tokens_per_s_per_worker"] = round(loader)
             out["loader_over_consumption"] = round(loader / (out["2_worker"]["tokens_per_s"] / 2), 1)
             ray.shutdown()
+
+        if args.tune_trials:
+            out["tune"] = _tune_overhead(args.data, cfg, tmp, args.tune_trials)
+            out["tune_overhead_per_trial_seconds"] = out["tune"]["overhead_per_trial_seconds"]
 
         if not args.skip_cluster:
             one = _on_cluster(2, 4, args.data, cfg, tmp, args.pairs)  # head + one 4-CPU worker node

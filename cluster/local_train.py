@@ -12,6 +12,7 @@ work. A second process on the same run is refused while the first one lives. Ray
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 from cluster import checkpoints, data, lease, storage
@@ -38,12 +39,24 @@ def check_data(data_uri: str, cfg: RunConfig) -> dict:
     return manifest
 
 
-def load_data(data_uri: str, cfg: RunConfig):
-    """(train rows, val rows) cut to the model's context, checked against its vocabulary."""
+_KEPT: dict[tuple, tuple] = {}  # load_data(keep=True): the last dataset read in this process
+
+
+def load_data(data_uri: str, cfg: RunConfig, keep: bool = False):
+    """(train rows, val rows) cut to the model's context, checked against its vocabulary.
+    ``keep``: hold the rows in this process for the next call on the same dataset and shapes
+    (a sweep's trials share one long-lived process; a dataset never changes once written)."""
     manifest = check_data(data_uri, cfg)
     width = cfg.model.block_size + 1
+    n_val = cfg.train.eval_batches * cfg.train.batch_size
+    key = (storage.resolve(data_uri).uri, manifest.get("plan_fingerprint"), width, n_val)  # a re-prepared dataset is another key
+    if keep and key in _KEPT:
+        return _KEPT[key]
     train_rows = data.load_rows(data_uri, "train")[:, :width]
-    val_rows = data.load_rows(data_uri, "val", max_rows=cfg.train.eval_batches * cfg.train.batch_size)[:, :width]
+    val_rows = data.load_rows(data_uri, "val", max_rows=n_val)[:, :width]
+    if keep:
+        _KEPT.clear()
+        _KEPT[key] = (train_rows, val_rows, manifest)
     return train_rows, val_rows, manifest
 
 
@@ -74,8 +87,16 @@ def train_local(
     progress: Callable[[dict], None] | None = None,
     stop_after: int | None = None,
     take_over: bool = False,
+    owner: str | None = None,
+    keep_rows: bool = False,
+    marks: dict | None = None,
 ) -> train_lib.TrainResult | None:
-    """Train (or resume, or skip when finished) one run; returns None when already done."""
+    """Train (or resume, or skip when finished) one run; returns None when already done.
+
+    ``owner`` names the lease holder (a sweep trial passes its own, so Tune's retry of the
+    trial re-takes it); ``keep_rows`` keeps the dataset's rows in this process for the next
+    run (``load_data``); ``marks`` gets the wall-clock times at which setup and the training
+    loop ended (``t_ready``, ``t_loop_end``)."""
     train_lib.resolve_device(device)  # a bad --device fails before anything is written
     out = storage.resolve(out_uri)
     record = {"config": cfg.to_dict(), "data": storage.resolve(data_uri).uri}
@@ -84,12 +105,12 @@ def train_local(
     if step is not None and step >= cfg.train.steps:
         return None
     check_data(data_uri, cfg)  # every check that needs no write comes before the lease
-    with run_lease(out, "csp train", take_over) as held:
+    with run_lease(out, "csp train", take_over, owner) as held:
         check_config(out, record["config"])  # re-read under the lease: the last owner may have changed it
         state = checkpoints.load(out.uri) if checkpoints.latest_step(out.uri) is not None else None
         if state is not None and state.step >= cfg.train.steps:
             return None
-        train_rows, val_rows, _ = load_data(data_uri, cfg)
+        train_rows, val_rows, _ = load_data(data_uri, cfg, keep=keep_rows)
         storage.write_json(out.join(RUN_FILE), record)
         since = state.step if state is not None else 0
         history: list[dict] = []  # this process's reports; stored ones up to `since` are kept on save
@@ -104,7 +125,9 @@ def train_local(
             checkpoints.save(out.uri, files, step)
             checkpoints.write_metrics(out.uri, history, since)
 
-        return train_lib.train(
+        if marks is not None:
+            marks["t_ready"] = time.time()
+        result = train_lib.train(
             cfg,
             TokenRows(train_rows, cfg.train.batch_size // cfg.train.micro_batches, seed=cfg.train.seed),
             device,
@@ -114,3 +137,6 @@ def train_local(
             save=save,
             stop_after=stop_after,
         )
+        if marks is not None:
+            marks["t_loop_end"] = time.time()
+        return result

@@ -19,7 +19,8 @@ the capacity left, with the same N ranks and so bit-identical weights (a fixed g
 an elastic one: changing N would change every later batch); ``strict_spread`` insists on
 one per node (a run that loses a node waits for another); ``pack`` keeps them together.
 Each rank records where it ran: ``RUN/placement/from-{step}-rank-{r}.json`` holds its node
-id, its token server's node id and the step it started from, one file per (re)start.
+id, its token server's node id and the step it started from, one file per (re)start; rank 0
+adds when its setup and its training loop ended (wall clock).
 """
 
 from __future__ import annotations
@@ -99,12 +100,15 @@ class _Prefetcher:
 
 def _worker(config: dict) -> None:
     """The per-worker training function (a plain function of a dict, as Ray's examples)."""
+    import time
+
     import ray.train
     import ray.train.torch
     import torch
 
     from sparsity import train as train_lib
 
+    t_worker_start = time.time()  # wall clock, comparable across processes on one host (benchmarks/distributed.py)
     cfg = RunConfig.from_dict(config["cfg"])
     # torch on as many threads as the CPUs Ray gave this worker (--cpus-per-worker), no more:
     # more would contend with the other workers on the node.
@@ -121,10 +125,11 @@ def _worker(config: dict) -> None:
     server = _local_server(config["data"], config["cfg"], rank, world)
     batches = _Prefetcher(server, seen)
     node = ray.get_runtime_context().get_node_id()
-    storage.write_json(storage.resolve(out).join(PLACEMENT_DIR, f"from-{state.step if state else 0}-rank-{rank}.json"), {
-        "rank": rank, "world": world, "node_id": node, "token_server_node_id": ray.get(server.node_id.remote()),
-        "start_step": state.step if state else 0, "device": str(device), "backend": config.get("backend"),
-        "cpus": cpus, "torch_threads": torch.get_num_threads()})
+    placed = storage.resolve(out).join(PLACEMENT_DIR, f"from-{state.step if state else 0}-rank-{rank}.json")
+    where = {"rank": rank, "world": world, "node_id": node, "token_server_node_id": ray.get(server.node_id.remote()),
+             "start_step": state.step if state else 0, "device": str(device), "backend": config.get("backend"),
+             "cpus": cpus, "torch_threads": torch.get_num_threads(), "t_worker_start": t_worker_start}
+    storage.write_json(placed, where)
 
     def wrap(model):
         if world == 1:
@@ -164,8 +169,11 @@ def _worker(config: dict) -> None:
     from sparsity.batches import FixedBatches
 
     val = load_rows(config["data"], "val", max_rows=cfg.train.eval_batches * cfg.train.batch_size)[:, : cfg.model.block_size + 1]
+    t_ready = time.time()
     train_lib.train(cfg, batches, device, report, state=state, save=save, wrap=wrap, on_step=on_step,
                     val_batches=FixedBatches(val, cfg.train.batch_size, cfg.train.eval_batches))
+    if rank == 0:  # when setup ended and the loop ended: where a run's time outside its steps goes
+        storage.write_json(placed, {**where, "t_ready": t_ready, "t_loop_end": time.time()})
     if debug:
         start = state.step if state is not None else 0
         attempt = storage.resolve(out).join("_debug", f"rank-{rank}-from-{start}.json")

@@ -144,6 +144,13 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
+def cluster_gpus() -> float:
+    """GPUs the connected cluster declares."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
 def bounded_map(submit: Callable[[T], Any], items: Iterable[T], limit: int) -> Iterator[tuple[T, Any]]:
     """Submit ``items`` (``submit(item)`` returns an ObjectRef) with at most ``limit``
     pending at once, in the given order; yield ``(item, ref)`` as each finishes, in

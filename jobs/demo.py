@@ -196,10 +196,10 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     plan = plan or (quick_plan() if quick else full_plan())
     root = storage.resolve(out_uri)
     cores = os.cpu_count() or 1
-    # Two logical CPUs per core: each sweep trial holds one for its single Train worker and
-    # one for its (idle) controller, so `cores` trials train at once, one thread each.
+    # One logical CPU per core: each sweep trial trains in its own process on one CPU, one
+    # thread, so `cores` trials train at once; then `cores` pruning tasks.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables between our lines
-    runtime.init(address=address, num_cpus=None if address else 2 * cores, log_to_driver=False,
+    runtime.init(address=address, num_cpus=None if address else cores, log_to_driver=False,
                  storage={"--out": out_uri}, shared_fs=shared_fs, state_api=True)
     timings: dict[str, float] = {}
     t_all = time.monotonic()

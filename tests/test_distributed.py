@@ -25,7 +25,7 @@ def _sweep(ray_session, data, out):
 
 
 @pytest.mark.slow
-def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_session, stdlib_data, s3_prefix):
+def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_session, stdlib_data, s3_prefix, tmp_path):
     # On S3, the harder store; a sweep to a local path (and its re-run training nothing) is
     # what tests/test_demo.py runs, so the suite pays for one ~90 s sweep here, not two.
     out = s3_prefix
@@ -43,6 +43,24 @@ def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_ses
     # pfrac/ef² keeps the nonzero count about constant as width grows
     by = df.set_index("trial")["nonzeros"]
     assert abs(by["pfrac=0.25_ef=2"] - by["pfrac=0.25_ef=1"]) < 0.2 * by["pfrac=0.25_ef=1"]
+    # One-worker trials train in Tune's (reused) trial processes: each is the same run as
+    # `csp train` of its config in a fresh process here, to the bit.
+    import torch
+
+    from cluster import checkpoints, local_train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trial (one CPU)
+    try:
+        for trial in ("pfrac=0.25_ef=2", "pfrac=0.5_ef=1"):
+            run = f"{out}/runs/{trial}"
+            cfg = RunConfig.from_dict(storage.read_json(f"{run}/run.json")["config"])
+            again = os.path.join(str(tmp_path), trial)
+            local_train.train_local(stdlib_data, again, cfg, device="cpu")
+            assert checkpoints.load(again).meta["weights_sha256"] == checkpoints.load(run).meta["weights_sha256"]
+        assert {"t_trial_start", "t_ready", "t_loop_end", "t_fit_end"} <= set(storage.read_json(f"{run}/timings.json"))
+    finally:
+        torch.set_num_threads(threads)
     metrics = pd.read_parquet(f"{out}/metrics", storage_options=storage.storage_options(out))
     assert set(metrics["trial"].astype(str)) == set(df["trial"]) and metrics["loss"].notna().any()
     before = {u for u in storage.ls(out) if "/checkpoints/step-" in u}
