@@ -1,8 +1,10 @@
 """Pruning cost for the demo-size model on this machine; prints one JSON object.
 
-    python benchmarks/prune.py [--task single_double_quote] [--device cpu]
+    python benchmarks/prune.py [--task single_double_quote] [--device cpu] [--paper]
 
-Model: d_model 128, 2 layers, ctx 128 (DESIGN.md's demo size), default PruneConfig.
+Model: the demo's d_model-128 model (``demo.full_plan()`` at ef 2: 2 layers, ctx 128, and
+the demo's activation sparsity — none by default, AbsTopK at afrac 0.25 with ``--paper``,
+the paper's architecture), default PruneConfig.
 Figures: seconds for one whole (task, checkpoint) pair (mask training, k search,
 verification); forward+backward passes per second during mask training (one pass = the
 clean and the corrupt batch of the train pairs).
@@ -18,9 +20,10 @@ import _bootstrap  # noqa: F401  (first: fixes sys.path)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from jobs import demo  # noqa: E402
 from sparsity import corpus, tokenizer  # noqa: E402
 from sparsity import prune as prune_lib  # noqa: E402
-from sparsity.config import ModelConfig  # noqa: E402
+from sparsity.config import RunConfig  # noqa: E402
 from sparsity.model import GPT  # noqa: E402
 from sparsity.tasks import REGISTRY, TRAIN_SEED, encode, pair_loss  # noqa: E402
 
@@ -29,19 +32,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="single_double_quote", choices=list(REGISTRY))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--paper", action="store_true", help="the paper's architecture: AbsTopK on (demo.full_plan(paper=True))")
     args = ap.parse_args()
     dev = torch.device(args.device)
 
+    plan = demo.full_plan(paper=args.paper)
+    mcfg = RunConfig.at_width(plan.base, plan.train, pfrac=1.0, ef=2.0).model
     files = corpus.list_files(None)
     tok = tokenizer.train(corpus.iter_texts(files))
     stream = []
     for text in corpus.iter_texts(files[:200]):
         stream += tok.encode(text) + [tok.eot_id]
-    rows = np.array(stream[: 128 * 129]).reshape(128, 129)
-    pretrain = [torch.from_numpy(rows[i : i + 16, :128].astype("int64")) for i in range(0, 128, 16)]
+    n = plan.n_ctx
+    rows = np.array(stream[: 128 * (n + 1)]).reshape(128, n + 1)
+    pretrain = [torch.from_numpy(rows[i : i + 16, :n].astype("int64")) for i in range(0, 128, 16)]
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(d_model=128, n_head=8, d_head=16, d_mlp=512, n_layer=2, block_size=128)).to(dev).eval()
+    model = GPT(mcfg).to(dev).eval()
     cfg = prune_lib.PruneConfig()
     task = REGISTRY[args.task]
 
@@ -50,7 +57,7 @@ def main() -> None:
         p.requires_grad_(False)
     mu = prune_lib.node_means(model, pretrain, dev)
     gates = prune_lib.Gates(model, mu, cfg.surrogate_temp, cfg.init)
-    b = encode(task, tok, cfg.batch_pairs, TRAIN_SEED, 128)
+    b = encode(task, tok, cfg.batch_pairs, TRAIN_SEED, n)
     opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr)
     tokens, last = prune_lib._joint(b)
     tokens, last, t, a = tokens.to(dev), last.to(dev), b.target.to(dev), b.alt.to(dev)
@@ -71,7 +78,7 @@ def main() -> None:
     circuit = prune_lib.prune(model, task, tok, dataclasses.replace(cfg, prune_anyway=True), pretrain, device=dev)
     pair_s = time.perf_counter() - t0
     print(json.dumps({
-        "device": str(dev), "threads": torch.get_num_threads(), "model": "d_model 128 × 2 layers, ctx 128",
+        "device": str(dev), "threads": torch.get_num_threads(), "model": f"d_model {mcfg.d_model} × {mcfg.n_layer} layers, ctx {mcfg.block_size}, afrac {mcfg.afrac}",
         "task": task.name, "prompt_tokens": int(tokens.shape[1]), "batch_pairs": cfg.batch_pairs, "mask_steps": cfg.steps,
         "seconds_per_pair": round(pair_s, 2), "mask_training_fwd_bwd_per_s": round(passes_per_s, 2),
         "nodes_total": circuit.metrics["nodes_total"],

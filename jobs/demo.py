@@ -29,7 +29,14 @@ from jobs import report as report_lib
 from jobs import results, sweep, viz
 from jobs.prune_pairs import solved
 from sparsity import tasks as task_lib
-from sparsity.config import LR_DENSE, ModelConfig, SparsityConfig, TrainConfig, density_lr
+from sparsity.config import (
+    LR_DENSE,
+    ModelConfig,
+    RunConfig,
+    SparsityConfig,
+    TrainConfig,
+    density_lr,
+)
 from sparsity.prune import PruneConfig
 
 SUMMARY = "summary.parquet"  # OUT/summary.parquet: the models table (not a sweep summary: no runs/ beside it)
@@ -48,14 +55,15 @@ class Plan:
     dense_ef: float  # the dense baseline's width multiplier (pfrac = ef², every matrix dense)
     train: TrainConfig
     prune: PruneConfig
-    lr_dense: float  # lr of a dense model; a model at density d trains at lr_dense / sqrt(d)
+    lr_dense: float  # lr of a dense model; a model at density d trains at lr_dense / sqrt(d) (Adam: × 64/d_model)
     controls: tuple[str, ...] = ("single_double_quote",)  # tasks whose solved pairs get the faithfulness controls
     control_models: int = 1  # ... on this many of the sparsest models that solve it (each control is a pruning run)
     notes: tuple[str, ...] = ()
     reseeded: tuple[tuple[float, float, int], ...] = ()  # (pfrac, ef, seed): grid points trained again at another seed
 
     def lr(self, pfrac: float, ef: float) -> float:
-        return density_lr(SparsityConfig(pfrac=pfrac, ef=ef).l0frac, self.train.optimizer, self.lr_dense)
+        return density_lr(SparsityConfig(pfrac=pfrac, ef=ef).l0frac, self.train.optimizer, self.lr_dense,
+                          RunConfig.at_width(self.base, self.train, pfrac=pfrac, ef=ef).model.d_model)
 
     def points(self) -> list[dict]:
         grid = [{"pfrac": p, "ef": e} for e in self.efs for p in self.pfracs]

@@ -26,16 +26,23 @@ MLP_RATIO = 4  # d_mlp = MLP_RATIO × d_model unless given (GPT-2's ratio)
 # csp's learning-rate rule — ours, not the paper's: the paper tunes lr per experiment and
 # notes that sparser models want larger ones; its training code has one base lr and no
 # rule across densities. A model whose block matrices keep a fraction d of their weights
-# trains at LR_DENSE[optimizer] / sqrt(d) unless --lr says otherwise.
-# Adam: TrainConfig.lr's measurement (best of 3e-3…1e-1 for a dense d64 model in 300 steps);
-# Muon: the demo's (sparsity/optim.py scales its update so one lr serves every shape).
+# trains at LR_DENSE[optimizer] / sqrt(d) unless --lr says otherwise; with Adam also times
+# LR_REF_WIDTH / d_model (Adam's best lr falls as the matrices widen; Muon scales its update
+# per shape, sparsity/optim.py, so one lr serves every width).
+# Measured (benchmarks/lr_rule.py: the demo's models on the paper's architecture, Adam, 700
+# steps; val loss at each lr): d64 dense best at 0.03 (4.218; 0.01: 4.277, 0.06: 4.248);
+# d128 dense best at 0.015 (4.123; 0.0075: 4.136, 0.03: 4.562); d128 at density 1/8 best
+# at 0.0424 (4.241; 0.0283: 4.321, 0.0849: 4.530) — each the rule's value.
 LR_DENSE = {"adam": 3e-2, "muon": 1e-2}
+LR_REF_WIDTH = 64  # the d_model at which Adam's dense lr is LR_DENSE["adam"]
 
 
-def density_lr(density: float, optimizer: str = "adam", lr_dense: float | None = None) -> float:
-    """The learning rate of a model at block-weight ``density`` (3 significant digits)."""
+def density_lr(density: float, optimizer: str = "adam", lr_dense: float | None = None, d_model: int = LR_REF_WIDTH) -> float:
+    """The learning rate of a model at block-weight ``density`` and width ``d_model`` (3
+    significant digits): ``lr_dense / sqrt(density)``, times ``LR_REF_WIDTH / d_model`` for Adam."""
     base = LR_DENSE[optimizer] if lr_dense is None else lr_dense
-    return float(f"{base / math.sqrt(density):.3g}")
+    width = LR_REF_WIDTH / d_model if optimizer == "adam" else 1.0
+    return float(f"{base * width / math.sqrt(density):.3g}")
 PLACEMENTS = ("spread", "strict_spread", "pack")  # where Ray Train puts the workers of one run
 
 
@@ -210,14 +217,15 @@ class RunConfig:
 
     def with_density_lr(self, lr_dense: float | None = None) -> RunConfig:
         """This config at csp's density-scaled learning rate (:func:`density_lr`)."""
-        lr = density_lr(self.sparsity.l0frac, self.train.optimizer, lr_dense)
+        lr = density_lr(self.sparsity.l0frac, self.train.optimizer, lr_dense, self.model.d_model)
         return dataclasses.replace(self, train=dataclasses.replace(self.train, lr=lr))
 
     def lr_rule(self) -> str:
-        """How the density rule arrives at this config's lr, for a log line."""
-        d = self.sparsity.l0frac
-        return (f"lr {self.train.lr:.3g} = {LR_DENSE[self.train.optimizer]:g} / sqrt(density {d:.4g}) "
-                f"(csp's density rule for {self.train.optimizer}; --lr sets it)")
+        """How the rule arrives at this config's lr, for a log line."""
+        d, opt = self.sparsity.l0frac, self.train.optimizer
+        width = f" × {LR_REF_WIDTH}/d_model {self.model.d_model}" if opt == "adam" else ""
+        return (f"lr {self.train.lr:.3g} = {LR_DENSE[opt]:g}{width} / sqrt(density {d:.4g}) "
+                f"(csp's density rule for {opt}; --lr sets it)")
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

@@ -146,6 +146,8 @@ def test_many_rows_of_changing_scale_and_ties_keep_the_reference_set(width, dtyp
     check(x.to(dtype), k)
     wide = torch.randn(40, 20, 3 * width, generator=g).to(dtype)
     check(wide[..., width: 2 * width], k)  # q/k/v-like view: rows 3·width apart
+    check(torch.randn(width, 300, generator=g).to(dtype).t(), k)  # last dimension strided
+    check(torch.randn(1, 5, width, generator=g).to(dtype).expand(4, 5, width), k)  # rows repeated (stride 0)
 
 
 def test_the_kernel_is_built_where_a_c_compiler_is():

@@ -32,14 +32,18 @@ def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_ses
     df = _sweep(ray_session, stdlib_data, out)
     assert sorted(df["trial"]) == ["pfrac=0.25_ef=1", "pfrac=0.25_ef=2", "pfrac=0.5_ef=1", "pfrac=0.5_ef=2"]
     assert (df["steps"] == 8).all() and df["val_loss"].notna().all()
-    # Each trial trains at csp's density-scaled lr, read back from its run's config.
+    # Each trial trains at csp's rule (Adam: LR_DENSE · 64/d_model / sqrt(density)), read back
+    # from its run's config.
     from sparsity.config import LR_DENSE, RunConfig, density_lr
 
     for t in df.itertuples():
         cfg = RunConfig.from_dict(storage.read_json(f"{out}/runs/{t.trial}/run.json")["config"])
-        assert cfg.train.lr == t.lr == density_lr(cfg.sparsity.l0frac, "adam")
-        assert math.isclose(cfg.train.lr, LR_DENSE["adam"] / math.sqrt(t.pfrac / t.ef ** 2), rel_tol=5e-3)  # 3 significant digits
-    assert df["lr"].nunique() == 4  # densities 1/2, 1/4, 1/8, 1/16: four learning rates
+        assert cfg.train.lr == t.lr == density_lr(cfg.sparsity.l0frac, "adam", d_model=cfg.model.d_model)
+        assert cfg.model.d_model == 64 * t.ef
+        assert math.isclose(cfg.train.lr, LR_DENSE["adam"] / t.ef / math.sqrt(t.pfrac / t.ef ** 2), rel_tol=5e-3)  # 3 significant digits
+    lrs = df.set_index("trial")["lr"]
+    assert lrs["pfrac=0.25_ef=1"] > lrs["pfrac=0.5_ef=1"]  # sparser at one width: larger
+    assert lrs["pfrac=0.5_ef=2"] < lrs["pfrac=0.25_ef=1"]  # density 1/8 at twice the width: 2^(1/2) × 1/2 of density 1/4's
     # pfrac/ef² keeps the nonzero count about constant as width grows
     by = df.set_index("trial")["nonzeros"]
     assert abs(by["pfrac=0.25_ef=2"] - by["pfrac=0.25_ef=1"]) < 0.2 * by["pfrac=0.25_ef=1"]

@@ -43,8 +43,10 @@ def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):
     assert "trained 12 steps" in r.stdout
     from sparsity.config import density_lr
 
-    lr = json.loads((out / "run.json").read_text())["config"]["train"]["lr"]
-    assert lr == density_lr(0.25, "adam") and f"lr {lr:.3g} = " in r.stdout and "density rule" in r.stdout
+    config = json.loads((out / "run.json").read_text())["config"]
+    lr, width = config["train"]["lr"], config["model"]["d_model"]
+    assert lr == density_lr(0.25, "adam", d_model=width) and f"lr {lr:.3g} = " in r.stdout and "density rule" in r.stdout
+    assert f"64/d_model {width}" in r.stdout  # Adam's width factor is printed too
     r = runner.invoke(app, ["model", "info", str(out), "--format", "json"])
     info = json.loads(r.stdout)
     c_fc = info["matrices"]["transformer.h.0.mlp.c_fc.weight"]
@@ -79,3 +81,17 @@ def test_csp_train_bad_flags_are_one_line_errors(stdlib_data, tmp_path, args, fr
     assert r.exit_code == 2, r.output
     assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_lr_rule_scales_adam_by_width_and_density_and_muon_by_density_only():
+    """csp's rule (sparsity.config): lr_dense / sqrt(density), × 64/d_model for Adam — the
+    best lrs measured at d64 dense, d128 dense and d128 at density 1/8 (benchmarks/lr_rule.py)."""
+    from sparsity.config import LR_DENSE, density_lr
+
+    assert density_lr(1.0, "adam", d_model=64) == LR_DENSE["adam"] == 0.03
+    assert density_lr(1.0, "adam", d_model=128) == 0.015
+    assert density_lr(0.125, "adam", d_model=128) == 0.0424
+    assert density_lr(0.25, "muon", d_model=512) == density_lr(0.25, "muon", d_model=64) == 2 * LR_DENSE["muon"]
+    cfg = tiny_config(m__d_model=128, m__n_head=8, m__d_mlp=512, s__pfrac=0.5).with_density_lr()
+    assert cfg.train.lr == density_lr(cfg.sparsity.l0frac, "adam", d_model=128)
+    assert cfg.lr_rule().startswith(f"lr {cfg.train.lr:.3g} = 0.03 × 64/d_model 128 / sqrt(density 0.5)")
