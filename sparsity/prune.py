@@ -375,6 +375,33 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
     test_ev = _Evaluator(model, gates, test_b, dev, draw(2 * len(test_b), eval_gen))
     select_ev = _Evaluator(model, gates, select_b, dev, draw(2 * len(select_b), eval_gen))
 
+    # Scoring a circuit of the top k nodes on held-out selection pairs (the ranking comes
+    # from the trained masks below; k = 0, every node ablated, needs none).
+    ranking: list = []
+    calib_cache: dict[int, tuple[float, float]] = {}
+
+    def calib_for(k: int, fixed) -> tuple[float, float] | None:
+        if not cfg.calibrate:
+            return None
+        if k not in calib_cache:
+            calib_cache[k] = _fit_calibration(select_ev, fixed)
+        return calib_cache[k]
+
+    def sel_bound(k: int) -> float:
+        """Selection loss of the top-k circuit plus ``select_se`` standard errors: k must meet
+        the target with that margin, since the smallest k that just meets it on these pairs
+        is the one their noise favours most (a winner's curse on the test pairs)."""
+        fixed = gates.top_k_mask(ranking, k)
+        losses = select_ev.losses(fixed, calib_for(k, fixed))
+        sel_mean[k] = float(losses.mean())
+        se = float(losses.std()) / len(losses) ** 0.5 if len(losses) > 1 else 0.0
+        return sel_mean[k] + cfg.select_se * se
+
+    sel_mean: dict[int, float] = {}
+    # A task the fully ablated model already does needs no circuit ("trivial"): that verdict
+    # does not depend on the masks, so it is checked first and no mask is trained for it.
+    trivial = sel_bound(0) <= cfg.target
+
     # 1. train τ: task loss + k_coef · Σ H(τ), a fresh batch of pairs every step
     opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     warm = int(cfg.warmup_frac * cfg.steps)
@@ -382,7 +409,7 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)))
     every = max(1, cfg.steps // 20)
     curve: list[list[float]] = []
-    for step in range(cfg.steps):
+    for step in range(0 if trivial else cfg.steps):
         if len(train_b) >= cfg.batch_pairs:
             idx = torch.randperm(len(train_b), generator=gen)[: cfg.batch_pairs]
         else:
@@ -406,50 +433,30 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
 
     # 2. rank nodes by τ and bisect k on held-out selection pairs
     ranking = gates.ranking()
-    calib_cache: dict[int, tuple[float, float]] = {}
-
-    def calib_for(k: int, fixed) -> tuple[float, float] | None:
-        if not cfg.calibrate:
-            return None
-        if k not in calib_cache:
-            calib_cache[k] = _fit_calibration(select_ev, fixed)
-        return calib_cache[k]
-
-    def sel_bound(k: int) -> float:
-        """Selection loss of the top-k circuit plus ``select_se`` standard errors: k must meet
-        the target with that margin, since the smallest k that just meets it on these pairs
-        is the one their noise favours most (a winner's curse on the test pairs)."""
-        fixed = gates.top_k_mask(ranking, k)
-        losses = select_ev.losses(fixed, calib_for(k, fixed))
-        sel_mean[k] = float(losses.mean())
-        se = float(losses.std()) / len(losses) ** 0.5 if len(losses) > 1 else 0.0
-        return sel_mean[k] + cfg.select_se * se
-
-    sel_mean: dict[int, float] = {}
-
     # The loss along the ranking is not monotone (ablating a harmful node can help, so the
     # trained mask may beat the whole model): probe a doubling grid plus the trained mask's
     # own size, then bisect below the smallest probe that meets the target.
-    n_open = gates.n_open()
-    grid = sorted({0, n_open, n_nodes} | {2**i for i in range(n_nodes.bit_length()) if 2**i < n_nodes})
-    probes = {k: sel_bound(k) for k in grid}
-    meeting = [k for k in grid if probes[k] <= cfg.target]
-    if not meeting:
-        status = "target_not_reached"
-        k = min(grid, key=lambda k: (probes[k], k))  # keep the best circuit found, with its verdict
-    elif meeting[0] == 0:
+    n_open = None if trivial else gates.n_open()  # no mask trained: None
+    if trivial:
         status, k = "trivial", 0  # the fully ablated model already meets the target
     else:
-        status = "ok"
-        lo = max(g for g in grid if g < meeting[0])  # fails the target
-        hi = meeting[0]
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if sel_bound(mid) <= cfg.target:
-                hi = mid
-            else:
-                lo = mid
-        k = hi
+        grid = sorted({0, n_open, n_nodes} | {2**i for i in range(n_nodes.bit_length()) if 2**i < n_nodes})
+        probes = {k: sel_bound(k) for k in grid}
+        meeting = [k for k in grid if probes[k] <= cfg.target]  # k = 0 is not among them: not trivial
+        if not meeting:
+            status = "target_not_reached"
+            k = min(grid, key=lambda k: (probes[k], k))  # keep the best circuit found, with its verdict
+        else:
+            status = "ok"
+            lo = max(g for g in grid if g < meeting[0])  # fails the target
+            hi = meeting[0]
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if sel_bound(mid) <= cfg.target:
+                    hi = mid
+                else:
+                    lo = mid
+            k = hi
     kept = gates.top_k_mask(ranking, k)
     calib = calib_for(k, kept)
 
