@@ -1,10 +1,10 @@
 """Pruning cost for the demo-size model on this machine; prints one JSON object.
 
-    python benchmarks/prune.py [--task single_double_quote] [--device cpu] [--paper]
+    python benchmarks/prune.py [--task single_double_quote] [--device cpu] [--no-abstopk]
 
-Model: the demo's d_model-128 model (``demo.full_plan()`` at ef 2: 2 layers, ctx 128, and
-the demo's activation sparsity — none by default, AbsTopK at afrac 0.25 with ``--paper``,
-the paper's architecture), default PruneConfig.
+Model: the demo's d_model-128 model (``demo.full_plan()`` at ef 2: 2 layers, ctx 128,
+AbsTopK at afrac 0.25 as the paper; ``--no-abstopk``: ``full_plan(paper=False)``), default
+PruneConfig.
 Figures: seconds for one whole (task, checkpoint) pair (mask training, k search,
 verification); forward+backward passes per second during mask training (one pass = the
 clean and the corrupt batch of the train pairs).
@@ -32,11 +32,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="single_double_quote", choices=list(REGISTRY))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--paper", action="store_true", help="the paper's architecture: AbsTopK on (demo.full_plan(paper=True))")
+    ap.add_argument("--no-abstopk", action="store_true", help="AbsTopK off (demo.full_plan(paper=False))")
     args = ap.parse_args()
     dev = torch.device(args.device)
 
-    plan = demo.full_plan(paper=args.paper)
+    plan = demo.full_plan(paper=not args.no_abstopk)
     mcfg = RunConfig.at_width(plan.base, plan.train, pfrac=1.0, ef=2.0).model
     files = corpus.list_files(None)
     tok = tokenizer.train(corpus.iter_texts(files))

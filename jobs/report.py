@@ -59,41 +59,68 @@ def format_controls(ctl) -> str:
     return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
 
 
-def frontier_claims(summary) -> list[str]:
+def frontier_claims(summary, circ=None) -> list[str]:
     """The paper's two frontier claims, checked on this run's models from verified circuits
-    only (``geomean_edges``: the geometric mean of a model's verified circuits' edges):
+    only:
 
     1. at equal width, sparser weights give smaller circuits;
     2. at equal nonzeros, the wider model is better on both axes (lower val loss, smaller
        circuits): the frontier moves outward.
 
+    Circuit sizes are compared on the same tasks: the geometric mean of edges over the tasks
+    verified in every model compared (``circ``: the real circuits, one row per model and
+    task); models whose verified circuits are for different tasks cannot be compared, and
+    the claim says so. Without ``circ``, each model's ``geomean_edges`` over its own tasks.
+
     Where the plan trained a point at two seeds, their difference is the noise scale: a
     difference smaller than it is reported as within noise."""
     import math
 
+    import numpy as np
+
     df = summary[summary["model_id"].notna()]
+    ok = circ[(circ["status"] == "ok") & circ["control"].isna()] if circ is not None else None
+
+    def sizes(models) -> tuple[list[float], list[str]] | None:
+        """Geomean edges of each model over the tasks all of them verified, and those tasks;
+        None when some model has no verified circuit or no task is common."""
+        if ok is None:
+            e = [float(m["geomean_edges"]) for m in models]
+            return None if any(math.isnan(v) for v in e) else (e, [])
+        per = [ok[ok["model_id"] == m["model_id"]] for m in models]
+        common = sorted(set.intersection(*(set(p["task"]) for p in per)))
+        if not common:
+            return None
+        return [float(np.exp(np.log(p[p["task"].isin(common)]["n_edges"].clip(lower=1).astype(float)).mean())) for p in per], common
+
+    def on(tasks: list[str]) -> str:
+        return f" on {', '.join(tasks)}" if tasks else ""
+
     seed0 = df[df["seed"] == 0] if "seed" in df else df
     noise_loss = noise_edges = 0.0
     if "seed" in df:
         for _, grp in df.groupby(["pfrac", "ef"]):
             if grp["seed"].nunique() > 1:
                 noise_loss = max(noise_loss, float(grp["val_loss"].max() - grp["val_loss"].min()))
-                e = grp["geomean_edges"].dropna()
-                if len(e) > 1:
-                    noise_edges = max(noise_edges, float(e.max() - e.min()))
+                e = sizes([r for _, r in grp.iterrows()])
+                if e:
+                    noise_edges = max(noise_edges, max(e[0]) - min(e[0]))
     out = []
     if "seed" in df and (df["seed"] != 0).any():
-        edges_txt = f"geomean edges ±{noise_edges:.1f}" if noise_edges else "geomean edges: not both have verified circuits"
+        edges_txt = f"geomean edges ±{noise_edges:.1f}" if noise_edges else "geomean edges: not both have a verified circuit for a common task"
         out.append(f"Seed noise (one point at two seeds): val loss ±{noise_loss:.3f}, {edges_txt}.")
     for d_model, grp in seed0.groupby("d_model"):
-        g = grp.dropna(subset=["geomean_edges"]).sort_values("density")
-        if len(g) < 2:
-            if grp["density"].nunique() > 1:
-                out.append(f"Sparser at equal width (d_model {d_model}): fewer than two of its densities have verified "
-                           "circuits, so it cannot be judged.")
+        if grp["density"].nunique() < 2:
             continue
-        edges = [float(v) for v in g["geomean_edges"]]
-        dens = ", ".join(f"{_density(d)}: {e:.1f}" for d, e in zip(g["density"], edges, strict=True))
+        g = grp.dropna(subset=["geomean_edges"]).sort_values("density")
+        e = sizes([r for _, r in g.iterrows()]) if len(g) >= 2 else None
+        if e is None:
+            why = ("fewer than two of its densities have verified circuits" if len(g) < 2 else
+                   "its densities' verified circuits are for different tasks")
+            out.append(f"Sparser at equal width (d_model {d_model}): {why}, so it cannot be judged.")
+            continue
+        edges, tasks = e
+        dens = ", ".join(f"{_density(d)}: {x:.1f}" for d, x in zip(g["density"], edges, strict=True))
         steps = [b - a for a, b in zip(edges, edges[1:], strict=False)]
         if all(x > noise_edges for x in steps):
             verdict = "reproduced: sparser → smaller circuits"
@@ -101,24 +128,25 @@ def frontier_claims(summary) -> list[str]:
             verdict = "same order, but within seed noise"
         else:
             verdict = "not reproduced"
-        out.append(f"Sparser at equal width (d_model {d_model}; geomean edges of verified circuits — {dens}): {verdict}.")
+        out.append(f"Sparser at equal width (d_model {d_model}; geomean edges of verified circuits{on(tasks)} — {dens}): {verdict}.")
     for _, grp in seed0.groupby("pfrac"):  # one pfrac: about the same nonzeros at every width
         g = grp.sort_values("d_model")
         if g["d_model"].nunique() < 2:
             continue
         narrow, wide = g.iloc[0], g.iloc[-1]
         dl = float(wide["val_loss"] - narrow["val_loss"])
-        e_n, e_w = narrow["geomean_edges"], wide["geomean_edges"]
-        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (e_n, e_w)):
-            out.append(f"Wider at equal nonzeros (~{int(narrow['nonzeros']):,}): d_model {int(wide['d_model'])} vs {int(narrow['d_model'])} "
-                       f"val loss {dl:+.3f}; not both have verified circuits, so the circuit side cannot be judged.")
+        head = f"Wider at equal nonzeros (~{int(narrow['nonzeros']):,}): d_model {int(wide['d_model'])} vs {int(narrow['d_model'])}"
+        e = sizes([narrow, wide])
+        if e is None:
+            out.append(f"{head} val loss {dl:+.3f}; not both have a verified circuit for a common task, so the circuit side "
+                       "cannot be judged.")
             continue
-        de = float(e_w - e_n)
+        (e_n, e_w), tasks = e
+        de = e_w - e_n
         better_loss, better_edges = dl < -noise_loss, de < -noise_edges
         verdict = ("reproduced: the frontier moves outward" if better_loss and better_edges else
                    "partly: better on one axis" if better_loss or better_edges else "not reproduced")
-        out.append(f"Wider at equal nonzeros (~{int(narrow['nonzeros']):,}): d_model {int(wide['d_model'])} vs {int(narrow['d_model'])} — "
-                   f"val loss {dl:+.3f}, geomean edges {de:+.1f}: {verdict}.")
+        out.append(f"{head} — val loss {dl:+.3f}, geomean edges{on(tasks)} {de:+.1f}: {verdict}.")
     return out
 
 
@@ -169,5 +197,5 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
         frontier_svg=_inline_svg(storage.read_text(front_svg)) if storage.exists(front_svg) else None,
         featured=[{"task": d["task"], "label": label_of.get(d["model_id"], d["model_id"]), "svg": _inline_svg(storage.read_text(d["svg"]))}
                   for d in featured],
-        page_js=viz.PAGE_JS, claims=frontier_claims(summary),
+        page_js=viz.PAGE_JS, claims=frontier_claims(summary, circ),
     )

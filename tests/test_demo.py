@@ -143,3 +143,27 @@ def test_training_progress_counts_the_steps_each_run_has_checkpointed(tmp_path):
             time.sleep(0.005)
     assert seen[0] == (300, 1800) and seen[-1] == (1200, 1800)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_frontier_claims_compare_circuit_sizes_on_common_tasks_only():
+    """Two densities at one width whose verified circuits are for different tasks cannot be
+    compared; on a task both verified, the sizes are compared there (and only there)."""
+    import pandas as pd
+
+    from jobs import report
+
+    summary = pd.DataFrame([
+        {"model_id": "a", "pfrac": 1.0, "ef": 2.0, "seed": 0, "d_model": 128, "density": 0.25, "nonzeros": 100,
+         "val_loss": 4.1, "geomean_edges": 22.0},
+        {"model_id": "b", "pfrac": 0.5, "ef": 2.0, "seed": 0, "d_model": 128, "density": 0.125, "nonzeros": 50,
+         "val_loss": 4.2, "geomean_edges": 694.0},
+    ])
+
+    def circ(rows):
+        return pd.DataFrame([{"model_id": m, "task": t, "n_edges": e, "status": "ok", "control": None} for m, t, e in rows])
+
+    apart = report.frontier_claims(summary, circ([("a", "else_elif", 22), ("b", "indent_for", 694)]))
+    assert any("d_model 128): its densities' verified circuits are for different tasks, so it cannot be judged" in c for c in apart)
+    both = report.frontier_claims(summary, circ([("a", "else_elif", 22), ("b", "indent_for", 694), ("b", "else_elif", 9)]))
+    claim = next(c for c in both if c.startswith("Sparser at equal width (d_model 128"))
+    assert "on else_elif" in claim and "1/8: 9.0, 1/4: 22.0" in claim and "reproduced: sparser → smaller circuits" in claim
