@@ -10,7 +10,10 @@
    over the few keys in that bin gives it exactly. When the bracket misses (the k-th key
    lies outside it) a radix select over the whole row runs instead and the bracket widens;
    it narrows again after a run of hits. Only the speed depends on the bracket, never the
-   result. Rows are split over `threads` OpenMP threads. The GIL is released throughout. */
+   result. Rows are split over `threads` OpenMP threads. The GIL is released throughout.
+
+   Built by `pip install` (pyproject.toml, ext-modules); after editing this file re-run
+   `pip install -e .` — an optional build that fails keeps the old module in place. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
