@@ -65,7 +65,7 @@ def _threads(numel: int) -> int:
 def _select(x: torch.Tensor, k: int, want_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(y, keep) from the kernel (keep None unless wanted); x: a CPU tensor of a kernel dtype."""
     n = x.shape[-1]
-    rows = x.view(-1, n) if x.stride(-1) == 1 and _viewable(x) else x.reshape(-1, n).contiguous()
+    rows = x.reshape(-1, n)  # a view where the strides allow (q/k/v: rows 3·width apart), else a copy
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):
         rows = rows.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype)
@@ -75,14 +75,6 @@ def _select(x: torch.Tensor, k: int, want_mask: bool = True) -> tuple[torch.Tens
         _kernel.select(rows.data_ptr(), stride, y.data_ptr(), keep.data_ptr() if want_mask else 0, rows.shape[0], n, k,
                        x.element_size(), _threads(x.numel()))
     return y, keep
-
-
-def _viewable(x: torch.Tensor) -> bool:
-    """True when the leading dimensions merge into rows of one stride (x.view(-1, n) works)."""
-    for i in range(x.dim() - 2):
-        if x.shape[i + 1] != 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
-            return False
-    return True
 
 
 class _Compiled(torch.autograd.Function):
