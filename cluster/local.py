@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster.s3server import free_port
+from cluster.s3server import free_ports
 from sparsity.errors import USAGE, CspRuntimeError
 
 STATE_FILE = "cluster.json"
@@ -197,13 +197,14 @@ def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: f
     args = [ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", f"--num-cpus={cpus:g}"]
     if gpus is not None:
         args.append(f"--num-gpus={gpus}")
+    # Every per-node port free and distinct: nodes on one machine would otherwise all want the defaults.
+    ports = free_ports(len(AGENT_PORTS) + head, exclude=frozenset((cluster.port, cluster.dashboard_port)))
     if head:
         args += ["--head", f"--port={cluster.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
-                 "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dashboard_port}", f"--ray-client-server-port={free_port()}"]
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dashboard_port}", f"--ray-client-server-port={ports.pop()}"]
     else:
         args += [f"--address={cluster.address}", "--node-ip-address=127.0.0.1"]
-    # Every per-node port free: nodes on one machine would otherwise all want the defaults.
-    args += [f"--{flag}={free_port()}" for flag in AGENT_PORTS]
+    args += [f"--{flag}={p}" for flag, p in zip(AGENT_PORTS, ports, strict=True)]
     with open(log, "w") as f:
         proc = subprocess.Popen(args, env=ray_env(), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)

@@ -8,6 +8,7 @@ enforces the given credentials and creates the given buckets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -37,9 +38,20 @@ def weed_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1", exclude: frozenset[int] = frozenset()) -> list[int]:
+    """``n`` distinct free ports, none in ``exclude``. Each stays bound until all are chosen:
+    ports picked one at a time can repeat, and Ray refuses a node whose components share one."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            if s.getsockname()[1] not in exclude:
+                ports.append(s.getsockname()[1])
+        return ports
 
 
 @dataclass

@@ -63,7 +63,8 @@ def multinode(s3_server):
     nodes inherit the S3 server's AWS_* variables. Stopped by PID at the end."""
     from cluster import local, s3server
 
-    c = local.up(nodes=3, cpus_per_node=2, port=s3server.free_port(), dashboard_port=s3server.free_port())
+    port, dash = s3server.free_ports(2)
+    c = local.up(nodes=3, cpus_per_node=2, port=port, dashboard_port=dash)
     yield c
     local.down(c)
     assert not any(n.alive() for n in c.nodes)

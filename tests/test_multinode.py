@@ -169,7 +169,7 @@ def test_cluster_up_and_down_from_the_cli_touch_only_their_own_nodes(ray_session
 
     from cluster import local, s3server
 
-    port, dash = s3server.free_port(), s3server.free_port()
+    port, dash = s3server.free_ports(2)
     p = csp("cluster", "up", "--nodes", "2", "--cpus-per-node", "1", "--port", str(port), "--dashboard-port", str(dash), timeout=120)
     try:
         assert p.returncode == 0, p.stdout + p.stderr
