@@ -2,7 +2,7 @@
 
     python benchmarks/abstopk.py [--reps 7] [--steps 6] [--device cpu]
 
-``new`` is ``sparsity.model.abs_topk`` as installed: the C kernel on CPU where it was built
+``new`` is ``sparsity.abstopk.abs_topk`` as installed: the C kernel on CPU where it was built
 (``backend`` in the output says which), ``torch_ops`` the torch path it falls back to.
 
 Shapes: d_model 256 × 4 layers, ctx 256, batch 8 (2048 rows per call), afrac 0.25, at each
@@ -15,8 +15,8 @@ and forward + backward of a random upstream gradient; candidates alternate withi
 repetition so drift in machine speed hits all alike, and the medians are reported.
 
 Then whole training steps (forward, backward, optimizer; no weight projection) of the
-model with AbsTopK at all 8 locations through ``sparsity.model.abs_topk`` (``new``),
-through ``old``, and with AbsTopK off, alternating the three. ``torch.compile`` is not a
+model with AbsTopK at all 8 locations as the model runs it (``new``: in place on the
+kernel, ``sparsity.abstopk.abs_topk_parts_``), through ``old``, and with AbsTopK off, alternating the three. ``torch.compile`` is not a
 candidate here: on CPU a compiled 31-step bisection ran slower than ``topk`` and compiled
 for 10-25 s per shape.
 """
@@ -40,7 +40,7 @@ from sparsity.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from sparsity.model import GPT  # noqa: E402
 from sparsity.train import make_optimizer, resolve_device  # noqa: E402
 
-NEW = model_mod.abs_topk
+NEW = model_mod.abs_topk_parts_
 SHAPE = dict(d_model=256, n_head=16, d_head=16, d_mlp=1024, n_layer=4, block_size=256, afrac=0.25)  # train_step.py's model
 
 
@@ -171,7 +171,7 @@ def torch_ops(x: torch.Tensor, k: int) -> torch.Tensor:
     return abstopk_lib._abs_topk_torch(x, k)
 
 
-CANDIDATES = {"old": old, "new": NEW, "torch_ops": torch_ops, "topk_where": topk_where, "topk_mul": topk_mul, "topk_function": topk_function,
+CANDIDATES = {"old": old, "new": abstopk_lib.abs_topk, "torch_ops": torch_ops, "topk_where": topk_where, "topk_mul": topk_mul, "topk_function": topk_function,
               "topk_scatter": topk_scatter, "kthvalue_mul": kthvalue_mul, "stable_sort": stable_sort, "radix": radix}
 
 
@@ -240,11 +240,11 @@ def time_steps(cfg: ModelConfig, batch: int, steps: int, dev: torch.device) -> d
 
     def one_step(name: str) -> None:
         model, opt, t = runs[name]
-        model_mod.abs_topk = old if name == "old" else NEW
+        model_mod.abs_topk_parts_ = abstopk_lib.per_part(old) if name == "old" else NEW
         try:
             t.append(timed_step(model, opt, x, dev))
         finally:
-            model_mod.abs_topk = NEW
+            model_mod.abs_topk_parts_ = NEW
 
     order = list(runs)
     for i in range(steps + 2):  # 2 warm-up rounds

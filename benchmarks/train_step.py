@@ -1,6 +1,6 @@
 """Sparse vs dense training step on CPU (or CUDA); prints one JSON object.
 
-    python benchmarks/train_step.py [--steps 8] [--device cpu] [--pfrac 0.0625] [--optimizer muon]
+    python benchmarks/train_step.py [--steps 8] [--device cpu] [--pfrac 0.0625] [--optimizer muon] [--share-pairs 30]
 
 Shape: d_model 256, 4 layers, ctx 256, batch 16 (DESIGN.md's CPU sizing). Both models have
 the same shape and AbsTopK; the sparse one also projects every matrix to its top-k after
@@ -11,6 +11,7 @@ hits both alike; the projection is timed on its own too, as a share of the spars
 from __future__ import annotations
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--optimizer", default="adam", choices=["adam", "muon"], help="the optimizer both models step with")
     ap.add_argument("--afrac", type=float, default=0.25, help="AbsTopK fraction at all 8 locations (0 = off)")
+    ap.add_argument("--share-pairs", type=int, default=30, help="forward pairs (AbsTopK on, then off, or the reverse) timed for its share")
     args = ap.parse_args()
     dev = resolve_device(args.device)
     mcfg = ModelConfig(d_model=256, n_head=16, d_head=16, d_mlp=1024, n_layer=4, block_size=256, afrac=args.afrac or None)
@@ -76,21 +78,29 @@ def main() -> None:
                      "projection_share": round(proj / ms, 4), "nonzero_weights": nz}
     out["sparse_over_dense_step_ratio"] = round(out["sparse"]["ms_per_step"] / out["dense"]["ms_per_step"], 3)
     if args.afrac:
-        out["abstopk"] = _abstopk_share(runs["sparse"][0], x, dev, args.steps)
+        out["abstopk"] = _abstopk_share(runs["sparse"][0], x, dev, args.share_pairs, args.steps)
     print(json.dumps(out, indent=2))
 
 
-def _abstopk_share(model, x, dev, reps: int) -> dict:
-    """AbsTopK's share of a forward (with grad) of the sparse model: the forward timed as
-    is and with every AbsTopK location replaced by the identity, alternating; and the
+def _abstopk_share(model, x, dev, pairs: int, reps: int) -> dict:
+    """AbsTopK's share of a forward (with grad) of the sparse model, as the model runs it (in
+    place on the kernel): pairs of forwards, one as is and one with every AbsTopK location
+    replaced by the identity, back to back in alternating order; the share is the median over
+    pairs of 1 - off/on, with its quartiles. Pairing cancels the slow drifts in machine speed
+    that a ratio of two separate medians picks up (±30% between runs on a shared 2-core VM);
+    the garbage collector is off inside each timed forward, as ``timeit`` does. And the
     AbsTopK op itself against one plain ``torch.topk`` of |x| at the model's own shapes."""
+    from sparsity import abstopk as abstopk_lib
     from sparsity import model as model_lib
 
-    real = model_lib.abs_topk
+    real, parts = abstopk_lib.abs_topk, model_lib.abs_topk_parts_
+    identity_parts = abstopk_lib.per_part(lambda t, k: t)
     idx = x[:, :-1]
 
     def fwd(identity: bool) -> float:
-        model_lib.abs_topk = (lambda t, k: t) if identity else real
+        model_lib.abs_topk_parts_ = identity_parts if identity else parts
+        gc.collect()
+        gc.disable()
         try:
             _sync(dev)
             t0 = time.perf_counter()
@@ -99,13 +109,16 @@ def _abstopk_share(model, x, dev, reps: int) -> dict:
             _sync(dev)
             return time.perf_counter() - t0
         finally:
-            model_lib.abs_topk = real
+            gc.enable()
+            model_lib.abs_topk_parts_ = parts
 
     on, off = [], []
-    for i in range(reps + 2):
+    for i in range(pairs + 2):  # 2 warm-up pairs
         for identity in ((False, True) if i % 2 == 0 else (True, False)):
             (off if identity else on).append(fwd(identity))
-    ms_on, ms_off = statistics.median(on[2:]) * 1e3, statistics.median(off[2:]) * 1e3
+    on, off = on[2:], off[2:]
+    shares = [1 - b / a for a, b in zip(on, off, strict=True)]
+    q1, med, q3 = statistics.quantiles(shares, n=4)
     cfg = model.config
     shapes = [(int(cfg.afrac * d), d) for loc, d in cfg.loc_dims().items() if loc in cfg.loctypes]
     ratio = None
@@ -125,8 +138,9 @@ def _abstopk_share(model, x, dev, reps: int) -> dict:
                 ours.append(t1 - t0)
                 plain.append(time.perf_counter() - t1)
         ratio = round(sum(ours) / sum(plain), 3)
-    return {"forward_ms": round(ms_on, 1), "forward_without_abstopk_ms": round(ms_off, 1),
-            "share_of_forward": round(1 - ms_off / ms_on, 3), "abstopk_over_torch_topk": ratio}
+    return {"forward_ms": round(statistics.median(on) * 1e3, 1), "forward_without_abstopk_ms": round(statistics.median(off) * 1e3, 1),
+            "pairs": len(shares), "share_of_forward": round(med, 3), "share_of_forward_quartiles": [round(q1, 3), round(q3, 3)],
+            "abstopk_over_torch_topk": ratio}
 
 
 if __name__ == "__main__":

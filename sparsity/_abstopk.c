@@ -4,13 +4,23 @@
    the lowest indices are kept), for float32, bfloat16 and float16. The order of |x| is the
    order of the sign-cleared bit patterns ("keys"), so selection works on integers.
 
-   Per row: one vectorised pass makes the keys and their mean; a histogram of 64 bins over
-   a bracket [lo, hi) of keys, centred on the previous row's k-th key relative to its mean
-   (rows at one location are alike), finds the bin that holds the k-th key; a radix select
-   over the few keys in that bin gives it exactly. When the bracket misses (the k-th key
-   lies outside it) a radix select over the whole row runs instead and the bracket widens;
-   it narrows again after a run of hits. Only the speed depends on the bracket, never the
-   result. Rows are split over `threads` OpenMP threads. The GIL is released throughout.
+   Per row, three passes over the row (it sits in L1 after the first):
+   1. the keys and the row's mean |x|;
+   2. a bracket [lo, hi) of keys around the predicted k-th |x| (the mean |x| times a ratio
+      learned over the thread's previous rows: rows at one location are alike, and the ratio
+      varies far less than either term): how many keys lie at or above hi, and a copy of
+      the few inside (about 20 of 256); a quickselect among those gives the k-th key exactly
+      whenever the bracket holds it (97% of the rows of benchmarks/train_step.py's forward;
+      the rest on a second try with a 4x wider bracket, and a radix select over the whole row
+      if that misses too);
+   3. y = x where kept, +0 elsewhere — in place when y is x.
+   The bracket's half-width follows the running error of the prediction. Only the speed
+   depends on the prediction, never the result. Rows are split over `threads` OpenMP
+   threads, and the next rows are prefetched while one is worked on. The GIL is released
+   throughout. On x86-64 an AVX2 version, picked at run time, packs pass 2's copies without
+   branches (AVX-512 measured no faster).
+
+   The backward stores nothing: the kept set is read back from y (see run_backward).
 
    Built by `pip install` (pyproject.toml, ext-modules); after editing this file re-run
    `pip install -e .` — an optional build that fails keeps the old module in place. */
@@ -21,7 +31,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define NB 64
 
 /* Threads: OpenMP, so the kernel runs on torch's own OpenMP pool (the extension links
    libgomp.so.1, which is the one torch has already loaded). Separate POSIX threads measured
@@ -32,8 +41,6 @@
 #define PARALLEL_FOR
 #endif
 
-typedef uint32_t v4u __attribute__((vector_size(16))); /* GCC/Clang vectors: SSE2 or NEON */
-typedef uint64_t v2w __attribute__((vector_size(16)));
 #define MAX_THREADS 256
 
 /* The r-th largest (1-based) of buf[0..c), all in [base, base + 2^bits): radix select with
@@ -66,167 +73,326 @@ static uint32_t select_rth(uint32_t *buf, int64_t c, int64_t r, uint32_t base, i
     return buf[0];
 }
 
+/* The r-th largest (1-based) of buf[0..c) by quickselect, for the few keys in a bracket.
+   Each round splits its keys three ways (> p, == p, < p) into two other arrays, without
+   branches (a mispredicted branch per key cost more than all the rest of a row) and
+   without reading back what it just wrote. s1, s2: scratch of c entries each. *gt, *eq as
+   for select_rth. */
+static uint32_t select_small(uint32_t *buf, uint32_t *s1, uint32_t *s2, int64_t c, int64_t r, uint32_t guess, int64_t *gt,
+                             int64_t *eq) {
+    uint32_t *in = buf, *hi = s1, *lo = s2, p = guess; /* first pivot: the caller's guess */
+    int64_t above = 0, want = r - 1; /* want: position in descending order within in[0..c) */
+    for (int round = 0;; round++) {
+        if (round) { /* then the median of three */
+            uint32_t a = in[0], b = in[c / 2], d = in[c - 1];
+            p = a < b ? (b < d ? b : a < d ? d : a) : (a < d ? a : b < d ? d : b);
+        }
+        int64_t nh = 0, nl = 0;
+        for (int64_t i = 0; i < c; i++) {
+            uint32_t v = in[i];
+            hi[nh] = v;
+            lo[nl] = v;
+            nh += v > p;
+            nl += v < p;
+        }
+        int64_t ne = c - nh - nl; /* >= 1 after the first round: p is one of them */
+        if (want < nh) { /* in the keys above p */
+            uint32_t *t = in;
+            in = hi;
+            hi = t;
+            c = nh;
+        } else if (want < nh + ne) { /* p itself */
+            *gt = above + nh;
+            *eq = ne;
+            return p;
+        } else { /* below p */
+            above += nh + ne;
+            want -= nh + ne;
+            uint32_t *t = in;
+            in = lo;
+            lo = t;
+            c = nl;
+        }
+    }
+}
+
 typedef struct {
     const char *x;
     int64_t stride; /* elements between rows of x */
-    char *y;
-    uint8_t *mask;
+    char *y;        /* may be x itself (in place) */
+    int64_t ystride;
     int64_t r0, r1, n, k;
-    int wide; /* 4-byte elements (float32) or 2-byte (bfloat16, float16) */
+    int dtype; /* DT_F32, DT_BF16 or DT_F16 */
     int failed;
 } job_t;
 
-/* x86-64: an AVX2 copy beside the baseline one, picked at load time (~18% faster measured). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FAST_CLONES __attribute__((target_clones("avx2", "default")))
+enum { DT_F32, DT_BF16, DT_F16 };
+
+/* Keys and approximate values. A key maps to a float of about its |x| (exact for float32
+   and bfloat16; float16 through its exponent and mantissa bits, subnormals approximated),
+   and a float maps back to a key; monotone both ways. Only the bracket uses them, so only
+   the speed depends on their accuracy. */
+static inline float f32_of_bits(uint32_t b) {
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+static inline uint32_t bits_of_f32(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return b;
+}
+#define F16_BIAS (112u << 23) /* float32 exponent bias minus float16's, in place */
+static inline float value_of_key(uint32_t key, int dtype) {
+    return f32_of_bits(dtype == DT_F32 ? key : dtype == DT_BF16 ? key << 16 : (key << 13) + F16_BIAS);
+}
+/* The largest key whose value is <= v (v >= 0, finite): a bracket's lower end. */
+static inline uint32_t key_at_or_below(float v, int dtype) {
+    uint32_t b = bits_of_f32(v);
+    if (dtype == DT_F32) return b;
+    if (dtype == DT_BF16) return b >> 16;
+    return b <= F16_BIAS ? 0 : (b - F16_BIAS) >> 13 > 0x7C00 ? 0x7C00 : (b - F16_BIAS) >> 13;
+}
+
+typedef float v8f __attribute__((vector_size(32))); /* GCC/Clang vectors: SSE2, AVX2 or NEON */
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* Pass 1: keys (sign-cleared bits, whose order is the order of |x|) and the sum of the
+   rows' approximate |x|, in 8 float lanes (a fixed order: the same sum every run). */
+static inline __attribute__((always_inline)) float keys_and_sum(const char *xr, int64_t n, int dtype, uint32_t *keys) {
+    v8f acc = {0};
+    int64_t i = 0;
+    if (dtype == DT_F32) {
+        for (; i + 8 <= n; i += 8) {
+            v8u v;
+            memcpy(&v, xr + 4 * i, 32);
+            v &= 0x7FFFFFFFu;
+            memcpy(keys + i, &v, 32);
+            acc += (v8f)v;
+        }
+        for (; i < n; i++) keys[i] = ((const uint32_t *)xr)[i] & 0x7FFFFFFFu;
+    } else {
+        const uint16_t *xb = (const uint16_t *)xr;
+        const uint32_t shift = dtype == DT_BF16 ? 16 : 13, add = dtype == DT_BF16 ? 0 : F16_BIAS;
+        for (; i + 8 <= n; i += 8) {
+            v8u v = {xb[i], xb[i + 1], xb[i + 2], xb[i + 3], xb[i + 4], xb[i + 5], xb[i + 6], xb[i + 7]};
+            v &= 0x7FFFu;
+            memcpy(keys + i, &v, 32);
+            acc += (v8f)((v << shift) + add);
+        }
+        for (; i < n; i++) keys[i] = xb[i] & 0x7FFFu;
+    }
+    float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (int64_t t = n & ~(int64_t)7; t < n; t++) sum += value_of_key(keys[t], dtype);
+    return sum;
+}
+
+/* Pass 2: the keys in [lo, hi) copied to buf (their count is returned; buf has room for
+   n + 8) and how many keys are >= hi. Keys are < 2^31, so signed compares order them;
+   1 <= lo < hi <= 2^31. */
+static inline __attribute__((always_inline)) int64_t bracket_generic(const uint32_t *keys, int64_t n, uint32_t lo, uint32_t hi,
+                                                                     uint32_t *buf, int64_t *ge_hi) {
+    v8i chi = {0};
+    const int32_t l1 = (int32_t)(lo - 1), h1 = (int32_t)(hi - 1);
+    int64_t c = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8i a;
+        memcpy(&a, keys + i, 32);
+        v8i gh = a > h1, in = (a > l1) & ~gh;
+        chi -= gh;
+        uint64_t w[4]; /* any lane in the bracket? */
+        memcpy(w, &in, 32);
+        if (w[0] | w[1] | w[2] | w[3])
+            for (int64_t l = i; l < i + 8; l++)
+                if (keys[l] - lo < hi - lo) buf[c++] = keys[l];
+    }
+    int64_t nh = 0;
+    for (int l = 0; l < 8; l++) nh += chi[l];
+    for (; i < n; i++) {
+        nh += keys[i] >= hi;
+        if (keys[i] - lo < hi - lo) buf[c++] = keys[i];
+    }
+    *ge_hi = nh;
+    return c;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+/* Pass 2 on AVX2, without branches: the in-bracket lanes of each 8 are packed to the front
+   by a permutation looked up from their bit mask (PACK: the lanes' indices, 4 bits each). */
+static uint32_t PACK[256];
+static void init_pack(void) {
+    for (unsigned m = 0; m < 256; m++) {
+        uint32_t v = 0;
+        for (unsigned l = 0, o = 0; l < 8; l++)
+            if (m >> l & 1) v |= l << (4 * o++);
+        PACK[m] = v;
+    }
+}
+#define TARGET_AVX2 __attribute__((target("avx2,bmi,popcnt")))
+TARGET_AVX2 static int64_t bracket_avx2(const uint32_t *keys, int64_t n, uint32_t lo, uint32_t hi,
+                                                                   uint32_t *buf, int64_t *ge_hi) {
+    const __m256i l1 = _mm256_set1_epi32((int32_t)(lo - 1)), h1 = _mm256_set1_epi32((int32_t)(hi - 1));
+    const __m256i nib = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), seven = _mm256_set1_epi32(7);
+    __m256i chi = _mm256_setzero_si256();
+    int64_t c = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(keys + i));
+        __m256i gh = _mm256_cmpgt_epi32(a, h1);
+        chi = _mm256_sub_epi32(chi, gh);
+        unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gh, _mm256_cmpgt_epi32(a, l1))));
+        __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)PACK[m]), nib), seven);
+        _mm256_storeu_si256((__m256i *)(buf + c), _mm256_permutevar8x32_epi32(a, idx));
+        c += __builtin_popcount(m);
+    }
+    int32_t th[8];
+    _mm256_storeu_si256((__m256i *)th, chi);
+    int64_t nh = 0;
+    for (int l = 0; l < 8; l++) nh += th[l];
+    for (; i < n; i++) {
+        nh += keys[i] >= hi;
+        if (keys[i] - lo < hi - lo) buf[c++] = keys[i];
+    }
+    *ge_hi = nh;
+    return c;
+}
+
 #else
-#define FAST_CLONES
+#define HAVE_AVX2_PATH 0
+static void init_pack(void) {}
 #endif
 
-FAST_CLONES static void run_rows(void *arg) {
-    job_t *j = (job_t *)arg;
-    const int wide = j->wide;
-    const int64_t n = j->n, k = j->k, esize = wide ? 4 : 2;
-    const int kbits = wide ? 31 : 15, mbits = wide ? 23 : 7;
-    uint32_t *keys = malloc(sizeof(uint32_t) * (size_t)n * 2 + (size_t)n * 2); /* keys, buf, mask scratch, bins */
+/* Rows r0..r1 of one thread: the three passes of the header, per row. The prediction's
+   state (ratio, dev) lives per thread, learned from its earlier rows. */
+enum { ISA_GENERIC, ISA_AVX2 };
+#define PREFETCH_ROWS 2 /* rows ahead (1, 2 and 4 measured alike) */
+
+static inline __attribute__((always_inline)) void rows_impl(job_t *j, const int isa) {
+    const int dtype = j->dtype;
+    const int64_t n = j->n, k = j->k, esize = dtype == DT_F32 ? 4 : 2;
+    const int kbits = dtype == DT_F32 ? 31 : 15;
+    uint32_t *keys = malloc(sizeof(uint32_t) * ((size_t)n * 4 + 24)); /* keys, buf (+8: pass 2 writes 8 at a time), 2 scratch */
     if (!keys) {
         j->failed = 1;
         return;
     }
-    uint32_t *buf = keys + n;
-    int dlog = mbits - 1, hits = 0, have_off = 0; /* bracket: centre ± 2^dlog keys (×/÷ √2) */
-    int64_t off = 0;
+    uint32_t *buf = keys + n, *s1 = buf + n + 8, *s2 = s1 + n + 8;
+    float ratio = 0.f, dev = 0.f; /* k-th |x| / mean |x|, and its mean relative error */
+    int have = 0;
     for (int64_t r = j->r0; r < j->r1; r++) {
         const char *xr = j->x + r * j->stride * esize;
-        uint64_t sum = 0; /* of keys >> 16 (float32) in 32-bit lanes: vectorises; a bracket centre needs no more */
-        if (wide) {
-            const uint32_t *xb = (const uint32_t *)xr;
-            for (int64_t i0 = 0; i0 < n; i0 += 32768) {
-                uint32_t part = 0;
-                int64_t i1 = i0 + 32768 < n ? i0 + 32768 : n;
-                for (int64_t i = i0; i < i1; i++) {
-                    uint32_t v = xb[i] & 0x7FFFFFFFu;
-                    keys[i] = v;
-                    part += v >> 16;
-                }
-                sum += part;
-            }
-            sum <<= 16;
-        } else {
-            const uint16_t *xb = (const uint16_t *)xr;
-            for (int64_t i0 = 0; i0 < n; i0 += 65536) {
-                uint32_t part = 0;
-                int64_t i1 = i0 + 65536 < n ? i0 + 65536 : n;
-                for (int64_t i = i0; i < i1; i++) {
-                    uint32_t v = xb[i] & 0x7FFFu;
-                    keys[i] = v;
-                    part += v;
-                }
-                sum += part;
-            }
+        if (r + PREFETCH_ROWS < j->r1) { /* a later row into cache while this one is worked on: ~18% faster */
+            const char *nx = xr + PREFETCH_ROWS * j->stride * esize;
+            for (int64_t b = 0; b < n * esize; b += 64) __builtin_prefetch(nx + b, 1);
         }
-        int64_t mean = (int64_t)(sum / (uint64_t)n), T = -1, n_gt = 0, n_eq = 0;
-        if (have_off) {
-            int s = dlog + 1 - 6;
-            if (s < 0) s = 0;
-            int64_t lo = mean + off - ((int64_t)1 << dlog);
-            if (lo < 0) lo = 0;
-            uint32_t h[4][NB + 2]; /* four interleaved histograms: no store-to-load chains */
-            memset(h, 0, sizeof h);
-            /* bins first, in int32 lanes (vectorises: keys and lo are < 2^31), then counts */
-            uint8_t *restrict bins = (uint8_t *)(buf + n) + n;
-            const int32_t lo32 = (int32_t)lo;
-            for (int64_t i = 0; i < n; i++) {
-                int32_t d = (((int32_t)keys[i] - lo32) >> s) + 1;
-                d = d < 0 ? 0 : d;
-                bins[i] = (uint8_t)(d > NB + 1 ? NB + 1 : d);
-            }
-            int64_t i = 0;
-            for (; i + 4 <= n; i += 4) {
-                h[0][bins[i]]++;
-                h[1][bins[i + 1]]++;
-                h[2][bins[i + 2]]++;
-                h[3][bins[i + 3]]++;
-            }
-            for (; i < n; i++) h[0][bins[i]]++;
-            int64_t above = (int64_t)h[0][NB + 1] + h[1][NB + 1] + h[2][NB + 1] + h[3][NB + 1];
-            int b = NB;
-            for (; b >= 1 && above < k; b--) {
-                int64_t cnt = (int64_t)h[0][b] + h[1][b] + h[2][b] + h[3][b];
-                if (above + cnt >= k) break;
-                above += cnt;
-            }
-            if (above < k && b >= 1) { /* hit: the k-th key is in bin b */
-                uint32_t blo = (uint32_t)(lo + ((int64_t)(b - 1) << s)), width = 1u << s;
-                int64_t c = 0;
-                i = 0;
-                for (; i + 8 <= n; i += 8) { /* 8 at a time; one bin of 64 is rarely hit */
-                    v4u a, b, ha, hb;
-                    memcpy(&a, keys + i, sizeof a);
-                    memcpy(&b, keys + i + 4, sizeof b);
-                    ha = (a - blo) < width;
-                    hb = (b - blo) < width;
-                    v2w any = (v2w)(ha | hb);
-                    if (any[0] | any[1])
-                        for (int l = i; l < i + 8; l++)
-                            if ((keys[l] - blo) < width) buf[c++] = keys[l];
-                }
-                for (; i < n; i++)
-                    if ((keys[i] - blo) < width) buf[c++] = keys[i];
+        if (k == 0) { /* nothing kept */
+            memset(j->y + r * j->ystride * esize, 0, (size_t)(n * esize));
+            continue;
+        }
+        const float mean = keys_and_sum(xr, n, dtype, keys) / (float)n;
+        int64_t T = -1, n_gt = 0, n_eq = 0;
+        const int usable = mean > 0.f && mean < 1e30f; /* finite, nonzero: a scale to predict from */
+        /* the bracket, and once more at about 4x its width when the k-th key falls outside */
+        for (int attempt = 0; attempt < 2 && T < 0 && have && usable; attempt++) {
+            float w = (attempt ? 12.f : 3.f) * dev + (attempt ? 0.05f : 1e-3f);
+            if (w > 0.9f) w = 0.9f;
+            const float pred = ratio * mean;
+            uint32_t lo = key_at_or_below(pred * (1.f - w), dtype), hi = key_at_or_below(pred * (1.f + w), dtype) + 1;
+            if (lo < 1) lo = 1;
+            if (hi > 1u << kbits) hi = 1u << kbits;
+            if (lo >= hi) break;
+            int64_t ge_hi, c;
+#if HAVE_AVX2_PATH
+            c = isa == ISA_AVX2 ? bracket_avx2(keys, n, lo, hi, buf, &ge_hi) : bracket_generic(keys, n, lo, hi, buf, &ge_hi);
+#else
+            c = bracket_generic(keys, n, lo, hi, buf, &ge_hi);
+#endif
+            if (ge_hi < k && ge_hi + c >= k) { /* the k-th key is in [lo, hi) */
                 int64_t g2, e2;
-                T = select_rth(buf, c, k - above, blo, s, &g2, &e2);
-                n_gt = above + g2;
-                n_eq = e2;
-                if (++hits >= 16 && dlog > mbits - 3) {
-                    dlog--;
-                    hits = 0;
+                if (c <= 512) {
+                    /* a first pivot where the (k - ge_hi)-th of c keys spread evenly over [lo, hi) would be */
+                    uint32_t guess = hi - 1 - (uint32_t)((double)(hi - lo) * ((double)(k - ge_hi) - 0.5) / (double)c);
+                    T = select_small(buf, s1, s2, c, k - ge_hi, guess, &g2, &e2);
+                } else {
+                    int bits = 0;
+                    while (((uint64_t)1 << bits) < (uint64_t)(hi - lo)) bits++;
+                    T = select_rth(buf, c, k - ge_hi, lo, bits, &g2, &e2);
                 }
-            } else {
-                hits = 0;
-                if (dlog < kbits - 2) dlog++;
+                n_gt = ge_hi + g2;
+                n_eq = e2;
             }
         }
-        if (T < 0) { /* first row of this thread, or the bracket missed: the whole row */
+        if (T < 0) { /* first row of this thread, a row without a usable scale, or a miss */
             memcpy(buf, keys, sizeof(uint32_t) * (size_t)n);
             T = select_rth(buf, n, k, 0, kbits, &n_gt, &n_eq);
         }
-        off = T - mean;
-        have_off = 1;
-        uint8_t *restrict mr = j->mask ? j->mask + r * n : (uint8_t *)(buf + n); /* no mask wanted: scratch */
+        const float kth = value_of_key((uint32_t)T, dtype);
+        if (usable && kth > 0.f && kth < 1e30f) {
+            const float rr = kth / mean;
+            if (have) {
+                float e = rr / ratio - 1.f;
+                e = e < 0.f ? -e : e;
+                dev += (e - dev) * 0.125f;
+                ratio += (rr - ratio) * 0.125f;
+            } else {
+                ratio = rr;
+                dev = 0.1f;
+                have = 1;
+            }
+        }
+        /* Pass 3: y = x where kept, +0 elsewhere; x and y may be one buffer (each element is
+           read before it is written) */
         const uint32_t t = (uint32_t)T;
         if (n_gt + n_eq != k) { /* ties at the k-th key: keep > t, then the lowest-index ties */
             int64_t need = k - n_gt;
             for (int64_t i = 0; i < n; i++) {
-                uint32_t keep = keys[i] > t || (keys[i] == t && need > 0);
+                int keep = keys[i] > t || (keys[i] == t && need > 0);
                 need -= keys[i] == t && need > 0;
-                mr[i] = (uint8_t)keep;
+                if (esize == 4) ((uint32_t *)j->y)[r * j->ystride + i] = keep ? ((const uint32_t *)xr)[i] : 0;
+                else ((uint16_t *)j->y)[r * j->ystride + i] = keep ? ((const uint16_t *)xr)[i] : 0;
             }
+        } else if (esize == 4) {
+            const uint32_t *xb = (const uint32_t *)xr;
+            uint32_t *yr = (uint32_t *)j->y + r * j->ystride;
+            for (int64_t i = 0; i < n; i++) yr[i] = xb[i] & (0u - (uint32_t)(keys[i] >= t));
         } else {
-            for (int64_t i = 0; i < n; i++) mr[i] = keys[i] >= t;
-        }
-        if (wide) {
-            const uint32_t *restrict xb = (const uint32_t *)xr;
-            uint32_t *restrict yr = (uint32_t *)j->y + r * n;
-            for (int64_t i = 0; i < n; i++) yr[i] = xb[i] & (0u - (uint32_t)mr[i]);
-        } else {
-            const uint16_t *restrict xb = (const uint16_t *)xr;
-            uint16_t *restrict yr = (uint16_t *)j->y + r * n;
-            for (int64_t i = 0; i < n; i++) yr[i] = xb[i] & (uint16_t)(0u - (uint32_t)mr[i]);
+            const uint16_t *xb = (const uint16_t *)xr;
+            uint16_t *yr = (uint16_t *)j->y + r * j->ystride;
+            for (int64_t i = 0; i < n; i++) yr[i] = xb[i] & (uint16_t)(0u - (uint32_t)(keys[i] >= t));
         }
     }
     free(keys);
 }
 
-/* select(x, row_stride, y, mask, rows, n, k, elem_bytes, threads): addresses as ints.
-   x: rows × n elements, rows `row_stride` elements apart; y: rows × n contiguous; mask:
-   rows × n bytes (1 = kept), or 0 for none. Requires 0 < k < n. */
+#if HAVE_AVX2_PATH
+TARGET_AVX2 static void run_rows_avx2(job_t *j) { rows_impl(j, ISA_AVX2); }
+#endif
+static void run_rows_generic(job_t *j) { rows_impl(j, ISA_GENERIC); }
+
+static void run_rows(job_t *j) {
+#if HAVE_AVX2_PATH
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("popcnt")) {
+        run_rows_avx2(j);
+        return;
+    }
+#endif
+    run_rows_generic(j);
+}
+
+/* select(x, x_stride, y, y_stride, rows, n, k, dtype, threads): addresses as ints; dtype 0
+   float32, 1 bfloat16, 2 float16.
+   x: rows × n elements, rows x_stride elements apart; y likewise (y_stride); y may be x (in
+   place, same stride). Requires 0 <= k < n. */
 static PyObject *py_select(PyObject *self, PyObject *args) {
-    unsigned long long xp, yp, mp;
-    long long stride, rows, n, k;
-    int ebytes, threads;
-    if (!PyArg_ParseTuple(args, "KLKKLLLii", &xp, &stride, &yp, &mp, &rows, &n, &k, &ebytes, &threads)) return NULL;
-    if (!(ebytes == 2 || ebytes == 4) || n <= 0 || k <= 0 || k >= n || rows < 0 || stride < n) {
-        PyErr_SetString(PyExc_ValueError, "abstopk: needs 2- or 4-byte elements, 0 < k < n, row_stride >= n");
+    unsigned long long xp, yp;
+    long long xstride, ystride, rows, n, k;
+    int dtype, threads;
+    if (!PyArg_ParseTuple(args, "KLKLLLLii", &xp, &xstride, &yp, &ystride, &rows, &n, &k, &dtype, &threads)) return NULL;
+    if (!(dtype == DT_F32 || dtype == DT_BF16 || dtype == DT_F16) || n <= 0 || k < 0 || k >= n || rows < 0 || xstride < n || ystride < n ||
+        (xp == yp && xstride != ystride)) {
+        PyErr_SetString(PyExc_ValueError, "abstopk: needs dtype 0 (float32), 1 (bfloat16) or 2 (float16), 0 <= k < n, row strides >= n (equal in place)");
         return NULL;
     }
     if (threads > rows) threads = (int)rows;
@@ -234,8 +400,8 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     if (threads < 1) threads = 1;
     job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++)
-        jobs[t] = (job_t){(const char *)(uintptr_t)xp, stride, (char *)(uintptr_t)yp, (uint8_t *)(uintptr_t)mp,
-                          rows * t / threads, rows * (t + 1) / threads, n, k, ebytes == 4, 0};
+        jobs[t] = (job_t){(const char *)(uintptr_t)xp, xstride, (char *)(uintptr_t)yp, ystride,
+                          rows * t / threads, rows * (t + 1) / threads, n, k, dtype, 0};
     Py_BEGIN_ALLOW_THREADS
     PARALLEL_FOR
     for (int t = 0; t < threads; t++) run_rows(&jobs[t]);
@@ -245,59 +411,88 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-typedef struct {
-    const char *g;
-    char *out;
-    const uint8_t *mask;
-    int64_t i0, i1;
-    int wide;
-} mjob_t;
+/* x86-64: an AVX2 copy beside the baseline one, picked at load time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FAST_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FAST_CLONES
+#endif
 
-FAST_CLONES static void run_masked(void *arg) {
-    mjob_t *j = (mjob_t *)arg;
-    if (j->wide) {
-        const uint32_t *g = (const uint32_t *)j->g;
-        uint32_t *o = (uint32_t *)j->out;
-        for (int64_t i = j->i0; i < j->i1; i++) o[i] = g[i] & (0u - (uint32_t)j->mask[i]);
-    } else {
-        const uint16_t *g = (const uint16_t *)j->g;
-        uint16_t *o = (uint16_t *)j->out;
-        for (int64_t i = j->i0; i < j->i1; i++) o[i] = g[i] & (uint16_t)(0u - (uint32_t)j->mask[i]);
+typedef struct {
+    const char *y, *g;
+    char *out;
+    int64_t ys, gs, os; /* row strides, in elements */
+    int64_t r0, r1, n, k;
+    int wide;
+} bjob_t;
+
+/* The backward, with the kept set read back from the forward's output y: every nonzero of
+   y was kept, and so were the lowest-index zeros of a row holding fewer than k nonzeros
+   (its k-th |x| was 0; ties keep the lowest indices). So no mask is stored. */
+FAST_CLONES static void run_backward(void *arg) {
+    bjob_t *j = (bjob_t *)arg;
+    const int64_t n = j->n;
+    for (int64_t r = j->r0; r < j->r1; r++) {
+        int64_t nz = 0;
+        if (j->wide) {
+            const uint32_t *y = (const uint32_t *)j->y + r * j->ys, *g = (const uint32_t *)j->g + r * j->gs;
+            uint32_t *o = (uint32_t *)j->out + r * j->os;
+            for (int64_t i = 0; i < n; i++) {
+                uint32_t m = 0u - (uint32_t)((y[i] & 0x7FFFFFFFu) != 0);
+                o[i] = g[i] & m;
+                nz += m & 1;
+            }
+            for (int64_t i = 0, need = j->k - nz; need > 0 && i < n; i++)
+                if ((y[i] & 0x7FFFFFFFu) == 0) o[i] = g[i], need--;
+        } else {
+            const uint16_t *y = (const uint16_t *)j->y + r * j->ys, *g = (const uint16_t *)j->g + r * j->gs;
+            uint16_t *o = (uint16_t *)j->out + r * j->os;
+            for (int64_t i = 0; i < n; i++) {
+                uint16_t m = (uint16_t)(0u - (uint32_t)((y[i] & 0x7FFFu) != 0));
+                o[i] = g[i] & m;
+                nz += m & 1;
+            }
+            for (int64_t i = 0, need = j->k - nz; need > 0 && i < n; i++)
+                if ((y[i] & 0x7FFFu) == 0) o[i] = g[i], need--;
+        }
     }
 }
 
-/* masked(g, out, mask, numel, elem_bytes, threads): out = g where mask else +0 (the
-   backward of select; torch's bool-mask multiply is ~4x slower on CPU). Contiguous. */
-static PyObject *py_masked(PyObject *self, PyObject *args) {
-    unsigned long long gp, op, mp;
-    long long numel;
+/* backward(y, y_stride, g, g_stride, out, out_stride, rows, n, k, elem_bytes, threads):
+   out = g at the entries select kept (read back from its output y), +0 elsewhere. */
+static PyObject *py_backward(PyObject *self, PyObject *args) {
+    unsigned long long yp, gp, op;
+    long long ys, gs, os, rows, n, k;
     int ebytes, threads;
-    if (!PyArg_ParseTuple(args, "KKKLii", &gp, &op, &mp, &numel, &ebytes, &threads)) return NULL;
-    if (!(ebytes == 2 || ebytes == 4) || numel < 0) {
-        PyErr_SetString(PyExc_ValueError, "masked: needs 2- or 4-byte elements");
+    if (!PyArg_ParseTuple(args, "KLKLKLLLLii", &yp, &ys, &gp, &gs, &op, &os, &rows, &n, &k, &ebytes, &threads)) return NULL;
+    if (!(ebytes == 2 || ebytes == 4) || n <= 0 || k < 0 || k >= n || rows < 0 || ys < n || gs < n || os < n) {
+        PyErr_SetString(PyExc_ValueError, "abstopk backward: needs 2- or 4-byte elements, 0 <= k < n, row strides >= n");
         return NULL;
     }
+    if (threads > rows) threads = (int)rows;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1 || numel < 65536) threads = 1;
-    mjob_t jobs[MAX_THREADS];
-    for (int t = 0; t < threads; t++) {
-        /* chunk bounds on 64-element boundaries: no two threads share a cache line */
-        int64_t a = (numel * t / threads) & ~(int64_t)63, b = t + 1 == threads ? numel : (numel * (t + 1) / threads) & ~(int64_t)63;
-        jobs[t] = (mjob_t){(const char *)(uintptr_t)gp, (char *)(uintptr_t)op, (const uint8_t *)(uintptr_t)mp, a, b, ebytes == 4};
-    }
+    if (threads < 1) threads = 1;
+    bjob_t jobs[MAX_THREADS];
+    for (int t = 0; t < threads; t++)
+        jobs[t] = (bjob_t){(const char *)(uintptr_t)yp, (const char *)(uintptr_t)gp, (char *)(uintptr_t)op, ys, gs, os,
+                           rows * t / threads, rows * (t + 1) / threads, n, k, ebytes == 4};
     Py_BEGIN_ALLOW_THREADS
     PARALLEL_FOR
-    for (int t = 0; t < threads; t++) run_masked(&jobs[t]);
+    for (int t = 0; t < threads; t++) run_backward(&jobs[t]);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"masked", py_masked, METH_VARARGS, "masked(g, out, mask, numel, elem_bytes, threads): out = g where mask else 0"},
-    {"select", py_select, METH_VARARGS, "AbsTopK rows: select(x, row_stride, y, mask, rows, n, k, elem_bytes, threads)"},
+    {"select", py_select, METH_VARARGS, "AbsTopK rows: select(x, x_stride, y, y_stride, rows, n, k, dtype, threads)"},
+    {"backward", py_backward, METH_VARARGS,
+     "its gradient: backward(y, y_stride, g, g_stride, out, out_stride, rows, n, k, elem_bytes, threads)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_abstopk", "AbsTopK CPU kernel (sparsity/abstopk.py)", -1, methods};
 
-PyMODINIT_FUNC PyInit__abstopk(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__abstopk(void) {
+    init_pack();
+    return PyModule_Create(&module);
+}

@@ -4,18 +4,21 @@ Exactly k entries of every row survive (all of them when k ≥ the width). Ties:
 whose |x| equals the row's k-th largest |x|, the lowest indices survive — the first k of a
 stable sort of -|x|. Zeros are no exception: a row with fewer than k nonzeros keeps its
 lowest-index zeros, and a kept entry passes its gradient. The gradient is 1 at kept entries,
-0 elsewhere; autograd saves only the mask. ±inf is kept or dropped like any value; NaN is
-unsupported.
+0 elsewhere. ±inf is kept or dropped like any value; NaN is unsupported.
 
 Two implementations give the same result:
 
 - ``compiled`` (CPU; float32, bfloat16, float16): the C kernel ``sparsity/_abstopk.c``,
-  built at install. A histogram over a bracket learned from the previous row finds each
-  row's k-th |x| in about two passes (see the C file); ~5x faster than ``torch.topk`` on
-  CPU (benchmarks/abstopk.py).
+  built at install. Each row's k-th |x| is predicted from the row's mean |x| and found
+  exactly among the few keys in a bracket around the prediction (see the C file); about 9x
+  faster than ``torch.topk`` on CPU (benchmarks/train_step.py). Autograd saves only the
+  output: the backward reads the kept set back from it, so no mask is stored.
 - ``torch``: one ``topk`` gives each row's k-th largest |x|; the mask is |x| ≥ it, with the
   index rule applied where ties make that keep more than k. Used on CUDA (there with no host
   sync), for float64, and on CPU when the kernel was not built (no C compiler at install).
+
+The model calls :func:`abs_topk_parts_`, which on the kernel overwrites its input (a fresh
+activation nothing else reads) instead of writing a second tensor.
 
 ``CSP_ABSTOPK=torch`` forces the torch path; ``python -m sparsity.abstopk`` prints which
 path CPU tensors take.
@@ -23,6 +26,7 @@ path CPU tensors take.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,7 +36,7 @@ try:
 except ImportError:  # built without a C compiler: the torch path does everything
     _kernel = None
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's dtype codes
 _SMALL = 1 << 15  # below this many elements one thread (starting threads costs more)
 
 
@@ -62,35 +66,78 @@ def _threads(numel: int) -> int:
     return 1 if numel < _SMALL else torch.get_num_threads()
 
 
-def _select(x: torch.Tensor, k: int, want_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, keep) from the kernel (keep None unless wanted); x: a CPU tensor of a kernel dtype."""
+def _select(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The kernel's AbsTopK of x's rows into a new tensor. x: a CPU tensor of a kernel dtype."""
     n = x.shape[-1]
     rows = x.reshape(-1, n)  # a view where the strides allow (q/k/v: rows 3·width apart), else a copy
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):
         rows = rows.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype)
-    keep = torch.empty(x.shape, dtype=torch.bool) if want_mask else None
     if rows.shape[0]:
         stride = rows.stride(0) if rows.shape[0] > 1 else n
-        _kernel.select(rows.data_ptr(), stride, y.data_ptr(), keep.data_ptr() if want_mask else 0, rows.shape[0], n, k,
-                       x.element_size(), _threads(x.numel()))
-    return y, keep
+        _kernel.select(rows.data_ptr(), stride, y.data_ptr(), n, rows.shape[0], n, k, _KERNEL_DTYPES[x.dtype], _threads(x.numel()))
+    return y
+
+
+def _backward(y: torch.Tensor, g: torch.Tensor, ks: tuple[int | None, ...]) -> torch.Tensor:
+    """Gradient of AbsTopK over the equal parts of the last dimension (``ks[i]`` in part i,
+    None: identity) from its output y (contiguous, as the forward left it)."""
+    g = g.contiguous()
+    out = g.clone() if None in ks else torch.empty_like(g)
+    n = g.shape[-1]
+    width, rows = n // len(ks), g.numel() // n
+    if rows:
+        step, threads = width * g.element_size(), _threads(rows * width)
+        for i, k in enumerate(ks):
+            if k is not None:
+                o = i * step
+                _kernel.backward(y.data_ptr() + o, n, g.data_ptr() + o, n, out.data_ptr() + o, n, rows, width, k, g.element_size(), threads)
+    return out
 
 
 class _Compiled(torch.autograd.Function):
+    """AbsTopK on the kernel. Autograd saves the output alone: the backward reads the kept set
+    back from it (the C file says how), so no mask is stored."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:
-        y, keep = _select(x, k)
-        ctx.save_for_backward(keep)
+        y = _select(x, k)
+        ctx.save_for_backward(y)
+        ctx.k = k
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        g = g.contiguous()
-        out = torch.empty_like(g)
-        _kernel.masked(g.data_ptr(), out.data_ptr(), keep.data_ptr(), g.numel(), g.element_size(), _threads(g.numel()))
-        return out, None
+        (y,) = ctx.saved_tensors
+        return _backward(y, g, (ctx.k,)), None
+
+
+class _CompiledInPlace(torch.autograd.Function):
+    """AbsTopK in place over the equal parts of x's last dimension (contiguous x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ks: tuple[int | None, ...]) -> torch.Tensor:
+        _parts_in_place(x, ks)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        ctx.ks = ks
+        return x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        return _backward(y, g, ctx.ks), None
+
+
+def _parts_in_place(x: torch.Tensor, ks: tuple[int | None, ...]) -> None:
+    """The kernel in place on each part of a contiguous x (its rows: every n-th element)."""
+    n = x.shape[-1]
+    width, rows = n // len(ks), x.numel() // n
+    if rows:
+        base, step, code, threads = x.data_ptr(), width * x.element_size(), _KERNEL_DTYPES[x.dtype], _threads(rows * width)
+        for i, k in enumerate(ks):
+            if k is not None:
+                _kernel.select(base + i * step, n, base + i * step, n, rows, width, k, code, threads)
 
 
 def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -102,11 +149,67 @@ def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
         return abs_topk(x[None], k)[0]
     if k <= 0:
         return torch.where(torch.zeros_like(x, dtype=torch.bool), x, 0)
-    if _BACKEND == "compiled" and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+    if _on_kernel(x):
         if torch.is_grad_enabled() and x.requires_grad:
             return _Compiled.apply(x, k)
-        return _select(x, k, want_mask=False)[0]
+        return _select(x, k)
     return _abs_topk_torch(x, k)
+
+
+def abs_topk_parts_(x: torch.Tensor, ks: tuple[int | None, ...]) -> tuple[torch.Tensor, ...]:
+    """The last dimension cut into ``len(ks)`` equal parts, AbsTopK with ``ks[i]`` in part i
+    (None: left as is); returns the parts. In place where it can be — x, a fresh activation
+    nothing else reads, is then overwritten, which spares writing and allocating a second
+    tensor: on the kernel, for a contiguous x that is not a leaf needing a gradient. Else
+    :func:`abs_topk` per part. The model's fused q/k/v projection is three parts."""
+    n = x.shape[-1]
+    width = n // len(ks)
+    if width * len(ks) != n:
+        raise ValueError(f"a last dimension of {n} does not split into {len(ks)} equal parts")
+    ks = _normal_ks(ks, width)
+    if ks is None:  # nothing to do
+        return (x,) if width == n else x.split(width, dim=-1)
+    # the fast path first, with as few Python steps as can be: the model calls this 6 times
+    # per layer, each right after a matmul has left the caches cold
+    if _BACKEND == "compiled" and x.dtype in _KERNEL_DTYPES and x.is_cpu and x.is_contiguous() and x.dim() >= 2:
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            _parts_in_place(x, ks)
+            return (x,) if width == n else x.split(width, dim=-1)
+        base = x._base  # nn.Linear's 3-D output is a view of its 2-D matmul result: work on that
+        if base is not None and base.shape[-1] == n and base.numel() == x.numel() and base.data_ptr() == x.data_ptr() and base.is_contiguous():
+            x, shape = base, x.shape
+        else:
+            shape = None
+        if not x.is_leaf and x._base is None:  # in place on a view would make autograd copy its base's gradient
+            x = _CompiledInPlace.apply(x, ks)
+            x = x if shape is None else x.view(shape)
+            return (x,) if width == n else x.split(width, dim=-1)
+    parts = (x,) if width == n else x.split(width, dim=-1)
+    return tuple(p if k is None else abs_topk(p, k) for p, k in zip(parts, ks, strict=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _normal_ks(ks: tuple[int | None, ...], width: int) -> tuple[int | None, ...] | None:
+    """ks with every k that keeps the whole part as None (and k <= 0 as 0: nothing kept), or
+    None when no part needs AbsTopK."""
+    out = tuple(None if k is None or k >= width else max(int(k), 0) for k in ks)
+    return None if all(k is None for k in out) else out
+
+
+def per_part(f):
+    """An ``abs_topk_parts_`` that applies ``f(part, k)`` (an out-of-place AbsTopK: a reference
+    formulation, or the identity) to each part: what tests and benchmarks swap in."""
+
+    def parts(x: torch.Tensor, ks: tuple[int | None, ...]) -> tuple[torch.Tensor, ...]:
+        width = x.shape[-1] // len(ks)
+        parts = (x,) if len(ks) == 1 else x.split(width, dim=-1)
+        return tuple(p if k is None else f(p, k) for p, k in zip(parts, ks, strict=True))
+
+    return parts
+
+
+def _on_kernel(x: torch.Tensor) -> bool:
+    return _BACKEND == "compiled" and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
 
 
 def _abs_topk_torch(x: torch.Tensor, k: int) -> torch.Tensor:

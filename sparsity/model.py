@@ -16,20 +16,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsity.abstopk import abs_topk  # noqa: F401  (called through this module: benchmarks swap it)
+from sparsity.abstopk import (
+    abs_topk,  # noqa: F401  (re-exported)
+    abs_topk_parts_,  # called through this module: tests and benchmarks swap it
+)
 from sparsity.config import ModelConfig
 from sparsity.hooks import Hooks, hook_names
 
 
 class _Sparsifier:
-    """AbsTopK at the configured locations; identity elsewhere."""
+    """AbsTopK at the configured locations; identity elsewhere. Each input is a fresh
+    activation that nothing else reads, so AbsTopK runs in place where it can."""
 
     def __init__(self, cfg: ModelConfig):
         self.k = {loc: int(cfg.afrac * dim) for loc, dim in cfg.loc_dims().items() if loc in cfg.loctypes} if cfg.afrac else {}
+        self.k_qkv = tuple(self.k.get(loc) for loc in ("attn_q", "attn_k", "attn_v"))
 
     def __call__(self, loc: str, x: torch.Tensor) -> torch.Tensor:
         k = self.k.get(loc)
-        return x if k is None else abs_topk(x, k)
+        return x if k is None else abs_topk_parts_(x, (k,))[0]
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """c_attn's output split into q, k, v, each after its AbsTopK."""
+        return abs_topk_parts_(x, self.k_qkv)
 
 
 class AttentionSink(nn.Module):
@@ -68,8 +77,7 @@ class CausalSelfAttention(nn.Module):
         x = sp("attn_in", x)
         if hooks.active:
             x = hooks(self.h_in, x)
-        q, k, v = self.c_attn(x).split(self.n_head * self.d_head, dim=2)  # each (B, T, n_head·d_head)
-        q, k, v = sp("attn_q", q), sp("attn_k", k), sp("attn_v", v)
+        q, k, v = sp.qkv(self.c_attn(x))  # each (B, T, n_head·d_head)
         if hooks.active:
             q, k, v = hooks(self.h_q, q), hooks(self.h_k, k), hooks(self.h_v, v)
         q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)

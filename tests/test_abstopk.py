@@ -102,6 +102,60 @@ def test_edge_ks_and_strided_input(dtype):
     check(x[0, 0], 4)  # one row, no batch dimensions
 
 
+def _reference_parts(x: torch.Tensor, ks) -> list[torch.Tensor]:
+    w = x.shape[-1] // len(ks)
+    return [x[..., i * w:(i + 1) * w] if k is None else torch.where(reference_mask(x[..., i * w:(i + 1) * w], k), x[..., i * w:(i + 1) * w], 0)
+            for i, k in enumerate(ks)]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_in_place_parts_keep_the_reference_set_and_pass_the_reference_gradient(dtype, backend):
+    """``abs_topk_parts_``, what the model calls: three q/k/v-like parts, one left alone and
+    one with k = 0, on tied, zero-heavy and ±inf rows; as a fresh activation, as nn.Linear's
+    3-D output (a view of its 2-D matmul result), and without grad. On the kernel it works in
+    place (the parts share x's storage); the values and the gradient are the reference's."""
+    w, ks = 16, (4, None, 0)
+    g = torch.Generator().manual_seed(5)
+    for through_linear in (False, True):
+        if through_linear:
+            inp = torch.randn(3, 5, 8, generator=g).to(dtype)
+            weight = torch.randn(3 * w, 8, generator=g).to(dtype).requires_grad_()
+            bias = torch.randn(3 * w, generator=g).to(dtype)
+            x = torch.nn.functional.linear(inp, weight, bias)
+            assert x._is_view()  # with a bias: addmm, then a view to 3-D
+        else:
+            leaf = tricky((3, 5, 3 * w), 11).to(dtype).requires_grad_()
+            x = leaf * 1
+        want = _reference_parts(x.detach().clone(), ks)
+        ptr = x.data_ptr()
+        parts = abstopk_mod.abs_topk_parts_(x, ks)
+        for got, ref in zip(parts, want, strict=True):
+            assert torch.equal(got.detach(), ref)
+        assert (parts[0].data_ptr() == ptr) == (backend == "compiled")  # in place on the kernel
+        grads = [torch.randn(p.shape, generator=g).to(dtype) for p in parts]
+        torch.autograd.backward(parts, grads)
+        if through_linear:  # d/dweight of linear(inp, weight) = g_outᵀ · inp, with g_out masked
+            x_ref = torch.nn.functional.linear(inp, weight.detach(), bias)
+            masks = [torch.ones_like(r, dtype=torch.bool) if k is None else reference_mask(r, k)
+                     for r, k in zip(x_ref.split(w, -1), ks, strict=True)]
+            g_out = torch.cat([torch.where(m, gg, 0) for m, gg in zip(masks, grads, strict=True)], -1)
+            assert torch.allclose(weight.grad.float(), (g_out.float().reshape(-1, 3 * w).t() @ inp.float().reshape(-1, 8)), rtol=1e-2, atol=1e-2)
+        else:
+            x0 = leaf.detach()
+            for i, (k, gg) in enumerate(zip(ks, grads, strict=True)):
+                part = leaf.grad[..., i * w:(i + 1) * w]
+                assert torch.equal(part, gg if k is None else torch.where(reference_mask(x0[..., i * w:(i + 1) * w], k), gg, 0))
+    with torch.no_grad():
+        x = tricky((3, 5, 3 * w), 12).to(dtype)
+        want = _reference_parts(x.clone(), ks)
+        for got, ref in zip(abstopk_mod.abs_topk_parts_(x, ks), want, strict=True):
+            assert torch.equal(got, ref)
+    leaf = tricky((3, 5, 3 * w), 13).to(dtype).requires_grad_()
+    before = leaf.detach().clone()
+    abstopk_mod.abs_topk_parts_(leaf, ks)
+    assert torch.equal(leaf.detach(), before)  # a leaf that needs a gradient is never overwritten
+
+
 def test_a_tiny_gpt_gives_the_old_formulations_logits_and_gradients():
     """With afrac set at all 8 locations, logits and every parameter's gradient equal those
     of the topk/gather/scatter formulation it replaced (random weights: no ties)."""
@@ -109,18 +163,18 @@ def test_a_tiny_gpt_gives_the_old_formulations_logits_and_gradients():
     model = GPT(CFG)
     idx = torch.randint(0, CFG.vocab_size, (3, CFG.block_size + 1), generator=torch.Generator().manual_seed(1))
 
-    def run(f):
+    def run(parts):
         model.zero_grad(set_to_none=True)
-        saved, model_mod.abs_topk = model_mod.abs_topk, f
+        saved, model_mod.abs_topk_parts_ = model_mod.abs_topk_parts_, parts
         try:
             logits = model(idx[:, :-1])
             model.loss(idx).backward()
         finally:
-            model_mod.abs_topk = saved
+            model_mod.abs_topk_parts_ = saved
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    new_logits, new_grads = run(abs_topk)
-    old_logits, old_grads = run(old_abs_topk)
+    new_logits, new_grads = run(model_mod.abs_topk_parts_)  # in place where it can be
+    old_logits, old_grads = run(abstopk_mod.per_part(old_abs_topk))
     assert torch.equal(new_logits, old_logits)
     for name, g in old_grads.items():
         assert torch.allclose(new_grads[name], g, rtol=1e-5, atol=1e-7), name
@@ -156,8 +210,8 @@ def test_the_kernel_is_built_where_a_c_compiler_is():
         pytest.skip("no C compiler: the torch path is the only one")
     assert abstopk_mod._kernel is not None
     assert abstopk_mod.backend() == "compiled"
-    with pytest.raises(ValueError, match="0 < k < n"):
-        abstopk_mod._kernel.select(0, 8, 0, 0, 1, 8, 8, 4, 1)
+    with pytest.raises(ValueError, match="0 <= k < n"):
+        abstopk_mod._kernel.select(0, 8, 0, 8, 1, 8, 8, 0, 1)
 
 
 @pytest.mark.gpu
