@@ -88,17 +88,29 @@ def _abstopk_share(model, x, dev, pairs: int, reps: int) -> dict:
     replaced by the identity, back to back in alternating order; the share is the median over
     pairs of 1 - off/on, with its quartiles. Pairing cancels the slow drifts in machine speed
     that a ratio of two separate medians picks up (±30% between runs on a shared 2-core VM);
-    the garbage collector is off inside each timed forward, as ``timeit`` does. And the
-    AbsTopK op itself against one plain ``torch.topk`` of |x| at the model's own shapes."""
+    the garbage collector is off inside each timed forward, as ``timeit`` does. Also the
+    median share of each forward's time spent inside the AbsTopK calls (a direct reading,
+    without the run-to-run noise of a difference; it leaves out any effect on the ops
+    around them). And the AbsTopK op itself against one plain ``torch.topk`` of |x| at the
+    model's own shapes."""
     from sparsity import abstopk as abstopk_lib
     from sparsity import model as model_lib
 
     real, parts = abstopk_lib.abs_topk, model_lib.abs_topk_parts_
     identity_parts = abstopk_lib.per_part(lambda t, k: t)
     idx = x[:, :-1]
+    inside = [0.0]
+
+    def timed_parts(t: torch.Tensor, ks):  # AbsTopK as the model runs it, its time summed
+        t0 = time.perf_counter()
+        out = parts(t, ks)
+        _sync(dev)
+        inside[0] += time.perf_counter() - t0
+        return out
 
     def fwd(identity: bool) -> float:
-        model_lib.abs_topk_parts_ = identity_parts if identity else parts
+        model_lib.abs_topk_parts_ = identity_parts if identity else timed_parts
+        inside[0] = 0.0
         gc.collect()
         gc.disable()
         try:
@@ -112,11 +124,14 @@ def _abstopk_share(model, x, dev, pairs: int, reps: int) -> dict:
             gc.enable()
             model_lib.abs_topk_parts_ = parts
 
-    on, off = [], []
+    on, off, within = [], [], []
     for i in range(pairs + 2):  # 2 warm-up pairs
         for identity in ((False, True) if i % 2 == 0 else (True, False)):
-            (off if identity else on).append(fwd(identity))
-    on, off = on[2:], off[2:]
+            t = fwd(identity)
+            (off if identity else on).append(t)
+            if not identity:
+                within.append(inside[0] / t)
+    on, off, within = on[2:], off[2:], within[2:]
     shares = [1 - b / a for a, b in zip(on, off, strict=True)]
     q1, med, q3 = statistics.quantiles(shares, n=4)
     cfg = model.config
@@ -140,6 +155,7 @@ def _abstopk_share(model, x, dev, pairs: int, reps: int) -> dict:
         ratio = round(sum(ours) / sum(plain), 3)
     return {"forward_ms": round(statistics.median(on) * 1e3, 1), "forward_without_abstopk_ms": round(statistics.median(off) * 1e3, 1),
             "pairs": len(shares), "share_of_forward": round(med, 3), "share_of_forward_quartiles": [round(q1, 3), round(q3, 3)],
+            "share_of_forward_inside_abstopk": round(statistics.median(within), 3),
             "abstopk_over_torch_topk": ratio}
 
 
