@@ -188,6 +188,17 @@ static inline __attribute__((always_inline)) float keys_and_sum(const char *xr, 
     return sum;
 }
 
+/* The scalar end of pass 2, from key i on (c copied and nh counted so far). */
+static inline __attribute__((always_inline)) int64_t bracket_tail(const uint32_t *keys, int64_t i, int64_t n, uint32_t lo, uint32_t hi,
+                                                                  uint32_t *buf, int64_t c, int64_t nh, int64_t *ge_hi) {
+    for (; i < n; i++) {
+        nh += keys[i] >= hi;
+        if (keys[i] - lo < hi - lo) buf[c++] = keys[i];
+    }
+    *ge_hi = nh;
+    return c;
+}
+
 /* Pass 2: the keys in [lo, hi) copied to buf (their count is returned; buf has room for
    n + 8) and how many keys are >= hi. Keys are < 2^31, so signed compares order them;
    1 <= lo < hi <= 2^31. */
@@ -209,12 +220,7 @@ static inline __attribute__((always_inline)) int64_t bracket_generic(const uint3
     }
     int64_t nh = 0;
     for (int l = 0; l < 8; l++) nh += chi[l];
-    for (; i < n; i++) {
-        nh += keys[i] >= hi;
-        if (keys[i] - lo < hi - lo) buf[c++] = keys[i];
-    }
-    *ge_hi = nh;
-    return c;
+    return bracket_tail(keys, i, n, lo, hi, buf, c, nh, ge_hi);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -251,12 +257,7 @@ TARGET_AVX2 static int64_t bracket_avx2(const uint32_t *keys, int64_t n, uint32_
     _mm256_storeu_si256((__m256i *)th, chi);
     int64_t nh = 0;
     for (int l = 0; l < 8; l++) nh += th[l];
-    for (; i < n; i++) {
-        nh += keys[i] >= hi;
-        if (keys[i] - lo < hi - lo) buf[c++] = keys[i];
-    }
-    *ge_hi = nh;
-    return c;
+    return bracket_tail(keys, i, n, lo, hi, buf, c, nh, ge_hi);
 }
 
 #else

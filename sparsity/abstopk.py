@@ -103,16 +103,16 @@ class _Compiled(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:
         y = _select(x, k)
         ctx.save_for_backward(y)
-        ctx.k = k
+        ctx.ks = (k,)
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (y,) = ctx.saved_tensors
-        return _backward(y, g, (ctx.k,)), None
+        return _backward(y, g, ctx.ks), None
 
 
-class _CompiledInPlace(torch.autograd.Function):
+class _CompiledInPlace(_Compiled):
     """AbsTopK in place over the equal parts of x's last dimension (contiguous x)."""
 
     @staticmethod
@@ -122,11 +122,6 @@ class _CompiledInPlace(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.ks = ks
         return x
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (y,) = ctx.saved_tensors
-        return _backward(y, g, ctx.ks), None
 
 
 def _parts_in_place(x: torch.Tensor, ks: tuple[int | None, ...]) -> None:
