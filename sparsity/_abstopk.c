@@ -31,7 +31,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
 /* Threads: OpenMP, so the kernel runs on torch's own OpenMP pool (the extension links
    libgomp.so.1, which is the one torch has already loaded). Separate POSIX threads measured
    ~2x slower inside a forward: torch's idle OpenMP workers spin on the cores they need. */
@@ -238,8 +237,8 @@ static void init_pack(void) {
     }
 }
 #define TARGET_AVX2 __attribute__((target("avx2,bmi,popcnt")))
-TARGET_AVX2 static int64_t bracket_avx2(const uint32_t *keys, int64_t n, uint32_t lo, uint32_t hi,
-                                                                   uint32_t *buf, int64_t *ge_hi) {
+TARGET_AVX2 static int64_t bracket_avx2(const uint32_t *keys, int64_t n, uint32_t lo, uint32_t hi, uint32_t *buf,
+                                        int64_t *ge_hi) {
     const __m256i l1 = _mm256_set1_epi32((int32_t)(lo - 1)), h1 = _mm256_set1_epi32((int32_t)(hi - 1));
     const __m256i nib = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), seven = _mm256_set1_epi32(7);
     __m256i chi = _mm256_setzero_si256();
