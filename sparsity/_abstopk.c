@@ -12,7 +12,8 @@
       the few inside (about 20 of 256); a quickselect among those gives the k-th key exactly
       whenever the bracket holds it (97% of the rows of benchmarks/train_step.py's forward;
       the rest on a second try with a 4x wider bracket, and a radix select over the whole row
-      if that misses too);
+      if that misses too — unless the row holds at most k nonzeros, which keeps them all and
+      then its lowest-index zeros, with no selection);
    3. y = x where kept, +0 elsewhere — in place when y is x.
    The bracket's half-width follows the running error of the prediction. Only the speed
    depends on the prediction, never the result. Rows are split over `threads` OpenMP
@@ -20,7 +21,8 @@
    throughout. On x86-64 an AVX2 version, picked at run time, packs pass 2's copies without
    branches (AVX-512 measured no faster).
 
-   The backward stores nothing: the kept set is read back from y (see run_backward).
+   The kept set can also come out as bits (1 per element), which is all the backward keeps:
+   autograd then holds 1/32 of a float32 activation, not the activation itself.
 
    Built by `pip install` (pyproject.toml, ext-modules); after editing this file re-run
    `pip install -e .` — an optional build that fails keeps the old module in place. */
@@ -115,6 +117,43 @@ static uint32_t select_small(uint32_t *buf, uint32_t *s1, uint32_t *s2, int64_t 
     }
 }
 
+/* The r-th largest (1-based) of buf[0..c), c <= 32, by counting for every key how many are
+   larger: the answer is the smallest key with fewer than r larger. All compares, no
+   branches on the data. buf has room for 32; keys are >= 1 (0 pads). *gt, *eq as for
+   select_rth. */
+static inline __attribute__((always_inline)) uint32_t select_by_rank(uint32_t *buf, int64_t c, int64_t r, int64_t *gt, int64_t *eq) {
+    typedef int32_t v8 __attribute__((vector_size(32)));
+    const int nb = (int)((c + 7) / 8);
+    for (int64_t i = c; i < 8 * nb; i++) buf[i] = 0; /* a pad has c larger, so it is never chosen */
+    v8 kv[4], cnt[4];
+    for (int q = 0; q < 4; q++) {
+        memcpy(&kv[q], buf + 8 * (q < nb ? q : 0), 32);
+        cnt[q] = (v8){0};
+    }
+    for (int64_t j = 0; j < c; j++) {
+        const v8 b = (v8){0} + (int32_t)buf[j];
+        for (int q = 0; q < 4; q++)
+            if (q < nb) cnt[q] -= b > kv[q];
+    }
+    v8 best = (v8){0} + INT32_MAX;
+    for (int q = 0; q < nb; q++) {
+        v8 take = (cnt[q] < (int32_t)r) & (kv[q] < best);
+        best = (take & kv[q]) | (~take & best);
+    }
+    int32_t t = best[0];
+    for (int l = 1; l < 8; l++) t = best[l] < t ? best[l] : t;
+    v8 g = {0}, e = {0};
+    for (int q = 0; q < nb; q++) {
+        g -= kv[q] > t;
+        e -= kv[q] == t;
+    }
+    int64_t ng = 0, ne = 0;
+    for (int l = 0; l < 8; l++) ng += g[l], ne += e[l];
+    *gt = ng;
+    *eq = ne;
+    return (uint32_t)t;
+}
+
 typedef struct {
     const char *x;
     int64_t stride; /* elements between rows of x */
@@ -122,6 +161,8 @@ typedef struct {
     int64_t ystride;
     int64_t r0, r1, n, k;
     int dtype; /* DT_F32, DT_BF16 or DT_F16 */
+    uint8_t *mask; /* NULL, or the kept set as bits: bit i of row r at mask[r * mstride + i / 8], bit i % 8 */
+    int64_t mstride;
     int failed;
 } job_t;
 
@@ -156,6 +197,7 @@ static inline uint32_t key_at_or_below(float v, int dtype) {
 typedef float v8f __attribute__((vector_size(32))); /* GCC/Clang vectors: SSE2, AVX2 or NEON */
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
 
 /* Pass 1: keys (sign-cleared bits, whose order is the order of |x|) and the sum of the
    rows' approximate |x|, in 8 float lanes (a fixed order: the same sum every run). */
@@ -185,6 +227,12 @@ static inline __attribute__((always_inline)) float keys_and_sum(const char *xr, 
     float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     for (int64_t t = n & ~(int64_t)7; t < n; t++) sum += value_of_key(keys[t], dtype);
     return sum;
+}
+
+static inline __attribute__((always_inline)) int64_t count_nonzero(const uint32_t *keys, int64_t n) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++) c += keys[i] != 0;
+    return c;
 }
 
 /* The scalar end of pass 2, from key i on (c copied and nh counted so far). */
@@ -259,14 +307,73 @@ TARGET_AVX2 static int64_t bracket_avx2(const uint32_t *keys, int64_t n, uint32_
     return bracket_tail(keys, i, n, lo, hi, buf, c, nh, ge_hi);
 }
 
+/* The sign bits of 8 lanes. Not always_inline: the generic rows_impl also names it, in a
+   branch its constant isa removes, and an always_inline AVX2 call there fails to build. */
+TARGET_AVX2 static inline uint8_t movemask8(v8i v) { return (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps((__m256i)v)); }
+
 #else
 #define HAVE_AVX2_PATH 0
 static void init_pack(void) {}
 #endif
 
+enum { ISA_GENERIC, ISA_AVX2 };
+
+/* Pass 3 where the kept set is key >= t: y = x there, +0 elsewhere; mr (if not NULL) gets
+   the bits. */
+static inline __attribute__((always_inline)) void write_kept(const uint32_t *keys, const char *xr, char *yr, uint8_t *mr, int64_t n,
+                                                             int64_t esize, uint32_t t, const int isa) {
+    const v8i tt = {(int32_t)t, (int32_t)t, (int32_t)t, (int32_t)t, (int32_t)t, (int32_t)t, (int32_t)t, (int32_t)t};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8i kk;
+        memcpy(&kk, keys + i, 32);
+        v8i keep = kk >= tt; /* keys < 2^31: signed compares order them */
+        if (esize == 4) {
+            v8u v;
+            memcpy(&v, xr + 4 * i, 32);
+            v &= (v8u)keep;
+            memcpy(yr + 4 * i, &v, 32);
+        } else {
+            v8h v;
+            memcpy(&v, xr + 2 * i, 16);
+            v &= __builtin_convertvector(keep, v8h);
+            memcpy(yr + 2 * i, &v, 16);
+        }
+        if (mr) {
+#if HAVE_AVX2_PATH
+            if (isa == ISA_AVX2) {
+                mr[i >> 3] = movemask8(keep);
+                continue;
+            }
+#endif
+            unsigned b = 0;
+            for (int l = 0; l < 8; l++) b |= (unsigned)(keep[l] & 1) << l;
+            mr[i >> 3] = (uint8_t)b;
+        }
+    }
+    if (i < n && mr) mr[i >> 3] = 0;
+    for (; i < n; i++) {
+        const int keep = keys[i] >= t;
+        if (esize == 4) ((uint32_t *)yr)[i] = keep ? ((const uint32_t *)xr)[i] : 0;
+        else ((uint16_t *)yr)[i] = keep ? ((const uint16_t *)xr)[i] : 0;
+        if (mr) mr[i >> 3] |= (uint8_t)(keep << (i & 7));
+    }
+}
+
+/* Pass 3 with ties at the k-th key t: keep every key > t, then the first `need` keys == t. */
+static void write_ties(const uint32_t *keys, const char *xr, char *yr, uint8_t *mr, int64_t n, int64_t esize, uint32_t t, int64_t need) {
+    if (mr) memset(mr, 0, (size_t)((n + 7) / 8));
+    for (int64_t i = 0; i < n; i++) {
+        const int keep = keys[i] > t || (keys[i] == t && need > 0);
+        need -= keys[i] == t && need > 0;
+        if (esize == 4) ((uint32_t *)yr)[i] = keep ? ((const uint32_t *)xr)[i] : 0;
+        else ((uint16_t *)yr)[i] = keep ? ((const uint16_t *)xr)[i] : 0;
+        if (mr) mr[i >> 3] |= (uint8_t)(keep << (i & 7));
+    }
+}
+
 /* Rows r0..r1 of one thread: the three passes of the header, per row. The prediction's
    state (ratio, dev) lives per thread, learned from its earlier rows. */
-enum { ISA_GENERIC, ISA_AVX2 };
 #define PREFETCH_ROWS 2 /* rows ahead (1, 2 and 4 measured alike) */
 
 static inline __attribute__((always_inline)) void rows_impl(job_t *j, const int isa) {
@@ -289,10 +396,11 @@ static inline __attribute__((always_inline)) void rows_impl(job_t *j, const int 
         }
         if (k == 0) { /* nothing kept */
             memset(j->y + r * j->ystride * esize, 0, (size_t)(n * esize));
+            if (j->mask) memset(j->mask + r * j->mstride, 0, (size_t)((n + 7) / 8));
             continue;
         }
+        int64_t nonzero = n, T = -1, n_gt = 0, n_eq = 0;
         const float mean = keys_and_sum(xr, n, dtype, keys) / (float)n;
-        int64_t T = -1, n_gt = 0, n_eq = 0;
         const int usable = mean > 0.f && mean < 1e30f; /* finite, nonzero: a scale to predict from */
         /* the bracket, and once more at about 4x its width when the k-th key falls outside */
         for (int attempt = 0; attempt < 2 && T < 0 && have && usable; attempt++) {
@@ -311,7 +419,9 @@ static inline __attribute__((always_inline)) void rows_impl(job_t *j, const int 
 #endif
             if (ge_hi < k && ge_hi + c >= k) { /* the k-th key is in [lo, hi) */
                 int64_t g2, e2;
-                if (c <= 512) {
+                if (c <= 32)
+                    T = select_by_rank(buf, c, k - ge_hi, &g2, &e2);
+                else if (c <= 512) {
                     /* a first pivot where the (k - ge_hi)-th of c keys spread evenly over [lo, hi) would be */
                     uint32_t guess = hi - 1 - (uint32_t)((double)(hi - lo) * ((double)(k - ge_hi) - 0.5) / (double)c);
                     T = select_small(buf, s1, s2, c, k - ge_hi, guess, &g2, &e2);
@@ -325,8 +435,15 @@ static inline __attribute__((always_inline)) void rows_impl(job_t *j, const int 
             }
         }
         if (T < 0) { /* first row of this thread, a row without a usable scale, or a miss */
-            memcpy(buf, keys, sizeof(uint32_t) * (size_t)n);
-            T = select_rth(buf, n, k, 0, kbits, &n_gt, &n_eq);
+            nonzero = count_nonzero(keys, n);
+            if (nonzero <= k) { /* the k-th |x| is 0: every nonzero kept, then the lowest-index zeros */
+                T = 0;
+                n_gt = nonzero;
+                n_eq = n - nonzero;
+            } else {
+                memcpy(buf, keys, sizeof(uint32_t) * (size_t)n);
+                T = select_rth(buf, n, k, 0, kbits, &n_gt, &n_eq);
+            }
         }
         const float kth = value_of_key((uint32_t)T, dtype);
         if (usable && kth > 0.f && kth < 1e30f) {
@@ -342,25 +459,18 @@ static inline __attribute__((always_inline)) void rows_impl(job_t *j, const int 
                 have = 1;
             }
         }
-        /* Pass 3: y = x where kept, +0 elsewhere; x and y may be one buffer (each element is
-           read before it is written) */
-        const uint32_t t = (uint32_t)T;
-        if (n_gt + n_eq != k) { /* ties at the k-th key: keep > t, then the lowest-index ties */
-            int64_t need = k - n_gt;
-            for (int64_t i = 0; i < n; i++) {
-                int keep = keys[i] > t || (keys[i] == t && need > 0);
-                need -= keys[i] == t && need > 0;
-                if (esize == 4) ((uint32_t *)j->y)[r * j->ystride + i] = keep ? ((const uint32_t *)xr)[i] : 0;
-                else ((uint16_t *)j->y)[r * j->ystride + i] = keep ? ((const uint16_t *)xr)[i] : 0;
-            }
-        } else if (esize == 4) {
-            const uint32_t *xb = (const uint32_t *)xr;
-            uint32_t *yr = (uint32_t *)j->y + r * j->ystride;
-            for (int64_t i = 0; i < n; i++) yr[i] = xb[i] & (0u - (uint32_t)(keys[i] >= t));
-        } else {
-            const uint16_t *xb = (const uint16_t *)xr;
-            uint16_t *yr = (uint16_t *)j->y + r * j->ystride;
-            for (int64_t i = 0; i < n; i++) yr[i] = xb[i] & (uint16_t)(0u - (uint32_t)(keys[i] >= t));
+        /* Pass 3: y = x where kept, +0 elsewhere, and the kept set's bits when asked for; x and
+           y may be one buffer (each element is read before it is written). A k-th |x| of 0
+           keeps every nonzero and then the lowest-index zeros, which are +0 either way. */
+        char *yr = j->y + r * j->ystride * esize;
+        uint8_t *mr = j->mask ? j->mask + r * j->mstride : NULL;
+        if (T && n_gt + n_eq != k) /* ties at the k-th key: keep > T, then the lowest-index ties */
+            write_ties(keys, xr, yr, mr, n, esize, (uint32_t)T, k - n_gt);
+        else {
+            write_kept(keys, xr, yr, mr, n, esize, T ? (uint32_t)T : 1u, isa);
+            if (!T && mr) /* the zeros kept: their bits (their values are +0 already) */
+                for (int64_t i = 0, need = k - nonzero; need > 0 && i < n; i++)
+                    if (keys[i] == 0) mr[i >> 3] |= (uint8_t)(1u << (i & 7)), need--;
         }
     }
     free(keys);
@@ -371,9 +481,18 @@ TARGET_AVX2 static void run_rows_avx2(job_t *j) { rows_impl(j, ISA_AVX2); }
 #endif
 static void run_rows_generic(job_t *j) { rows_impl(j, ISA_GENERIC); }
 
+static int cpu_has_avx2(void) {
+#if HAVE_AVX2_PATH
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("popcnt");
+#else
+    return 0;
+#endif
+}
+static int use_avx2; /* set at load where the CPU has it; isa() can turn it off (tests run both) */
+
 static void run_rows(job_t *j) {
 #if HAVE_AVX2_PATH
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("popcnt")) {
+    if (use_avx2) {
         run_rows_avx2(j);
         return;
     }
@@ -381,18 +500,37 @@ static void run_rows(job_t *j) {
     run_rows_generic(j);
 }
 
-/* select(x, x_stride, y, y_stride, rows, n, k, dtype, threads): addresses as ints; dtype 0
-   float32, 1 bfloat16, 2 float16.
+/* isa([name]): the selection's instruction set, "avx2" or "generic" (the portable vector
+   code every other CPU runs); with a name, switch to it. Returns the one in use before. */
+static PyObject *py_isa(PyObject *self, PyObject *args) {
+    const char *name = NULL;
+    if (!PyArg_ParseTuple(args, "|s", &name)) return NULL;
+    PyObject *old = PyUnicode_FromString(use_avx2 ? "avx2" : "generic");
+    if (name && strcmp(name, "generic") == 0) use_avx2 = 0;
+    else if (name && strcmp(name, "avx2") == 0 && cpu_has_avx2()) use_avx2 = 1;
+    else if (name) {
+        Py_XDECREF(old);
+        PyErr_SetString(PyExc_ValueError, cpu_has_avx2() ? "abstopk isa: choose 'avx2' or 'generic'" : "abstopk isa: this CPU runs 'generic' only");
+        return NULL;
+    }
+    return old;
+}
+
+/* select(x, x_stride, y, y_stride, rows, n, k, dtype, threads[, mask, mask_stride]):
+   addresses as ints; dtype 0 float32, 1 bfloat16, 2 float16.
    x: rows × n elements, rows x_stride elements apart; y likewise (y_stride); y may be x (in
-   place, same stride). Requires 0 <= k < n. */
+   place, same stride). mask (0: none): the kept set as bits, rows mask_stride bytes apart
+   (>= ceil(n / 8)), bit i of a row in its byte i / 8, bit i % 8 — what the backward reads.
+   Requires 0 <= k < n. */
 static PyObject *py_select(PyObject *self, PyObject *args) {
-    unsigned long long xp, yp;
-    long long xstride, ystride, rows, n, k;
+    unsigned long long xp, yp, mp = 0;
+    long long xstride, ystride, rows, n, k, mstride = 0;
     int dtype, threads;
-    if (!PyArg_ParseTuple(args, "KLKLLLLii", &xp, &xstride, &yp, &ystride, &rows, &n, &k, &dtype, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "KLKLLLLii|KL", &xp, &xstride, &yp, &ystride, &rows, &n, &k, &dtype, &threads, &mp, &mstride)) return NULL;
     if (!(dtype == DT_F32 || dtype == DT_BF16 || dtype == DT_F16) || n <= 0 || k < 0 || k >= n || rows < 0 || xstride < n || ystride < n ||
-        (xp == yp && xstride != ystride)) {
-        PyErr_SetString(PyExc_ValueError, "abstopk: needs dtype 0 (float32), 1 (bfloat16) or 2 (float16), 0 <= k < n, row strides >= n (equal in place)");
+        (xp == yp && xstride != ystride) || (mp && mstride < (n + 7) / 8)) {
+        PyErr_SetString(PyExc_ValueError, "abstopk: needs dtype 0 (float32), 1 (bfloat16) or 2 (float16), 0 <= k < n, row strides >= n "
+                                          "(equal in place), a mask stride >= ceil(n / 8) bytes");
         return NULL;
     }
     if (threads > rows) threads = (int)rows;
@@ -400,8 +538,8 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     if (threads < 1) threads = 1;
     job_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++)
-        jobs[t] = (job_t){(const char *)(uintptr_t)xp, xstride, (char *)(uintptr_t)yp, ystride,
-                          rows * t / threads, rows * (t + 1) / threads, n, k, dtype, 0};
+        jobs[t] = (job_t){(const char *)(uintptr_t)xp, xstride, (char *)(uintptr_t)yp, ystride, rows * t / threads, rows * (t + 1) / threads,
+                          n, k, dtype, (uint8_t *)(uintptr_t)mp, mstride, 0};
     Py_BEGIN_ALLOW_THREADS
     PARALLEL_FOR
     for (int t = 0; t < threads; t++) run_rows(&jobs[t]);
@@ -419,54 +557,56 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
 #endif
 
 typedef struct {
-    const char *y, *g;
+    const uint8_t *mask;
+    const char *g;
     char *out;
-    int64_t ys, gs, os; /* row strides, in elements */
-    int64_t r0, r1, n, k;
+    int64_t ms, gs, os; /* row strides: bytes for the mask, elements for g and out */
+    int64_t r0, r1, n;
     int wide;
 } bjob_t;
 
-/* The backward, with the kept set read back from the forward's output y: every nonzero of
-   y was kept, and so were the lowest-index zeros of a row holding fewer than k nonzeros
-   (its k-th |x| was 0; ties keep the lowest indices). So no mask is stored. */
+/* The backward: out = g where the forward's mask bit is set, +0 elsewhere. */
 FAST_CLONES static void run_backward(void *arg) {
     bjob_t *j = (bjob_t *)arg;
     const int64_t n = j->n;
+    const v8u bit = {1, 2, 4, 8, 16, 32, 64, 128};
     for (int64_t r = j->r0; r < j->r1; r++) {
-        int64_t nz = 0;
+        const uint8_t *m = j->mask + r * j->ms;
+        int64_t i = 0;
         if (j->wide) {
-            const uint32_t *y = (const uint32_t *)j->y + r * j->ys, *g = (const uint32_t *)j->g + r * j->gs;
+            const uint32_t *g = (const uint32_t *)j->g + r * j->gs;
             uint32_t *o = (uint32_t *)j->out + r * j->os;
-            for (int64_t i = 0; i < n; i++) {
-                uint32_t m = 0u - (uint32_t)((y[i] & 0x7FFFFFFFu) != 0);
-                o[i] = g[i] & m;
-                nz += m & 1;
+            for (; i + 8 <= n; i += 8) {
+                v8u v, keep = ((v8u){0} + m[i >> 3]) & bit;
+                memcpy(&v, g + i, 32);
+                v &= (v8u)(keep != 0);
+                memcpy(o + i, &v, 32);
             }
-            for (int64_t i = 0, need = j->k - nz; need > 0 && i < n; i++)
-                if ((y[i] & 0x7FFFFFFFu) == 0) o[i] = g[i], need--;
+            for (; i < n; i++) o[i] = m[i >> 3] >> (i & 7) & 1 ? g[i] : 0;
         } else {
-            const uint16_t *y = (const uint16_t *)j->y + r * j->ys, *g = (const uint16_t *)j->g + r * j->gs;
+            const uint16_t *g = (const uint16_t *)j->g + r * j->gs;
             uint16_t *o = (uint16_t *)j->out + r * j->os;
-            for (int64_t i = 0; i < n; i++) {
-                uint16_t m = (uint16_t)(0u - (uint32_t)((y[i] & 0x7FFFu) != 0));
-                o[i] = g[i] & m;
-                nz += m & 1;
+            for (; i + 8 <= n; i += 8) {
+                v8u keep = ((v8u){0} + m[i >> 3]) & bit;
+                v8h v;
+                memcpy(&v, g + i, 16);
+                v &= __builtin_convertvector((v8i)(keep != 0), v8h);
+                memcpy(o + i, &v, 16);
             }
-            for (int64_t i = 0, need = j->k - nz; need > 0 && i < n; i++)
-                if ((y[i] & 0x7FFFu) == 0) o[i] = g[i], need--;
+            for (; i < n; i++) o[i] = m[i >> 3] >> (i & 7) & 1 ? g[i] : 0;
         }
     }
 }
 
-/* backward(y, y_stride, g, g_stride, out, out_stride, rows, n, k, elem_bytes, threads):
-   out = g at the entries select kept (read back from its output y), +0 elsewhere. */
+/* backward(mask, mask_stride, g, g_stride, out, out_stride, rows, n, elem_bytes, threads):
+   out = g at the entries select kept (its mask's bits), +0 elsewhere. */
 static PyObject *py_backward(PyObject *self, PyObject *args) {
-    unsigned long long yp, gp, op;
-    long long ys, gs, os, rows, n, k;
+    unsigned long long mp, gp, op;
+    long long ms, gs, os, rows, n;
     int ebytes, threads;
-    if (!PyArg_ParseTuple(args, "KLKLKLLLLii", &yp, &ys, &gp, &gs, &op, &os, &rows, &n, &k, &ebytes, &threads)) return NULL;
-    if (!(ebytes == 2 || ebytes == 4) || n <= 0 || k < 0 || k >= n || rows < 0 || ys < n || gs < n || os < n) {
-        PyErr_SetString(PyExc_ValueError, "abstopk backward: needs 2- or 4-byte elements, 0 <= k < n, row strides >= n");
+    if (!PyArg_ParseTuple(args, "KLKLKLLLii", &mp, &ms, &gp, &gs, &op, &os, &rows, &n, &ebytes, &threads)) return NULL;
+    if (!(ebytes == 2 || ebytes == 4) || n <= 0 || rows < 0 || ms < (n + 7) / 8 || gs < n || os < n) {
+        PyErr_SetString(PyExc_ValueError, "abstopk backward: needs 2- or 4-byte elements, a mask stride >= ceil(n / 8) bytes, row strides >= n");
         return NULL;
     }
     if (threads > rows) threads = (int)rows;
@@ -474,8 +614,8 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     if (threads < 1) threads = 1;
     bjob_t jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++)
-        jobs[t] = (bjob_t){(const char *)(uintptr_t)yp, (const char *)(uintptr_t)gp, (char *)(uintptr_t)op, ys, gs, os,
-                           rows * t / threads, rows * (t + 1) / threads, n, k, ebytes == 4};
+        jobs[t] = (bjob_t){(const uint8_t *)(uintptr_t)mp, (const char *)(uintptr_t)gp, (char *)(uintptr_t)op, ms, gs, os,
+                           rows * t / threads, rows * (t + 1) / threads, n, ebytes == 4};
     Py_BEGIN_ALLOW_THREADS
     PARALLEL_FOR
     for (int t = 0; t < threads; t++) run_backward(&jobs[t]);
@@ -484,9 +624,10 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"select", py_select, METH_VARARGS, "AbsTopK rows: select(x, x_stride, y, y_stride, rows, n, k, dtype, threads)"},
+    {"select", py_select, METH_VARARGS, "AbsTopK rows: select(x, x_stride, y, y_stride, rows, n, k, dtype, threads[, mask, mask_stride])"},
+    {"isa", py_isa, METH_VARARGS, "isa([name]): the selection's instruction set ('avx2' or 'generic'), switched to name if given; returns the previous"},
     {"backward", py_backward, METH_VARARGS,
-     "its gradient: backward(y, y_stride, g, g_stride, out, out_stride, rows, n, k, elem_bytes, threads)"},
+     "its gradient: backward(mask, mask_stride, g, g_stride, out, out_stride, rows, n, elem_bytes, threads)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -494,5 +635,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_abstopk", "AbsTopK 
 
 PyMODINIT_FUNC PyInit__abstopk(void) {
     init_pack();
+    use_avx2 = cpu_has_avx2();
     return PyModule_Create(&module);
 }

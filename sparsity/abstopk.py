@@ -12,7 +12,7 @@ Two implementations give the same result:
   built at install. Each row's k-th |x| is predicted from the row's mean |x| and found
   exactly among the few keys in a bracket around the prediction (see the C file); about 9x
   faster than ``torch.topk`` on CPU (benchmarks/train_step.py). Autograd saves only the
-  output: the backward reads the kept set back from it, so no mask is stored.
+  kept set, as bits.
 - ``torch``: one ``topk`` gives each row's k-th largest |x|; the mask is |x| ≥ it, with the
   index rule applied where ties make that keep more than k. Used on CUDA (there with no host
   sync), for float64, and on CPU when the kernel was not built (no C compiler at install).
@@ -66,50 +66,60 @@ def _threads(numel: int) -> int:
     return 1 if numel < _SMALL else torch.get_num_threads()
 
 
-def _select(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The kernel's AbsTopK of x's rows into a new tensor. x: a CPU tensor of a kernel dtype."""
+def _mask_for(rows: int, parts: int, width: int) -> torch.Tensor:
+    """Room for the kept set as bits: part i of row r in bytes [r, i, :] (C file: ``select``)."""
+    return torch.empty((rows, parts, (width + 7) // 8), dtype=torch.uint8)
+
+
+def _select(x: torch.Tensor, k: int, mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel's AbsTopK of x's rows into a new tensor, and (if ``mask``) the kept set as
+    bits. x: a CPU tensor of a kernel dtype."""
     n = x.shape[-1]
     rows = x.reshape(-1, n)  # a view where the strides allow (q/k/v: rows 3·width apart), else a copy
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < n):
         rows = rows.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype)
+    bits = _mask_for(rows.shape[0], 1, n) if mask else None
     if rows.shape[0]:
         stride = rows.stride(0) if rows.shape[0] > 1 else n
-        _kernel.select(rows.data_ptr(), stride, y.data_ptr(), n, rows.shape[0], n, k, _KERNEL_DTYPES[x.dtype], _threads(x.numel()))
-    return y
+        m = (bits.data_ptr(), bits.shape[-1]) if mask else ()
+        _kernel.select(rows.data_ptr(), stride, y.data_ptr(), n, rows.shape[0], n, k, _KERNEL_DTYPES[x.dtype], _threads(x.numel()), *m)
+    return y, bits
 
 
-def _backward(y: torch.Tensor, g: torch.Tensor, ks: tuple[int | None, ...]) -> torch.Tensor:
+def _backward(bits: torch.Tensor, g: torch.Tensor, ks: tuple[int | None, ...]) -> torch.Tensor:
     """Gradient of AbsTopK over the equal parts of the last dimension (``ks[i]`` in part i,
-    None: identity) from its output y (contiguous, as the forward left it)."""
+    None: identity) from the kept set's bits (:func:`_mask_for`) the forward wrote."""
     g = g.contiguous()
     out = g.clone() if None in ks else torch.empty_like(g)
     n = g.shape[-1]
     width, rows = n // len(ks), g.numel() // n
     if rows:
-        step, threads = width * g.element_size(), _threads(rows * width)
+        step, threads, mstride = width * g.element_size(), _threads(rows * width), bits.shape[1] * bits.shape[2]
         for i, k in enumerate(ks):
             if k is not None:
-                o = i * step
-                _kernel.backward(y.data_ptr() + o, n, g.data_ptr() + o, n, out.data_ptr() + o, n, rows, width, k, g.element_size(), threads)
+                _kernel.backward(bits.data_ptr() + i * bits.shape[2], mstride, g.data_ptr() + i * step, n, out.data_ptr() + i * step, n, rows, width,
+                                 g.element_size(), threads)
     return out
 
 
 class _Compiled(torch.autograd.Function):
-    """AbsTopK on the kernel. Autograd saves the output alone: the backward reads the kept set
-    back from it (the C file says how), so no mask is stored."""
+    """AbsTopK on the kernel. Autograd saves only the kept set, as bits: 1/32 of a float32
+    activation, where saving the output would keep the whole activation alive (after
+    attn_out and mlp_out nothing else holds it: measured, 32 MB more fresh pages per
+    batch-16 forward, ~3% of its time, in page faults)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: int) -> torch.Tensor:
-        y = _select(x, k)
-        ctx.save_for_backward(y)
+        y, bits = _select(x, k, mask=True)
+        ctx.save_for_backward(bits)
         ctx.ks = (k,)
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (y,) = ctx.saved_tensors
-        return _backward(y, g, ctx.ks), None
+        (bits,) = ctx.saved_tensors
+        return _backward(bits, g, ctx.ks), None
 
 
 class _CompiledInPlace(_Compiled):
@@ -117,22 +127,26 @@ class _CompiledInPlace(_Compiled):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, ks: tuple[int | None, ...]) -> torch.Tensor:
-        _parts_in_place(x, ks)
+        n = x.shape[-1]
+        bits = _mask_for(x.numel() // n, len(ks), n // len(ks))
+        _parts_in_place(x, ks, bits)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(bits)
         ctx.ks = ks
         return x
 
 
-def _parts_in_place(x: torch.Tensor, ks: tuple[int | None, ...]) -> None:
-    """The kernel in place on each part of a contiguous x (its rows: every n-th element)."""
+def _parts_in_place(x: torch.Tensor, ks: tuple[int | None, ...], bits: torch.Tensor | None = None) -> None:
+    """The kernel in place on each part of a contiguous x (its rows: every n-th element);
+    the kept set's bits into ``bits`` (:func:`_mask_for`) if given."""
     n = x.shape[-1]
     width, rows = n // len(ks), x.numel() // n
     if rows:
         base, step, code, threads = x.data_ptr(), width * x.element_size(), _KERNEL_DTYPES[x.dtype], _threads(rows * width)
         for i, k in enumerate(ks):
             if k is not None:
-                _kernel.select(base + i * step, n, base + i * step, n, rows, width, k, code, threads)
+                m = () if bits is None else (bits.data_ptr() + i * bits.shape[2], bits.shape[1] * bits.shape[2])
+                _kernel.select(base + i * step, n, base + i * step, n, rows, width, k, code, threads, *m)
 
 
 def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -147,7 +161,7 @@ def abs_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     if _on_kernel(x):
         if torch.is_grad_enabled() and x.requires_grad:
             return _Compiled.apply(x, k)
-        return _select(x, k)
+        return _select(x, k)[0]
     return _abs_topk_torch(x, k)
 
 
@@ -155,8 +169,9 @@ def abs_topk_parts_(x: torch.Tensor, ks: tuple[int | None, ...]) -> tuple[torch.
     """The last dimension cut into ``len(ks)`` equal parts, AbsTopK with ``ks[i]`` in part i
     (None: left as is); returns the parts. In place where it can be — x, a fresh activation
     nothing else reads, is then overwritten, which spares writing and allocating a second
-    tensor: on the kernel, for a contiguous x that is not a leaf needing a gradient. Else
-    :func:`abs_topk` per part. The model's fused q/k/v projection is three parts."""
+    tensor: on the kernel, for a contiguous x that is not a leaf needing a gradient nor kept
+    by its own autograd node (a relu's output). Else :func:`abs_topk` per part. The model's
+    fused q/k/v projection is three parts."""
     n = x.shape[-1]
     width = n // len(ks)
     if width * len(ks) != n:
@@ -175,12 +190,23 @@ def abs_topk_parts_(x: torch.Tensor, ks: tuple[int | None, ...]) -> tuple[torch.
             x, shape = base, x.shape
         else:
             shape = None
-        if not x.is_leaf and x._base is None:  # in place on a view would make autograd copy its base's gradient
+        # in place on a view would make autograd copy its base's gradient; and x must not be
+        # what its own node keeps for the backward (relu's, tanh's output)
+        if not x.is_leaf and x._base is None and not _saved_by_its_node(x):
             x = _CompiledInPlace.apply(x, ks)
             x = x if shape is None else x.view(shape)
             return (x,) if width == n else x.split(width, dim=-1)
     parts = (x,) if width == n else x.split(width, dim=-1)
     return tuple(p if k is None else abs_topk(p, k) for p, k in zip(parts, ks, strict=True))
+
+
+def _saved_by_its_node(x: torch.Tensor) -> bool:
+    """Whether the autograd node that made x keeps x itself for its backward, as relu, tanh
+    and exp do (matmul, gelu and layer norm keep their inputs): overwriting x would then
+    change that backward. A node of a Python-defined Function cannot be asked; there the
+    version counter makes the backward fail loudly rather than wrongly."""
+    fn = x.grad_fn
+    return fn is not None and (hasattr(fn, "_saved_result") or hasattr(fn, f"_saved_result{x.output_nr}"))
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,6 +1,7 @@
 """AbsTopK (sparsity.model.abs_topk) against a plain reference: a stable sort of -|x|
 along the last dimension, whose first k entries are kept (ties: lowest index first). Every
-test runs on both CPU implementations: the compiled kernel and the torch ops."""
+test runs on each CPU implementation: the compiled kernel (on x86-64 with AVX2 also its
+portable vector code, what other CPUs run) and the torch ops."""
 
 import shutil
 
@@ -16,14 +17,20 @@ CFG = ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, d_head=8, d_
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-@pytest.fixture(params=["compiled", "torch"], autouse=True)
+@pytest.fixture(params=["compiled", "compiled-generic", "torch"], autouse=True)
 def backend(request):
     """Each test once per CPU implementation."""
-    if request.param == "compiled" and abstopk_mod._kernel is None:
+    name, _, isa = request.param.partition("-")
+    if name == "compiled" and abstopk_mod._kernel is None:
         pytest.skip("the AbsTopK kernel is not built here")
-    old = abstopk_mod.set_backend(request.param)
-    yield request.param
+    if isa and abstopk_mod._kernel.isa() != "avx2":
+        pytest.skip("this CPU runs the kernel's portable code only: covered by 'compiled'")
+    old = abstopk_mod.set_backend(name)
+    old_isa = abstopk_mod._kernel.isa(isa) if isa else None
+    yield name
     abstopk_mod.set_backend(old)
+    if old_isa:
+        abstopk_mod._kernel.isa(old_isa)
 
 
 def reference_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,11 +91,15 @@ def test_keeps_the_reference_set_at_every_location(loc, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_edge_ks_and_strided_input(dtype):
-    """k = 1, width - 1 and width, k = 0 (all dropped, zero gradient), a strided view (q/k/v
-    are splits of c_attn's output) and a 1-D input all match the reference."""
+    """k = 1, width - 1 and width, k = 0 (all dropped, zero gradient), widths that are not a
+    multiple of 8, a strided view (q/k/v are splits of c_attn's output) and a 1-D input all
+    match the reference."""
     x = tricky((4, 6, 16), 7).to(dtype)
     for k in (1, 15, 16, 0):
         check(x, k)
+    for width in (13, 37):
+        for k in (1, 4, width - 1, 0):
+            check(tricky((4, 6, width), width).to(dtype), k)
     base = tricky((4, 6, 48), 8).to(dtype).requires_grad_()
     g = torch.randn(4, 6, 16).to(dtype)
     for i, view in enumerate(base.split(16, dim=-1)):
@@ -114,9 +125,9 @@ def test_in_place_parts_keep_the_reference_set_and_pass_the_reference_gradient(d
     one with k = 0, on tied, zero-heavy and ±inf rows; as a fresh activation, as nn.Linear's
     3-D output (a view of its 2-D matmul result), and without grad. On the kernel it works in
     place (the parts share x's storage); the values and the gradient are the reference's."""
-    w, ks = 16, (4, None, 0)
+    ks = (4, None, 0)
     g = torch.Generator().manual_seed(5)
-    for through_linear in (False, True):
+    for w, through_linear in ((16, False), (16, True), (13, False)):
         if through_linear:
             inp = torch.randn(3, 5, 8, generator=g).to(dtype)
             weight = torch.randn(3 * w, 8, generator=g).to(dtype).requires_grad_()
@@ -156,12 +167,15 @@ def test_in_place_parts_keep_the_reference_set_and_pass_the_reference_gradient(d
     assert torch.equal(leaf.detach(), before)  # a leaf that needs a gradient is never overwritten
 
 
-def test_a_tiny_gpt_gives_the_old_formulations_logits_and_gradients():
+@pytest.mark.parametrize("activation", ("gelu", "relu"))
+def test_a_tiny_gpt_gives_the_old_formulations_logits_and_gradients(activation):
     """With afrac set at all 8 locations, logits and every parameter's gradient equal those
-    of the topk/gather/scatter formulation it replaced (random weights: no ties)."""
+    of the topk/gather/scatter formulation it replaced (random weights: no ties). With relu,
+    whose node keeps its output for the backward, mlp_neuron must not be overwritten."""
     torch.manual_seed(0)
-    model = GPT(CFG)
-    idx = torch.randint(0, CFG.vocab_size, (3, CFG.block_size + 1), generator=torch.Generator().manual_seed(1))
+    cfg = ModelConfig(**{**CFG.__dict__, "activation_type": activation})
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size + 1), generator=torch.Generator().manual_seed(1))
 
     def run(parts):
         model.zero_grad(set_to_none=True)
@@ -178,7 +192,7 @@ def test_a_tiny_gpt_gives_the_old_formulations_logits_and_gradients():
     assert torch.equal(new_logits, old_logits)
     for name, g in old_grads.items():
         assert torch.allclose(new_grads[name], g, rtol=1e-5, atol=1e-7), name
-    dense = GPT(ModelConfig(**{**CFG.__dict__, "afrac": None}))
+    dense = GPT(ModelConfig(**{**cfg.__dict__, "afrac": None}))
     dense.load_state_dict(model.state_dict())
     assert not torch.allclose(dense(idx[:, :-1]), new_logits)  # AbsTopK really acted
 
