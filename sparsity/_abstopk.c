@@ -9,7 +9,8 @@
    2. a bracket [lo, hi) of keys around the predicted k-th |x| (the mean |x| times a ratio
       learned over the thread's previous rows: rows at one location are alike, and the ratio
       varies far less than either term): how many keys lie at or above hi, and a copy of
-      the few inside (about 20 of 256); a quickselect among those gives the k-th key exactly
+      the few inside (about 20 of 256); ranking those (up to 32: each key's count of larger
+      keys) or a quickselect among them (more) gives the k-th key exactly
       whenever the bracket holds it (97% of the rows of benchmarks/train_step.py's forward;
       the rest on a second try with a 4x wider bracket, and a radix select over the whole row
       if that misses too — unless the row holds at most k nonzeros, which keeps them all and
@@ -119,8 +120,8 @@ static uint32_t select_small(uint32_t *buf, uint32_t *s1, uint32_t *s2, int64_t 
 
 /* The r-th largest (1-based) of buf[0..c), c <= 32, by counting for every key how many are
    larger: the answer is the smallest key with fewer than r larger. All compares, no
-   branches on the data. buf has room for 32; keys are >= 1 (0 pads). *gt, *eq as for
-   select_rth. */
+   branches on the data. buf has room for c rounded up to 8; keys are >= 1 (0 pads). *gt,
+   *eq as for select_rth. */
 static inline __attribute__((always_inline)) uint32_t select_by_rank(uint32_t *buf, int64_t c, int64_t r, int64_t *gt, int64_t *eq) {
     typedef int32_t v8 __attribute__((vector_size(32)));
     const int nb = (int)((c + 7) / 8);
@@ -229,6 +230,7 @@ static inline __attribute__((always_inline)) float keys_and_sum(const char *xr, 
     return sum;
 }
 
+/* How many keys are not 0 (|x| > 0). */
 static inline __attribute__((always_inline)) int64_t count_nonzero(const uint32_t *keys, int64_t n) {
     int64_t c = 0;
     for (int64_t i = 0; i < n; i++) c += keys[i] != 0;
