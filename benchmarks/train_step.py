@@ -88,10 +88,8 @@ def _abstopk_share(model, x, dev, pairs: int, reps: int) -> dict:
     replaced by the identity, back to back in alternating order; the share is the median over
     pairs of 1 - off/on, with its quartiles. Pairing cancels the slow drifts in machine speed
     that a ratio of two separate medians picks up (±30% between runs on a shared 2-core VM);
-    the garbage collector is off inside each timed forward, as ``timeit`` does. Also 1 -
-    fastest off / fastest on (other tenants only ever add time, so each fastest forward is
-    the least disturbed one, as ``timeit`` reasons), and the median share of each forward's
-    time spent inside the AbsTopK calls (a direct reading, without the run-to-run noise of a
+    the garbage collector is off inside each timed forward, as ``timeit`` does. Also the
+    median share of each forward's time spent inside the AbsTopK calls (a direct reading, without the run-to-run noise of a
     difference; it leaves out any effect on the ops around them). And the AbsTopK op itself
     against one plain ``torch.topk`` of |x| at the model's own shapes."""
     from sparsity import abstopk as abstopk_lib
@@ -156,7 +154,6 @@ def _abstopk_share(model, x, dev, pairs: int, reps: int) -> dict:
         ratio = round(sum(ours) / sum(plain), 3)
     return {"forward_ms": round(statistics.median(on) * 1e3, 1), "forward_without_abstopk_ms": round(statistics.median(off) * 1e3, 1),
             "pairs": len(shares), "share_of_forward": round(med, 3), "share_of_forward_quartiles": [round(q1, 3), round(q3, 3)],
-            "share_of_forward_fastest": round(1 - min(off) / min(on), 3),
             "share_of_forward_inside_abstopk": round(statistics.median(within), 3),
             "abstopk_over_torch_topk": ratio}
 
