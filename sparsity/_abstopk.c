@@ -320,6 +320,14 @@ static void init_pack(void) {}
 
 enum { ISA_GENERIC, ISA_AVX2 };
 
+/* One element of pass 3: y[i] = x[i] if keep, else +0; its bit into mr (if not NULL, the
+   byte already cleared). */
+static inline __attribute__((always_inline)) void write_one(const char *xr, char *yr, uint8_t *mr, int64_t i, int64_t esize, int keep) {
+    if (esize == 4) ((uint32_t *)yr)[i] = keep ? ((const uint32_t *)xr)[i] : 0;
+    else ((uint16_t *)yr)[i] = keep ? ((const uint16_t *)xr)[i] : 0;
+    if (mr) mr[i >> 3] |= (uint8_t)(keep << (i & 7));
+}
+
 /* Pass 3 where the kept set is key >= t: y = x there, +0 elsewhere; mr (if not NULL) gets
    the bits. */
 static inline __attribute__((always_inline)) void write_kept(const uint32_t *keys, const char *xr, char *yr, uint8_t *mr, int64_t n,
@@ -354,12 +362,7 @@ static inline __attribute__((always_inline)) void write_kept(const uint32_t *key
         }
     }
     if (i < n && mr) mr[i >> 3] = 0;
-    for (; i < n; i++) {
-        const int keep = keys[i] >= t;
-        if (esize == 4) ((uint32_t *)yr)[i] = keep ? ((const uint32_t *)xr)[i] : 0;
-        else ((uint16_t *)yr)[i] = keep ? ((const uint16_t *)xr)[i] : 0;
-        if (mr) mr[i >> 3] |= (uint8_t)(keep << (i & 7));
-    }
+    for (; i < n; i++) write_one(xr, yr, mr, i, esize, keys[i] >= t);
 }
 
 /* Pass 3 with ties at the k-th key t: keep every key > t, then the first `need` keys == t. */
@@ -368,9 +371,7 @@ static void write_ties(const uint32_t *keys, const char *xr, char *yr, uint8_t *
     for (int64_t i = 0; i < n; i++) {
         const int keep = keys[i] > t || (keys[i] == t && need > 0);
         need -= keys[i] == t && need > 0;
-        if (esize == 4) ((uint32_t *)yr)[i] = keep ? ((const uint32_t *)xr)[i] : 0;
-        else ((uint16_t *)yr)[i] = keep ? ((const uint16_t *)xr)[i] : 0;
-        if (mr) mr[i >> 3] |= (uint8_t)(keep << (i & 7));
+        write_one(xr, yr, mr, i, esize, keep);
     }
 }
 
