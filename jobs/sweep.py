@@ -99,14 +99,16 @@ def trial_name(point: dict) -> str:
     return "_".join(f"{k}={point[k]:g}" for k in AXES if k in point)
 
 
-def trial_config(base: ModelConfig, train: TrainConfig, point: dict, density_lr: bool = False) -> RunConfig:
-    """The RunConfig of one grid point: width scaled by ef, density pfrac/ef². Its lr: the
-    point's own, else with ``density_lr`` csp's density rule (sparsity.config.density_lr,
-    from ``train.optimizer``), else ``train.lr``."""
+def trial_config(base: ModelConfig, train: TrainConfig, point: dict, density_lr: bool = False,
+                 sparsity: dict | None = None) -> RunConfig:
+    """The RunConfig of one grid point: width scaled by ef, density pfrac/ef², and the
+    sweep-wide ``sparsity`` settings (other SparsityConfig fields, e.g. ``anneal_end``). Its
+    lr: the point's own, else with ``density_lr`` csp's density rule
+    (sparsity.config.density_lr, from ``train.optimizer``), else ``train.lr``."""
     if "afrac" in point:
         base = dataclasses.replace(base, afrac=None if point["afrac"] >= 1 else point["afrac"])
     tc = dataclasses.replace(train, seed=point.get("seed", train.seed), lr=point.get("lr", train.lr))
-    cfg = RunConfig.at_width(base, tc, pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=point.get("ef", 1.0))
+    cfg = RunConfig.at_width(base, tc, pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=point.get("ef", 1.0), **(sparsity or {}))
     return cfg.with_density_lr() if density_lr and "lr" not in point else cfg
 
 
@@ -182,7 +184,7 @@ def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) 
 
 def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base: ModelConfig, train: TrainConfig,
               workers_per_trial: int = 1, gpus: bool = False, extra_points: list[dict] | None = None, take_over: bool = False,
-              density_lr: bool = False):
+              density_lr: bool = False, sparsity: dict | None = None):
     """Run (or resume) a sweep; returns the summary as a pandas DataFrame.
 
     The sweep directory has one writer at a time (SWEEP/lease.json, held while this runs;
@@ -191,25 +193,31 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
 
     ``extra_points`` are trials beside (or instead of) the grid, e.g. a dense baseline
     ``{"pfrac": 4, "ef": 2}`` (pfrac = ef² is dense at that width), or points with their
-    own ``lr``. ``density_lr``: trials without an lr of their own take csp's density rule."""
+    own ``lr``. ``density_lr``: trials without an lr of their own take csp's density rule.
+    ``sparsity``: SparsityConfig fields for every trial besides pfrac and ef.
+
+    A sweep directory holds one sweep: resuming it with another base, training or sparsity
+    config is refused (its trials would be skipped as done while meaning something else)."""
     from ray import tune
 
     pts = points(grid) if grid else []
     pts += [p for p in (extra_points or []) if trial_name(p) not in {trial_name(q) for q in pts}]
     if not pts:
         raise SweepError("nothing to train: give a grid or extra points")
-    cfgs = {trial_name(p): trial_config(base, train, p, density_lr) for p in pts}  # validates every point first
+    cfgs = {trial_name(p): trial_config(base, train, p, density_lr, sparsity) for p in pts}  # validates every point first
     data_uri = storage.resolve(data_uri).uri  # absolute: a trial runs in Tune's working directory, not this one
+    sweep = storage.resolve(sweep_uri)
+    record = {"base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "sparsity": sparsity or {}}
+    _check_same_sweep(sweep, record)
     need = 1 if workers_per_trial == 1 else workers_per_trial + 1
     cpus = runtime.cluster_cpus()
     if cpus < need:
         raise SweepError(f"each trial needs {need} CPUs ({workers_per_trial} workers + a controller); the cluster declares {cpus:g}")
     if gpus and workers_per_trial == 1 and runtime.cluster_gpus() < 1:
         raise SweepError("--gpus: each trial needs a GPU and the cluster declares none")
-    sweep = storage.resolve(sweep_uri)
     with local_train.run_lease(sweep, "csp sweep", take_over) as held:
         owner = held.owner  # trials get the id (a str: the lease itself stays in this process)
-        storage.write_json(sweep.join("sweep.json"), {"grid": grid or {}, "extra_points": extra_points or [], "base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "data": data_uri,
+        storage.write_json(sweep.join("sweep.json"), {"grid": grid or {}, "extra_points": extra_points or [], **record, "data": data_uri,
                                                        "workers_per_trial": workers_per_trial})
         todo = []
         for p in pts:
@@ -245,6 +253,20 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
             if errors:
                 raise SweepError(f"{len(errors)} trial(s) failed; first: {type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]}")
         return write_summary(sweep_uri)
+
+
+def _check_same_sweep(sweep: storage.Location, record: dict) -> None:
+    """SweepError naming the first setting that differs from the sweep already stored here."""
+    loc = sweep.join("sweep.json")
+    if not storage.exists(loc):
+        return
+    old = storage.read_json(loc)
+    for part in ("base", "train", "sparsity"):
+        before, now = old.get(part, {}), record[part]
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                raise SweepError(f"{sweep.uri} holds a sweep with {part}.{key}={before.get(key)!r}, not {now.get(key)!r}; "
+                                 "resume it with its own settings, or give another --out")
 
 
 def write_summary(sweep_uri: str):

@@ -1,4 +1,5 @@
 
+import dataclasses
 import math
 import os
 
@@ -168,3 +169,21 @@ def test_bounded_map_keeps_at_most_limit_in_flight_and_returns_every_item(ray_se
     assert got == {i: i * i for i in range(10) if i != 3} and failed == [3]
     assert 1 <= ray.get(g.get_peak.remote()) <= 3
     assert list(runtime.bounded_map(lambda i: work.remote(i, g), [], limit=3)) == []
+
+
+def test_resuming_a_sweep_with_other_settings_is_refused_before_any_work(tmp_path):
+    """A sweep directory holds one sweep: the same trial names under another training or
+    sparsity config would be skipped as done while meaning something else, so a resume with
+    other settings fails, naming the first setting that differs; the stored sweep is untouched."""
+    cfg = tiny_config(t__steps=8)
+    out = storage.resolve(str(tmp_path / "s"))
+    record = {"grid": {}, "extra_points": [], "base": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+              "sparsity": {"anneal_end": 0.25}}
+    storage.write_json(out.join("sweep.json"), record)
+    pts = [{"pfrac": 0.5, "ef": 1.0}]
+    longer = dataclasses.replace(cfg.train, steps=16)
+    with pytest.raises(sweep.SweepError, match=r"train\.steps=8, not 16"):
+        sweep.run_sweep(str(tmp_path / "data"), out.uri, None, cfg.model, longer, extra_points=pts, sparsity={"anneal_end": 0.25})
+    with pytest.raises(sweep.SweepError, match=r"sparsity\.anneal_end=0\.25, not None"):
+        sweep.run_sweep(str(tmp_path / "data"), out.uri, None, cfg.model, cfg.train, extra_points=pts)
+    assert storage.read_json(out.join("sweep.json")) == record
