@@ -1,5 +1,5 @@
 """The learning-rate rule checked where the demo trains: val loss of the demo's models on the
-paper's architecture (``demo.full_plan(optimizer, paper=True)``: AbsTopK on, 700 steps) at
+paper's architecture (``demo.full_plan(optimizer, paper=True)``: AbsTopK on, the demo's steps) at
 several learning rates around csp's rule; prints one JSON object.
 
     python benchmarks/lr_rule.py [--out ./csp-runs/lr-rule] [--optimizer adam] [--points d128:1:0.0075,…]

@@ -44,58 +44,108 @@ SUMMARY = "summary.parquet"  # OUT/summary.parquet: the models table (not a swee
 
 @dataclass(frozen=True)
 class Plan:
-    """What the demo trains and prunes: a pfrac × ef grid plus a dense baseline, each trial
-    with a learning rate from its weight density (sparser matrices take larger steps)."""
+    """What the demo trains and prunes: a list of models, each a (pfrac, ef) point — width
+    ``base.d_model·ef``, block-weight density ``pfrac/ef²`` (so one pfrac is one nonzero count
+    at every width) — some trained again at another seed, each at a learning rate from its
+    weight density and width (sparsity.config.density_lr)."""
 
     name: str
     n_ctx: int
     base: ModelConfig
-    pfracs: tuple[float, ...]
-    efs: tuple[float, ...]
-    dense_ef: float  # the dense baseline's width multiplier (pfrac = ef², every matrix dense)
+    models: tuple[tuple[float, float], ...]  # (pfrac, ef) of every model; pfrac = ef² is dense
     train: TrainConfig
     prune: PruneConfig
     lr_dense: float  # lr of a dense model; a model at density d trains at lr_dense / sqrt(d) (Adam: × 64/d_model)
     controls: tuple[str, ...] = ("single_double_quote",)  # tasks whose solved pairs get the faithfulness controls
     control_models: int = 1  # ... on this many of the sparsest models that solve it (each control is a pruning run)
     notes: tuple[str, ...] = ()
-    reseeded: tuple[tuple[float, float, int], ...] = ()  # (pfrac, ef, seed): grid points trained again at another seed
+    reseeded: tuple[tuple[float, float, int], ...] = ()  # (pfrac, ef, seed): models trained again at another seed
+    sparsity: tuple[tuple[str, float], ...] = ()  # SparsityConfig fields for every model besides pfrac and ef
 
     def lr(self, pfrac: float, ef: float) -> float:
         return density_lr(SparsityConfig(pfrac=pfrac, ef=ef).l0frac, self.train.optimizer, self.lr_dense,
                           RunConfig.at_width(self.base, self.train, pfrac=pfrac, ef=ef).model.d_model)
 
     def points(self) -> list[dict]:
-        grid = [{"pfrac": p, "ef": e} for e in self.efs for p in self.pfracs]
-        dense = {"pfrac": self.dense_ef ** 2, "ef": self.dense_ef}
-        # Widest first: Tune starts trials in this order, so the long ones do not end up last.
-        pts = [dense] + [q for q in sorted(grid, key=lambda q: -q["ef"]) if q != dense]
+        # Widest and densest first: Tune starts trials in this order, so the slowest do not end up last.
+        pts = sorted(({"pfrac": p, "ef": e} for p, e in self.models), key=lambda q: (-q["ef"], -q["pfrac"]))
         pts += [{"pfrac": p, "ef": e, "seed": s} for p, e, s in self.reseeded]
         return [{**q, "lr": self.lr(q["pfrac"], q["ef"])} for q in pts]
 
+    def run_config(self, point: dict) -> RunConfig:
+        """The training config of one of :meth:`points` (as the sweep builds it)."""
+        return sweep.trial_config(self.base, self.train, point, sparsity=dict(self.sparsity))
+
+    def describe(self) -> str:
+        """The models in words: 'd_model 128 dense, 1/4, 1/8; d_model 64 dense (+ seed 1)'."""
+        by_width: dict[int, list[str]] = {}
+        for q in self.points():
+            cfg = self.run_config(q)
+            d = cfg.sparsity.l0frac
+            word = ("dense" if d >= 1 else f"1/{round(1 / d)}") + (f" seed {q['seed']}" if q.get("seed") else "")
+            by_width.setdefault(cfg.model.d_model, []).append(word)
+        return "; ".join(f"d_model {w} " + ", ".join(v) for w, v in by_width.items())
+
+
+# The density anneal ends at 25% of training (the paper: 50%). Measured with
+# benchmarks/learning_curve.py on d_model 128 at density 1/4 (docs/learning-curves.md): the
+# same val loss (3.630 vs 3.627 at 5.7M tokens; 3.772 vs 3.763 at 2.9M) and the quote task
+# learned better at both budgets (held-out loss 0.070 vs 0.137; 0.082 vs 0.136), 4 tasks at
+# the strict target against 2 at 5.7M. A dense model has no anneal: the same either way.
+ANNEAL = (("anneal_end", 0.25),)
+
 
 def full_plan(optimizer: str = "adam", paper: bool = True) -> Plan:
-    """The demo's models: pfrac is relative to the dense d_model-64 base, so the grid is
-    dense and 1/2 at d_model 64 and 1/4 and 1/8 at d_model 128 — at ef 2, pfrac 1 has the
-    base's nonzeros spread over 4× larger matrices: two widths at equal nonzeros and three
-    densities at d_model 128 — and the 1/8 point again at seed 1 (the seed noise on the plot).
+    """The default demo (``csp demo``), budgeted from measured learning curves
+    (benchmarks/learning_curve.py, docs/learning-curves.md).
 
-    By default the paper's recipe: AbsTopK at afrac 0.25 at all 8 locations and Adam, at
-    csp's lr rule (sparsity.config.density_lr). Measured side by side on 2 CPU cores
-    (benchmarks/demo_optimizers.py, README "The demo"): with Adam two models give verified
-    circuits; with Muon three models solve else_elif but only trivially and none verifies.
-    ``paper=False`` turns AbsTopK off and drops the second seed (the demo before the C
-    kernel, with Muon: dense models learn more in 700 steps there)."""
+    Five models on the paper's recipe (AbsTopK at afrac 0.25 at all 8 locations, Adam at
+    csp's lr rule): d_model 128 dense, at density 1/4 and at 1/8 — three densities at one
+    width — and d_model 64 dense, which has the nonzeros of d_model 128 at 1/4 — two widths
+    at equal nonzeros; d_model 64 is trained again at seed 1 (the seed noise the claims are
+    judged against). Every model sees the same tokens: 2,800 steps of 16×128 (5.7M tokens,
+    about 0.6 epochs of the stdlib), 4× the demo before it, where training loss was still
+    falling steeply. The weight-density anneal ends at 25% of training, not the paper's 50%
+    (:data:`ANNEAL`).
+
+    ``paper=False`` turns AbsTopK off (a comparison run, benchmarks/demo_optimizers.py)."""
     base = ModelConfig(block_size=128, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, afrac=0.25 if paper else None)
     notes = () if paper else ("activation sparsity (AbsTopK) is off in this plan (paper=False); the default demo, "
                               "`csp sweep` and `csp train` keep it on",)
+    steps = 2800
     return Plan(
-        name="demo", n_ctx=128, base=base, pfracs=(1.0, 0.5), efs=(1.0, 2.0), dense_ef=2.0,
-        train=TrainConfig(steps=700, batch_size=16, optimizer=optimizer, eval_every=350, ckpt_every=175),
+        name="demo", n_ctx=128, base=base, models=((4.0, 2.0), (1.0, 2.0), (0.5, 2.0), (1.0, 1.0)),
+        train=TrainConfig(steps=steps, batch_size=16, optimizer=optimizer, eval_every=steps // 2, ckpt_every=steps // 4,
+                          eval_batches=64),
         prune=PruneConfig(),  # the library's defaults: the paper's settings, 400 steps, k_coef 1e-3
         lr_dense=LR_DENSE[optimizer],
-        reseeded=((0.5, 2.0, 1),) if paper else (),
+        reseeded=((1.0, 1.0, 1),),
+        sparsity=ANNEAL,
         notes=notes,
+    )
+
+
+def paper_plan(optimizer: str = "adam") -> Plan:
+    """``csp demo --preset paper``: the paper's picture, both frontier directions with every
+    point at two seeds, each model trained twice as long as the default's (11.5M tokens),
+    resumable. d_model 128 at densities 1, 1/4, 1/8 and 1/16; d_model 64 dense and at 1/4,
+    with the nonzeros of d_model 128 at 1/4 and 1/16.
+
+    Sized, not yet run: from the one-thread rates of benchmarks/learning_curve.py on 2 cores
+    (d_model 128 14.4k–16.5k tokens/s, d_model 64 25.6k–27.9k) its 12 models take about
+    66 minutes to train two at a time, and pruning ~5 solved tasks per model about 50 more."""
+    base = ModelConfig(block_size=128, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, afrac=0.25)
+    steps = 5600
+    models = ((4.0, 2.0), (1.0, 2.0), (0.5, 2.0), (0.25, 2.0), (1.0, 1.0), (0.25, 1.0))
+    return Plan(
+        name="paper", n_ctx=128, base=base, models=models,
+        train=TrainConfig(steps=steps, batch_size=16, optimizer=optimizer, eval_every=steps // 4, ckpt_every=steps // 8,
+                          eval_batches=64),
+        prune=PruneConfig(),
+        lr_dense=LR_DENSE[optimizer],
+        reseeded=tuple((p, e, 1) for p, e in models),
+        sparsity=ANNEAL,
+        control_models=2,
     )
 
 
@@ -105,7 +155,7 @@ def quick_plan() -> Plan:
     and chance pairs are pruned anyway, so circuits (and diagrams) exist to check the plumbing."""
     base = ModelConfig(block_size=64, n_layer=2, d_model=32, n_head=2, d_head=16, d_mlp=128, afrac=0.25)
     return Plan(
-        name="quick", n_ctx=64, base=base, pfracs=(0.5,), efs=(2.0,), dense_ef=1.0,
+        name="quick", n_ctx=64, base=base, models=((0.5, 2.0), (1.0, 1.0)),
         train=TrainConfig(steps=40, batch_size=8, optimizer="muon", eval_every=20, ckpt_every=20, eval_batches=2),
         prune=PruneConfig(target=3.0, steps=10, batch_pairs=8, n_train=16, n_select=8, n_test=16, prune_anyway=True),
         lr_dense=1e-2,
@@ -113,6 +163,9 @@ def quick_plan() -> Plan:
         notes=("--quick checks the plumbing: tiny models that solve nothing, pruned to a loose target "
                "(task loss 3.0; chance is 1.386) with every pair pruned anyway, so every stage has something to do",),
     )
+
+
+PRESETS = {"default": full_plan, "quick": quick_plan, "paper": paper_plan}
 
 
 SUMMARY_SCHEMA = pa.schema([
@@ -132,8 +185,30 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("geomean_edges_common", pa.float64()),
     pa.field("quote_loss", pa.float64()),
     pa.field("quote_edges", pa.int64()),
+    pa.field("probe_accuracy", pa.float64()),  # quote closing on code outside the corpus (sparsity/probe.py)
+    pa.field("probe_loss", pa.float64()),
     pa.field("train_seconds", pa.float64()),
 ])
+
+PROBE_PAIRS = 512  # the outside probe's pairs: accuracy's standard error ≤ 0.01 near 0.95
+
+
+def probe_scores(checkpoint_uris) -> dict[str, dict]:
+    """The outside probe (sparsity.probe) on each checkpoint: {uri: {"accuracy", "loss"}}.
+    One probe per tokenizer and context, so every model of a sweep answers the same pairs."""
+    from jobs.loader import LoadedModel
+    from sparsity.probe import QuoteProbe
+
+    probes: dict[tuple, QuoteProbe] = {}
+    out = {}
+    for uri in checkpoint_uris:
+        m = LoadedModel(uri)
+        ctx = m.model.config.block_size
+        key = (m.data_uri, ctx)
+        if key not in probes:
+            probes[key] = QuoteProbe(m.tok, n=PROBE_PAIRS, max_tokens=min(96, ctx))
+        out[uri] = probes[key].score(m.model)
+    return out
 
 
 def model_summary(sweep_uri: str, results_uri: str):
@@ -141,6 +216,7 @@ def model_summary(sweep_uri: str, results_uri: str):
     import pandas as pd
 
     trials = sweep.read_summary(sweep_uri)
+    probe = probe_scores(list(trials["checkpoint_uri"]))
     circ = results.circuits(results_uri)
     front = results.frontier(results_uri)
     rows = []
@@ -159,6 +235,7 @@ def model_summary(sweep_uri: str, results_uri: str):
             "geomean_edges_common": float(f["geomean_edges_common"].iloc[0]) if len(f) else math.nan,
             "quote_loss": float(quote["full_loss"].iloc[0]) if len(quote) else math.nan,
             "quote_edges": int(q_ok["n_edges"].iloc[0]) if len(q_ok) else None,
+            "probe_accuracy": probe[t.checkpoint_uri]["accuracy"], "probe_loss": probe[t.checkpoint_uri]["loss"],
             "train_seconds": t.wall_seconds,
         })
     df = pd.DataFrame(rows, columns=[f.name for f in SUMMARY_SCHEMA])
@@ -192,14 +269,15 @@ def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
     return tasks, [r[-1] for r in ranked[: plan.control_models]]
 
 
-def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs: bool = False,
+def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs: bool = False, preset: str | None = None,
         log: Callable[[str], None] = print,
         shard_progress: Callable | None = None,
         prune_progress: Callable[[int, int, dict], None] | None = None,
         train_progress: Callable[[int, int], None] | None = None, plan: Plan | None = None) -> dict:
     """Run (or resume) the demo under ``out_uri`` (``plan``: another than the default's);
     returns paths and timings."""
-    plan = plan or (quick_plan() if quick else full_plan())
+    plan = plan or PRESETS[preset or ("quick" if quick else "default")]()
+    quick = plan.name == "quick"
     root = storage.resolve(out_uri)
     cores = os.cpu_count() or 1
     # One logical CPU per core: each sweep trial trains in its own process on one CPU, one
@@ -222,10 +300,11 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     t0 = time.monotonic()
     sw = root.join("sweep")
     pts = plan.points()
-    log(f"[2/5] training {len(pts)} models with Ray Tune (pfrac {{{_vals(plan.pfracs)}}} × ef {{{_vals(plan.efs)}}} + a dense baseline at ef {plan.dense_ef:g}; "
-        f"base d_model {plan.base.d_model} × {plan.base.n_layer} layers, {plan.train.steps} {plan.train.optimizer} steps of {plan.train.batch_size}×{plan.n_ctx} tokens) → {sw.uri}")
+    log(f"[2/5] training {len(pts)} models with Ray Tune ({plan.describe()}; {plan.base.n_layer} layers, "
+        f"{plan.train.steps} {plan.train.optimizer} steps of {plan.train.batch_size}×{plan.n_ctx} tokens) → {sw.uri}")
     with sweep.watch_steps(sw, pts, plan.train.steps, train_progress):
-        trials = sweep.run_sweep(ds.uri, sw.uri, None, plan.base, plan.train, workers_per_trial=1, extra_points=pts)
+        trials = sweep.run_sweep(ds.uri, sw.uri, None, plan.base, plan.train, workers_per_trial=1, extra_points=pts,
+                                 sparsity=dict(plan.sparsity))
     timings["train"] = time.monotonic() - t0
     log(f"      {len(trials)} models trained; val loss " + ", ".join(f"{r.trial} {r.val_loss:.3f}" for r in trials.itertuples()))
 
@@ -282,6 +361,3 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     return {"out": root.uri, "report": report.uri, "frontier": frontier_files, "diagrams": diagrams,
             "summary": summary, "timings": timings, "counts": counts}
 
-
-def _vals(vals) -> str:
-    return ", ".join(f"{v:g}" for v in vals)

@@ -167,3 +167,63 @@ def test_frontier_claims_compare_circuit_sizes_on_common_tasks_only():
     both = report.frontier_claims(summary, circ([("a", "else_elif", 22), ("b", "indent_for", 694), ("b", "else_elif", 9)]))
     claim = next(c for c in both if c.startswith("Sparser at equal width (d_model 128"))
     assert "on else_elif" in claim and "1/8: 9.0, 1/4: 22.0" in claim and "reproduced: sparser → smaller circuits" in claim
+
+
+def _shape(plan, point) -> tuple[int, float, int]:
+    """(d_model, block density, nonzeros after the anneal) of one planned model, counted on
+    the real model with the real weight top-k applied at its last step."""
+    from sparsity.model import GPT
+    from sparsity.topk import WeightSparsifier
+
+    cfg = plan.run_config(point)
+    model = GPT(cfg.model)
+    sp = WeightSparsifier(model, cfg.sparsity, cfg.train.steps)
+    sp.apply(cfg.train.steps - 1)
+    return cfg.model.d_model, cfg.sparsity.l0frac, sum(sp.nonzeros().values())
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_demo_plans_have_two_densities_at_one_width_and_two_widths_at_equal_nonzeros(preset):
+    """Both frontier directions can be read off the plan: ≥ 2 densities at one width, and ≥ 2
+    widths whose models hold the same nonzeros (within 2%); one model is trained at a second
+    seed, so the claims have a noise scale to be judged against."""
+    plan = demo_lib.PRESETS[preset]()
+    shapes = [_shape(plan, q) for q in plan.points() if not q.get("seed")]
+    by_width: dict[int, set[float]] = {}
+    for d, density, _ in shapes:
+        by_width.setdefault(d, set()).add(density)
+    assert max(len(v) for v in by_width.values()) >= 2
+    pairs = [(a, b) for a in shapes for b in shapes if a[0] < b[0] and abs(a[2] - b[2]) <= 0.02 * b[2]]
+    assert pairs, shapes
+    assert any(q.get("seed") for q in plan.points())
+    assert len({(q["pfrac"], q["ef"], q.get("seed", 0)) for q in plan.points()}) == len(plan.points())
+
+
+def test_the_cli_presets_are_the_plans_jobs_knows():
+    from cli.demo import Preset
+
+    assert {p.value for p in Preset} == set(demo_lib.PRESETS)
+
+
+def test_frontier_claims_call_differences_within_the_seed_noise_neither_way():
+    """A reversed order that is smaller than the difference between two seeds of one model is
+    'within seed noise', not 'not reproduced'; beyond the noise it is 'not reproduced'."""
+    import pandas as pd
+
+    from jobs import report
+
+    def models(e_quarter: float):
+        rows = [("a", 1.0, 2.0, 0, 128, 0.25, 4.1), ("b", 0.5, 2.0, 0, 128, 0.125, 4.2),
+                ("c", 1.0, 1.0, 0, 64, 1.0, 4.3), ("d", 1.0, 1.0, 1, 64, 1.0, 4.31)]
+        summary = pd.DataFrame([{"model_id": m, "pfrac": p, "ef": e, "seed": sd, "d_model": d, "density": dn, "nonzeros": 100,
+                                 "val_loss": v, "geomean_edges": 1.0} for m, p, e, sd, d, dn, v in rows])
+        edges = {"a": e_quarter, "b": 300, "c": 400, "d": 500}  # c and d: one model at two seeds, 100 edges apart
+        circ = pd.DataFrame([{"model_id": m, "task": "indent_for", "n_edges": n, "status": "ok", "control": None} for m, n in edges.items()])
+        return report.frontier_claims(summary, circ)
+
+    def sparser(claims):
+        return next(c for c in claims if c.startswith("Sparser at equal width (d_model 128"))
+
+    assert "within seed noise (±100.0 edges" in sparser(models(250))  # 1/4 smaller than 1/8 by 50 < 100
+    assert "not reproduced" in sparser(models(150))  # by 150 > 100
+    assert "reproduced: sparser → smaller" in sparser(models(450))  # larger by 150 > 100
