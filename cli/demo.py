@@ -34,6 +34,8 @@ def demo(
     from cluster import storage
     from jobs import demo as demo_lib
 
+    if quick and preset not in (Preset.default, Preset.quick):
+        raise typer.BadParameter(f"--quick and --preset {preset.value} ask for different runs; give one of them")
     t0 = time.monotonic()
     storage.check_writable(out)  # a malformed, read-only or unreachable --out fails before Ray starts
     with bars() as b:
@@ -47,8 +49,6 @@ def demo(
         def prune_progress(done: int, total: int, row: dict) -> None:
             pairs(done, total, f"{row['task']}: {row['status']}")
 
-        if quick and preset not in (Preset.default, Preset.quick):
-            raise typer.BadParameter(f"--quick and --preset {preset.value} ask for different runs; give one of them")
         result = demo_lib.run(out, preset="quick" if quick else preset.value, address=address, shared_fs=shared_fs, log=typer.echo, shard_progress=shards,
                                   prune_progress=prune_progress, train_progress=train_progress)
     typer.echo(f"\ndone in {time.monotonic() - t0:.0f}s; open {result['report']}")

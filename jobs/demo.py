@@ -1,7 +1,7 @@
 """The demo pipeline: the whole of csp on the embedded default, on one machine.
 
     OUT/data/                 token shards of this Python's stdlib (cluster.data)
-    OUT/sweep/                the models: a pfrac × ef grid plus a dense baseline (jobs.sweep)
+    OUT/sweep/                the plan's models, one Ray Tune trial each (jobs.sweep)
     OUT/results/              circuits, circuit_nodes, circuit_edges (jobs.results)
     OUT/figures/frontier.{png,svg}, OUT/figures/circuits/<model>--<task>.{svg,html}
     OUT/summary.parquet       one row per model: the table printed at the end
@@ -77,7 +77,7 @@ class Plan:
         return sweep.trial_config(self.base, self.train, point, sparsity=dict(self.sparsity))
 
     def describe(self) -> str:
-        """The models in words: 'd_model 128 dense, 1/4, 1/8; d_model 64 dense (+ seed 1)'."""
+        """The models in words: 'd_model 128 dense, 1/4, 1/8; d_model 64 dense, dense seed 1'."""
         by_width: dict[int, list[str]] = {}
         for q in self.points():
             cfg = self.run_config(q)

@@ -94,6 +94,8 @@ def test_every_command_has_help():
         (["model", "info", "/no/such/run"], "no checkpoint at /no/such/run"),
         (["s3", "serve", "--port", "0"], "--port must be in [1, 65535]"),
         (["demo", "--out", "gs://b/x"], "unsupported URI scheme"),
+        (["demo", "--out", "OUT", "--quick", "--preset", "paper"], "--quick and --preset paper ask for different runs"),
+        (["demo", "--out", "OUT", "--preset", "full"], "Invalid value for '--preset'"),
         (["submit", "--address", "http://127.0.0.1:abc", "--", "csp", "--help"], "bad Ray address"),
     ],
 )
