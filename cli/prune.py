@@ -16,14 +16,17 @@ def prune(
     ckpt: Annotated[list[str], typer.Argument(help="Run, checkpoint or sweep directories (path or s3://); a sweep means every trial's final checkpoint.")],
     out: Annotated[str, typer.Option(help="Results URI: circuits, circuit_nodes, circuit_edges go under it.")],
     task: Annotated[list[str] | None, typer.Option(help="Task to prune for (repeatable; default: all 20).")] = None,
-    target: Annotated[float, typer.Option(help="Largest held-out task loss a circuit may have, on the reference's summed two-sided scale (chance 1.386).")] = PruneConfig.target,
+    target: Annotated[list[float] | None, typer.Option(
+        help="Largest held-out task loss a circuit may have, on the reference's summed two-sided scale (chance 1.386); "
+             "repeatable: every target is bisected from the same trained masks and stored as its own row "
+             "(default: 0.15 and 0.30, the paper's target read on the sum and per prompt).")] = None,
     ablation: Annotated[Ablation, typer.Option(help="How pruned nodes are replaced (mean: the paper's).")] = PruneConfig.ablation,
     seed: Annotated[int, typer.Option(help="Seed of τ-init noise, pair batches and resample draws.")] = 0,
     steps: Annotated[int, typer.Option(help="Mask-training steps.")] = PruneConfig.steps,
     k_coef: Annotated[float, typer.Option(help="Weight of the node-count penalty.")] = PruneConfig.k_coef,
     calibrate: Annotated[bool, typer.Option(help="Fit a scale and shift of the answer logits per circuit.")] = False,
     prune_anyway: Annotated[bool, typer.Option(help="Prune even where the full model misses the target (the row keeps its verdict in full_misses_target).")] = False,
-    controls: Annotated[bool, typer.Option(help="Also run the faithfulness controls of every solved task: random-init model, nonsense task, other ablations, two more seeds.")] = False,
+    controls: Annotated[bool, typer.Option(help="Also run the faithfulness controls of every solved task: random-init model, nonsense tasks (answers swapped; mapped to fixed unrelated tokens), other ablations, two more seeds.")] = False,
     data: Annotated[str | None, typer.Option(help="Pretraining data for node means (default: the run's).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     address: Annotated[str | None, typer.Option(help="Ray cluster for the fan-out (default: in-process Ray when there are several checkpoints).")] = None,
@@ -32,30 +35,42 @@ def prune(
     """Prune a checkpoint to its smallest circuit per task and store every result."""
     from cluster import storage
     from jobs import prune_pairs as prune_job
+    from sparsity.errors import ConfigError
 
-    cfg = PruneConfig(target=target, ablation=Ablation(ablation).value, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
+    targets = list(dict.fromkeys(target or PruneConfig().targets))  # in the order given, each once
+    for t in targets:
+        if not t > 0:
+            raise ConfigError(f"target={t} out of range: must be > 0")
+    cfg = PruneConfig(target=targets[0], also_targets=tuple(targets[1:]), ablation=Ablation(ablation).value, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
                       prune_anyway=prune_anyway)
     storage.check_writable(out)  # a read-only or unreachable --out fails before any pruning
 
     def show(name: str, r: dict) -> None:
+        for t, row in r.get("by_target", {t: r for t in cfg.targets[:1]}).items():
+            show_one(f"{name} @{t:g}", row)
+
+    def show_one(name: str, r: dict) -> None:
         if r.get("already_stored"):
-            typer.echo(f"{name:<28} {r['status']:<19} already stored with this config (nothing done)")
+            typer.echo(f"{name:<34} {r['status']:<19} already stored with this config (nothing done)")
             return
         if r["status"] == "claimed":
-            typer.echo(f"{name:<28} {'claimed':<19} being pruned by another process: {r['held_by']}")
+            typer.echo(f"{name:<34} {'claimed':<19} being pruned by another process: {r['held_by']}")
             return
         if r["status"] in ("chance", "model_misses_target", "failed"):
             extra = f"full model: held-out accuracy {r['full_accuracy']:.2f}, loss {r['full_loss']:.3f}" if r["status"] != "failed" else r["error"]
-            typer.echo(f"{name:<28} {r['status']:<19} {extra}")
+            typer.echo(f"{name:<34} {r['status']:<19} {extra}")
             return
         layers = " ".join(f"L{layer}:" + ",".join(f"{loc}={c}" for loc, c in locs.items()) for layer, locs in r["nodes_by_layer"].items())
         flag = "  (full model misses the target)" if r["full_misses_target"] else ""
-        rnd = r.get("necessity_random_loss")
-        typer.echo(f"{name:<28} {r['status']:<19} nodes {r['n_nodes']:>4}  edges {r['n_edges']:>5}  "
-                   f"full {r['full_loss']:.3f}  sufficiency {r['sufficiency_loss']:.3f}  necessity {r['necessity_loss']:.3f}"
+        rnd, keep = r.get("necessity_random_loss"), r.get("random_keep_best")
+        typer.echo(f"{name:<34} {r['status']:<19} nodes {r['n_nodes']:>4}  edges {r['n_edges']:>5}  "
+                   f"full {r['full_loss']:.3f}  sufficiency {r['sufficiency_loss']:.3f}"
+                   f"{f' (best random set {keep:.3f})' if keep is not None else ''}  necessity {r['necessity_loss']:.3f}"
                    f"{f' (random {rnd:.3f})' if rnd is not None else ''}{flag}")
+        if keep is not None and not r.get("beats_random_keep"):
+            typer.echo(f"{'':<34}   does not clearly beat random node sets of its size (beats_random_keep false)")
         if layers:
-            typer.echo(f"{'':<28}   {layers}")
+            typer.echo(f"{'':<34}   {layers}")
 
     from jobs import sweep
 
@@ -63,8 +78,9 @@ def prune(
     if single:
         rows = prune_job.prune_checkpoint(ckpt[0], task, out, cfg, data_uri=data, device=device, progress=show, controls=controls)
         real = [r for r in rows if r.get("control") is None]
-        done = sum(r["status"] == "ok" for r in real)
-        typer.echo(f"{done} verified circuits, {len(real) - done} other verdicts"
+        done = sum(v["status"] == "ok" for r in real for v in r.get("by_target", {0: r}).values())
+        n_rows = sum(len(r.get("by_target", {0: r})) for r in real)
+        typer.echo(f"{done} verified circuits, {n_rows - done} other verdicts"
                    + (f", {len(rows) - len(real)} control runs" if controls else "") + f" → {out}")
         return
     from cluster import runtime

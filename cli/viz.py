@@ -15,11 +15,12 @@ app = group("Figures from stored circuits: the frontier plot, circuit diagrams."
 def frontier(
     uri: Annotated[str, typer.Argument(help="Results URI (from `csp prune --out` or `csp demo`).")],
     out: Annotated[str | None, typer.Option(help="Directory for frontier.png and frontier.svg (default: URI/figures).")] = None,
+    target: Annotated[float | None, typer.Option(help="Circuits at this target (default: the strictest stored).")] = None,
 ) -> None:
     """Val loss (capability) vs geometric-mean circuit edges (interpretability), one point per model."""
     from jobs import viz
 
-    for path in viz.plot_frontier(uri, out):
+    for path in viz.plot_frontier(uri, out, target):
         typer.echo(path)
 
 

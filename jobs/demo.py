@@ -181,6 +181,11 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("val_loss", pa.float64()),
     pa.field("tasks_solved", pa.int64()),
     pa.field("tasks_with_circuit", pa.int64()),
+    pa.field("tasks_beating_random", pa.int64()),  # verified circuits clearly better than random node sets of their size
+    pa.field("target", pa.float64()),  # the target the counts above are at (the plan's)
+    pa.field("loose_target", pa.float64()),  # the plan's second target (null: none), and its counts
+    pa.field("loose_tasks_solved", pa.int64()),
+    pa.field("loose_tasks_with_circuit", pa.int64()),
     pa.field("geomean_edges", pa.float64()),
     pa.field("geomean_edges_common", pa.float64()),
     pa.field("quote_loss", pa.float64()),
@@ -211,17 +216,22 @@ def probe_scores(checkpoint_uris) -> dict[str, dict]:
     return out
 
 
-def model_summary(sweep_uri: str, results_uri: str):
-    """One row per model: the sweep's numbers joined with its circuits."""
+def model_summary(sweep_uri: str, results_uri: str, target: float = PruneConfig.target, loose: float | None = None):
+    """One row per model: the sweep's numbers joined with its circuits at ``target`` (and the
+    counts at a second, ``loose`` target)."""
     import pandas as pd
 
     trials = sweep.read_summary(sweep_uri)
     probe = probe_scores(list(trials["checkpoint_uri"]))
-    circ = results.circuits(results_uri)
-    front = results.frontier(results_uri)
+    every = results.circuits(results_uri)
+    every = every[every["control"].isna()]
+    circ = results.at_target(every, target)
+    far = results.at_target(every, loose) if loose is not None else every.iloc[0:0]
+    front = results.frontier(results_uri, target)
     rows = []
     for t in trials.itertuples():
-        c = circ[(circ["checkpoint_uri"] == t.checkpoint_uri) & circ["control"].isna()]
+        c = circ[circ["checkpoint_uri"] == t.checkpoint_uri]
+        c2 = far[far["checkpoint_uri"] == t.checkpoint_uri]
         f = front[front["model_id"].isin(c["model_id"])] if len(c) else front.iloc[0:0]
         quote = c[c["task"] == "single_double_quote"]
         q_ok = quote[quote["status"] == "ok"]
@@ -231,6 +241,10 @@ def model_summary(sweep_uri: str, results_uri: str):
             "d_model": t.d_model, "density": SparsityConfig(pfrac=t.pfrac, ef=ef).l0frac, "nonzeros": t.nonzeros, "steps": t.steps,
             "val_loss": t.val_loss, "tasks_solved": int(c["status"].map(solved).sum()) if len(c) else 0,
             "tasks_with_circuit": int((c["status"] == "ok").sum()) if len(c) else 0,
+            "tasks_beating_random": int(((c["status"] == "ok") & c["beats_random_keep"].fillna(False).astype(bool)).sum()),
+            "target": target, "loose_target": loose,
+            "loose_tasks_solved": int(c2["status"].map(solved).sum()) if loose is not None else None,
+            "loose_tasks_with_circuit": int((c2["status"] == "ok").sum()) if loose is not None else None,
             "geomean_edges": float(f["geomean_edges"].iloc[0]) if len(f) else math.nan,
             "geomean_edges_common": float(f["geomean_edges_common"].iloc[0]) if len(f) else math.nan,
             "quote_loss": float(quote["full_loss"].iloc[0]) if len(quote) else math.nan,
@@ -239,7 +253,8 @@ def model_summary(sweep_uri: str, results_uri: str):
             "train_seconds": t.wall_seconds,
         })
     df = pd.DataFrame(rows, columns=[f.name for f in SUMMARY_SCHEMA])
-    df["quote_edges"] = df["quote_edges"].astype("Int64")
+    for col in ("quote_edges", "loose_tasks_solved", "loose_tasks_with_circuit"):
+        df[col] = df[col].astype("Int64")
     return df.sort_values(["ef", "pfrac", "seed"]).reset_index(drop=True)
 
 
@@ -331,19 +346,19 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     t0 = time.monotonic()
     figs = root.join("figures")
     log(f"[4/5] frontier plot and circuit diagrams → {figs.uri}")
-    frontier_files = viz.plot_frontier(res.uri, figs.uri)
+    frontier_files = viz.plot_frontier(res.uri, figs.uri, target=plan.prune.target)
     renderer = viz.CircuitRenderer(res.uri)
     circ = results.circuits(res.uri)
     real = circ[circ["control"].isna() & (circ["prune_key"] == plan.prune.key())]
     drawable = real[real["status"].isin(["ok", "not_verified", "target_not_reached"]) & (real["n_nodes"] > 0)].sort_values(["model_id", "task"])
     diagrams = []
     for r in drawable.itertuples():
-        svg_uri, html_uri = renderer.render(r.model_id, r.task, figs.join("circuits").uri)
+        svg_uri, html_uri = renderer.render(r.model_id, r.task, figs.join("circuits").uri, prune_key=r.prune_key)
         diagrams.append({"model_id": r.model_id, "task": r.task, "svg": svg_uri, "html": html_uri})
     timings["figures"] = time.monotonic() - t0
     log(f"      frontier.png/.svg and {len(diagrams)} circuit diagrams")
 
-    summary = model_summary(sw.uri, res.uri)
+    summary = model_summary(sw.uri, res.uri, plan.prune.target, (plan.prune.also_targets or (None,))[0])
     storage.write_parquet(root.join(SUMMARY), pa.Table.from_pandas(summary, schema=SUMMARY_SCHEMA, preserve_index=False))
     timings["total"] = time.monotonic() - t_all
     report = root.join("report.html")
@@ -354,9 +369,15 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     log(report_lib.format_summary(summary))
     for claim in report_lib.frontier_claims(summary, real):
         log(claim)
+    if (real["status"] == "ok").any():
+        log("")
+        log(f"verified circuits at target {plan.prune.target:g}: sufficiency beside partial ablation, random node sets "
+            "of the same size, the direct path and necessity:")
+        log(report_lib.format_checks(real))
     if len(ctl):
         log("")
-        log("controls (random-init model and nonsense task must not verify; seed/ablation variants: node-set Jaccard vs the real circuit):")
+        log("controls (random-init model and rule-based nonsense tasks must not verify; seed/ablation variants: "
+            "node-set Jaccard vs the real circuit):")
         log(report_lib.format_controls(ctl))
     return {"out": root.uri, "report": report.uri, "frontier": frontier_files, "diagrams": diagrams,
             "summary": summary, "timings": timings, "counts": counts}

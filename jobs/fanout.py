@@ -21,7 +21,15 @@ from dataclasses import asdict
 
 from cluster import checkpoints, lease, runtime, storage
 from jobs import loader, results, sweep
-from jobs.prune_pairs import Loaded, control_config, control_jobs, model_meta, prune_pair, solved
+from jobs.prune_pairs import (
+    Loaded,
+    control_config,
+    control_jobs,
+    model_meta,
+    prune_pair,
+    row_keys,
+    solved,
+)
 from sparsity import prune as prune_lib
 from sparsity import tasks as task_lib
 
@@ -86,7 +94,8 @@ def fanout(
 
     def wave(items: list[tuple[str, str, str | None]]) -> None:
         done = results.stored_pairs(out_uri)
-        todo = [(u, n, c) for u, n, c in items if (fps[u], n, control_config(cfg, c).key(), c or "") not in done]
+        todo = [(u, n, c) for u, n, c in items
+                if any((fps[u], n, k, c or "") not in done for k in row_keys(control_config(cfg, c)))]
         counts["pairs"] += len(items)
         counts["skipped"] += len(items) - len(todo)
         def submit(item: tuple[str, str, str | None]):
@@ -109,8 +118,10 @@ def fanout(
             except (ray.exceptions.RayError, Exception) as e:  # retries exhausted: store the failure
                 err = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                 ckpt = checkpoints.load(u, with_train_state=False)
-                results.write_result(out_uri, model_meta(ckpt, u), n, None, status="failed", error=err,
-                                     extra={"control": c}, cfg=control_config(cfg, c))
+                run_cfg = control_config(cfg, c)
+                for t in run_cfg.targets:
+                    results.write_result(out_uri, model_meta(ckpt, u), n, None, status="failed", error=err,
+                                         extra={"control": c, "target": t}, cfg=run_cfg.for_target(t))
                 row = {"task": n, "control": c, "status": "failed", "error": err}
                 counts["failed"] += 1
             if progress:
@@ -120,14 +131,14 @@ def fanout(
     if controls:
         ctl_tasks = set(names if controls is True else controls)
         df = results.circuits(out_uri)
-        real = df[df["control"].isna() & (df["prune_key"] == cfg.key())]
+        real = df[df["control"].isna() & df["prune_key"].isin(row_keys(cfg))]
         by_fp = {u: fps[u] for u in ckpts}
         items = []
         for u in ckpts if control_ckpts is None else [c for c in ckpts if c in set(control_ckpts)]:
             mine = real[real["checkpoint_fingerprint"] == by_fp[u]]
             for n in names:
                 hit = mine[mine["task"] == n]
-                if n in ctl_tasks and len(hit) and solved(str(hit["status"].iloc[0])):
+                if n in ctl_tasks and hit["status"].astype(str).map(solved).any():
                     items += [(u, n, c) for c in control_jobs(cfg)]
         wave(items)
     return counts

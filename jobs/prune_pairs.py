@@ -32,7 +32,9 @@ MEANS_SEED = 0  # node means are a property of the model and data, the same for 
 
 # The faithfulness controls of a (checkpoint, task) pair whose model solves the task
 # (DESIGN.md, "Faithfulness controls"). Each is stored as its own row, `control` naming it.
-CONTROLS = ("random_init", "nonsense_task", "ablation_zero", "ablation_resample", "seed_1", "seed_2")
+# nonsense_swap / nonsense_fixed: the task's own prompts with a consistent rule for the answers
+# (sparsity/tasks/base.py), pruned with the same config.
+CONTROLS = ("random_init", "nonsense_swap", "nonsense_fixed", "ablation_zero", "ablation_resample", "seed_1", "seed_2")
 
 
 class PruneError(CspError):
@@ -135,11 +137,11 @@ class Loaded(LoadedModel):
 
 
 def control_config(cfg: prune_lib.PruneConfig, control: str | None) -> prune_lib.PruneConfig:
-    """The pruning config a control runs with: the random-init model and the nonsense task
-    are pruned even though they miss the target (that they fail is the finding)."""
+    """The pruning config a control runs with: the random-init model and the nonsense tasks
+    are pruned even though they miss the target (whether they then verify is the finding)."""
     if control is None:
         return cfg
-    if control in ("random_init", "nonsense_task"):
+    if control in results.MUST_NOT_VERIFY and control in CONTROLS:
         return dataclasses.replace(cfg, prune_anyway=True)
     if control.startswith("ablation_"):
         return dataclasses.replace(cfg, ablation=control.split("_", 1)[1])
@@ -175,11 +177,14 @@ def prune_checkpoint(
     stored = results.circuits(out_uri, model=loaded.meta["model_id"])
 
     def run(task, control=None) -> dict:
-        key = control_config(cfg, control).key()
-        hit = stored[(stored["task"] == task.name) & (stored["prune_key"] == key)
+        keys = row_keys(control_config(cfg, control))
+        hit = stored[(stored["task"] == task.name) & stored["prune_key"].isin(keys)
                      & (stored["control"].fillna("") == (control or ""))] if len(stored) else stored
-        if len(hit):  # the same config already stored: a re-run adds nothing
-            return {"task": task.name, "control": control, "status": str(hit["status"].iloc[0]), "already_stored": True}
+        if hit["prune_key"].nunique() == len(keys):  # every target's row already stored: a re-run adds nothing
+            first = hit[hit["prune_key"] == keys[0]]
+            return {"task": task.name, "control": control, "status": str(first["status"].iloc[0]), "already_stored": True,
+                    "by_target": {float(r.target): {"task": task.name, "control": control, "status": r.status,
+                                                    "already_stored": True} for r in hit.itertuples()}}
         return prune_pair(loaded, task, cfg, out_uri, control=control)
 
     out = []
@@ -188,7 +193,7 @@ def prune_checkpoint(
         if progress:
             progress(task.name, out[-1])
     if controls:
-        for row in [r for r in out if solved(r["status"])]:
+        for row in [r for r in out if solved_anywhere(r)]:
             for c in control_jobs(cfg):
                 out.append(run(task_lib.get(row["task"]), c))
                 if progress:
@@ -199,6 +204,16 @@ def prune_checkpoint(
 def solved(status: str) -> bool:
     """The full model does the task (it was pruned, whatever the circuit's verdict)."""
     return status in ("ok", "not_verified", "trivial", "target_not_reached")
+
+
+def solved_anywhere(row: dict) -> bool:
+    """A pruning summary whose model does the task at any of its targets."""
+    return solved(row["status"]) or any(solved(v["status"]) for v in row.get("by_target", {}).values())
+
+
+def row_keys(cfg: prune_lib.PruneConfig) -> list[str]:
+    """The prune keys of the rows one run of ``cfg`` stores: one per target, ``cfg.target``'s first."""
+    return [cfg.for_target(t).key() for t in cfg.targets]
 
 
 def _ray_node_id() -> str | None:
@@ -221,23 +236,33 @@ def prune_pair(loaded: Loaded, task, cfg: prune_lib.PruneConfig, out_uri: str, c
     if claim is None:
         return {"task": task.name, "control": control, "status": "claimed", "held_by": lease.describe(holder or {})}
     with claim.start():
-        if results.is_stored(out_uri, task.name, loaded.meta["model_id"], run_cfg.key(), control):
+        if all(results.is_stored(out_uri, task.name, loaded.meta["model_id"], k, control) for k in row_keys(run_cfg)):
             return {"task": task.name, "control": control, "status": "already_stored", "already_stored": True}
         return _prune_and_store(loaded, task, cfg, run_cfg, out_uri, control)
 
 
 def _prune_and_store(loaded: Loaded, task, cfg: prune_lib.PruneConfig, run_cfg: prune_lib.PruneConfig, out_uri: str,
                      control: str | None) -> dict:
+    """Prune one pair at every target of ``run_cfg`` and store a row per target; returns the
+    first target's summary with ``by_target`` {target: summary} for all of them."""
     model, ablate, batches = loaded.inputs(run_cfg.ablation, control)
-    ptask = task_lib.nonsense(task) if control == "nonsense_task" else task
-    extra = {"ablation": run_cfg.ablation, "target": run_cfg.target, "control": control, "ray_node_id": _ray_node_id()}
+    extra = {"ablation": run_cfg.ablation, "control": control, "ray_node_id": _ray_node_id()}
     try:
-        circuit = prune_lib.prune(model, ptask, loaded.tok, run_cfg, batches, device=loaded.device, ablate=ablate,
-                                  provenance={"model": loaded.meta, "control": control, "base_prune_key": cfg.key()})
+        ptask = task_lib.nonsense(task, control.split("_", 1)[1], loaded.tok) if control and control.startswith("nonsense_") else task
+        found = prune_lib.prune_targets(model, ptask, loaded.tok, run_cfg, batches, device=loaded.device, ablate=ablate,
+                                        provenance={"model": loaded.meta, "control": control})
     except task_lib.TaskError as e:
-        results.write_result(out_uri, loaded.meta, task.name, None, status="failed", error=str(e),
-                             extra={**extra, "provenance": {"prune_config": asdict(run_cfg), "model": loaded.meta}}, cfg=run_cfg)
+        for t in run_cfg.targets:
+            tcfg = run_cfg.for_target(t)
+            results.write_result(out_uri, loaded.meta, task.name, None, status="failed", error=str(e),
+                                 extra={**extra, "target": t, "provenance": {"prune_config": asdict(tcfg), "model": loaded.meta}},
+                                 cfg=tcfg)
         return {"task": task.name, "control": control, "status": "failed", "error": str(e)}
-    circuit.task = task.name  # a nonsense-task control is stored under the task it scrambles
-    results.write_result(out_uri, loaded.meta, task.name, circuit, extra=extra, cfg=run_cfg)
-    return {"task": task.name, "control": control, **circuit.metrics, **circuit.counts(), "nodes_by_layer": circuit.nodes_by_layer()}
+    by_target = {}
+    for t, circuit in zip(run_cfg.targets, found, strict=True):
+        circuit.task = task.name  # a nonsense control is stored under the task whose prompts it uses
+        circuit.provenance["base_prune_key"] = cfg.for_target(t).key()  # the real row at this target
+        results.write_result(out_uri, loaded.meta, task.name, circuit, extra={**extra, "target": t}, cfg=run_cfg.for_target(t))
+        by_target[t] = {"task": task.name, "control": control, **circuit.metrics, **circuit.counts(),
+                        "nodes_by_layer": circuit.nodes_by_layer()}
+    return {**by_target[run_cfg.target], "by_target": by_target}

@@ -47,16 +47,64 @@ def format_summary(df) -> str:
         model=[label(p, e, s) for p, e, s in zip(df["pfrac"], df["ef"], seeds, strict=True)],
         density=[_density(d) for d in df["density"]],
         circuits=[f"{a}/{b}" for a, b in zip(df["tasks_with_circuit"], df["tasks_solved"], strict=True)],
+        beat_random=[_num(v, "d") for v in (df["tasks_beating_random"] if "tasks_beating_random" in df else [None] * len(df))],
+        loose=[f"{_num(a, 'd')}/{_num(b, 'd')}" for a, b in zip(df.get("loose_tasks_with_circuit", [None] * len(df)),
+                                                            df.get("loose_tasks_solved", [None] * len(df)), strict=True)],
         quote_edges=[_num(v, "d") for v in df["quote_edges"]],
         probe=[_num(v, ".3f") for v in df["probe_accuracy"]],
-    )[["model", "d_model", "density", "nonzeros", "val_loss", "probe", "circuits", "geomean_edges", "quote_loss", "quote_edges"]]
-    return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
+    )[["model", "d_model", "density", "nonzeros", "val_loss", "probe", "circuits", "beat_random", "loose", "geomean_edges",
+       "quote_loss", "quote_edges"]]
+    names = {"circuits": f"circuits@{_target_of(df, 'target')}", "loose": f"circuits@{_target_of(df, 'loose_target')}"}
+    return show.rename(columns=names).to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
+
+
+CHECK_COLUMNS = ["sufficiency_loss", "partial_ablation_loss", "partial_ablation_worst", "random_keep_loss", "random_keep_best",
+                 "beats_random_keep", "ablated_loss", "necessity_loss", "necessity_random_loss"]
+
+
+def circuit_checks(circ, label_of: dict | None = None):
+    """One row per verified circuit of ``circ`` (real circuits' rows): its test sufficiency
+    beside partial ablation, random node sets of its size kept instead, the direct path
+    (every node ablated) and necessity beside its random baseline."""
+    ok = circ[circ["status"] == "ok"].sort_values(["model_id", "task"])
+    cols = [c for c in CHECK_COLUMNS if c in ok]
+    out = ok[["model_id", "task", "n_nodes", "n_edges", *cols]].copy()
+    out.insert(0, "model", [(label_of or {}).get(m, str(m).rsplit("-", 1)[0]) for m in out["model_id"]])
+    return out.drop(columns=["model_id"]).reset_index(drop=True)
+
+
+def format_checks(circ) -> str:
+    """The verified circuits' checks as the demo prints them."""
+    df = circuit_checks(circ)
+    if df.empty:
+        return "(no verified circuits)"
+    names = {"sufficiency_loss": "suff", "partial_ablation_loss": "partial", "partial_ablation_worst": "partial_worst",
+             "random_keep_loss": "random_keep", "random_keep_best": "random_best", "beats_random_keep": "beats_random",
+             "ablated_loss": "all_ablated", "necessity_loss": "necessity", "necessity_random_loss": "necessity_random"}
+    return df.rename(columns=names).to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
+
+
+def _target_of(df, col: str) -> str:
+    vals = df[col].dropna() if col in df else []
+    return f"{float(vals.iloc[0]):g}" if len(vals) else "—"
+
+
+def control_verdict(r) -> str:
+    """A control row's verdict in words (``passes`` from results.controls)."""
+    import pandas as pd
+
+    if r.control.startswith(("seed_", "ablation_")):
+        return "reported (not judged)"
+    if r.passes is None or pd.isna(r.passes):
+        return f"not run ({r.status}: never reached the test pairs)"
+    return "passes (did not verify)" if r.passes else "FAILS: it verified"
 
 
 def format_controls(ctl) -> str:
     """The controls table as the demo prints it."""
-    show = ctl.assign(model=ctl["model_id"].str.rsplit("-", n=1).str[0])[
-        ["model", "task", "control", "status", "n_nodes", "sufficiency_loss", "real_n_nodes", "jaccard", "passes"]]
+    show = ctl.assign(model=ctl["model_id"].str.rsplit("-", n=1).str[0], verdict=[control_verdict(r) for r in ctl.itertuples()])[
+        ["model", "task", "target", "control", "status", "n_nodes", "full_loss", "sufficiency_loss", "real_n_nodes", "jaccard",
+         "verdict"]]
     return show.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="—")
 
 
@@ -159,9 +207,17 @@ def _cell(r, d: dict | None, root) -> dict:
         return {"kind": "no_task", "word": "chance" if r.status == "chance" else "misses",
                 "title": f"full model: held-out loss {r.full_loss:.3f}, accuracy {r.full_accuracy:.2f}"}
     if d:
-        return {"kind": "circuit", "css": "ok" if r.status == "ok" else "tnr", "href": _rel(root, d["html"]),
-                "n_edges": int(r.n_edges), "title": f"{r.status}: sufficiency loss {_num(r.sufficiency_loss, '.3f')}"}
-    return {"kind": "other", "status": r.status}
+        import pandas as pd
+
+        beats = getattr(r, "beats_random_keep", None)
+        weak = r.status == "ok" and beats is not None and not pd.isna(beats) and not bool(beats)  # False, not unknown
+        title = (f"{r.status}: sufficiency loss {_num(r.sufficiency_loss, '.3f')}, best random set of its size "
+                 f"{_num(getattr(r, 'random_keep_best', None), '.3f')}, half the rest ablated {_num(getattr(r, 'partial_ablation_loss', None), '.3f')}")
+        return {"kind": "circuit", "css": "ok" if r.status == "ok" else "tnr", "href": _rel(root, d["html"]), "weak": weak,
+                "n_edges": int(r.n_edges), "title": title}
+    if r.status == "trivial":
+        return {"kind": "other", "status": "direct path", "title": f"every node ablated: loss {_num(getattr(r, 'ablated_loss', None), '.3f')}"}
+    return {"kind": "other", "status": r.status, "title": ""}
 
 
 def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick: bool, ctl=None) -> str:
@@ -177,24 +233,31 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
     models = [{"label": label(r.pfrac, r.ef, getattr(r, "seed", 0)), "model_id": str(r.model_id), "d_model": r.d_model,
                "density": _density(r.density), "nonzeros": f"{r.nonzeros:,}", "val_loss": f"{r.val_loss:.3f}",
                "tasks_solved": r.tasks_solved, "tasks_with_circuit": r.tasks_with_circuit,
+               "beat_random": _num(getattr(r, "tasks_beating_random", None), "d"),
+               "loose": f"{_num(getattr(r, 'loose_tasks_with_circuit', None), 'd')}/{_num(getattr(r, 'loose_tasks_solved', None), 'd')}",
                "geomean_edges": _num(r.geomean_edges, ".1f"), "quote_loss": _num(r.quote_loss, ".3f"),
                "quote_edges": _num(r.quote_edges, "d"), "probe": _num(r.probe_accuracy, ".3f")} for r in summary.itertuples()]
     cell = {(r.model_id, r.task): r for r in circ.itertuples()}
     grid = [{"task": t, "cells": [_cell(cell.get((m, t)), by_pair.get((m, t)), root) for m in ids]} for t in task_lib.REGISTRY]
     controls = []
     for r in ctl.itertuples() if ctl is not None else ():
-        verdict = "—" if r.passes is None or pd.isna(r.passes) else ("passes" if r.passes else "FAILS: a control verified")
-        controls.append({"label": label_of.get(r.model_id, r.model_id), "task": r.task, "control": r.control, "status": r.status,
+        controls.append({"label": label_of.get(r.model_id, r.model_id), "task": r.task, "target": _num(r.target, "g"),
+                         "control": r.control, "status": r.status, "full_loss": _num(r.full_loss, ".3f"), "verdict": control_verdict(r),
                          "n_nodes": _num(r.n_nodes, "d"), "sufficiency_loss": _num(r.sufficiency_loss, ".3f"),
-                         "real_n_nodes": _num(r.real_n_nodes, "d"), "jaccard": _num(r.jaccard, ".2f"), "verdict": verdict})
+                         "real_n_nodes": _num(r.real_n_nodes, "d"), "jaccard": _num(r.jaccard, ".2f")})
+    checks = [{"label": r.model, "task": r.task, "nodes": _num(r.n_nodes, "d"), "edges": _num(r.n_edges, "d"),
+               **{c: _num(getattr(r, c, None), ".3f") for c in CHECK_COLUMNS if c != "beats_random_keep"},
+               "beats": "—" if pd.isna(getattr(r, "beats_random_keep", None)) else ("yes" if r.beats_random_keep else "NO")}
+              for r in circuit_checks(circ, label_of).itertuples()]
     featured = [d for d in diagrams if d["task"] == "single_double_quote"] or diagrams[:2]
     front_svg = root.join("figures", "frontier.svg")
     env = jinja2.Environment(autoescape=True, trim_blocks=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     template = env.from_string(resources.files("jobs").joinpath("templates", "report.html.j2").read_text(encoding="utf-8"))
     return template.render(
         quick=quick, n_tasks=len(task_lib.REGISTRY), target=f"{plan.prune.target:g}", ablation=plan.prune.ablation,
+        loose_target=f"{plan.prune.also_targets[0]:g}" if plan.prune.also_targets else None,
         root=root.uri, notes=plan.notes, timings=", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
-        models=models, column_labels=[label_of[m] for m in ids], grid=grid, controls=controls,
+        models=models, column_labels=[label_of[m] for m in ids], grid=grid, controls=controls, checks=checks,
         frontier_svg=_inline_svg(storage.read_text(front_svg)) if storage.exists(front_svg) else None,
         featured=[{"task": d["task"], "label": label_of.get(d["model_id"], d["model_id"]), "svg": _inline_svg(storage.read_text(d["svg"]))}
                   for d in featured],

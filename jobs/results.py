@@ -89,6 +89,18 @@ CIRCUITS_SCHEMA = pa.schema(
         pa.field("sufficiency_accuracy", pa.float64()),
         pa.field("necessity_loss", pa.float64()),
         pa.field("necessity_random_loss", pa.float64()),  # as many random nodes ablated (mean of 5 draws)
+        pa.field("ablated_loss", pa.float64()),  # every node ablated: what the direct (embedding → unembedding) path alone does
+        # A verified circuit's sufficiency controls (sparsity/prune.py): as many random nodes kept
+        # instead (mean of 8 uniform draws; of 8 with its per-location counts; best of the 16), the
+        # share of the circuit's gain over `ablated_loss` that the best one gets, and the verdict.
+        pa.field("random_keep_loss", pa.float64()),
+        pa.field("random_keep_loc_loss", pa.float64()),
+        pa.field("random_keep_best", pa.float64()),
+        pa.field("random_keep_recovered", pa.float64()),  # (ablated − best) / (ablated − sufficiency)
+        pa.field("beats_random_keep", pa.bool_()),
+        # the circuit kept and every other node ablated with probability ½ (16 draws): mean, worst
+        pa.field("partial_ablation_loss", pa.float64()),
+        pa.field("partial_ablation_worst", pa.float64()),
         pa.field("calibration_scale", pa.float64()),
         pa.field("calibration_shift", pa.float64()),
         pa.field("convergence", pa.string()),  # JSON [[step, task loss, open gates], ...] of the mask training
@@ -309,10 +321,23 @@ def verified(df):
     return df[(df["status"] == "ok") & df["control"].isna()]
 
 
-def frontier(results_uri: str):
+def at_target(df, target: float | None):
+    """The rows of ``df`` pruned to ``target`` (all rows when None), and those that name no
+    target (a verdict stored without its pruning config)."""
+    import numpy as np
+
+    if target is None:
+        return df
+    t = df["target"].astype(float)
+    return df[t.isna() | np.isclose(t.fillna(-1.0), float(target))]
+
+
+def frontier(results_uri: str, target: float | None = None):
     """Per model: validation loss (capability) and the geometric mean of circuit edges over
     the tasks with a verified circuit (interpretability; lower is better). Controls are left
-    out; with several pruning configs stored, each (model, prune key) is its own row.
+    out; with several pruning configs stored, each (model, prune key) is its own row — a run
+    with two targets stores one per target (``target`` keeps one). ``tasks_beating_random``:
+    verified circuits that clearly beat random node sets of their size (beats_random_keep).
 
     ``geomean_edges`` is over each model's own solved tasks; ``geomean_edges_common`` over
     the tasks that every model solved (``common_tasks`` of them), the fair comparison when
@@ -320,7 +345,7 @@ def frontier(results_uri: str):
     import numpy as np
     import pandas as pd
 
-    df = circuits(results_uri)
+    df = at_target(circuits(results_uri), target)
     df = df[df["control"].isna()]
     ok = verified(df)
     models = sorted(set(zip(df["model_id"], df["prune_key"], strict=True)))
@@ -334,10 +359,11 @@ def frontier(results_uri: str):
         good = ok[(ok["model_id"] == model_id) & (ok["prune_key"] == key)]
         first = g.iloc[0]
         rows.append({
-            "model_id": model_id, "prune_key": key, "pfrac": first["pfrac"], "ef": first["ef"],
+            "model_id": model_id, "prune_key": key, "target": first["target"], "pfrac": first["pfrac"], "ef": first["ef"],
             "density": first.get("density"), "val_loss": first["val_loss"],
             "tasks_solved": int(g["status"].isin(["ok", "not_verified", "trivial", "target_not_reached"]).sum()),
             "tasks_with_circuit": len(good), "tasks": len(g),
+            "tasks_beating_random": int(good["beats_random_keep"].fillna(False).astype(bool).sum()),
             "geomean_edges": geomean(good["n_edges"]),
             "common_tasks": len(common),
             "geomean_edges_common": geomean(good[good["task"].isin(common)]["n_edges"]),
@@ -345,20 +371,36 @@ def frontier(results_uri: str):
     return pd.DataFrame(rows).sort_values("val_loss").reset_index(drop=True) if rows else pd.DataFrame(rows)
 
 
+# Controls that must not yield a verified circuit (nonsense_task: the random-label control of
+# stores written before the rule-based ones; read and judged, no longer run).
+MUST_NOT_VERIFY = ("random_init", "nonsense_swap", "nonsense_fixed", "nonsense_task")
+# Statuses of a pruning that ran to its verdict on the test pairs (a circuit was chosen and
+# scored there); chance / model_misses_target / failed / trivial rows never reached it.
+TESTED = ("ok", "not_verified", "target_not_reached")
+
+
+def jaccard(a: set, b: set) -> float | None:
+    """|a ∩ b| / |a ∪ b| of two node sets; None when either is empty (no circuit to compare)."""
+    return len(a & b) / len(a | b) if a and b else None
+
+
 def controls(results_uri: str, task: str | None = None):
     """The faithfulness controls beside the real circuit they check, one row per
     (model, task, control): the real circuit's status and size, the control's status, size
     and test sufficiency, and for seed/ablation variants the Jaccard overlap of its node set
-    with the real circuit's. ``passes`` says whether the control came out as a faithful
-    circuit requires: random-init and nonsense-task controls must not verify; a seed or
-    ablation variant is reported, not judged (None)."""
+    with the real circuit's (None where either has no nodes). ``passes`` says whether the
+    control came out as a faithful circuit requires: a random-init or nonsense control
+    passes when its pruning ran to a test verdict (:data:`TESTED`) and did not verify, and
+    fails when it verified; a row that never reached the test (chance, trivial, failed) is
+    "not run" (None), as is every seed or ablation variant (reported, not judged).
+    ``full_loss`` is the full model's own loss on the control's pairs."""
     import pandas as pd
 
     df = circuits(results_uri, task=task)
     ctl = df[df["control"].notna()]
     if not len(ctl):
-        return pd.DataFrame(columns=["model_id", "task", "control", "status", "n_nodes", "n_edges", "sufficiency_loss",
-                                     "real_status", "real_n_nodes", "jaccard", "passes"])
+        return pd.DataFrame(columns=["model_id", "task", "target", "control", "status", "n_nodes", "n_edges", "sufficiency_loss",
+                                     "full_loss", "real_status", "real_n_nodes", "jaccard", "passes"])
     real = df[df["control"].isna()].set_index(["model_id", "task", "prune_key"])
     nd = nodes(results_uri, task=task)
 
@@ -375,10 +417,10 @@ def controls(results_uri: str, task: str | None = None):
         jac = None
         if base is not None and (r.control.startswith("seed_") or r.control.startswith("ablation_")):
             a, b = node_set(r.model_id, r.task, key, None), node_set(r.model_id, r.task, r.prune_key, r.control)
-            jac = len(a & b) / len(a | b) if a | b else 1.0
-        passes = (r.status != "ok") if r.control in ("random_init", "nonsense_task") else None
-        rows.append({"model_id": r.model_id, "task": r.task, "control": r.control, "status": r.status,
-                     "n_nodes": r.n_nodes, "n_edges": r.n_edges, "sufficiency_loss": r.sufficiency_loss,
+            jac = jaccard(a, b)
+        passes = (r.status != "ok") if r.control in MUST_NOT_VERIFY and r.status in TESTED else None
+        rows.append({"model_id": r.model_id, "task": r.task, "target": r.target, "control": r.control, "status": r.status,
+                     "n_nodes": r.n_nodes, "n_edges": r.n_edges, "sufficiency_loss": r.sufficiency_loss, "full_loss": r.full_loss,
                      "real_status": None if base is None else base["status"],
                      "real_n_nodes": None if base is None else base["n_nodes"], "jaccard": jac, "passes": passes})
-    return pd.DataFrame(rows).sort_values(["model_id", "task", "control"]).reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(["model_id", "task", "target", "control"]).reset_index(drop=True)

@@ -60,14 +60,18 @@ def model_label(pfrac: float, ef: float, stored_density: float | None = None) ->
     return f"{p} · ef {ef:g}"
 
 
-def plot_frontier(results_uri: str, out_uri: str | None = None) -> list[str]:
-    """Write frontier.png and frontier.svg under ``out_uri`` (default RESULTS/figures)."""
+def plot_frontier(results_uri: str, out_uri: str | None = None, target: float | None = None) -> list[str]:
+    """Write frontier.png and frontier.svg under ``out_uri`` (default RESULTS/figures), from
+    the circuits at ``target`` (default: the strictest target stored)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    f = results.frontier(results_uri)
+    if target is None:
+        targets = results.circuits(results_uri)["target"].dropna()
+        target = float(targets.min()) if len(targets) else None
+    f = results.frontier(results_uri, target)
     if f.empty:
         raise VizError(f"no circuits stored under {storage.resolve(results_uri).uri}; run `csp prune` or `csp demo` first")
     common = int(f["common_tasks"].iloc[0])
@@ -97,7 +101,7 @@ def plot_frontier(results_uri: str, out_uri: str | None = None) -> list[str]:
     ax.margins(x=0.08, y=0.12)  # room for the labels above the top point
     ax.set_xlabel("circuit size: geometric-mean edges over " + (f"the {common} task(s) every model solved" if common else "each model's solved tasks") + "  (← more interpretable)")
     ax.set_ylabel("validation loss  (← more capable)")
-    title = "Capability vs interpretability"
+    title = "Capability vs interpretability" + (f" (circuits at target {target:g})" if target is not None else "")
     if len(missing):
         title += f"  ({len(missing)} model(s) without circuits not shown)"
     ax.set_title(title, fontsize=11)
@@ -340,8 +344,8 @@ class CircuitRenderer:
             rows = rows[rows["prune_key"] == prune_key]
         if rows.empty:
             raise VizError(f"no stored result for model {model_id!r} and task {task!r}")
-        # Several pruning configs: a verified circuit first, then the newest key order.
-        row = rows.assign(_ok=rows["status"] != "ok").sort_values(["_ok", "prune_key"]).iloc[0].to_dict()
+        # Several pruning configs: a verified circuit first, the strictest target, then key order.
+        row = rows.assign(_ok=rows["status"] != "ok").sort_values(["_ok", "target", "prune_key"]).iloc[0].to_dict()
         if row["status"] not in ("ok", "not_verified", "target_not_reached") or not row.get("n_nodes"):
             raise VizError(f"{model_id} has no circuit for {task} (status {row['status']}); choose a task with status ok")
         nd = results.nodes(self.results_uri, task=task, model=model_id)

@@ -331,11 +331,260 @@ def verdict(loss: float, accuracy: float, target: float) -> str | None:
 
 def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain_batches: list[torch.Tensor] | None = None,
           device="cpu", provenance: dict | None = None, ablate: dict[str, torch.Tensor] | None = None) -> Circuit:
-    """The minimal verified circuit of ``model`` for ``task`` (see the module docstring).
+    """The minimal verified circuit of ``model`` for ``task`` at ``cfg.target`` alone (see
+    the module docstring; :func:`prune_targets` bisects several targets from one training)."""
+    cfg = cfg or PruneConfig()
+    return prune_targets(model, task, tokenizer, cfg.for_target(cfg.target), pretrain_batches, device, provenance, ablate)[0]
 
-    First the full model is scored on the test pairs: a model at chance, or one whose loss
-    misses the target, is returned as that verdict with no nodes (it has nothing to
-    explain) unless ``cfg.prune_anyway``. ``ablate`` passes precomputed mean/zero values
+
+class _Selector:
+    """Scores top-k circuits along a ranking on the held-out selection pairs (mean loss plus
+    ``select_se`` standard errors), with each k's calibration fitted once."""
+
+    def __init__(self, gates: Gates, select_ev: _Evaluator, cfg: PruneConfig):
+        self.gates, self.ev, self.cfg = gates, select_ev, cfg
+        self.ranking: list = []
+        self.mean: dict[int, float] = {}  # k → mean selection loss
+        self._bound: dict[int, float] = {}
+        self._calib: dict[int, tuple[float, float]] = {}
+
+    def rank(self, ranking: list) -> None:
+        """Score along ``ranking`` from now on (k = 0, every node ablated, needs none)."""
+        self.ranking = ranking
+        for d in (self.mean, self._bound, self._calib):
+            for k in [k for k in d if k]:
+                del d[k]
+
+    def calib(self, k: int, fixed) -> tuple[float, float] | None:
+        if not self.cfg.calibrate:
+            return None
+        if k not in self._calib:
+            self._calib[k] = _fit_calibration(self.ev, fixed)
+        return self._calib[k]
+
+    def bound(self, k: int) -> float:
+        """Selection loss of the top-k circuit plus ``select_se`` standard errors: k must meet
+        the target with that margin, since the smallest k that just meets it on these pairs
+        is the one their noise favours most (a winner's curse on the test pairs)."""
+        if k not in self._bound:
+            fixed = self.gates.top_k_mask(self.ranking, k)
+            losses = self.ev.losses(fixed, self.calib(k, fixed))
+            self.mean[k] = float(losses.mean())
+            se = float(losses.std()) / len(losses) ** 0.5 if len(losses) > 1 else 0.0
+            self._bound[k] = self.mean[k] + self.cfg.select_se * se
+        return self._bound[k]
+
+
+def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen: torch.Generator, draw) -> list[list[float]]:
+    """Train τ: task loss + k_coef · Σ H(τ), a fresh batch of train pairs every step.
+    Returns the convergence record [[step, task loss, open gates], …] (about 20 points)."""
+    opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    warm = int(cfg.warmup_frac * cfg.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)))
+    every = max(1, cfg.steps // 20)
+    curve: list[list[float]] = []
+    for step in range(cfg.steps):
+        if len(train_b) >= cfg.batch_pairs:
+            idx = torch.randperm(len(train_b), generator=gen)[: cfg.batch_pairs]
+        else:
+            idx = torch.randint(0, len(train_b), (cfg.batch_pairs,), generator=gen)
+        b = train_b.subset(idx)
+        tokens, last = _joint(b)
+        lc, lx = _split(_answer_logits(model, gates, tokens.to(dev), last.to(dev), draw=draw(tokens.shape[0], gen)))
+        task_loss = pair_loss(lc, lx, b.target.to(dev), b.alt.to(dev)).mean()
+        loss = task_loss + cfg.k_coef * gates.l0()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for n, t in gates.tau.items():
+                t.clamp_(-1.0, 1.0)
+                gates.tau_sum[n] += t
+        if (step + 1) % every == 0 or step + 1 == cfg.steps:
+            curve.append([step + 1, round(float(task_loss.detach()), 5), gates.n_open()])
+    return curve
+
+
+def _choose_k(sel: _Selector, target: float, n_nodes: int, n_open: int) -> tuple[str, int]:
+    """(status, k): the smallest k along the ranking whose selection bound meets ``target``.
+
+    The loss along the ranking is not monotone (ablating a harmful node can help, so the
+    trained mask may beat the whole model): probe a doubling grid plus the trained mask's
+    own size, then bisect below the smallest probe that meets the target."""
+    grid = sorted({0, n_open, n_nodes} | {2**i for i in range(n_nodes.bit_length()) if 2**i < n_nodes})
+    probes = {k: sel.bound(k) for k in grid}
+    meeting = [k for k in grid if probes[k] <= target]  # k = 0 is not among them: not trivial
+    if not meeting:
+        return "target_not_reached", min(grid, key=lambda k: (probes[k], k))  # the best circuit found, with its verdict
+    lo = max(g for g in grid if g < meeting[0])  # fails the target
+    hi = meeting[0]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if sel.bound(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return "ok", hi
+
+
+# Controls of a verified circuit's sufficiency, on the test pairs (issue: a circuit barely
+# better than any node set of its size explains little):
+RANDOM_KEEP_DRAWS = 8  # random node sets of the circuit's size kept instead (and 8 more with its per-location counts)
+# A circuit beats its random sets when the best of them is worse than the circuit by at
+# least the target itself (the scale on which the run calls a loss good: a random set within
+# one target of the circuit does nearly as well, as on a task the direct path mostly solves),
+# and by more than two standard errors of the paired per-pair difference (not the pairs' noise).
+PARTIAL_DRAWS = 16  # draws of partial ablation: each non-circuit node ablated with probability ½
+
+
+def _mask_of(gates: Gates, picks: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    m = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in gates.tau.items()}
+    for n, idx in picks.items():
+        if idx:
+            m[n][torch.tensor(idx, device=m[n].device)] = 1.0
+    return m
+
+
+def _sufficiency_controls(gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, kept, cfg: PruneConfig,
+                          calib, ablated_loss: float) -> dict:
+    """Random-keep baselines and partial ablation of one circuit, on the test pairs.
+
+    random_keep: the circuit's nodes swapped for as many random ones (uniform over all nodes,
+    and with the circuit's count at every location), everything else ablated as for the
+    circuit; partial ablation: the circuit kept and each other node ablated with probability
+    ½ (complete ablation of the complement could reach a low loss through effects that
+    cancel out; the circuit should still work when only some of them are ablated)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    circ = test_ev.losses(kept, calib)
+    counts = {n: int(m.sum()) for n, m in kept.items()}
+    everything = gates.all_nodes()
+    k = sum(counts.values())
+    draws: list[tuple[str, torch.Tensor]] = []
+    for _ in range(RANDOM_KEEP_DRAWS):
+        pick: dict[str, list[int]] = {}
+        for i in torch.randperm(len(everything), generator=gen)[:k].tolist():
+            n, j = everything[i]
+            pick.setdefault(n, []).append(j)
+        draws.append(("any", _mask_of(gates, pick)))
+    for _ in range(RANDOM_KEEP_DRAWS):
+        pick = {n: torch.randperm(len(gates.tau[n]), generator=gen)[:c].tolist() for n, c in counts.items()}
+        draws.append(("loc", _mask_of(gates, pick)))
+    scored = []
+    for kind, m in draws:
+        cal = _fit_calibration(select_ev, m) if cfg.calibrate else None
+        scored.append((kind, test_ev.losses(m, cal)))
+    means = {kind: [float(v.mean()) for kd, v in scored if kd == kind] for kind in ("any", "loc")}
+    best = min(scored, key=lambda kv: float(kv[1].mean()))[1]
+    diff = best - circ
+    se = float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
+    suff, best_mean = float(circ.mean()), float(best.mean())
+    recovered = (ablated_loss - best_mean) / (ablated_loss - suff) if ablated_loss > suff else None
+    partial = []
+    for _ in range(PARTIAL_DRAWS):
+        m = {n: torch.maximum(v, (torch.rand(v.shape, generator=gen) < 0.5).float().to(v.device)) for n, v in kept.items()}
+        partial.append(test_ev.loss(m, calib))
+    return {
+        "random_keep_loss": sum(means["any"]) / len(means["any"]),
+        "random_keep_loc_loss": sum(means["loc"]) / len(means["loc"]),
+        "random_keep_best": best_mean,
+        "random_keep_recovered": recovered,
+        "beats_random_keep": bool(float(diff.mean()) >= cfg.target and float(diff.mean()) > 2 * se),
+        "partial_ablation_loss": sum(partial) / len(partial),
+        "partial_ablation_worst": max(partial),
+    }
+
+
+def _verify(model, gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, ranking, k: int, status: str,
+            cfg: PruneConfig, calib, n_nodes: int, ablated_loss: float) -> tuple[str, dict, dict]:
+    """Score the top-k circuit on the test pairs: sufficiency (only the circuit; its loss must
+    meet the target for ``ok``), necessity (only the circuit ablated) beside as many random
+    nodes ablated, and for a verified circuit its random-keep and partial-ablation controls.
+    Returns (status, kept mask, metrics)."""
+    kept = gates.top_k_mask(ranking, k)
+    suff = test_ev.loss(kept, calib)
+    suff_acc = test_ev.accuracy(kept, calib)
+    if status == "ok" and suff > cfg.target:
+        status = "not_verified"  # chosen on selection pairs, but misses the target on test pairs
+    nec = test_ev.loss({n: 1.0 - m for n, m in kept.items()})
+    everything = gates.all_nodes()
+    base_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    rand = []
+    for _ in range(RANDOM_BASELINE_DRAWS if 0 < k < n_nodes else 0):
+        pick = [everything[i] for i in torch.randperm(n_nodes, generator=base_gen)[:k].tolist()]
+        m = gates.top_k_mask(pick, k)
+        rand.append(test_ev.loss({n: 1.0 - v for n, v in m.items()}))
+    metrics = {
+        "sufficiency_loss": suff,
+        "sufficiency_accuracy": suff_acc,
+        "necessity_loss": nec,
+        "necessity_random_loss": float(sum(rand) / len(rand)) if rand else None,
+        "ablated_loss": ablated_loss,
+    }
+    if status == "ok" and 0 < k < n_nodes:
+        metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated_loss))
+    return status, kept, metrics
+
+
+def score_nodes(model, task: Task, tokenizer, nodes: Iterable[tuple[int, str, int]], cfg: PruneConfig | None = None,
+                pretrain_batches: list[torch.Tensor] | None = None, device="cpu",
+                ablate: dict[str, torch.Tensor] | None = None) -> dict:
+    """Score a given node set as a circuit on ``task``'s test pairs, everything else ablated
+    as ``cfg`` says: sufficiency, necessity (with its random baseline), the fully ablated
+    model, and the sufficiency controls (random-keep baselines, partial ablation) that a
+    verified circuit gets — for circuits from elsewhere, or node sets drawn by hand."""
+    cfg = cfg or PruneConfig()
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    ctx = model.config.block_size
+    test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx)
+    select_b = encode(task, tokenizer, cfg.n_select, SELECT_SEED, ctx, exclude=frozenset(p.clean for p in test_b.pairs))
+    length = max(b.shape[1] for b in (test_b.clean, test_b.corrupt, select_b.clean, select_b.corrupt))
+    if ablate is None:
+        ablate = ablation_values(model, cfg.ablation, pretrain_batches, length, dev)
+    gates = Gates(model, {n: v.to(dev) for n, v in ablate.items()}, cfg.surrogate_temp)
+    eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    pool_n = next(iter(ablate.values())).shape[0] if gates.resample else 0
+
+    def draw(n: int):
+        return torch.randint(0, pool_n, (n,), generator=eval_gen).to(dev) if gates.resample else None
+
+    test_ev = _Evaluator(model, gates, test_b, dev, draw(2 * len(test_b)))
+    select_ev = _Evaluator(model, gates, select_b, dev, draw(2 * len(select_b)))
+    picks: dict[str, list[int]] = {}
+    for layer, loc, i in nodes:
+        picks.setdefault(f"{layer}.{loc}", []).append(int(i))
+    unknown = sorted(set(picks) - set(gates.names))
+    if unknown:
+        raise ConfigError(f"nodes at {', '.join(unknown)}: not node locations of this model ({gates.names[0]} … {gates.names[-1]})")
+    picks = {n: sorted(set(idx)) for n, idx in picks.items()}
+    for n, idx in picks.items():
+        if idx[0] < 0 or idx[-1] >= len(gates.tau[n]):
+            raise ConfigError(f"node index {idx[0] if idx[0] < 0 else idx[-1]} at {n}: out of range 0..{len(gates.tau[n]) - 1}")
+    kept = _mask_of(gates, picks)
+    k = int(sum(m.sum() for m in kept.values()))
+    n_nodes = sum(t.numel() for t in gates.tau.values())
+    calib = _fit_calibration(select_ev, kept) if cfg.calibrate else None
+    zero = gates.top_k_mask([], 0)
+    ablated = test_ev.loss(zero, _fit_calibration(select_ev, zero) if cfg.calibrate else None)
+    ranking = [(n, i) for n, idx in picks.items() for i in idx]
+    _, _, metrics = _verify(model, gates, test_ev, select_ev, ranking, k, "scored", cfg, calib, n_nodes, ablated)
+    if 0 < k < n_nodes:
+        metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated))
+    return {"k": k, **metrics}
+
+
+def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
+                  pretrain_batches: list[torch.Tensor] | None = None, device="cpu", provenance: dict | None = None,
+                  ablate: dict[str, torch.Tensor] | None = None) -> list[Circuit]:
+    """The minimal verified circuit of ``model`` for ``task`` at each of ``cfg.targets``, in
+    that order, from one training of the masks (see the module docstring).
+
+    First the full model is scored on the test pairs: at a target the model is at chance
+    for, or misses, that circuit is returned as the verdict with no nodes (it has nothing to
+    explain) unless ``cfg.prune_anyway``. Each circuit is what a run at its target alone
+    (:meth:`PruneConfig.for_target`) returns. ``ablate`` passes precomputed mean/zero values
     (e.g. cached node means) instead of computing them from ``pretrain_batches``."""
     t0 = time.perf_counter()
     cfg = cfg or PruneConfig()
@@ -345,19 +594,29 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
         p.requires_grad_(False)
     ctx = model.config.block_size
     test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx)
-    prov = {"prune_config": asdict(cfg), "prune_key": cfg.key(), "task": task.name,
-            "seeds": {"train": TRAIN_SEED, "select": SELECT_SEED, "test": TEST_SEED}, **(provenance or {})}
     sizes = node_sizes(model.config)
     n_nodes = model.config.n_layer * sum(sizes.values())
     full_ev = _Evaluator(model, None, test_b, dev, None)
     full_loss, full_acc = full_ev.loss(), full_ev.accuracy()
-    base = {"k": 0, "nodes_total": n_nodes, "target": cfg.target, "full_loss": full_loss, "full_accuracy": full_acc,
-            "full_misses_target": full_loss > cfg.target}
-    pre = verdict(full_loss, full_acc, cfg.target)
-    if pre is not None and not cfg.prune_anyway:
-        return Circuit(task.name, [], [], {**base, "status": pre, "prune_seconds": time.perf_counter() - t0}, prov)
+
+    def prov(t: float) -> dict:
+        c = cfg.for_target(t)
+        return {"prune_config": asdict(c), "prune_key": c.key(), "task": task.name,
+                "seeds": {"train": TRAIN_SEED, "select": SELECT_SEED, "test": TEST_SEED}, **(provenance or {})}
+
+    def base(t: float) -> dict:
+        return {"k": 0, "nodes_total": n_nodes, "target": t, "full_loss": full_loss, "full_accuracy": full_acc,
+                "full_misses_target": full_loss > t}
+
+    pre = {t: verdict(full_loss, full_acc, t) for t in cfg.targets}
+    todo = [t for t in cfg.targets if pre[t] is None or cfg.prune_anyway]
+    out: dict[float, Circuit] = {}
+    for t in cfg.targets:
+        if t not in todo:
+            out[t] = Circuit(task.name, [], [], {**base(t), "status": pre[t], "prune_seconds": time.perf_counter() - t0}, prov(t))
+    if not todo:
+        return [out[t] for t in cfg.targets]
     train_b, select_b = _held_out_and_train(task, tokenizer, cfg, ctx, test_b)
-    base["n_train_pairs"] = len(train_b)
 
     length = max(b.clean.shape[1] for b in (train_b, select_b, test_b))
     length = max(length, *(b.corrupt.shape[1] for b in (train_b, select_b, test_b)))
@@ -374,131 +633,45 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
     eval_gen = torch.Generator().manual_seed(cfg.seed + 1)  # fixed draws for held-out scoring
     test_ev = _Evaluator(model, gates, test_b, dev, draw(2 * len(test_b), eval_gen))
     select_ev = _Evaluator(model, gates, select_b, dev, draw(2 * len(select_b), eval_gen))
-
-    # Scoring a circuit of the top k nodes on held-out selection pairs (the ranking comes
-    # from the trained masks below; k = 0, every node ablated, needs none).
-    ranking: list = []
-    calib_cache: dict[int, tuple[float, float]] = {}
-
-    def calib_for(k: int, fixed) -> tuple[float, float] | None:
-        if not cfg.calibrate:
-            return None
-        if k not in calib_cache:
-            calib_cache[k] = _fit_calibration(select_ev, fixed)
-        return calib_cache[k]
-
-    def sel_bound(k: int) -> float:
-        """Selection loss of the top-k circuit plus ``select_se`` standard errors: k must meet
-        the target with that margin, since the smallest k that just meets it on these pairs
-        is the one their noise favours most (a winner's curse on the test pairs)."""
-        fixed = gates.top_k_mask(ranking, k)
-        losses = select_ev.losses(fixed, calib_for(k, fixed))
-        sel_mean[k] = float(losses.mean())
-        se = float(losses.std()) / len(losses) ** 0.5 if len(losses) > 1 else 0.0
-        return sel_mean[k] + cfg.select_se * se
-
-    sel_mean: dict[int, float] = {}
-    # A task the fully ablated model already does needs no circuit ("trivial"): that verdict
-    # does not depend on the masks, so it is checked first and no mask is trained for it.
-    trivial = sel_bound(0) <= cfg.target
-
-    # 1. train τ: task loss + k_coef · Σ H(τ), a fresh batch of pairs every step
-    opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    warm = int(cfg.warmup_frac * cfg.steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)))
-    every = max(1, cfg.steps // 20)
-    curve: list[list[float]] = []
-    for step in range(0 if trivial else cfg.steps):
-        if len(train_b) >= cfg.batch_pairs:
-            idx = torch.randperm(len(train_b), generator=gen)[: cfg.batch_pairs]
-        else:
-            idx = torch.randint(0, len(train_b), (cfg.batch_pairs,), generator=gen)
-        b = train_b.subset(idx)
-        tokens, last = _joint(b)
-        lc, lx = _split(_answer_logits(model, gates, tokens.to(dev), last.to(dev), draw=draw(tokens.shape[0], gen)))
-        task_loss = pair_loss(lc, lx, b.target.to(dev), b.alt.to(dev)).mean()
-        l0 = gates.l0()
-        loss = task_loss + cfg.k_coef * l0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for n, t in gates.tau.items():
-                t.clamp_(-1.0, 1.0)
-                gates.tau_sum[n] += t
-        if (step + 1) % every == 0 or step + 1 == cfg.steps:
-            curve.append([step + 1, round(float(task_loss.detach()), 5), gates.n_open()])
-
-    # 2. rank nodes by τ and bisect k on held-out selection pairs
-    ranking = gates.ranking()
-    # The loss along the ranking is not monotone (ablating a harmful node can help, so the
-    # trained mask may beat the whole model): probe a doubling grid plus the trained mask's
-    # own size, then bisect below the smallest probe that meets the target.
-    n_open = None if trivial else gates.n_open()  # no mask trained: None
-    if trivial:
-        status, k = "trivial", 0  # the fully ablated model already meets the target
-    else:
-        grid = sorted({0, n_open, n_nodes} | {2**i for i in range(n_nodes.bit_length()) if 2**i < n_nodes})
-        probes = {k: sel_bound(k) for k in grid}
-        meeting = [k for k in grid if probes[k] <= cfg.target]  # k = 0 is not among them: not trivial
-        if not meeting:
-            status = "target_not_reached"
-            k = min(grid, key=lambda k: (probes[k], k))  # keep the best circuit found, with its verdict
-        else:
-            status = "ok"
-            lo = max(g for g in grid if g < meeting[0])  # fails the target
-            hi = meeting[0]
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if sel_bound(mid) <= cfg.target:
-                    hi = mid
-                else:
-                    lo = mid
-            k = hi
-    kept = gates.top_k_mask(ranking, k)
-    calib = calib_for(k, kept)
-
-    # 3. verify on test pairs: sufficiency (only the circuit), necessity (circuit ablated)
-    # beside a matched baseline (as many random nodes ablated)
-    suff = test_ev.loss(kept, calib)
-    suff_acc = test_ev.accuracy(kept, calib)
-    if status == "ok" and suff > cfg.target:
-        status = "not_verified"  # chosen on selection pairs, but misses the target on test pairs
-    nec = test_ev.loss({n: 1.0 - m for n, m in kept.items()})
-    everything = gates.all_nodes()
-    base_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    rand = []
-    for _ in range(RANDOM_BASELINE_DRAWS if 0 < k < n_nodes else 0):
-        pick = [everything[i] for i in torch.randperm(n_nodes, generator=base_gen)[:k].tolist()]
-        m = gates.top_k_mask(pick, k)
-        rand.append(test_ev.loss({n: 1.0 - v for n, v in m.items()}))
-    kept_bool = {n: m.bool().cpu() for n, m in kept.items()}
-    nodes = [(int(n.split(".", 1)[0]), n.split(".", 1)[1], i) for n in gates.names for i in kept_bool[n].nonzero()[:, 0].tolist()]
+    sel = _Selector(gates, select_ev, cfg)
+    # A target the fully ablated model already meets needs no circuit ("trivial"): that does
+    # not depend on the masks, so it is checked first and no mask is trained unless another
+    # target needs one.
+    trivial = {t: sel.bound(0) <= t for t in todo}
+    zero = gates.top_k_mask([], 0)
+    ablated_loss = test_ev.loss(zero, sel.calib(0, zero))
+    curve: list = []
+    n_open = None
+    if not all(trivial.values()):
+        curve = _train_masks(model, gates, train_b, cfg, dev, gen, draw)  # 1. train τ
+        n_open = gates.n_open()
+        sel.rank(gates.ranking())  # 2. rank nodes by τ
+    ranking = sel.ranking
     answers = sorted({int(t) for t in test_b.target} | {int(a) for a in test_b.alt})
-    edges = edges_between(model.cpu(), kept_bool) if k else []
-    aux = extra_edge_counts(model, kept_bool, answers)
-    model.to(dev)
-    metrics = {
-        **base,
-        "status": status,
-        "k": k,
-        "n_open": n_open,
-        "selection_loss": sel_mean[k],  # every k the bisection can end on was scored
-        "sufficiency_loss": suff,
-        "sufficiency_accuracy": suff_acc,
-        "necessity_loss": nec,
-        "necessity_random_loss": float(sum(rand) / len(rand)) if rand else None,
-        "calibration_scale": calib[0] if calib else None,
-        "calibration_shift": calib[1] if calib else None,
-        "convergence": json.dumps(curve),
-        "prune_seconds": time.perf_counter() - t0,
-    }
-    return Circuit(task.name, nodes, edges, metrics, prov, aux)
-
-
-def jaccard(a: Iterable, b: Iterable) -> float:
-    """|a ∩ b| / |a ∪ b| of two node sets (1.0 for two empty sets)."""
-    a, b = set(a), set(b)
-    return len(a & b) / len(a | b) if a | b else 1.0
+    for t in todo:
+        tcfg = cfg.for_target(t)
+        # 3. bisect k on held-out selection pairs, then 4. verify on test pairs
+        status, k = ("trivial", 0) if trivial[t] else _choose_k(sel, t, n_nodes, n_open)
+        kept_f = gates.top_k_mask(ranking, k)
+        calib = sel.calib(k, kept_f)
+        status, kept, checks = _verify(model, gates, test_ev, select_ev, ranking, k, status, tcfg, calib, n_nodes, ablated_loss)
+        kept_bool = {n: m.bool().cpu() for n, m in kept.items()}
+        nodes = [(int(n.split(".", 1)[0]), n.split(".", 1)[1], i) for n in gates.names for i in kept_bool[n].nonzero()[:, 0].tolist()]
+        edges = edges_between(model.cpu(), kept_bool) if k else []
+        aux = extra_edge_counts(model, kept_bool, answers)
+        model.to(dev)
+        metrics = {
+            **base(t),
+            "n_train_pairs": len(train_b),
+            "status": status,
+            "k": k,
+            "n_open": None if trivial[t] else n_open,  # no mask trained for this target: None
+            "selection_loss": sel.mean[k],  # every k the bisection can end on was scored
+            **checks,
+            "calibration_scale": calib[0] if calib else None,
+            "calibration_shift": calib[1] if calib else None,
+            "convergence": json.dumps([] if trivial[t] else curve),
+            "prune_seconds": time.perf_counter() - t0,
+        }
+        out[t] = Circuit(task.name, nodes, edges, metrics, prov(t), aux)
+    return [out[t] for t in cfg.targets]

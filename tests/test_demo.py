@@ -32,13 +32,15 @@ def test_quick_demo_stores_every_pair_in_the_three_tables(quick_demo):
     n_models = len(plan.points())
     circ = pd.read_parquet(out / "results" / "circuits")
     real, ctl = circ[circ["control"].isna()], circ[circ["control"].notna()]
-    assert len(real) == n_models * len(task_lib.REGISTRY)
-    assert real.groupby("model_id").size().tolist() == [len(task_lib.REGISTRY)] * n_models
+    n_targets = len(plan.prune.targets)  # every pair is stored at each of the plan's targets
+    assert n_targets == 2 and sorted(set(real["target"])) == sorted(plan.prune.targets)
+    assert len(real) == n_models * len(task_lib.REGISTRY) * n_targets
+    assert real.groupby("model_id").size().tolist() == [len(task_lib.REGISTRY) * n_targets] * n_models
     assert set(real["task"].astype(str)) == set(task_lib.REGISTRY)
     # the quote task's controls, for both models (the quick plan prunes every pair anyway)
     assert set(ctl["task"].astype(str)) == set(plan.controls)
-    assert len(ctl) == n_models * len(prune_job.control_jobs(plan.prune))
-    assert "nonsense_task" in set(ctl["control"]) and "random_init" in set(ctl["control"])
+    assert len(ctl) == n_models * len(prune_job.control_jobs(plan.prune)) * n_targets
+    assert {"nonsense_swap", "nonsense_fixed", "random_init"} <= set(ctl["control"])
     nodes = pd.read_parquet(out / "results" / "circuit_nodes")
     edges = pd.read_parquet(out / "results" / "circuit_edges")
     # Every stored node and edge belongs to a stored result, in the counts its circuits row states.
@@ -72,7 +74,7 @@ def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_th
     assert (figs / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ET.parse(figs / "frontier.svg").getroot().tag == SVG + "svg"
     circ = pd.read_parquet(out / "results" / "circuits")
-    circ = circ[circ["control"].isna()]
+    circ = circ[circ["control"].isna() & (circ["target"] == demo_lib.quick_plan().prune.target)]
     drawable = circ[circ["status"].isin(["ok", "not_verified", "target_not_reached"]) & (circ["n_nodes"] > 0)]
     svgs = sorted((figs / "circuits").glob("*.svg"))
     assert len(svgs) == len(drawable) > 0
@@ -88,7 +90,7 @@ def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_th
     assert links and all((out / link).exists() for link in links)
     assert len(links) >= len(drawable) + 2  # every diagram and both frontier files
     assert report.count('class="csp-circuit"') >= 1 and "<svg" in report
-    assert "Faithfulness controls" in report and "nonsense_task" in report
+    assert "Faithfulness controls" in report and "nonsense_fixed" in report
 
 
 def test_re_running_the_demo_repeats_no_finished_work(quick_demo):

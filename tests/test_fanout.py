@@ -30,15 +30,16 @@ def two_runs(stdlib_data, stdlib_tokenizer, tmp_path_factory):
 
 @pytest.mark.slow
 def test_fanout_stores_each_pair_once_retries_failures_and_reruns_do_nothing(ray_session, two_runs, s3_prefix):
-    """2 checkpoints × 3 tasks on local Ray into S3: one circuits row per pair; a pair whose
-    task raises once is retried and stored once; a second run prunes nothing and adds no row."""
-    cfg = PruneConfig(steps=100)
+    """2 checkpoints × 3 tasks on local Ray into S3: one circuits row per pair and target; a
+    pair whose task raises once is retried and stored once; a second run prunes nothing and
+    adds no row."""
+    cfg = PruneConfig(steps=100)  # two targets: 0.15 and 0.30
     counts = fanout.fanout(two_runs, TASKS, s3_prefix, cfg, inject_failure={"task": "if_equals"})
     assert counts == {"pairs": 6, "skipped": 0, "pruned": 6, "failed": 0, "elsewhere": 0}
     opts = storage.storage_options(s3_prefix)
     circuits = pd.read_parquet(f"{s3_prefix}/circuits", storage_options=opts)
-    assert len(circuits) == 6
-    assert circuits.groupby(["checkpoint_fingerprint", "task"]).size().max() == 1
+    assert len(circuits) == 12 and sorted(set(circuits["target"])) == [0.15, 0.30]
+    assert circuits.groupby(["checkpoint_fingerprint", "task", "target"]).size().max() == 1
     assert storage.exists(f"{s3_prefix}/_debug/" + next(u.rsplit("/", 1)[1] for u in storage.ls(f"{s3_prefix}/_debug")))
     quote = circuits[circuits["task"] == "single_double_quote"]
     assert (quote["status"] == "ok").all()
@@ -48,7 +49,7 @@ def test_fanout_stores_each_pair_once_retries_failures_and_reruns_do_nothing(ray
 
     again = fanout.fanout(two_runs, TASKS, s3_prefix, cfg)
     assert again == {"pairs": 6, "skipped": 6, "pruned": 0, "failed": 0, "elsewhere": 0}
-    assert len(results.read_table(s3_prefix)) == 6
+    assert len(results.read_table(s3_prefix)) == 12
 
 
 def test_csp_prune_over_several_checkpoints_fans_out_and_skips_stored_pairs(ray_session, two_runs, tmp_path):
@@ -58,10 +59,10 @@ def test_csp_prune_over_several_checkpoints_fans_out_and_skips_stored_pairs(ray_
 
     runner = CliRunner()
     out = str(tmp_path / "res")
-    r = runner.invoke(app, ["prune", *two_runs, "--task", "var_swap", "--out", out])
+    r = runner.invoke(app, ["prune", *two_runs, "--task", "var_swap", "--out", out, "--target", "0.15"])
     assert r.exit_code == 0, r.output
     assert "2 pairs: 2 pruned, 0 already stored, 0 failed" in r.stdout
-    r = runner.invoke(app, ["prune", *two_runs, "--task", "var_swap", "--out", out])
+    r = runner.invoke(app, ["prune", *two_runs, "--task", "var_swap", "--out", out, "--target", "0.15"])
     assert "2 pairs: 0 pruned, 2 already stored" in r.stdout
     assert len(pd.read_parquet(f"{out}/circuits")) == 2
 
@@ -70,7 +71,8 @@ def test_csp_prune_over_several_checkpoints_fans_out_and_skips_stored_pairs(ray_
 def test_a_worker_process_dying_mid_fanout_still_stores_every_pair_once(ray_session, two_runs, tmp_path):
     """The worker running one pair dies (os._exit) → Ray retries the task; every pair is stored exactly once."""
     out = str(tmp_path / "res")
-    counts = fanout.fanout(two_runs, ["var_swap", "if_equals"], out, PruneConfig(steps=20), inject_failure={"task": "var_swap", "kill": True})
+    counts = fanout.fanout(two_runs, ["var_swap", "if_equals"], out, PruneConfig(steps=20, also_targets=()),
+                           inject_failure={"task": "var_swap", "kill": True})
     assert counts["pruned"] == 4 and counts["failed"] == 0
     c = results.read_table(out)
     assert len(c) == 4 and c.groupby(["checkpoint_fingerprint", "task"]).size().max() == 1
@@ -97,7 +99,7 @@ def test_s3_going_down_mid_fanout_is_a_clear_error_and_leaves_no_partial_pair(ra
 
     try:
         with pytest.raises(storage.StorageError) as e:
-            fanout.fanout(two_runs, ["single_double_quote", "if_equals", "with_as"], "s3://res/c", PruneConfig(steps=40),
+            fanout.fanout(two_runs, ["single_double_quote", "if_equals", "with_as"], "s3://res/c", PruneConfig(steps=40, also_targets=()),
                           max_in_flight=1, max_retries=1, progress=stop_after_first, task_env=env)
         assert "\n" not in str(e.value) and "down-secret-123" not in str(e.value)
     finally:
@@ -123,7 +125,7 @@ def test_concurrent_fanouts_into_one_store_prune_each_pair_once_in_total(ray_ses
     from jobs.prune_pairs import model_meta
 
     out = str(tmp_path / "res")
-    cfg = PruneConfig(steps=20)
+    cfg = PruneConfig(steps=20, also_targets=())
     tasks = ["var_swap", "if_equals"]
     got = [None, None]
 

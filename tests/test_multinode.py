@@ -140,7 +140,7 @@ def test_a_fanout_spreads_over_nodes_and_a_killed_node_loses_no_pair(baseline, t
     cluster = two_workers
     res = f"{s3_data.rsplit('/', 1)[0]}/results-{uuid.uuid4().hex[:6]}"
     tasks = ["var_swap", "if_equals", "indent_for", "else_elif", "for_while", "with_as", "var_if", "class_init"]
-    args = ["prune", baseline, "--out", res, "--address", cluster.address, "--prune-anyway", "--steps", "40",
+    args = ["prune", baseline, "--out", res, "--address", cluster.address, "--prune-anyway", "--steps", "40", "--target", "0.15",
             *[x for t in tasks for x in ("--task", t)]]
     seen: dict = {}
 

@@ -119,6 +119,12 @@ def test_pruning_recovers_the_planted_quote_circuit(stdlib_tokenizer, stdlib_row
     assert circuit.metrics["sufficiency_loss"] <= 0.15 < circuit.metrics["necessity_loss"]
     # ablating the circuit hurts far more than ablating as many random nodes
     assert circuit.metrics["necessity_loss"] > circuit.metrics["necessity_random_loss"]
+    # its sufficiency controls: clearly better than random node sets of its size, and it still
+    # works when only some of the other nodes are ablated
+    m = circuit.metrics
+    assert m["beats_random_keep"] and m["random_keep_best"] > 0.15 >= m["sufficiency_loss"]
+    assert m["random_keep_best"] <= min(m["random_keep_loss"], m["random_keep_loc_loss"])
+    assert m["partial_ablation_loss"] <= m["partial_ablation_worst"] < m["random_keep_best"]
     curve = json.loads(circuit.metrics["convergence"])
     assert curve[-1][0] == prune_lib.PruneConfig().steps and curve[-1][2] < curve[0][2]  # gates closed over training
 
@@ -159,3 +165,46 @@ def test_pruning_is_deterministic_and_calibration_runs(stdlib_tokenizer, stdlib_
     assert s1.metrics["convergence"] != a.metrics["convergence"]
     c = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(steps=120, calibrate=True), pretrain)
     assert c.metrics["calibration_scale"] > 0 and c.metrics["status"] == "ok"
+
+
+def _pretrain(rows, n=2):
+    return [torch.from_numpy(rows[0][i * 32 : (i + 1) * 32].astype("int64")) for i in range(n)]
+
+
+def test_the_planted_circuit_beats_random_node_sets_and_a_random_circuit_does_not(stdlib_tokenizer, stdlib_rows):
+    """score_nodes on the planted path: verified and clearly better than random sets of its
+    size; on as many nodes drawn at random: no better than other random sets."""
+    tok, task = stdlib_tokenizer, _quote_task()
+    model, pretrain = planted_model(tok), _pretrain(stdlib_rows)
+    planted = [(0, name.split(".", 1)[1], i) for name, idxs in PLANTED.items() for i in sorted(idxs)]
+    cfg = prune_lib.PruneConfig()
+    good = prune_lib.score_nodes(model, task, tok, planted, cfg, pretrain)
+    assert good["k"] == len(planted) and good["sufficiency_loss"] <= 0.15 < good["ablated_loss"]
+    assert good["beats_random_keep"] and good["random_keep_best"] - good["sufficiency_loss"] >= cfg.target
+    assert 0 < good["random_keep_recovered"] < 1  # random sets get part of the way, not all
+    g = torch.Generator().manual_seed(5)
+    names = prune_lib.node_names(model.config)
+    sizes = {n: int(v.numel()) for n, v in prune_lib.node_means(model, pretrain).items()}
+    everything = [(int(n.split(".", 1)[0]), n.split(".", 1)[1], i) for n in names for i in range(sizes[n])]
+    drawn = [everything[i] for i in torch.randperm(len(everything), generator=g)[: len(planted)].tolist()]
+    bad = prune_lib.score_nodes(model, task, tok, drawn, cfg, pretrain)
+    assert not bad["beats_random_keep"] and bad["sufficiency_loss"] > 0.15
+    with pytest.raises(ValueError, match="out of range"):
+        prune_lib.score_nodes(model, task, tok, [(0, "attn.q", 99)], cfg, pretrain)
+
+
+@pytest.mark.slow
+def test_two_targets_from_one_mask_training_equal_two_single_target_runs(stdlib_tokenizer, stdlib_rows):
+    """prune_targets bisects each target from the same masks; each row is what a run at that
+    target alone returns (so it is stored under that run's key), and the looser target's
+    circuit is no larger."""
+    tok, task = stdlib_tokenizer, _quote_task()
+    model, pretrain = planted_model(tok), _pretrain(stdlib_rows)
+    cfg = prune_lib.PruneConfig(steps=120, also_targets=(0.30,))
+    strict, loose = prune_lib.prune_targets(model, task, tok, cfg, pretrain)
+    alone = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(steps=120, target=0.30), pretrain)
+    assert loose.nodes == alone.nodes and loose.metrics["sufficiency_loss"] == alone.metrics["sufficiency_loss"]
+    assert loose.provenance["prune_key"] == prune_lib.PruneConfig(steps=120, target=0.30).key() != strict.provenance["prune_key"]
+    assert strict.provenance["prune_key"] == prune_lib.PruneConfig(steps=120).key()
+    assert strict.metrics["target"] == 0.15 and loose.metrics["target"] == 0.30
+    assert strict.metrics["status"] == loose.metrics["status"] == "ok" and len(loose.nodes) <= len(strict.nodes)

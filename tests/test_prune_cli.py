@@ -7,7 +7,8 @@ from cli.main import app
 from cluster import checkpoints, storage
 from jobs import results
 from sparsity import checkpoint_format as ckpt_lib
-from sparsity.config import RunConfig, SparsityConfig
+from sparsity import tasks as task_lib
+from sparsity.config import PruneConfig, RunConfig, SparsityConfig
 
 runner = CliRunner()
 
@@ -31,14 +32,27 @@ def test_csp_prune_stores_a_circuit_or_a_verdict_per_task(planted_run, tmp_path)
     assert r.exit_code == 0, r.output
     assert "single_double_quote" in r.stdout and "chance" in r.stdout
     circuits = pd.read_parquet(f"{out}/circuits")
-    assert sorted(circuits["task"].astype(str)) == ["if_equals", "single_double_quote"]
-    quote = circuits[circuits["task"] == "single_double_quote"].iloc[0]
+    # a row per task at each of the two default targets (the paper's 0.15 read on the sum and per prompt)
+    assert sorted(zip(circuits["task"].astype(str), circuits["target"], strict=True)) == [
+        ("if_equals", 0.15), ("if_equals", 0.30), ("single_double_quote", 0.15), ("single_double_quote", 0.30)]
+    quotes = circuits[circuits["task"] == "single_double_quote"].set_index("target")
+    quote, loose = quotes.loc[0.15], quotes.loc[0.30]
     # The planted value path (act_in 0/1 → v 0/1 → resid_delta 3/4), and little else; with node
     # means over the whole split, the key k0 may be dropped (attention at its mean still copies enough).
     assert quote["status"] == "ok" and 6 <= quote["n_nodes"] <= 14 and quote["sufficiency_loss"] <= 0.15
-    assert circuits[circuits["task"] == "if_equals"].iloc[0]["status"] == "chance"
+    assert loose["status"] == "ok" and loose["n_nodes"] <= quote["n_nodes"] and loose["sufficiency_loss"] <= 0.30
+    assert loose["prune_key"] == PruneConfig(target=0.30).key() and quote["prune_key"] == PruneConfig().key()
+    assert (circuits[circuits["task"] == "if_equals"]["status"] == "chance").all()
+    # every verified circuit carries its sufficiency controls; the planted one beats random node sets
+    ok = circuits[circuits["status"] == "ok"]
+    cols = ["random_keep_loss", "random_keep_loc_loss", "random_keep_best", "beats_random_keep",
+            "partial_ablation_loss", "partial_ablation_worst", "ablated_loss"]
+    assert len(ok) == 2 and ok[cols].notna().all().all() and ok["beats_random_keep"].all()
+    assert (ok["partial_ablation_loss"] <= ok["partial_ablation_worst"]).all()
     nodes = results.read_table(out, results.NODES, task="single_double_quote")
+    nodes = nodes[nodes["prune_key"] == quote["prune_key"]]
     edges = results.read_table(out, results.EDGES, task="single_double_quote")
+    edges = edges[edges["prune_key"] == quote["prune_key"]]
     assert len(nodes) == quote["n_nodes"] and (edges["kind"] != "resid").sum() == quote["n_edges"] > 0
     # node means were cached beside the checkpoint for the next task / run
     assert any("node_means-" in u for u in storage.ls(checkpoints.checkpoint_dir(planted_run)))
@@ -48,7 +62,7 @@ def test_csp_prune_stores_a_circuit_or_a_verdict_per_task(planted_run, tmp_path)
 def test_pruning_variants_live_side_by_side_and_a_repeat_adds_nothing(planted_run, tmp_path):
     """Two ablations of one pair are two rows (keyed by the pruning config); re-running one adds no row."""
     out = str(tmp_path / "results")
-    base = ["prune", planted_run, "--task", "single_double_quote", "--out", out, "--steps", "150"]
+    base = ["prune", planted_run, "--task", "single_double_quote", "--out", out, "--steps", "150", "--target", "0.15"]
     for ablation in ("mean", "zero"):
         r = runner.invoke(app, [*base, "--ablation", ablation])
         assert r.exit_code == 0, r.output
@@ -66,26 +80,35 @@ def test_pruning_variants_live_side_by_side_and_a_repeat_adds_nothing(planted_ru
 
 @pytest.mark.slow
 def test_controls_are_stored_as_rows_and_the_random_init_model_does_not_verify(planted_run, tmp_path):
-    """--controls on a solved task: random-init, nonsense-task, other ablations and two more seeds,
-    each a row naming its control; the untrained model yields no verified circuit."""
+    """--controls on a solved task: random-init, the two rule-based nonsense tasks, other
+    ablations and two more seeds, each a row naming its control, at each target; the untrained
+    model and the nonsense tasks yield no verified circuit of the planted model."""
     out = str(tmp_path / "results")
     r = runner.invoke(app, ["prune", planted_run, "--task", "single_double_quote", "--out", out, "--steps", "150", "--controls"])
     assert r.exit_code == 0, r.output
     circ = results.circuits(out)
-    real = circ[circ["control"].isna()].iloc[0]
-    assert real["status"] == "ok"
-    ctl = circ[circ["control"].notna()].set_index("control")
-    assert sorted(ctl.index) == sorted(["random_init", "nonsense_task", "ablation_zero", "ablation_resample", "seed_1", "seed_2"])
-    assert (ctl["base_prune_key"] == real["prune_key"]).all()
-    rnd = ctl.loc["random_init"]
-    assert rnd["status"] != "ok" and rnd["full_misses_target"]  # pruned anyway, and still no verified circuit
-    assert ctl.loc["ablation_zero", "ablation"] == "zero" and ctl.loc["seed_1", "prune_seed"] == 1
+    assert sorted(set(circ["target"])) == [0.15, 0.30]
+    for target in (0.15, 0.30):
+        at = circ[circ["target"] == target]
+        real = at[at["control"].isna()].iloc[0]
+        assert real["status"] == "ok"
+        ctl = at[at["control"].notna()].set_index("control")
+        assert sorted(ctl.index) == sorted(["random_init", "nonsense_swap", "nonsense_fixed", "ablation_zero",
+                                            "ablation_resample", "seed_1", "seed_2"])
+        assert (ctl["base_prune_key"] == real["prune_key"]).all()  # each checks the real row at its own target
+        rnd = ctl.loc["random_init"]
+        assert rnd["status"] != "ok" and rnd["full_misses_target"]  # pruned anyway, and still no verified circuit
+        for rule in ("nonsense_swap", "nonsense_fixed"):  # the full model's own score on the rule: far off
+            assert ctl.loc[rule, "full_loss"] > task_lib.CHANCE_LOSS
+        assert ctl.loc["ablation_zero", "ablation"] == "zero" and ctl.loc["seed_1", "prune_seed"] == 1
     summary = results.controls(out)
-    assert len(summary) == 6 and bool(summary.set_index("control").loc["random_init", "passes"])
-    seed = summary.set_index("control").loc["seed_1"]
+    assert len(summary) == 14
+    judged = summary[summary["control"].isin(["random_init", "nonsense_swap", "nonsense_fixed"])]
+    assert judged["passes"].notna().all() and judged["passes"].astype(bool).all()  # each ran to its test verdict
+    seed = summary[summary["control"] == "seed_1"].iloc[0]
     assert 0 < seed["jaccard"] <= 1  # the planted nodes are found under both seeds
     r = runner.invoke(app, ["results", "controls", out])
-    assert r.exit_code == 0 and "nonsense_task" in r.stdout
+    assert r.exit_code == 0 and "nonsense_fixed" in r.stdout
 
 
 def test_csp_tasks_list_show_and_eval(planted_run):

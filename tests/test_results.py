@@ -138,3 +138,44 @@ def assert_documented_dtypes(uri: str) -> None:
 def test_tables_read_back_with_the_documented_dtypes(store):
     results.write_result(store, {**META, "model_id": "m3", "val_loss": 5.0}, "if_equals", None, status="failed", error="boom")
     assert_documented_dtypes(store)
+
+
+def test_controls_judge_only_what_ran_to_its_test_verdict(tmp_path):
+    """A random-init or nonsense control passes only when its pruning reached the test pairs and
+    did not verify; `chance`, `trivial` and `failed` rows are "not run" (null). Two empty node
+    sets have no Jaccard (null), not 1.0."""
+    from jobs.prune_pairs import control_config
+    from sparsity.config import PruneConfig
+
+    uri, cfg = str(tmp_path / "res"), PruneConfig(also_targets=())
+    meta = {**META, "model_id": "m", "val_loss": 3.0}
+
+    def put(task, control, status, nodes=()):
+        c = Circuit(task, list(nodes), [], {"status": status, "k": len(nodes), "sufficiency_loss": 0.1 if status == "ok" else 0.9,
+                                          "full_loss": 0.05, "target": 0.15}, {"base_prune_key": cfg.key()})
+        results.write_result(uri, meta, task, c, extra={"control": control}, cfg=control_config(cfg, control))
+
+    real = [(0, "attn.q", 1), (0, "attn.k", 2)]
+    put("if_equals", None, "ok", real)
+    put("if_equals", "random_init", "chance")
+    put("if_equals", "nonsense_fixed", "trivial")
+    results.write_result(uri, meta, "if_equals", None, status="failed", error="boom",
+                         extra={"control": "nonsense_swap"}, cfg=control_config(cfg, "nonsense_swap"))
+    put("if_equals", "seed_1", "ok", real[:1])
+    put("for_while", None, "ok", real)
+    put("for_while", "nonsense_swap", "ok", real)
+    put("for_while", "nonsense_fixed", "target_not_reached", real)
+    put("for_while", "random_init", "not_verified", real)
+    put("else_elif", None, "trivial")
+    put("else_elif", "seed_1", "trivial")
+    ctl = results.controls(uri).set_index(["task", "control"])
+    not_run = {("if_equals", "random_init"), ("if_equals", "nonsense_fixed"), ("if_equals", "nonsense_swap"),
+               ("if_equals", "seed_1"), ("else_elif", "seed_1")}  # three that never reached the test, two seed variants
+    assert set(ctl.index[ctl["passes"].isna()]) == not_run
+    assert ctl.loc[("for_while", "nonsense_swap"), "passes"] == False  # noqa: E712  (it verified: a finding)
+    assert ctl.loc[("for_while", "nonsense_fixed"), "passes"] == True  # noqa: E712
+    assert ctl.loc[("for_while", "random_init"), "passes"] == True  # noqa: E712
+    assert ctl.loc[("if_equals", "seed_1"), "jaccard"] == pytest.approx(0.5)
+    jac = ctl.loc[("else_elif", "seed_1"), "jaccard"]
+    assert jac is None or jac != jac  # null, not 1.0
+    assert ctl.loc[("for_while", "nonsense_swap"), "full_loss"] == pytest.approx(0.05)

@@ -55,7 +55,7 @@ def test_submit_runs_a_sweep_and_a_fanout_on_s3_follows_logs_and_stops_a_job(hea
     run = storage.read_json(f"{sweep_dir}/runs/{trial}/run.json")
     assert run["config"]["train"]["lr"] == 0.007  # an explicit --lr wins over the density rule
     r = runner.invoke(app, ["submit", "--address", addr, "--working-dir", REPO, "--", "csp", "prune", sweep_dir,
-                            "--task", "var_swap", "--task", "if_equals", "--out", res])
+                            "--task", "var_swap", "--task", "if_equals", "--out", res, "--target", "0.15"])
     job2 = r.stdout.strip().splitlines()[-1]
     assert _wait(addr, job2) == "SUCCEEDED", jobs_api.logs(addr, job2)[-2000:]
     assert "2 pairs: 2 pruned" in jobs_api.logs(addr, job2)

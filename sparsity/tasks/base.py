@@ -21,7 +21,6 @@ real position see the padding after it, so a prompt's logits do not depend on th
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections.abc import Callable
@@ -87,23 +86,113 @@ class Task:
         return out
 
 
-def nonsense(task: Task) -> Task:
-    """A control task: ``task``'s prompts with the answers assigned at random per pair.
+# Controls that could succeed: the real task's prompts (Task.pairs seeds the stream by name, so
+# each control sees exactly the real task's prompts) with a *consistent* rule for the answers,
+# one the model has the features to follow but never learned. Pruning that finds a verified
+# circuit for one shows what the mask can make of the model on its own (Drori 2026's
+# critique of Gao et al.). A rule that labels pairs at random could never verify, so its
+# "pass" would say nothing.
+NONSENSE_RULES = ("swap", "fixed")
+# Candidates for the fixed-unrelated answers: Python words that no task asks for.
+UNRELATED = (" yield", " assert", " nonlocal", " global", " finally", " await", " async", " lambda", " raise",
+             " del", " continue", " break", " pass", " import", " class")
 
-    Whether a pair's two answers swap is a coin flip fixed by a hash of its clean prompt:
-    the labelling is a deterministic function of the prompt (so held-out pairs are scored
-    consistently) that carries no information a model learned from code. A circuit that
-    "solves" it shows what the pruning can fit on its own (DESIGN.md, faithfulness controls)."""
+
+def answer_set(task: Task, n: int = 2048) -> tuple[str, ...]:
+    """Every answer ``task`` gives (sorted), from ``n`` pairs of each of four streams — the
+    train, selection-side and test seeds among them. Name tasks draw from ~80 names, so this
+    sees each of them many times over."""
+    seen = set()
+    for seed in (TRAIN_SEED, TRAIN_SEED + 1, TRAIN_SEED + 2, TEST_SEED):
+        for p in task.pairs(n, seed, at_least=1):
+            seen.update((p.target, p.alt))
+    return tuple(sorted(seen))
+
+
+def _answer_map(task: Task, answers: tuple[str, ...], image, rule: str) -> Callable[[str], str]:
+    def f(a: str) -> str:
+        try:
+            return image[answers.index(a)]
+        except ValueError:
+            raise TaskError(f"task {task.name}: answer {a!r} is not among the {len(answers)} answers the {rule} "
+                            "control was built from") from None
+
+    return f
+
+
+def nonsense_swap(task: Task) -> Task:
+    """``task`` with every answer replaced by the next one in a fixed cycle of the task's
+    answers (:func:`answer_set`): with two answers (a quote, a keyword) every pair's answers
+    are exchanged; with many (names) each is replaced by another, the same one wherever it
+    occurs. The answer stays a function of the prompt, so a mask could in principle learn it."""
+    answers = answer_set(task)
+    if len(answers) < 2:
+        raise TaskError(f"task {task.name} has a single answer; there is nothing to swap it with")
+    swap = _answer_map(task, answers, answers[1:] + answers[:1], "swap")
 
     def make(rng: random.Random) -> Pair:
         p = task.make(rng)
-        if hashlib.sha256(p.clean.encode()).digest()[0] & 1:
-            return Pair(p.clean, p.corrupt, p.alt, p.target)
-        return p
+        return Pair(p.clean, p.corrupt, swap(p.target), swap(p.alt))
 
-    # The same name: the same seeded prompt stream (Task.pairs seeds by name), so the control
-    # sees exactly the real task's prompts.
-    return Task(task.name, f"{task.description} (nonsense control: answers assigned at random per pair)", make, None)
+    return Task(task.name, f"{task.description} (nonsense control: each answer replaced by the next in a fixed cycle "
+                f"of the task's {len(answers)} answers)", make, None)
+
+
+def fixed_answers(task: Task, tok, n: int = 256) -> tuple[str, str]:
+    """The fixed-unrelated control's two answers for ``task`` under ``tok``: the first two
+    of :data:`UNRELATED` that are single tokens, that appear in none of ``n`` of the task's
+    prompts or answers (train and test streams), and that each tokenize as one answer token
+    after every one of those prompts. Deterministic for a task and tokenizer."""
+    pairs = task.pairs(n // 2, TRAIN_SEED, at_least=1) + task.pairs(n // 2, TEST_SEED, at_least=1)
+    used: set[int] = set()
+    prompts = []
+    for p in pairs:
+        for prompt in (p.clean, p.corrupt):
+            ids = tok.encode(prompt)
+            used.update(ids)
+            prompts.append((prompt, ids))
+        used.update(tok.encode(p.target) + tok.encode(p.alt))
+    picked = []
+    for word in UNRELATED:
+        ids = tok.encode(word)
+        if len(ids) != 1 or ids[0] in used:
+            continue
+        if all(tok.encode(prompt + word)[: len(pids) + 1] == pids + ids for prompt, pids in prompts):
+            picked.append(word)
+        if len(picked) == 2:
+            return picked[0], picked[1]
+    raise TaskError(f"task {task.name}: fewer than two of the unrelated answer words {', '.join(map(repr, UNRELATED))} "
+                    "are single tokens unused by the task in this tokenizer")
+
+
+def nonsense_fixed(task: Task, tok) -> Task:
+    """``task`` with its answers mapped to a fixed pair of unrelated single tokens (x, y)
+    (:func:`fixed_answers`): the task's answers (:func:`answer_set`, sorted) alternate
+    between x and y, so a task with two answers has one mapped to each in every pair. With
+    many answers (names), a pair whose two answers would map to the same token is skipped
+    (the stream draws the next), so about half of such a task's pairs remain."""
+    x, y = fixed_answers(task, tok)
+    answers = answer_set(task)
+    fixed = _answer_map(task, answers, tuple(x if i % 2 == 0 else y for i in range(len(answers))), "fixed")
+
+    def make(rng: random.Random) -> Pair:
+        for _ in range(1000):
+            p = task.make(rng)
+            a, b = fixed(p.target), fixed(p.alt)
+            if a != b:
+                return Pair(p.clean, p.corrupt, a, b)
+        raise TaskError(f"task {task.name}: no pair whose answers map to different fixed tokens in 1000 draws")
+
+    return Task(task.name, f"{task.description} (nonsense control: answers mapped to {x!r} / {y!r} by a fixed rule)", make, None)
+
+
+def nonsense(task: Task, rule: str, tok=None) -> Task:
+    """The nonsense control of ``task`` under ``rule`` (one of :data:`NONSENSE_RULES`)."""
+    if rule == "swap":
+        return nonsense_swap(task)
+    if rule == "fixed":
+        return nonsense_fixed(task, tok)
+    raise TaskError(f"unknown nonsense rule {rule!r}; choose from {', '.join(NONSENSE_RULES)}")
 
 
 @dataclass
