@@ -78,7 +78,7 @@ FIELD_FLAGS = {
     "ef_mlp": "--ef-mlp", "afrac": "--afrac", "steps": "--steps", "lr": "--lr", "optimizer": "--optimizer",
     "n_layer": "--n-layer", "d_model": "--d-model", "n_head": "--n-head", "d_head": "--d-head", "seed": "--seed",
     "eval_every": "--eval-every", "ckpt_every": "--ckpt-every", "target": "--target", "ablation": "--ablation",
-    "k_coef": "--k-coef", "device": "--device", "vocab_size": "--vocab-size", "val_fraction": "--val-fraction",
+    "k_coef": "--k-coef", "warmup_frac": "--warmup-frac", "grad_clip_rms": "--grad-clip-rms", "device": "--device", "vocab_size": "--vocab-size", "val_fraction": "--val-fraction",
     "workers": "--workers", "placement": "--placement",
 }
 _FIELD_RE = re.compile(r"^(\w+)=(\S+)(?= )")

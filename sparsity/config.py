@@ -245,6 +245,7 @@ def _build(cls, d: dict, where: str):
 
 
 ABLATIONS = ("mean", "zero", "resample")
+LATER_FIELDS = {"grad_clip_rms": None}  # PruneConfig fields newer than the first stored keys, and their "unset" value
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,9 @@ class PruneConfig:
     lr: float = 3e-3  # paper (replication's Table 2 centre)
     weight_decay: float = 1e-3  # paper (same source)
     warmup_frac: float = 0.05  # then linear decay to 0 (same source)
+    # Scale τ's gradients down to this RMS when larger (the replication's grad_clip_norm 1.0,
+    # an RMS over every gate); None: no clipping.
+    grad_clip_rms: float | None = None
     init: float = 0.1  # τ starts just open: every node passes, the penalty must earn each closure
     init_noise: float = 0.01  # std of the seeded noise on τ's init (breaks ties between nodes)
     surrogate_temp: float = 1.0  # backward of H(τ) is σ'(τ/temp)/temp (paper: 1)
@@ -310,6 +314,8 @@ class PruneConfig:
             bad("warmup_frac", "must be in [0, 1)")
         if not -1 <= self.init <= 1:
             bad("init", "must be in [-1, 1] (τ is clamped there)")
+        if self.grad_clip_rms is not None and not self.grad_clip_rms > 0:
+            bad("grad_clip_rms", "must be > 0, or None for no clipping")
         for name in ("init_noise", "weight_decay", "select_se"):
             if getattr(self, name) < 0:
                 bad(name, "must be ≥ 0")
@@ -330,4 +336,9 @@ class PruneConfig:
         its own :meth:`for_target` config (the same masks, so the same row)."""
         fields = dataclasses.asdict(self)
         fields.pop("also_targets")
+        # Fields added after results were first stored enter the key only when set, so the
+        # keys of earlier rows (and re-runs of their configs) stay what they were.
+        for name, unset in LATER_FIELDS.items():
+            if fields[name] == unset:
+                fields.pop(name)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]

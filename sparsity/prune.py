@@ -396,6 +396,8 @@ def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen
         loss = task_loss + cfg.k_coef * gates.l0()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip_rms is not None:
+            _clip_rms(gates.parameters(), cfg.grad_clip_rms)
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -405,6 +407,19 @@ def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen
         if (step + 1) % every == 0 or step + 1 == cfg.steps:
             curve.append([step + 1, round(float(task_loss.detach()), 5), gates.n_open()])
     return curve
+
+
+@torch.no_grad()
+def _clip_rms(params: list[torch.Tensor], limit: float) -> None:
+    """Scale the gradients of ``params`` so that their joint RMS is at most ``limit``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    n = sum(g.numel() for g in grads)
+    if not n:
+        return
+    rms = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads) / n))
+    if rms > limit:
+        for g in grads:
+            g.mul_(limit / (rms + 1e-6))
 
 
 def _choose_k(sel: _Selector, target: float, n_nodes: int, n_open: int) -> tuple[str, int]:

@@ -185,9 +185,28 @@ def test_prune_key_covers_every_field():
 
     base = prune_lib.PruneConfig()
     assert base.key() == prune_lib.PruneConfig().key()
-    changed = {"ablation": "zero", "target": 0.2, "steps": 7, "k_coef": 1e-2, "seed": 3, "lr": 1e-2, "prune_anyway": True}
+    changed = {"ablation": "zero", "target": 0.2, "steps": 7, "k_coef": 1e-2, "seed": 3, "lr": 1e-2, "prune_anyway": True,
+               "grad_clip_rms": 1.0, "warmup_frac": 0.0}
     keys = {dataclasses.replace(base, **{k: v}).key() for k, v in changed.items()}
     assert len(keys) == len(changed) and base.key() not in keys
+
+
+def test_prune_keys_of_earlier_stores_stay_valid():
+    """A row's key is its own target's: the run's other targets are not in it, and fields added
+    later enter it only when set — so a default config keys as it did before either existed."""
+    import dataclasses
+    import hashlib
+    import json
+
+    base = prune_lib.PruneConfig()
+    fields = dataclasses.asdict(base)
+    for later in ("also_targets", "grad_clip_rms"):
+        fields.pop(later)
+    assert base.key() == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    assert prune_lib.PruneConfig(also_targets=()).key() == base.key() == base.for_target(0.15).key()
+    assert prune_lib.PruneConfig(target=0.3).also_targets == ()  # the default second target is the target itself
+    with pytest.raises(ValueError, match="grad_clip_rms"):
+        prune_lib.PruneConfig(grad_clip_rms=0)
 
 
 @pytest.mark.parametrize("kw, fragment", [({"ablation": "median"}, "ablation"), ({"target": 0}, "target"), ({"steps": 0}, "steps"),
@@ -195,3 +214,17 @@ def test_prune_key_covers_every_field():
 def test_bad_prune_configs(kw, fragment):
     with pytest.raises(ValueError, match=fragment):
         prune_lib.PruneConfig(**kw)
+
+
+def test_gradient_clipping_scales_the_gates_gradient_to_the_rms_limit():
+    """The replication's clip: the joint RMS of every gate's gradient is brought down to the
+    limit (direction kept); a gradient already under it is left alone."""
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(5, requires_grad=True)
+    a.grad, b.grad = torch.full((3,), 4.0), torch.full((5,), -4.0)
+    prune_lib._clip_rms([a, b], 1.0)
+    rms = torch.sqrt(torch.cat([a.grad, b.grad]).pow(2).mean())
+    assert rms == pytest.approx(1.0, rel=1e-4) and (a.grad > 0).all() and (b.grad < 0).all()
+    a.grad = torch.full((3,), 0.5)
+    b.grad = torch.full((5,), 0.5)
+    prune_lib._clip_rms([a, b], 1.0)
+    assert torch.equal(a.grad, torch.full((3,), 0.5))

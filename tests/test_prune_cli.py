@@ -127,6 +127,9 @@ def test_csp_tasks_list_show_and_eval(planted_run):
     (["prune", "RUN", "--out", "OUT", "--task", "nope"], "unknown task 'nope'"),
     (["prune", "RUN", "--out", "OUT", "--ablation", "median"], "Invalid value for '--ablation'"),
     (["prune", "RUN", "--out", "OUT", "--target", "0"], "--target 0.0 out of range"),
+    (["prune", "RUN", "--out", "OUT", "--target", "0.15", "--target", "-1"], "--target -1.0 out of range"),
+    (["prune", "RUN", "--out", "OUT", "--grad-clip-rms", "0"], "--grad-clip-rms 0.0 out of range"),
+    (["prune", "RUN", "--out", "OUT", "--warmup-frac", "1"], "--warmup-frac 1.0 out of range"),
     (["prune", "/no/such/run", "--out", "OUT"], "no checkpoint at /no/such/run"),
 ])
 def test_prune_and_tasks_bad_input(planted_run, tmp_path, args, fragment):
@@ -135,3 +138,26 @@ def test_prune_and_tasks_bad_input(planted_run, tmp_path, args, fragment):
     assert r.exit_code == 2, r.output
     assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_prune_settings_benchmark_reprunes_a_stored_verified_pair(planted_run, tmp_path):
+    """benchmarks/prune_settings.py: picks the store's verified pair, prunes it again under each
+    setting (the replication's schedule too) and prints one JSON line per run; stores nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "results")
+    r = runner.invoke(app, ["prune", planted_run, "--task", "single_double_quote", "--out", out, "--steps", "60", "--target", "0.15"])
+    assert r.exit_code == 0, r.output
+    before = sorted(storage.ls(f"{out}/circuits/task=single_double_quote"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "benchmarks/prune_settings.py", out, "--pairs", "1", "--steps", "30,60", "--k-coef", "1e-3",
+                        "--replication", "--jobs", "2"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [(r["steps"], r.get("grad_clip_rms")) for r in rows] == [(30, None), (60, None), (30, 1.0), (60, 1.0)]
+    assert all(r["task"] == "single_double_quote" and r["n_nodes"] > 0 for r in rows)
+    assert sorted(storage.ls(f"{out}/circuits/task=single_double_quote")) == before
