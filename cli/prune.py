@@ -38,7 +38,9 @@ def prune(
     from cluster import storage
     from jobs import prune_pairs as prune_job
     from sparsity.errors import ConfigError
+    from sparsity.train import resolve_device
 
+    resolve_device(device)  # a device this machine does not have fails before anything is loaded or written
     targets = list(dict.fromkeys(target or PruneConfig().targets))  # in the order given, each once
     for t in targets:
         if not t > 0:

@@ -53,6 +53,8 @@ def eval_(
     from cluster import checkpoints, data
     from sparsity import tasks as task_lib
 
+    if n < 1:
+        raise typer.BadParameter(f"--n must be ≥ 1, got {n}")
     names = task or list(task_lib.REGISTRY)
     tasks = [task_lib.get(x) for x in names]
     c = checkpoints.load(ckpt, with_train_state=False)
@@ -66,3 +68,5 @@ def eval_(
     for t in tasks:
         r = task_lib.evaluate(model, t, tok, n=n)
         typer.echo(f"{t.name:<{width}}  {r['loss']:7.4f}  {r['accuracy']:8.3f}")
+    typer.echo(f"(loss summed over a pair's two prompts: chance {task_lib.CHANCE_LOSS:.3f}; `csp prune` prunes a task whose "
+               "loss is ≤ its target, 0.15 and 0.30 by default)")

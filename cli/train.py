@@ -42,7 +42,7 @@ def train(
     bigram: Annotated[bool, typer.Option(help="Learnable dense bigram logit table.")] = False,
     seed: Annotated[int, typer.Option(help="Initialisation and data-order seed.")] = 0,
     eval_every: Annotated[int, typer.Option(help="Steps between validation losses.")] = TrainConfig.eval_every,
-    ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = TrainConfig.ckpt_every,
+    ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end).")] = TrainConfig.ckpt_every,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (one process).")] = "auto",
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP); 1 = one process, no Ray.")] = 1,
     cpus_per_worker: Annotated[int, typer.Option(help="CPUs (and torch threads) each --workers worker holds.")] = 1,

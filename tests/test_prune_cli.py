@@ -118,8 +118,16 @@ def test_csp_tasks_list_show_and_eval(planted_run):
     assert r.exit_code == 0 and r.stdout.count("--- pair") == 2
     r = runner.invoke(app, ["tasks", "eval", planted_run, "--task", "single_double_quote"])
     assert r.exit_code == 0, r.output
-    acc = float(r.stdout.strip().splitlines()[-1].split()[-1])
-    assert acc == 1.0
+    row = next(line for line in r.stdout.splitlines() if line.startswith("single_double_quote"))
+    assert float(row.split()[-1]) == 1.0
+    assert "chance 1.386" in r.stdout and "0.15 and 0.30" in r.stdout  # the scale the numbers are read on
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_prune_on_cuda_without_cuda_is_a_usage_error(planted_run, tmp_path):
+    r = runner.invoke(app, ["prune", planted_run, "--out", str(tmp_path / "out"), "--device", "cuda"])
+    assert r.exit_code == 2 and "CUDA is not available here; use --device cpu" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -130,6 +138,8 @@ def test_csp_tasks_list_show_and_eval(planted_run):
     (["prune", "RUN", "--out", "OUT", "--target", "0.15", "--target", "-1"], "--target -1.0 out of range"),
     (["prune", "RUN", "--out", "OUT", "--grad-clip-rms", "0"], "--grad-clip-rms 0.0 out of range"),
     (["prune", "RUN", "--out", "OUT", "--warmup-frac", "1"], "--warmup-frac 1.0 out of range"),
+    (["prune", "RUN", "--out", "OUT", "--device", "gpu0"], "--device 'gpu0' out of range"),
+    (["tasks", "eval", "RUN", "--task", "else_elif", "--n", "0"], "--n must be ≥ 1, got 0"),
     (["prune", "/no/such/run", "--out", "OUT"], "no checkpoint at /no/such/run"),
 ])
 def test_prune_and_tasks_bad_input(planted_run, tmp_path, args, fragment):
