@@ -31,7 +31,7 @@ SAMPLE_SHARDS = 8  # rows are sampled from up to this many random shards of the 
 MEANS_SEED = 0  # node means are a property of the model and data, the same for every pruning seed
 
 # The faithfulness controls of a (checkpoint, task) pair whose model solves the task
-# (DESIGN.md, "Faithfulness controls"). Each is stored as its own row, `control` naming it.
+# (README, "Tasks and circuits": the controls). Each is stored as its own row, `control` naming it.
 # nonsense_swap / nonsense_fixed: the task's own prompts with a consistent rule for the answers
 # (sparsity/tasks/base.py), pruned with the same config.
 CONTROLS = ("random_init", "nonsense_swap", "nonsense_fixed", "ablation_zero", "ablation_resample", "seed_1", "seed_2")
