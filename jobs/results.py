@@ -103,8 +103,11 @@ CIRCUITS_SCHEMA = pa.schema(
         pa.field("partial_ablation_worst", pa.float64()),
         pa.field("calibration_scale", pa.float64()),
         pa.field("calibration_shift", pa.float64()),
-        pa.field("convergence", pa.string()),  # JSON [[step, task loss, open gates], ...] of the mask training
+        pa.field("convergence", pa.string()),  # JSON [[step, task loss, open gates, smoothed loss], ...] of the mask training
+        pa.field("mask_steps", pa.int64()),  # steps the masks trained (≤ prune_steps; null: no mask trained)
+        pa.field("stop_reason", pa.string()),  # converged (PruneConfig.stop_window) | max_steps; null: no mask trained
         pa.field("prune_seconds", pa.float64()),
+        pa.field("phase_seconds", pa.string()),  # JSON {phase: seconds}: setup, masks, choose_k, verify, controls, edges
         pa.field("ray_node_id", pa.string()),  # the Ray node that pruned it (null outside Ray)
         pa.field("code_version", pa.string()),  # package version + git commit (+ .dirty) that made the row
         pa.field("created_at", pa.timestamp("us", tz="UTC")),

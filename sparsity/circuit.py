@@ -33,8 +33,9 @@ NODE_LOCATIONS = ("attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta
 WEIGHT_EDGE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.out")
 EXTRA_EDGE_KINDS = ("qk", "embed", "unembed")  # counted in columns n_edges_<kind>, no edge rows
 # 2: summed task loss, prune key, controls, verification columns; 3: node_index, nullable
-# counts, created_at, trial; 4: ablated_loss, random-keep and partial-ablation columns, a row per target
-SCHEMA_VERSION = 4
+# counts, created_at, trial; 4: ablated_loss, random-keep and partial-ablation columns, a row per target;
+# 5: mask_steps, stop_reason, phase_seconds
+SCHEMA_VERSION = 5
 
 
 def node_sizes(cfg) -> dict[str, int]:

@@ -245,7 +245,7 @@ def _build(cls, d: dict, where: str):
 
 
 ABLATIONS = ("mean", "zero", "resample")
-LATER_FIELDS = {"grad_clip_rms": None}  # PruneConfig fields newer than the first stored keys, and their "unset" value
+LATER_FIELDS = {"grad_clip_rms": None, "stop_window": 0}  # PruneConfig fields newer than the first stored keys, and their "unset" value
 
 
 @dataclass(frozen=True)
@@ -263,6 +263,10 @@ class PruneConfig:
     # 87 nodes at 1e-3 vs 135 at 1e-4 (the replication's Table 2 centre), both verified.
     k_coef: float = 1e-3
     steps: int = 400  # AdamW steps on τ: where the measured size-vs-steps curve flattens (README)
+    # Stop before ``steps`` once the open gates and the smoothed task loss have been flat for
+    # this many steps (sparsity.prune.converged; measured in docs/pruning-speed.md); 0: always
+    # run every step.
+    stop_window: int = 40
     lr: float = 3e-3  # paper (replication's Table 2 centre)
     weight_decay: float = 1e-3  # paper (same source)
     warmup_frac: float = 0.05  # then linear decay to 0 (same source)
@@ -303,6 +307,8 @@ class PruneConfig:
             bad("ablation", f"choose one of {', '.join(ABLATIONS)}")
         if self.k_coef < 0:
             bad("k_coef", "must be ≥ 0")
+        if not (isinstance(self.stop_window, int) and self.stop_window >= 0):
+            bad("stop_window", "must be an integer ≥ 0 (0: no early stop)")
         for name in ("steps", "n_train", "n_select", "n_test", "batch_pairs"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 bad(name, "must be an integer ≥ 1")

@@ -16,6 +16,11 @@ recorder or replacement active that is one attribute check. Names follow one sch
     final_resid      (B, T, d_model)   residual before the final norm
 
 Pruning reads and ablates only through these names.
+
+A forward that reads one position per row (``model(idx, at=…)``) runs its last block at
+those positions alone, past the keys and values: there a hook point holds (B, 1, width), row
+b at position ``hooks.positions[b]`` (None elsewhere). A replacement that depends on the
+position (resample ablation) reads it; such a forward never runs while recording.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class Hooks:
         self.names = list(names)
         self._known = frozenset(self.names)
         self.active = False  # the only thing a hook point checks when nothing is attached
+        # (B,) while hook points hold one position per row (row b at positions[b]); else None
+        self.positions: torch.Tensor | None = None
         self._recorders: list[tuple[re.Pattern | frozenset, dict, bool]] = []
         self._replacements: list[dict[str, Replacement]] = []
 
@@ -69,6 +76,19 @@ class Hooks:
         if unknown:
             raise KeyError(f"unknown hook name(s) {unknown}; see model.hooks.names")
         return chosen
+
+    @property
+    def recording(self) -> bool:
+        return bool(self._recorders)
+
+    @contextlib.contextmanager
+    def at_positions(self, at: torch.Tensor) -> Iterator[None]:
+        """Mark the hook points run inside as holding row b's position ``at[b]`` only."""
+        before, self.positions = self.positions, at
+        try:
+            yield
+        finally:
+            self.positions = before
 
     def _update(self) -> None:
         self.active = bool(self._recorders or self._replacements)

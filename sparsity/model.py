@@ -40,6 +40,10 @@ class _Sparsifier:
         """c_attn's output split into q, k, v, each after its AbsTopK."""
         return abs_topk_parts_(x, self.k_qkv)
 
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k and v part of c_attn's output, each after its AbsTopK."""
+        return abs_topk_parts_(x, self.k_qkv[1:])
+
 
 class AttentionSink(nn.Module):
     """Causal attention with one extra, always-visible key slot per head whose value is
@@ -49,12 +53,15 @@ class AttentionSink(nn.Module):
         super().__init__()
         self.sink_logit = nn.Parameter(torch.zeros(n_head))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        # q, k, v: (B, H, T, D)
-        T = q.shape[-2]
-        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                visible: torch.Tensor | None = None) -> torch.Tensor:
+        # q: (B, H, Tq, D); k, v: (B, H, T, D); visible: which keys each query may see,
+        # broadcastable to (B, H, Tq, T) (default: causal, Tq = T)
+        T = k.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, T)
+        if visible is None:
+            visible = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
         sink = self.sink_logit.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # (B, H, T, 1)
         probs = torch.cat([sink, scores], dim=-1).softmax(dim=-1)[..., 1:]  # drop the sink: its value is 0
         return probs @ v
@@ -90,6 +97,39 @@ class CausalSelfAttention(nn.Module):
         if hooks.active:
             y = hooks(self.h_y, y)
         return sp("attn_out", self.c_proj(y))
+
+    def forward_at(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """The attention output at one position per row, ``at`` (B,): (B, 1, d_model) from
+        x (B, T, d_model). Keys and values at every position (the read position attends to
+        them), the query, the mixing and c_proj at the read position alone; hook points past
+        the keys see (B, 1, width) tensors with ``hooks.positions`` = at."""
+        B, T, _ = x.shape
+        hooks, sp = self.hooks, self.sparsify
+        x = sp("attn_in", x)
+        if hooks.active:
+            x = hooks(self.h_in, x)
+        a = self.n_head * self.d_head
+        w, b = self.c_attn.weight, self.c_attn.bias
+        k, v = sp.kv(F.linear(x, w[a:], None if b is None else b[a:]))  # each (B, T, a)
+        x_at = x[torch.arange(B, device=x.device), at].unsqueeze(1)  # (B, 1, d_model)
+        q = sp("attn_q", F.linear(x_at, w[:a], None if b is None else b[:a]))  # (B, 1, a)
+        if hooks.active:
+            k, v = hooks(self.h_k, k), hooks(self.h_v, v)
+        with hooks.at_positions(at):
+            if hooks.active:
+                q = hooks(self.h_q, q)
+            q = q.view(B, 1, self.n_head, self.d_head).transpose(1, 2)  # (B, H, 1, D)
+            k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (k, v))  # (B, H, T, D)
+            visible = (torch.arange(T, device=x.device) <= at[:, None]).view(B, 1, 1, T)
+            scale = 1.0 / math.sqrt(self.d_head)
+            if self.attn_imp is None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+            else:
+                y = self.attn_imp(q, k, v, scale, visible)
+            y = y.transpose(1, 2).reshape(B, 1, a)
+            if hooks.active:
+                y = hooks(self.h_y, y)
+            return sp("attn_out", self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -135,9 +175,34 @@ class Block(nn.Module):
         x = hooks(h["resid_mid"], x)
         return x + hooks(h["mlp.resid_delta"], self.mlp(self.ln_2(x)))
 
+    def forward_at(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """The block's output at one position per row, ``at`` (B,): (B, 1, d_model) from x
+        (B, T, d_model) — what a last block owes a reader of those positions. Only the keys
+        and values of attention need every position; the rest runs at the read positions,
+        with ``hooks.positions`` = at while it does."""
+        hooks, h = self.hooks, self.h
+        if hooks.active:
+            x = hooks(h["resid_in"], x)
+        a = self.attn.forward_at(self.ln_1(x), at)
+        x = x[torch.arange(x.shape[0], device=x.device), at].unsqueeze(1)  # (B, 1, d_model)
+        with hooks.at_positions(at):
+            if not hooks.active:
+                x = x + a
+                return x + self.mlp(self.ln_2(x))
+            x = x + hooks(h["attn.resid_delta"], a)
+            x = hooks(h["resid_mid"], x)
+            return x + hooks(h["mlp.resid_delta"], self.mlp(self.ln_2(x)))
+
 
 class GPT(nn.Module):
-    """``model(idx) -> logits``: idx (B, T) token ids, logits (B, T, vocab_size)."""
+    """``model(idx) -> logits``: idx (B, T) token ids, logits (B, T, vocab_size).
+
+    ``read_positions_only`` (default True): ``model(idx, at=…)`` runs the last block at the
+    read positions alone (keys and values excepted), which gives the same logits for about
+    half the last block's work; False runs every block at every position first (the plain
+    path, kept to measure against)."""
+
+    read_positions_only = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -186,15 +251,25 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
         t = self.transformer
         x = t.wte(idx) + t.wpe.weight[:T]  # (B, T, d_model)
-        for block in t.h:
+        # Only the read positions feed the logits: the last block can run there alone, unless
+        # something records activations (a recorder expects every position).
+        tail = at is not None and self.read_positions_only and not self.hooks.recording
+        for block in t.h[:-1] if tail else t.h:
             x = block(x)
-        if self.hooks.active:
-            x = self.hooks("final_resid", x)
-        if at is not None:
-            rows = torch.arange(B, device=idx.device)
-            x, idx = x[rows, at], idx[rows, at]  # (B, d_model), (B,)
-        elif last_only:
-            x, idx = x[:, -1:], idx[:, -1:]
+        rows = torch.arange(B, device=idx.device)
+        if tail:
+            x, idx = t.h[-1].forward_at(x, at), idx[rows, at]  # (B, 1, d_model), (B,)
+            if self.hooks.active:
+                with self.hooks.at_positions(at):
+                    x = self.hooks("final_resid", x)
+            x = x[:, 0]  # (B, d_model)
+        else:
+            if self.hooks.active:
+                x = self.hooks("final_resid", x)
+            if at is not None:
+                x, idx = x[rows, at], idx[rows, at]  # (B, d_model), (B,)
+            elif last_only:
+                x, idx = x[:, -1:], idx[:, -1:]
         logits = self.lm_head(t.ln_f(x)) + self.final_logits_bias  # (B, T, V) or (B, V)
         if self.bigram_table is not None:
             logits = logits + F.embedding(idx, self.bigram_table).to(logits.dtype)

@@ -134,7 +134,8 @@ class Gates:
             self.tau[n] = t.clamp_(-1.0, 1.0).to(dev).requires_grad_(True)
         self.ablate = ablate
         self.draw: torch.Tensor | None = None  # resample: the pool row of each batch row
-        self.fixed: dict[str, torch.Tensor] | None = None  # a fixed 0/1 mask overrides τ
+        self._masks: dict[str, torch.Tensor] = {}  # what the active gates apply: H(τ) or a fixed 0/1 mask
+        self._fixed = False
         # Running sum of τ over training: breaks ties between nodes clamped at the same τ
         # (a node that held on longer ranks higher).
         self.tau_sum = {n: torch.zeros_like(t, requires_grad=False) for n, t in self.tau.items()}
@@ -146,35 +147,52 @@ class Gates:
     def parameters(self) -> list[torch.Tensor]:
         return list(self.tau.values())
 
-    def mask(self, name: str) -> torch.Tensor:
-        if self.fixed is not None:
-            return self.fixed[name]
-        return heaviside(self.tau[name], self.temp)
+    def masks(self) -> dict[str, torch.Tensor]:
+        """H(τ) of every location: computed once per training step and shared by every
+        forward of that step (the gradients of all of them meet in one backward of H)."""
+        return {n: heaviside(t, self.temp) for n, t in self.tau.items()}
+
+    # False: the earlier formulation, x·g + μ·(1 − g) with H(τ) at every hook call (kept so
+    # that benchmarks/prune.py measures against it)
+    fused = True
 
     def _fn(self, name: str):
         def apply(x: torch.Tensor) -> torch.Tensor:  # x: (B, T, width)
-            g = self.mask(name)
+            g = self._masks[name] if self.fused or self._fixed else heaviside(self.tau[name], self.temp)
             mu = self.ablate[name]
             if mu.dim() == 3:  # resample: row b takes pool sequence draw[b], position by position
-                mu = mu[self.draw][:, : x.shape[1]]  # (B, T, width)
-            return x * g + mu * (1 - g)
+                pos = self.model.hooks.positions  # set where x holds one read position per row
+                mu = mu[self.draw][:, : x.shape[1]] if pos is None else mu[self.draw, pos].unsqueeze(1)  # (B, T or 1, width)
+            if not self.fused:
+                return x * g + mu * (1 - g)
+            # x·g + μ·(1 − g) in one op: lerp is exact at g ∈ {0, 1} and its gradient in g is x − μ
+            return torch.lerp(mu.to(x.dtype), x, g.to(x.dtype))
 
         return apply
 
     @contextlib.contextmanager
-    def active(self, fixed: dict[str, torch.Tensor] | None = None, draw: torch.Tensor | None = None):
-        """Run the model with gates applied (τ's Heaviside, or a fixed 0/1 mask)."""
+    def active(self, fixed: dict[str, torch.Tensor] | None = None, draw: torch.Tensor | None = None,
+               masks: dict[str, torch.Tensor] | None = None):
+        """Run the model with gates applied: a fixed 0/1 mask, else ``masks`` (this step's
+        :meth:`masks`), else H(τ) computed now. ``draw``: each batch row's resample pool row
+        (reassign :attr:`draw` between forwards to score other rows under the same masks)."""
         if self.resample and draw is None:
             raise ValueError("resample ablation needs a draw of pool rows for the batch")
-        self.fixed, self.draw = fixed, draw
+        self._fixed = fixed is not None
+        if fixed is not None or masks is not None:
+            self._masks = fixed if fixed is not None else masks
+        else:
+            self._masks = self.masks() if self.fused else {}  # unfused: H(τ) at each hook call
+        self.draw = draw
         try:
             with self.model.hooks.replace({n: self._fn(n) for n in self.names}):
                 yield
         finally:
-            self.fixed, self.draw = None, None
+            self._masks, self.draw, self._fixed = {}, None, False
 
-    def l0(self) -> torch.Tensor:
-        return sum(heaviside(t, self.temp).sum() for t in self.tau.values())
+    def l0(self, masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Σ H(τ): the open gates, differentiable (pass the step's ``masks`` to share them)."""
+        return sum(m.sum() for m in (masks or self.masks()).values())
 
     def n_open(self) -> int:
         return sum(int((t.detach() > 0).sum()) for t in self.tau.values())
@@ -226,17 +244,20 @@ BUCKETS = 4  # a batch runs as this many length buckets, each trimmed to its own
 
 
 def _answer_logits(model, gates: Gates | None, tokens: torch.Tensor, last: torch.Tensor, fixed=None,
-                   draw: torch.Tensor | None = None) -> torch.Tensor:
+                   draw: torch.Tensor | None = None, masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, V) logits at each row's answer position, with gates applied (``gates`` None: the
-    full model). Rows run in length buckets, each trimmed to its own longest prompt, so short
-    prompts do not pay for the long ones' padding (~30% of a step on the demo tasks); causal
-    attention makes the result the same as one padded forward."""
+    full model; ``masks``: this training step's H(τ)). Rows run in length buckets, each
+    trimmed to its own longest prompt, so short prompts do not pay for the long ones' padding
+    (~30% of a step on the demo tasks); causal attention makes the result the same as one
+    padded forward. The gates' masks are computed once for all buckets."""
     order = torch.argsort(last, stable=True)
     pieces = []
-    for idx in order.chunk(min(BUCKETS, len(order))):
-        T = int(last[idx].max()) + 1
-        ctx = gates.active(fixed, None if draw is None else draw[idx]) if gates is not None else contextlib.nullcontext()
-        with ctx:
+    ctx = gates.active(fixed, draw, masks) if gates is not None else contextlib.nullcontext()
+    with ctx:
+        for idx in order.chunk(min(BUCKETS, len(order))):
+            T = int(last[idx].max()) + 1
+            if gates is not None and draw is not None:
+                gates.draw = draw[idx]
             pieces.append(model(tokens[idx, :T], at=last[idx]))
     out = torch.cat(pieces)
     return out[torch.argsort(order)]
@@ -375,15 +396,77 @@ class _Selector:
         return self._bound[k]
 
 
-def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen: torch.Generator, draw) -> list[list[float]]:
-    """Train τ: task loss + k_coef · Σ H(τ), a fresh batch of train pairs every step.
-    Returns the convergence record [[step, task loss, open gates], …] (about 20 points)."""
+# Stopping when the mask has converged (PruneConfig.stop_window > 0), judged at the points of
+# the convergence record (every steps/20), never before the floor (2 points, the warmup, the
+# window): over the last ``stop_window`` steps the open-gate count must stay within
+# STOP_OPEN_TOL of itself (at least one gate either way) and the smoothed task loss must move
+# by at most STOP_LOSS_TOL (summed-loss units: a tenth of the 0.15 target). Chosen from 18
+# rules by benchmarks/prune_early_stop.py on the demo's 15 pairs whose model meets 0.30, two
+# seeds each (docs/pruning-speed.md): the fewest steps (0.69 of 400 on average) with no
+# verified circuit lost and circuits larger on average by less than two seeds differ (+2.1
+# nodes and +29 edges against a seed gap of 2.7 nodes and 44 edges).
+STOP_OPEN_TOL = 0.05
+STOP_LOSS_TOL = 0.015
+STOP_SMOOTHING = 0.05  # the task loss's exponential moving average (each step's batch is fresh)
+
+
+def converged(curve: list[list[float]], window: int, floor: int = 0, open_tol: float = STOP_OPEN_TOL,
+              loss_tol: float = STOP_LOSS_TOL) -> bool:
+    """Whether the masks have stopped moving, from the convergence record so far ([step, task
+    loss, open gates, smoothed task loss], …): flat over the last ``window`` steps."""
+    if window <= 0 or not curve or curve[-1][0] < max(floor, window):
+        return False
+    start = [i for i, p in enumerate(curve) if p[0] <= curve[-1][0] - window]
+    if not start:
+        return False
+    span = curve[start[-1] :]  # the window, from the last point at or before its start
+    opens = [p[2] for p in span]
+    if max(opens) - min(opens) > max(1, round(open_tol * opens[-1])):
+        return False
+    return abs(span[-1][3] - span[0][3]) <= loss_tol
+
+
+class _Clock:
+    """Seconds spent in each named phase of one pruning run; a phase inside another is
+    counted in its own name only."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open phase: seconds taken by phases inside it
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - t
+            inner = self._inner.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + spent - inner
+            if self._inner:
+                self._inner[-1] += spent
+
+    def json(self) -> str:
+        return json.dumps({k: round(v, 3) for k, v in self.seconds.items()})
+
+
+def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen: torch.Generator, draw,
+                 observe=None) -> tuple[list[list[float]], str]:
+    """Train τ: task loss + k_coef · Σ H(τ), a fresh batch of train pairs every step, for
+    ``cfg.steps`` or until :func:`converged` (with ``cfg.stop_window``).
+
+    Returns the convergence record [[step, task loss, open gates, smoothed task loss], …]
+    (about 20 points; the last is the final step) and why training stopped: ``converged`` or ``max_steps``.
+    ``observe(step, record)``, if given, is called at each point of the record."""
     opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     warm = int(cfg.warmup_frac * cfg.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (cfg.steps - s) / max(1, cfg.steps - warm)))
     every = max(1, cfg.steps // 20)
+    floor = max(2 * every, warm)
     curve: list[list[float]] = []
+    smooth = None
     for step in range(cfg.steps):
         if len(train_b) >= cfg.batch_pairs:
             idx = torch.randperm(len(train_b), generator=gen)[: cfg.batch_pairs]
@@ -391,9 +474,10 @@ def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen
             idx = torch.randint(0, len(train_b), (cfg.batch_pairs,), generator=gen)
         b = train_b.subset(idx)
         tokens, last = _joint(b)
-        lc, lx = _split(_answer_logits(model, gates, tokens.to(dev), last.to(dev), draw=draw(tokens.shape[0], gen)))
+        masks = gates.masks()
+        lc, lx = _split(_answer_logits(model, gates, tokens.to(dev), last.to(dev), draw=draw(tokens.shape[0], gen), masks=masks))
         task_loss = pair_loss(lc, lx, b.target.to(dev), b.alt.to(dev)).mean()
-        loss = task_loss + cfg.k_coef * gates.l0()
+        loss = task_loss + cfg.k_coef * gates.l0(masks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip_rms is not None:
@@ -404,9 +488,15 @@ def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen
             for n, t in gates.tau.items():
                 t.clamp_(-1.0, 1.0)
                 gates.tau_sum[n] += t
+        value = float(task_loss.detach())
+        smooth = value if smooth is None else smooth + STOP_SMOOTHING * (value - smooth)
         if (step + 1) % every == 0 or step + 1 == cfg.steps:
-            curve.append([step + 1, round(float(task_loss.detach()), 5), gates.n_open()])
-    return curve
+            curve.append([step + 1, round(value, 5), gates.n_open(), round(smooth, 5)])
+            if observe is not None:
+                observe(step + 1, curve)
+            if converged(curve, cfg.stop_window, floor, STOP_OPEN_TOL, STOP_LOSS_TOL):
+                return curve, "converged"
+    return curve, "max_steps"
 
 
 @torch.no_grad()
@@ -512,7 +602,7 @@ def _sufficiency_controls(gates: Gates, test_ev: _Evaluator, select_ev: _Evaluat
 
 
 def _verify(model, gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, ranking, k: int, status: str,
-            cfg: PruneConfig, calib, n_nodes: int, ablated_loss: float) -> tuple[str, dict, dict]:
+            cfg: PruneConfig, calib, n_nodes: int, ablated_loss: float, clock: _Clock | None = None) -> tuple[str, dict, dict]:
     """Score the top-k circuit on the test pairs: sufficiency (only the circuit; its loss must
     meet the target for ``ok``), necessity (only the circuit ablated) beside as many random
     nodes ablated, and for a verified circuit its random-keep and partial-ablation controls.
@@ -538,7 +628,8 @@ def _verify(model, gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, ran
         "ablated_loss": ablated_loss,
     }
     if status == "ok" and 0 < k < n_nodes:
-        metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated_loss))
+        with (clock or _Clock()).phase("controls"):
+            metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated_loss))
     return status, kept, metrics
 
 
@@ -592,7 +683,7 @@ def score_nodes(model, task: Task, tokenizer, nodes: Iterable[tuple[int, str, in
 
 def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
                   pretrain_batches: list[torch.Tensor] | None = None, device="cpu", provenance: dict | None = None,
-                  ablate: dict[str, torch.Tensor] | None = None) -> list[Circuit]:
+                  ablate: dict[str, torch.Tensor] | None = None, observe=None) -> list[Circuit]:
     """The minimal verified circuit of ``model`` for ``task`` at each of ``cfg.targets``, in
     that order, from one training of the masks (see the module docstring).
 
@@ -600,8 +691,12 @@ def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
     for, or misses, that circuit is returned as the verdict with no nodes (it has nothing to
     explain) unless ``cfg.prune_anyway``. Each circuit is what a run at its target alone
     (:meth:`PruneConfig.for_target`) returns. ``ablate`` passes precomputed mean/zero values
-    (e.g. cached node means) instead of computing them from ``pretrain_batches``."""
+    (e.g. cached node means) instead of computing them from ``pretrain_batches``.
+    ``observe(step, record, circuits_now)``, for studies of mask training, is called at each
+    point of the convergence record (the record so far); ``circuits_now()`` returns, for the targets pruned, the circuits
+    that stopping at that step would give (training then goes on unchanged)."""
     t0 = time.perf_counter()
+    clock = _Clock()
     cfg = cfg or PruneConfig()
     dev = torch.device(device)
     model = model.to(dev).eval()
@@ -655,38 +750,61 @@ def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
     trivial = {t: sel.bound(0) <= t for t in todo}
     zero = gates.top_k_mask([], 0)
     ablated_loss = test_ev.loss(zero, sel.calib(0, zero))
-    curve: list = []
-    n_open = None
-    if not all(trivial.values()):
-        curve = _train_masks(model, gates, train_b, cfg, dev, gen, draw)  # 1. train τ
-        n_open = gates.n_open()
-        sel.rank(gates.ranking())  # 2. rank nodes by τ
-    ranking = sel.ranking
     answers = sorted({int(t) for t in test_b.target} | {int(a) for a in test_b.alt})
-    for t in todo:
-        tcfg = cfg.for_target(t)
-        # 3. bisect k on held-out selection pairs, then 4. verify on test pairs
-        status, k = ("trivial", 0) if trivial[t] else _choose_k(sel, t, n_nodes, n_open)
-        kept_f = gates.top_k_mask(ranking, k)
-        calib = sel.calib(k, kept_f)
-        status, kept, checks = _verify(model, gates, test_ev, select_ev, ranking, k, status, tcfg, calib, n_nodes, ablated_loss)
-        kept_bool = {n: m.bool().cpu() for n, m in kept.items()}
-        nodes = [(int(n.split(".", 1)[0]), n.split(".", 1)[1], i) for n in gates.names for i in kept_bool[n].nonzero()[:, 0].tolist()]
-        edges = edges_between(model.cpu(), kept_bool) if k else []
-        aux = extra_edge_counts(model, kept_bool, answers)
-        model.to(dev)
-        metrics = {
-            **base(t),
-            "n_train_pairs": len(train_b),
-            "status": status,
-            "k": k,
-            "n_open": None if trivial[t] else n_open,  # no mask trained for this target: None
-            "selection_loss": sel.mean[k],  # every k the bisection can end on was scored
-            **checks,
-            "calibration_scale": calib[0] if calib else None,
-            "calibration_shift": calib[1] if calib else None,
-            "convergence": json.dumps([] if trivial[t] else curve),
-            "prune_seconds": time.perf_counter() - t0,
-        }
-        out[t] = Circuit(task.name, nodes, edges, metrics, prov(t), aux)
+    clock.seconds["setup"] = time.perf_counter() - t0  # pairs, ablation values, the full model's scores
+
+    def circuits(curve: list, stopped: str | None) -> None:
+        """Steps 2-4 from the masks as they are now: fills ``out``. ``stopped``: why mask
+        training stopped (None: no mask was trained)."""
+        n_open = gates.n_open() if stopped else None
+        if stopped:
+            sel.rank(gates.ranking())  # 2. rank nodes by τ
+        ranking = sel.ranking
+        for t in todo:
+            tcfg = cfg.for_target(t)
+            # 3. bisect k on held-out selection pairs, then 4. verify on test pairs
+            with clock.phase("choose_k"):
+                status, k = ("trivial", 0) if trivial[t] else _choose_k(sel, t, n_nodes, n_open)
+                kept_f = gates.top_k_mask(ranking, k)
+                calib = sel.calib(k, kept_f)
+            with clock.phase("verify"):
+                status, kept, checks = _verify(model, gates, test_ev, select_ev, ranking, k, status, tcfg, calib, n_nodes,
+                                               ablated_loss, clock)
+            with clock.phase("edges"):
+                kept_bool = {n: m.bool().cpu() for n, m in kept.items()}
+                nodes = [(int(n.split(".", 1)[0]), n.split(".", 1)[1], i) for n in gates.names for i in kept_bool[n].nonzero()[:, 0].tolist()]
+                edges = edges_between(model.cpu(), kept_bool) if k else []
+                aux = extra_edge_counts(model, kept_bool, answers)
+                model.to(dev)
+            metrics = {
+                **base(t),
+                "n_train_pairs": len(train_b),
+                "status": status,
+                "k": k,
+                "n_open": None if trivial[t] else n_open,  # no mask trained for this target: None
+                "selection_loss": sel.mean[k],  # every k the bisection can end on was scored
+                **checks,
+                "calibration_scale": calib[0] if calib else None,
+                "calibration_shift": calib[1] if calib else None,
+                "convergence": json.dumps([] if trivial[t] else curve),
+                "mask_steps": curve[-1][0] if curve and not trivial[t] else None,
+                "stop_reason": None if trivial[t] else stopped,
+                "prune_seconds": time.perf_counter() - t0,
+                "phase_seconds": clock.json(),  # so far: this target's row counts the phases before it
+            }
+            out[t] = Circuit(task.name, nodes, edges, metrics, prov(t), aux)
+
+    if all(trivial.values()):
+        circuits([], None)
+    else:
+        watch = None
+        if observe is not None:  # a look at the circuits as they would be if training stopped here
+            def watch(step, curve):
+                def now() -> list[Circuit]:
+                    circuits(list(curve), "observed")
+                    return [out[t] for t in todo]
+                observe(step, curve, now)
+        with clock.phase("masks"):
+            curve, stopped = _train_masks(model, gates, train_b, cfg, dev, gen, draw, watch)  # 1. train τ
+        circuits(curve, stopped)
     return [out[t] for t in cfg.targets]

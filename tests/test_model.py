@@ -145,3 +145,47 @@ def test_last_only_logits_equal_the_last_position_of_the_full_forward():
         model.bigram_table.normal_()
     idx = _idx()
     torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(afrac=0.25), dict(sink=True, afrac=0.25), dict(enable_bigram_table=True, n_layer=1)])
+def test_reading_positions_runs_the_last_block_there_alone_with_the_same_logits_and_gradients(kw):
+    """model(idx, at=…) computes the last block at the read positions only (keys and values
+    everywhere): the logits and the gradients reaching every hook point's replacement are
+    those of the plain path, which runs every position, for rows read at any position."""
+    model = _model(**kw).double()
+    if model.bigram_table is not None:
+        with torch.no_grad():
+            model.bigram_table.normal_()
+    idx, at = _idx(n=5), torch.tensor([15, 0, 7, 3, 15])
+    names = [n for n in model.hooks.names if n.split(".", 1)[-1] in ("attn.q", "attn.k", "attn.v", "attn.resid_delta", "mlp.post_act", "mlp.resid_delta")]
+
+    def run(read_only: bool):
+        model.read_positions_only = read_only
+        gains = {n: torch.ones((), dtype=torch.double, requires_grad=True) for n in names}
+        seen = []
+
+        def fn(n):
+            def apply(x):
+                seen.append((n, x.shape[1], model.hooks.positions is not None))
+                return x * gains[n]
+            return apply
+
+        with model.hooks.replace({n: fn(n) for n in names}):
+            out = model(idx, at=at)
+        out.pow(2).sum().backward()
+        return out, {n: g.grad for n, g in gains.items()}, seen
+
+    plain, plain_grads, plain_seen = run(False)
+    fast, fast_grads, fast_seen = run(True)
+    model.read_positions_only = True
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast, model(idx)[torch.arange(5), at], rtol=1e-12, atol=1e-12)
+    for n in names:
+        torch.testing.assert_close(fast_grads[n], plain_grads[n], rtol=1e-10, atol=1e-12)
+    last = f"{model.config.n_layer - 1}."
+    narrowed = {n for n, t, marked in fast_seen if t == 1 and marked}
+    assert narrowed == {n for n in names if n.startswith(last) and not n.endswith((".attn.k", ".attn.v"))}
+    assert all(t == 16 and not marked for _, t, marked in plain_seen)
+    with model.hooks.record(["final_resid"]) as cache:  # a recorder sees every position: the plain path
+        torch.testing.assert_close(model(idx, at=at), plain.detach(), rtol=1e-12, atol=1e-12)
+    assert cache["final_resid"].shape[1] == 16

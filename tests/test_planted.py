@@ -1,6 +1,7 @@
 """A hand-built model with a known quote circuit, hidden among distractor weights: pruning
 must find the circuit, and its stored verification numbers must be recomputable."""
 
+import dataclasses
 import json
 
 import pytest
@@ -126,7 +127,7 @@ def test_pruning_recovers_the_planted_quote_circuit(stdlib_tokenizer, stdlib_row
     assert m["random_keep_best"] <= min(m["random_keep_loss"], m["random_keep_loc_loss"])
     assert m["partial_ablation_loss"] <= m["partial_ablation_worst"] < m["random_keep_best"]
     curve = json.loads(circuit.metrics["convergence"])
-    assert curve[-1][0] == prune_lib.PruneConfig().steps and curve[-1][2] < curve[0][2]  # gates closed over training
+    assert curve[-1][0] == m["mask_steps"] <= prune_lib.PruneConfig().steps and curve[-1][2] < curve[0][2]  # gates closed over training
 
 
 def test_a_planted_model_that_misses_the_target_is_stored_as_such_and_not_pruned(stdlib_tokenizer, stdlib_rows, tmp_path):
@@ -208,3 +209,75 @@ def test_two_targets_from_one_mask_training_equal_two_single_target_runs(stdlib_
     assert strict.provenance["prune_key"] == prune_lib.PruneConfig(steps=120).key()
     assert strict.metrics["target"] == 0.15 and loose.metrics["target"] == 0.30
     assert strict.metrics["status"] == loose.metrics["status"] == "ok" and len(loose.nodes) <= len(strict.nodes)
+
+
+def _prune_both_paths(model, task, tok, cfg, pretrain):
+    out = []
+    for read_only in (False, True):
+        model.read_positions_only = read_only
+        out.append(prune_lib.prune_targets(model, task, tok, cfg, pretrain))
+    model.read_positions_only = True
+    return out
+
+
+def _same_circuits(plain, fast):
+    for a, b in zip(plain, fast, strict=True):
+        assert a.nodes == b.nodes and a.edges == b.edges
+        for key in ("status", "k", "n_open"):
+            assert a.metrics[key] == b.metrics[key], key
+        for key in ("full_loss", "selection_loss", "sufficiency_loss", "necessity_loss", "ablated_loss"):
+            assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-4, abs=1e-5), key
+        ca, cb = json.loads(a.metrics["convergence"]), json.loads(b.metrics["convergence"])
+        assert [r[::2] for r in ca] == [r[::2] for r in cb]  # (step, open gates) exactly
+        assert [r[1] for r in ca] == pytest.approx([r[1] for r in cb], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_reading_positions_only_changes_no_mask_loss_or_k_on_any_task(stdlib_tokenizer, stdlib_rows):
+    """Pruning with the last block at the read positions alone (the default) trains the same
+    masks, scores the same losses and chooses the same k as the plain path, on every task
+    (pruned anyway where the planted model is at chance)."""
+    tok, model, pretrain = stdlib_tokenizer, planted_model(stdlib_tokenizer), _pretrain(stdlib_rows)
+    cfg = prune_lib.PruneConfig(steps=40, n_train=64, n_select=32, n_test=32, batch_pairs=16, prune_anyway=True)
+    pruned = 0
+    for task in task_lib.REGISTRY.values():
+        plain, fast = _prune_both_paths(model, task, tok, cfg, pretrain)
+        _same_circuits(plain, fast)
+        pruned += plain[0].metrics["n_open"] is not None
+    assert pruned == len(task_lib.REGISTRY)  # every task trained masks (none trivial)
+
+
+@pytest.mark.slow
+def test_reading_positions_only_matches_the_plain_path_under_resample_ablation_in_two_layers(stdlib_tokenizer, stdlib_rows):
+    """Two layers (the first runs in full, the last at the read positions) and resample
+    ablation, whose values depend on the position each hook point holds."""
+    tok = stdlib_tokenizer
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=2, d_model=32, n_head=2, d_head=8, d_mlp=64, afrac=0.5)).eval()
+    cfg = prune_lib.PruneConfig(steps=30, n_train=32, n_select=16, n_test=16, batch_pairs=8, prune_anyway=True,
+                                ablation="resample")
+    plain, fast = _prune_both_paths(model, _quote_task(), tok, cfg, _pretrain(stdlib_rows))
+    assert plain[0].metrics["n_open"] is not None
+    _same_circuits(plain, fast)
+
+
+@pytest.mark.slow
+def test_mask_training_stops_at_the_first_point_the_rule_holds_and_says_why(stdlib_tokenizer, stdlib_rows):
+    """With stop_window the masks train until the record has been flat for the window (never
+    before the floor) and the row says so; without, every step runs. Both verify the planted path."""
+    tok, task = stdlib_tokenizer, _quote_task()
+    model, pretrain = planted_model(tok), _pretrain(stdlib_rows)
+    cfg = prune_lib.PruneConfig(steps=300, batch_pairs=16, stop_window=45)
+    early = prune_lib.prune(model, task, tok, cfg, pretrain)
+    full = prune_lib.prune(model, task, tok, dataclasses.replace(cfg, stop_window=0), pretrain)
+    curve = json.loads(early.metrics["convergence"])
+    assert early.metrics["stop_reason"] == "converged" and early.metrics["mask_steps"] == curve[-1][0] < 300
+    floor = max(2 * 15, int(0.05 * 300))
+    assert prune_lib.converged(curve, 45, floor) and not any(prune_lib.converged(curve[:i], 45, floor) for i in range(1, len(curve)))
+    assert full.metrics["stop_reason"] == "max_steps" and full.metrics["mask_steps"] == 300
+    assert json.loads(full.metrics["convergence"])[: len(curve)] == curve  # the same run up to the stop
+    assert early.metrics["status"] == full.metrics["status"] == "ok"
+    assert {(0, loc, i) for n, idx in PLANTED.items() for i in idx for loc in [n.split(".", 1)[1]]} <= set(early.nodes)
+    phases = json.loads(early.metrics["phase_seconds"])
+    assert {"setup", "masks", "choose_k", "verify", "controls", "edges"} <= set(phases)
+    assert sum(phases.values()) <= early.metrics["prune_seconds"] + 0.01  # each phase rounded to ms

@@ -186,7 +186,7 @@ def test_prune_key_covers_every_field():
     base = prune_lib.PruneConfig()
     assert base.key() == prune_lib.PruneConfig().key()
     changed = {"ablation": "zero", "target": 0.2, "steps": 7, "k_coef": 1e-2, "seed": 3, "lr": 1e-2, "prune_anyway": True,
-               "grad_clip_rms": 1.0, "warmup_frac": 0.0}
+               "grad_clip_rms": 1.0, "warmup_frac": 0.0, "stop_window": 17}
     keys = {dataclasses.replace(base, **{k: v}).key() for k, v in changed.items()}
     assert len(keys) == len(changed) and base.key() not in keys
 
@@ -198,15 +198,17 @@ def test_prune_keys_of_earlier_stores_stay_valid():
     import hashlib
     import json
 
-    base = prune_lib.PruneConfig()
+    base = prune_lib.PruneConfig(stop_window=0)  # what a default run was before early stopping
     fields = dataclasses.asdict(base)
-    for later in ("also_targets", "grad_clip_rms"):
+    for later in ("also_targets", "grad_clip_rms", "stop_window"):
         fields.pop(later)
     assert base.key() == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-    assert prune_lib.PruneConfig(also_targets=()).key() == base.key() == base.for_target(0.15).key()
+    assert prune_lib.PruneConfig(also_targets=(), stop_window=0).key() == base.key() == base.for_target(0.15).key()
     assert prune_lib.PruneConfig(target=0.3).also_targets == ()  # the default second target is the target itself
     with pytest.raises(ValueError, match="grad_clip_rms"):
         prune_lib.PruneConfig(grad_clip_rms=0)
+    with pytest.raises(ValueError, match="stop_window"):
+        prune_lib.PruneConfig(stop_window=-1)
 
 
 @pytest.mark.parametrize("kw, fragment", [({"ablation": "median"}, "ablation"), ({"target": 0}, "target"), ({"steps": 0}, "steps"),
@@ -228,3 +230,21 @@ def test_gradient_clipping_scales_the_gates_gradient_to_the_rms_limit():
     b.grad = torch.full((5,), 0.5)
     prune_lib._clip_rms([a, b], 1.0)
     assert torch.equal(a.grad, torch.full((3,), 0.5))
+
+
+def test_converged_needs_a_flat_window_of_open_gates_and_smoothed_loss():
+    """The stopping rule on convergence records [step, loss, open gates, smoothed loss]."""
+    flat = [[s, 0.05, 100, 0.05] for s in range(20, 401, 20)]
+    assert prune_lib.converged(flat[:5], 60) and prune_lib.converged(flat[:5], 60, floor=100)
+    assert not prune_lib.converged(flat[:3], 60)  # the window is not covered yet
+    assert not prune_lib.converged(flat[:4], 60, floor=100)  # before the floor
+    assert not prune_lib.converged(flat, 0)  # 0: never stop
+    moving = [[s, 0.05, 400 - s // 2, 0.05] for s in range(20, 401, 20)]
+    assert not any(prune_lib.converged(moving[:i], 60) for i in range(1, 21))
+    jitter = [[s, 0.05, 100 + (s // 20) % 2 * 2, 0.05] for s in range(20, 401, 20)]  # ±2 on 100: within 2%
+    assert prune_lib.converged(jitter[:6], 60) and not prune_lib.converged(jitter[:6], 60, open_tol=0.0)
+    drifting = [[s, 0.05, 100, 0.2 - s / 2000] for s in range(20, 401, 20)]  # smoothed loss still falling 0.03 per 60 steps
+    assert not any(prune_lib.converged(drifting[:i], 60) for i in range(1, 21))
+    assert prune_lib.converged(drifting[:6], 60, loss_tol=0.05)
+    uneven = [[s, 0.05, 100, 0.05] for s in (25, 50, 75, 100, 125)]  # a window between record points
+    assert prune_lib.converged(uneven, 60) and not prune_lib.converged(uneven[:3], 60)

@@ -1,3 +1,5 @@
+import json
+
 import pandas as pd
 import pytest
 from test_planted import planted_model
@@ -49,6 +51,11 @@ def test_csp_prune_stores_a_circuit_or_a_verdict_per_task(planted_run, tmp_path)
             "partial_ablation_loss", "partial_ablation_worst", "ablated_loss"]
     assert len(ok) == 2 and ok[cols].notna().all().all() and ok["beats_random_keep"].all()
     assert (ok["partial_ablation_loss"] <= ok["partial_ablation_worst"]).all()
+    # how long the masks trained, why they stopped, where the seconds went; null without a mask
+    assert ok["stop_reason"].isin(["converged", "max_steps"]).all() and (ok["mask_steps"] <= PruneConfig().steps).all()
+    assert all(set(json.loads(p)) >= {"setup", "masks", "choose_k", "verify"} for p in ok["phase_seconds"])
+    chance = circuits[circuits["status"] == "chance"]
+    assert chance["mask_steps"].isna().all() and chance["stop_reason"].isna().all()
     nodes = results.read_table(out, results.NODES, task="single_double_quote")
     nodes = nodes[nodes["prune_key"] == quote["prune_key"]]
     edges = results.read_table(out, results.EDGES, task="single_double_quote")
@@ -171,3 +178,75 @@ def test_the_prune_settings_benchmark_reprunes_a_stored_verified_pair(planted_ru
     assert [(r["steps"], r.get("grad_clip_rms")) for r in rows] == [(30, None), (60, None), (30, 1.0), (60, 1.0)]
     assert all(r["task"] == "single_double_quote" and r["n_nodes"] > 0 for r in rows)
     assert sorted(storage.ls(f"{out}/circuits/task=single_double_quote")) == before
+
+
+@pytest.mark.slow
+def test_the_early_stop_study_reads_every_rule_from_one_run_per_seed(planted_run, tmp_path):
+    """benchmarks/prune_early_stop.py: one run per (pair, seed) gives each rule's stopping
+    step and the circuits there (built while training goes on); a long run beside; then a
+    summary per rule. The circuits a rule stops with are those a run stopping there returns."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from jobs import prune_pairs as pp
+    from sparsity import prune as prune_lib
+    from sparsity import tasks as task_lib
+
+    out = str(tmp_path / "results")
+    r = runner.invoke(app, ["prune", planted_run, "--task", "single_double_quote", "--out", out, "--steps", "60"])
+    assert r.exit_code == 0, r.output
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "benchmarks/prune_early_stop.py", out, "--pairs", "1", "--seeds", "0,1", "--steps", "100",
+                        "--long", "120", "--long-pairs", "1", "--jobs", "2"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    runs, longs, summary = ([r for r in rows if r["kind"] == k] for k in ("run", "long", "summary"))
+    assert sorted(r["seed"] for r in runs) == [0, 1] and [r["steps"] for r in longs] == [120]
+    assert len({s["rule"] for s in summary}) == len(summary) > 1 and all(s["verified_full"] >= 1 for s in summary)
+    run = next(r for r in runs if r["seed"] == 0)
+    assert run["final"][0]["status"] == "ok" and run["stops"], run
+    # a rule's stop, re-run for real with that rule: the same step and the same circuits
+    name, step = min(run["stops"].items(), key=lambda kv: kv[1])
+    window, open_tol, loss_tol = (float(x[1:]) for x in name.split("_"))
+    loaded = pp.Loaded(str(pd.read_parquet(f"{out}/circuits")["checkpoint_uri"].iloc[0]))
+    model, ablate, batches = loaded.inputs("mean")
+    saved = prune_lib.STOP_OPEN_TOL, prune_lib.STOP_LOSS_TOL
+    prune_lib.STOP_OPEN_TOL, prune_lib.STOP_LOSS_TOL = open_tol, loss_tol
+    try:
+        real = prune_lib.prune_targets(model, task_lib.get("single_double_quote"), loaded.tok,
+                                       prune_lib.PruneConfig(steps=100, stop_window=int(window)), batches, ablate=ablate)
+    finally:
+        prune_lib.STOP_OPEN_TOL, prune_lib.STOP_LOSS_TOL = saved
+    assert real[0].metrics["mask_steps"] == step
+    stopped = run["at_stop"][str(step)] if step < 100 else run["final"]
+    assert [(c.metrics["status"], len(c.nodes), c.n_edges) for c in real] == [(s["status"], s["n_nodes"], s["n_edges"]) for s in stopped]
+
+
+@pytest.mark.slow
+def test_the_pruning_benchmark_times_each_path_and_says_where_a_step_goes():
+    """`benchmarks/prune.py --smoke`: the plain path, the exact savings and early stopping on
+    one pair, with their phases, the same circuit from the two exact-equivalent paths, and a
+    mask step split into gates / AbsTopK / attention / MLP / other that adds up."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "benchmarks/prune.py", "--smoke", "--profile-steps", "2"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    pairs = out["pairs"]
+    assert set(pairs) == {"plain", "exact", "exact+stop"} and out["ratio_to_plain"]["plain"] == 1.0
+    assert {k: pairs["plain"][k] for k in ("status", "n_nodes", "n_edges", "mask_steps")} == \
+        {k: pairs["exact"][k] for k in ("status", "n_nodes", "n_edges", "mask_steps")}
+    assert pairs["plain"]["stop_reason"] == "max_steps" and pairs["exact+stop"]["mask_steps"] <= pairs["plain"]["mask_steps"]
+    assert {"setup", "masks", "choose_k", "verify"} <= set(pairs["exact"]["phase_seconds"])
+    for step in out["mask_step"].values():
+        assert set(step["share"]) == {"gates", "abstopk", "attention", "mlp", "other"}
+        assert sum(step["share"].values()) == pytest.approx(1.0, abs=0.01) and min(step["share"].values()) > 0
+        assert step["matmul_attention_gflop"] > 0
+    assert out["mask_step"]["exact"]["matmul_attention_gflop"] < out["mask_step"]["plain"]["matmul_attention_gflop"]
