@@ -92,7 +92,7 @@ class Plan(NamedTuple):
 FULL = Plan(
     bench=ModelConfig(d_model=512, n_head=32, d_head=16, d_mlp=2048, n_layer=4, block_size=512),
     batch=32, warmup=5, timed=30, pfrac=1 / 16, check_steps=20,
-    # DESIGN.md's demo size (d_model 128 × 2 layers, ctx 128) at density 1/8, which learns
+    # the demo's size (d_model 128 × 2 layers, ctx 128) at density 1/8, which learns
     # the quote task on 2 CPU cores in minutes: on a GPU the same minutes are ~20× the tokens.
     small=ModelConfig(d_model=128, n_head=8, d_head=16, d_mlp=512, n_layer=2, block_size=128),
     small_batch=64, small_pfrac=1 / 8, train_seconds=150.0, probe_steps=40, min_steps=200, max_steps=20000,

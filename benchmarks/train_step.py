@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--steps 8] [--device cpu] [--pfrac 0.0625] [--optimizer muon] [--share-pairs 30]
 
-Shape: d_model 256, 4 layers, ctx 256, batch 16 (DESIGN.md's CPU sizing). Both models have
+Shape: d_model 256, 4 layers, ctx 256, batch 16 (a CPU-sized model). Both models have
 the same shape and AbsTopK; the sparse one also projects every matrix to its top-k after
 each step (density past the anneal). Steps alternate sparse/dense so drift in machine speed
 hits both alike; the projection is timed on its own too, as a share of the sparse step.

@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 # stdlib makes ~8 shards to spread over workers, large enough that per-task overhead is
 # noise.
 DEFAULT_SHARD_BYTES = 4_000_000
-DEFAULT_N_CTX = 256  # DESIGN.md: context 256 by default
+DEFAULT_N_CTX = 256  # the default context (ModelConfig.block_size)
 
 
 class DataError(CspError):

@@ -237,7 +237,7 @@ def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | No
         row.update(dict.fromkeys(COUNT_COLUMNS))
     if row["status"] == "ok" and not (row.get("sufficiency_loss") is not None and row.get("target") is not None
                                       and row["sufficiency_loss"] <= row["target"]):
-        # The store's one invariant: `ok` means verified on test pairs (DESIGN.md, Pruning).
+        # The store's one invariant: `ok` means verified on test pairs (docs/design.md, Pruning).
         raise ValueError(f"refusing to store {model['model_id']}/{task} as ok: test sufficiency "
                          f"{row.get('sufficiency_loss')} does not meet target {row.get('target')}")
     if isinstance(row.get("provenance"), dict):

@@ -17,7 +17,7 @@ from typing import Any
 
 from sparsity.errors import ConfigError
 
-# The 8 places AbsTopK can sparsify activations (DESIGN.md, "The method").
+# The 8 places AbsTopK can sparsify activations (docs/design.md, "The model").
 LOCTYPES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
 ALL_LOCTYPES = ",".join(LOCTYPES)
 OPTIMIZERS = ("adam", "muon")
@@ -56,13 +56,13 @@ class ModelConfig:
     """The sparse GPT's shape and options (the reference GPTConfig's fields)."""
 
     vocab_size: int = 2048  # the csp BPE: 2047 byte-level tokens + <|endoftext|>
-    block_size: int = 256  # context length (n_ctx); DESIGN.md default
+    block_size: int = 256  # context length (n_ctx)
     n_layer: int = 2  # the demo size that learns the quote task on 2 CPU cores
     n_head: int = 4
     d_head: int = 16  # decoupled from d_model: attention width = n_head * d_head
     d_model: int = 64
     d_mlp: int = 256  # MLP_RATIO × d_model, the GPT-2 ratio
-    bias: bool = True  # DESIGN.md: Linear biases (they stay dense)
+    bias: bool = True  # Linear biases, as the reference (they stay dense)
     rms_norm: bool = True  # RMSNorm, no learned shift: fewer dense parameters
     activation_type: str = "gelu"
     afrac: float | None = 0.25  # AbsTopK keeps int(afrac·dim) activations; None = off
@@ -160,7 +160,7 @@ class SparsityConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation recipe (DESIGN.md): Adam on RMS-normalised gradients."""
+    """The optimisation recipe (docs/design.md, "The model"): Adam on RMS-normalised gradients."""
 
     steps: int = 2000
     batch_size: int = 32  # sequences per optimizer step

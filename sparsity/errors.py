@@ -33,7 +33,7 @@ class CspRuntimeError(CspError):
 
 
 class ConfigError(CspError, ValueError):
-    """A configuration value out of its allowed range (also a ValueError, as STYLE.md asks)."""
+    """A configuration value out of its allowed range (also a ValueError, so callers outside csp can catch it as one; docs/design.md, Conventions)."""
 
 
 class CorpusError(CspError):

@@ -1,4 +1,4 @@
-"""The weight-sparse GPT (DESIGN.md, "The method"; Gao et al. 2025 §2).
+"""The weight-sparse GPT (docs/design.md, "The model"; Gao et al. 2025 §2).
 
 Pre-norm GPT with RMSNorm, GELU MLP, Linear biases, an untied unembedding, d_head
 decoupled from d_model, a fused c_attn, learned position embeddings; AbsTopK activation
