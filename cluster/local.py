@@ -3,7 +3,8 @@
 Each node is one ``ray start --block`` process in its own process group, with its own
 raylet, resources and temp dir, on this machine's address: node 0 is the head (GCS,
 dashboard = Jobs API), nodes 1… join it. The cluster is described by a state file,
-``{RAY_TMPDIR or /tmp}/csp-cluster-{PORT}/cluster.json``, which records every node's PID;
+``{RAY_TMPDIR or /tmp}/csp-cluster-{PORT}/cluster.json``, which records every node's PID
+and its temp dir (``{RAY_TMPDIR or /tmp}/c{i}``: short, so Ray's sockets fit);
 ``down`` stops exactly those process groups (SIGTERM, then SIGKILL after a grace period),
 never another Ray of the user. ``kill_node`` kills one node's raylet by PID, as a lost
 machine would; ``add_node`` brings a worker node (back) in.
@@ -51,10 +52,60 @@ def ray_env() -> dict:
     return env
 
 
+def tmp_base() -> Path:
+    """RAY_TMPDIR when set, else /tmp: where Ray itself would put its temp dirs."""
+    return Path(os.environ.get("RAY_TMPDIR") or "/tmp")
+
+
 def state_root(port: int) -> Path:
-    """Where a cluster on GCS ``port`` keeps its state and node temp dirs: short (Ray's
-    Unix socket paths must fit in 107 bytes) and under RAY_TMPDIR when that is set."""
-    return Path(os.environ.get("RAY_TMPDIR") or "/tmp") / f"csp-cluster-{port}"
+    """Where a cluster on GCS ``port`` keeps its state file and node logs."""
+    return tmp_base() / f"csp-cluster-{port}"
+
+
+# Ray puts each node's sockets at TEMP/session_<YYYY-MM-DD_HH-MM-SS_ffffff>_<pid>/sockets/
+# plasma_store (its longest), and a Unix socket path holds at most 107 bytes. So a node's
+# temp dir is as short as it can be: RAY_TMPDIR/c<i>, three or four characters more than
+# Ray's own default, not the ~22 of nesting it under the state dir.
+SOCKET_PATH_MAX = 107
+_SOCKET_TAIL = len("/session_2026-12-06_13-02-20_123456_") + len("/sockets/plasma_store")
+
+
+def _pid_digits() -> int:
+    try:
+        return len(str(int(Path("/proc/sys/kernel/pid_max").read_text()) - 1))
+    except (OSError, ValueError):
+        return 7  # Linux's largest pid_max, 2^22
+
+
+def socket_room(temp_dir: str) -> int:
+    """Bytes to spare in Ray's longest socket path under ``temp_dir`` (negative: too long)."""
+    return SOCKET_PATH_MAX - (len(os.fsencode(temp_dir)) + _SOCKET_TAIL + _pid_digits())
+
+
+def check_tmpdir() -> None:
+    """Refuse, before anything starts, a RAY_TMPDIR under which a node's sockets cannot fit."""
+    probe = str(tmp_base() / "c99")
+    if socket_room(probe) < 0:
+        raise LocalClusterError(
+            f"RAY_TMPDIR={tmp_base()} is too long for Ray's sockets: a node's socket path would be "
+            f"{SOCKET_PATH_MAX - socket_room(probe)} bytes, over the {SOCKET_PATH_MAX}-byte limit of a Unix socket; "
+            f"use a RAY_TMPDIR of at most {len(os.fsencode(str(tmp_base()))) + socket_room(probe)} characters (e.g. /tmp/ray)",
+            exit_code=USAGE)
+
+
+def _node_temp_dir() -> Path:
+    """A fresh, short temp dir for one node: RAY_TMPDIR/c0, c1, … (the first free name,
+    taken atomically, so clusters sharing RAY_TMPDIR never share a node dir)."""
+    base = tmp_base()
+    base.mkdir(parents=True, exist_ok=True)
+    for i in range(10_000):
+        d = base / f"c{i}"
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise LocalClusterError(f"no free node temp dir name under {base} (c0 … c9999 all exist); clear them or set another RAY_TMPDIR")
 
 
 @dataclass
@@ -145,6 +196,7 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, port: int = 6379, das
     """Start a head and ``nodes - 1`` worker nodes on this machine; returns the cluster."""
     if nodes < 1:
         raise LocalClusterError(f"--nodes must be ≥ 1, got {nodes}", exit_code=USAGE)
+    check_tmpdir()
     cores = os.cpu_count() or 1
     per_node = cpus_per_node if cpus_per_node is not None else (cores + 1 if nodes == 1 else max(2, cores))
     root = state_root(port)
@@ -186,13 +238,14 @@ def down(cluster: LocalCluster | int, grace: float = 8.0) -> int:
         time.sleep(0.2)
     for n in cluster.nodes:  # whatever is left in each node's process group (dashboard forks, workers)
         _killpg(n.pid, signal.SIGKILL)
+    for n in cluster.nodes:  # each node's own temp dir (short, beside the state dir)
+        shutil.rmtree(n.temp_dir, ignore_errors=True)
     shutil.rmtree(cluster.root, ignore_errors=True)
     return len(running)
 
 
 def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: float, gpus: int | None = 0) -> Node:
-    temp = Path(cluster.root) / name
-    temp.mkdir(parents=True, exist_ok=True)
+    temp = _node_temp_dir()
     log = Path(cluster.root) / f"{name}.log"
     args = [ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", f"--num-cpus={cpus:g}"]
     if gpus is not None:
@@ -218,9 +271,11 @@ def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: f
                 return node
         if proc.poll() is not None:
             last = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
+            shutil.rmtree(temp, ignore_errors=True)
             raise LocalClusterError(f"ray start for {name} failed ({_plain(last[0])[:200]}); see {log}")
         time.sleep(0.3)
     _killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp, ignore_errors=True)
     raise LocalClusterError(f"{name} did not start within {timeout:g}s; see {log}")
 
 
