@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cli._app import SHARED_FS_HELP, choice
-from sparsity.config import ABLATIONS, PruneConfig
+from sparsity.config import ABLATIONS, CHANCE_LOSS, PruneConfig
 
 Ablation = choice("Ablation", ABLATIONS)
 
@@ -17,7 +17,7 @@ def prune(
     out: Annotated[str, typer.Option(help="Results URI: circuits, circuit_nodes, circuit_edges go under it.")],
     task: Annotated[list[str] | None, typer.Option(help="Task to prune for (repeatable; default: all 20).")] = None,
     target: Annotated[list[float] | None, typer.Option(
-        help="Largest held-out task loss a circuit may have, on the reference's summed two-sided scale (chance 1.386); "
+        help=f"Largest held-out task loss a circuit may have, on the reference's summed two-sided scale (chance {CHANCE_LOSS:.3f}); "
              "repeatable: every target is bisected from the same trained masks and stored as its own row "
              "(default: 0.15 and 0.30, the paper's target read on the sum and per prompt).")] = None,
     ablation: Annotated[Ablation, typer.Option(help="How pruned nodes are replaced (mean: the paper's).")] = PruneConfig.ablation,

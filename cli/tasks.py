@@ -50,19 +50,15 @@ def eval_(
     n: Annotated[int, typer.Option(help="Held-out pairs per task.")] = 64,
 ) -> None:
     """Held-out loss (two-sided binary CE per pair) and accuracy of a checkpoint on each task."""
-    from cluster import checkpoints, data
+    from jobs import loader
     from sparsity import tasks as task_lib
 
     if n < 1:
         raise typer.BadParameter(f"--n must be ≥ 1, got {n}")
     names = task or list(task_lib.REGISTRY)
     tasks = [task_lib.get(x) for x in names]
-    c = checkpoints.load(ckpt, with_train_state=False)
-    src = data_uri or checkpoints.run_data_uri(ckpt)
-    if src is None:
-        raise typer.BadParameter("the checkpoint's run names no dataset; pass --data for its tokenizer")
-    tok = data.load_tokenizer(src)
-    model = c.build_model()
+    opened = loader.LoadedModel(ckpt, data_uri)  # the tokenizer of its data, checked against the model's vocabulary
+    model, tok = opened.model, opened.tok
     width = max(map(len, names))
     typer.echo(f"{'task':<{width}}  {'loss':>7}  {'accuracy':>8}")
     for t in tasks:

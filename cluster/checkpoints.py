@@ -13,13 +13,13 @@ deleted after a newer one is complete (``keep_last``).
 from __future__ import annotations
 
 from cluster import storage
+from cluster.lease import LEASE_FILE  # noqa: F401  (RUN/lease.json, the run's one writer: the lease owns the name)
 from sparsity import checkpoint_format as ckpt_lib
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
-LEASE_FILE = "lease.json"  # RUN/lease.json: the run's one writer (cluster/lease.py)
 _FILES = (ckpt_lib.MODEL_FILE, ckpt_lib.CONFIG_FILE, ckpt_lib.STATE_FILE)
 
 
@@ -102,6 +102,13 @@ def latest_step(run_uri: str) -> int | None:
     """The step of the checkpoint a resume would load (None: no checkpoint yet)."""
     d = _resolve_latest(storage.resolve(run_uri).join(CHECKPOINTS))
     return None if d is None else int(d.name.split("-", 1)[1])
+
+
+def recorded_step(run_uri: str) -> int | None:
+    """The step latest.json records (None: none yet): one small read, for progress polls;
+    :func:`latest_step` also checks that checkpoint is complete."""
+    rec = _latest_record(storage.resolve(run_uri).join(CHECKPOINTS))
+    return None if rec is None else int(rec["step"])
 
 
 def read_metrics(run_uri: str) -> list[dict]:

@@ -27,9 +27,10 @@ from jobs import fanout as fanout_lib
 from jobs import prune_pairs as prune_job
 from jobs import report as report_lib
 from jobs import results, sweep, viz
-from jobs.prune_pairs import solved
 from sparsity import tasks as task_lib
+from sparsity.circuit import TESTED, solved
 from sparsity.config import (
+    CHANCE_LOSS,
     LR_DENSE,
     ModelConfig,
     RunConfig,
@@ -161,7 +162,7 @@ def quick_plan() -> Plan:
         lr_dense=1e-2,
         control_models=2,
         notes=("--quick checks the plumbing: tiny models that solve nothing, pruned to a loose target "
-               "(task loss 3.0; chance is 1.386) with every pair pruned anyway, so every stage has something to do",),
+               f"(task loss 3.0; chance is {CHANCE_LOSS:.3f}) with every pair pruned anyway, so every stage has something to do",),
     )
 
 
@@ -258,6 +259,11 @@ def model_summary(sweep_uri: str, results_uri: str, target: float = PruneConfig.
     return df.sort_values(["ef", "pfrac", "seed"]).reset_index(drop=True)
 
 
+def real_rows(circ, plan: Plan):
+    """The rows of ``circ`` that are the demo's own circuits: no control, the plan's pruning config."""
+    return circ[circ["control"].isna() & (circ["prune_key"] == plan.prune.key())]
+
+
 def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
     """(tasks, checkpoint URIs) that get the faithfulness controls.
 
@@ -266,7 +272,7 @@ def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
     controls whenever it has a circuit to check. The models: the ``plan.control_models``
     sparsest ones that solve it, those with a verified circuit first (the claims the demo
     is about; each control costs one pruning run)."""
-    real = circ[circ["control"].isna() & (circ["prune_key"] == plan.prune.key())]
+    real = real_rows(circ, plan)
     ok = real[real["status"].map(solved)]
     solved_by = ok.groupby("task", observed=True).size()
     verified_by = real[real["status"] == "ok"].groupby("task", observed=True).size()
@@ -349,8 +355,8 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     frontier_files = viz.plot_frontier(res.uri, figs.uri, target=plan.prune.target)
     renderer = viz.CircuitRenderer(res.uri)
     circ = results.circuits(res.uri)
-    real = circ[circ["control"].isna() & (circ["prune_key"] == plan.prune.key())]
-    drawable = real[real["status"].isin(["ok", "not_verified", "target_not_reached"]) & (real["n_nodes"] > 0)].sort_values(["model_id", "task"])
+    real = real_rows(circ, plan)
+    drawable = real[real["status"].isin(TESTED) & (real["n_nodes"] > 0)].sort_values(["model_id", "task"])
     diagrams = []
     for r in drawable.itertuples():
         svg_uri, html_uri = renderer.render(r.model_id, r.task, figs.join("circuits").uri, prune_key=r.prune_key)

@@ -1,5 +1,5 @@
 """One way to open a trained checkpoint for use: the model, the tokenizer of the data it
-was trained on, and that dataset's URI — shared by pruning (jobs/prune.py), the prune
+was trained on, and that dataset's URI — shared by pruning (jobs/prune_pairs.py), the prune
 fan-out (jobs/fanout.py) and circuit diagrams (jobs/viz.py).
 
 The dataset is the one ``--data`` names, else the one the run's run.json records; the

@@ -21,6 +21,7 @@ from jobs import results
 from jobs.loader import LoadedModel
 from sparsity import prune as prune_lib
 from sparsity import tasks as task_lib
+from sparsity.circuit import solved
 from sparsity.errors import CspError
 from sparsity.model import GPT
 from sparsity.topk import WeightSparsifier
@@ -199,11 +200,6 @@ def prune_checkpoint(
                 if progress:
                     progress(f"{row['task']} [{c}]", out[-1])
     return out
-
-
-def solved(status: str) -> bool:
-    """The full model does the task (it was pruned, whatever the circuit's verdict)."""
-    return status in ("ok", "not_verified", "trivial", "target_not_reached")
 
 
 def solved_anywhere(row: dict) -> bool:

@@ -27,10 +27,13 @@ import pandas as pd
 import pyarrow as pa
 
 from cluster import storage
-from sparsity.circuit import (
+from sparsity.circuit import (  # noqa: F401  (NO_CIRCUIT, SOLVED, TESTED: the status vocabulary, read here)
     EXTRA_EDGE_KINDS,
+    NO_CIRCUIT,
     NODE_LOCATIONS,
     SCHEMA_VERSION,
+    SOLVED,
+    TESTED,
     WEIGHT_EDGE_KINDS,
     Circuit,
 )
@@ -176,8 +179,7 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return t.replace_schema_metadata(_META[key])
 
 
-# Statuses with no circuit: their per-circuit counts are null ("not applicable"), not 0.
-NO_CIRCUIT = ("chance", "model_misses_target", "failed")
+# Statuses with no circuit (sparsity/circuit.py): their per-circuit counts are null ("not applicable"), not 0.
 COUNT_COLUMNS = ["k", "n_open", "n_nodes", "n_edges", "n_edges_resid"] + [
     f.name for f in CIRCUITS_SCHEMA if f.name.startswith(("n_nodes_", "n_edges_")) and f.name != "n_edges_resid"]
 
@@ -364,7 +366,7 @@ def frontier(results_uri: str, target: float | None = None):
         rows.append({
             "model_id": model_id, "prune_key": key, "target": first["target"], "pfrac": first["pfrac"], "ef": first["ef"],
             "density": first.get("density"), "val_loss": first["val_loss"],
-            "tasks_solved": int(g["status"].isin(["ok", "not_verified", "trivial", "target_not_reached"]).sum()),
+            "tasks_solved": int(g["status"].isin(SOLVED).sum()),
             "tasks_with_circuit": len(good), "tasks": len(g),
             "tasks_beating_random": int(good["beats_random_keep"].fillna(False).astype(bool).sum()),
             "geomean_edges": geomean(good["n_edges"]),
@@ -377,9 +379,6 @@ def frontier(results_uri: str, target: float | None = None):
 # Controls that must not yield a verified circuit (nonsense_task: the random-label control of
 # stores written before the rule-based ones; read and judged, no longer run).
 MUST_NOT_VERIFY = ("random_init", "nonsense_swap", "nonsense_fixed", "nonsense_task")
-# Statuses of a pruning that ran to its verdict on the test pairs (a circuit was chosen and
-# scored there); chance / model_misses_target / failed / trivial rows never reached it.
-TESTED = ("ok", "not_verified", "target_not_reached")
 
 
 def jaccard(a: set, b: set) -> float | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +31,6 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from cluster import checkpoints, local_train, ray_train, runtime, storage
-from cluster.checkpoints import METRICS_FILE
 from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
 from sparsity.errors import CspError
 
@@ -165,8 +163,7 @@ def _run_trial(config: dict) -> None:
 def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) -> dict:
     out = run_loc(sweep, name)
     ckpt = checkpoints.load(out.uri, with_train_state=False)
-    metrics_loc = out.join(METRICS_FILE)
-    history = [json.loads(x) for x in storage.read_text(metrics_loc).splitlines() if x.strip()] if storage.exists(metrics_loc) else []
+    history = checkpoints.read_metrics(out.uri)
     rows = [{"trial": name, **{f.name: m.get(f.name) for f in METRICS_SCHEMA if f.name != "trial"}} for m in history]
     storage.write_parquet(sweep.join("metrics", f"trial={name}", "metrics.parquet"),
                           pa.Table.from_pylist([{k: v for k, v in r.items() if k != "trial"} for r in rows],
@@ -291,17 +288,17 @@ def watch_steps(sw, pts: list[dict], steps: int, progress: Callable[[int, int], 
     if progress is None:
         yield
         return
-    latest = [checkpoints.latest_uri(run_loc(sw, trial_name(p)).uri) for p in pts]
+    runs = [run_loc(sw, trial_name(p)).uri for p in pts]
     total = steps * len(pts)
     stop = threading.Event()
 
     def poll() -> None:
         while True:
             done = 0
-            for loc in latest:
+            for run in runs:
                 try:
-                    done += int(storage.read_json(loc)["step"]) if storage.exists(loc) else 0
-                except Exception:  # noqa: BLE001 - a file being replaced; the next poll reads it
+                    done += checkpoints.recorded_step(run) or 0
+                except Exception:  # noqa: BLE001 - a checkpoint being replaced; the next poll reads it
                     pass
             progress(min(done, total), total)
             if stop.wait(every):

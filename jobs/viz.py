@@ -21,6 +21,7 @@ import torch
 
 from cluster import data, storage
 from jobs import loader, results
+from sparsity.circuit import drawable
 from sparsity.config import SparsityConfig
 from sparsity.errors import CspError
 
@@ -346,7 +347,7 @@ class CircuitRenderer:
             raise VizError(f"no stored result for model {model_id!r} and task {task!r}")
         # Several pruning configs: a verified circuit first, the strictest target, then key order.
         row = rows.assign(_ok=rows["status"] != "ok").sort_values(["_ok", "target", "prune_key"]).iloc[0].to_dict()
-        if row["status"] not in ("ok", "not_verified", "target_not_reached") or not row.get("n_nodes"):
+        if not drawable(row["status"], row.get("n_nodes")):
             raise VizError(f"{model_id} has no circuit for {task} (status {row['status']}); choose a task with status ok")
         nd = results.nodes(self.results_uri, task=task, model=model_id)
         ed = results.edges(self.results_uri, task=task, model=model_id)

@@ -38,6 +38,31 @@ EXTRA_EDGE_KINDS = ("qk", "embed", "unembed")  # counted in columns n_edges_<kin
 SCHEMA_VERSION = 5
 
 
+# What a pruning result's status says, and which statuses share a meaning (every reader
+# of the store asks through these):
+#   ok                   a verified circuit: it met the target on the test pairs
+#   not_verified         chosen on the selection pairs, missed the target on the test pairs
+#   target_not_reached   no circuit met the target on the selection pairs (the best is kept)
+#   trivial              the fully ablated model already meets the target: no circuit needed
+#   model_misses_target  the full model does the task above chance but misses the target
+#   chance               the full model is at chance on the task
+#   failed               the run raised (the row keeps the error)
+STATUSES = ("ok", "not_verified", "target_not_reached", "trivial", "model_misses_target", "chance", "failed")
+TESTED = ("ok", "not_verified", "target_not_reached")  # a circuit was chosen and scored on the test pairs
+SOLVED = (*TESTED, "trivial")  # the full model does the task at the target: it was pruned
+NO_CIRCUIT = ("chance", "model_misses_target", "failed")  # no circuit: counts are null, not 0
+
+
+def solved(status: str) -> bool:
+    """The full model does the task (it was pruned, whatever the circuit's verdict)."""
+    return status in SOLVED
+
+
+def drawable(status: str, n_nodes) -> bool:
+    """A result with a circuit to draw: scored on the test pairs, with at least one node."""
+    return status in TESTED and bool(n_nodes)
+
+
 def node_sizes(cfg) -> dict[str, int]:
     """Width of each node location for a ModelConfig."""
     a = cfg.d_attn

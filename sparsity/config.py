@@ -244,6 +244,9 @@ def _build(cls, d: dict, where: str):
     return cls(**d)
 
 
+# The summed two-sided task loss of a model that cannot tell a pair's answers apart (2 ln 2):
+# the scale every task loss, target and verdict is read on (sparsity/tasks/base.py).
+CHANCE_LOSS = 2 * math.log(2)
 ABLATIONS = ("mean", "zero", "resample")
 LATER_FIELDS = {"grad_clip_rms": None, "stop_window": 0}  # PruneConfig fields newer than the first stored keys, and their "unset" value
 

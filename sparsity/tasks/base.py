@@ -21,18 +21,17 @@ real position see the padding after it, so a prompt's logits do not depend on th
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from sparsity.config import CHANCE_LOSS  # noqa: F401  (2 ln 2, re-exported: the scale of every task loss)
 from sparsity.errors import CspError
 
 TRAIN_SEED = 0
 TEST_SEED = 1_000_003  # disjoint from every train seed: streams never share a state
-CHANCE_LOSS = 2 * math.log(2)  # the two-sided loss of a model that cannot tell the answers apart
 
 
 class TaskError(CspError):
