@@ -4,8 +4,7 @@ Each node is one ``ray start --block`` process in its own process group, with it
 raylet, resources and temp dir, on this machine's address: node 0 is the head (GCS,
 dashboard = Jobs API), nodes 1… join it. The cluster is described by a state file,
 ``{RAY_TMPDIR or /tmp}/csp-cluster-{PORT}/cluster.json``, which records every node's PID
-and its temp dir (the head's is Ray's own default; a worker's ``{RAY_TMPDIR or /tmp}/c{i}``,
-short, so Ray's sockets fit);
+and its temp dir (``{RAY_TMPDIR or /tmp}/c{i}``: short, so Ray's sockets fit);
 ``down`` stops exactly those process groups (SIGTERM, then SIGKILL after a grace period),
 never another Ray of the user. ``kill_node`` kills one node's raylet by PID, as a lost
 machine would; ``add_node`` brings a worker node (back) in.
@@ -66,9 +65,10 @@ def state_root(port: int) -> Path:
 # Ray puts a node's sockets at TEMP/session_<YYYY-MM-DD_HH-MM-SS_ffffff>_<pid>/sockets/<name>,
 # and a Unix socket path holds at most 107 bytes. The head's longest socket is a dashboard
 # module's (dash_MetricsHead, 16 characters, in Ray 2.60), a worker's the object store's
-# (plasma_store, 12). So the head's temp dir is exactly Ray's own default (RAY_TMPDIR, else
-# /tmp/ray), and each worker's is RAY_TMPDIR/c<i> (else /tmp/c<i>): no longer than the head's
-# sockets need, where nesting them under the state dir added ~22 characters.
+# (plasma_store, 12). Each node needs a temp dir of its own (Ray finds "the" cluster of a temp
+# dir through a file in it, so two heads must not share one), so each gets the shortest that
+# is unique: RAY_TMPDIR/c<i> (else /tmp/c<i>), 3-4 characters more than Ray's default, where
+# nesting it under the state dir added ~22.
 SOCKET_PATH_MAX = 107
 _SESSION = len("/session_2026-12-06_13-02-20_123456_") + len("/sockets/")
 _HEAD_SOCKET, _WORKER_SOCKET = len("dash_MetricsHead"), len("plasma_store")
@@ -87,30 +87,24 @@ def socket_room(temp_dir: str, head: bool = True) -> int:
     return SOCKET_PATH_MAX - (len(os.fsencode(temp_dir)) + tail)
 
 
-def head_temp_dir() -> Path:
-    """The head's temp dir: where a plain `ray start --head` would put it."""
-    return Path(os.environ.get("RAY_TMPDIR") or "/tmp/ray")
+def max_tmpdir_len() -> int:
+    """The longest RAY_TMPDIR under which every node of a csp cluster fits its sockets here."""
+    return SOCKET_PATH_MAX - (len("/c99") + _SESSION + _pid_digits() + _HEAD_SOCKET)
 
 
 def check_tmpdir() -> None:
     """Refuse, before anything starts, a RAY_TMPDIR under which a node's sockets cannot fit."""
-    for d, head in ((head_temp_dir(), True), (tmp_base() / "c999", False)):
-        room = socket_room(str(d), head)
-        if room < 0:
-            raise LocalClusterError(
-                f"RAY_TMPDIR={tmp_base()} is too long for Ray's sockets: a {'head' if head else 'worker'} node's socket path "
-                f"would be {SOCKET_PATH_MAX - room} bytes, over the {SOCKET_PATH_MAX}-byte limit of a Unix socket; use a "
-                f"RAY_TMPDIR of at most {len(os.fsencode(str(tmp_base()))) + room} characters (e.g. /tmp/ray)", exit_code=USAGE)
+    n = len(os.fsencode(str(tmp_base())))
+    if n > max_tmpdir_len():
+        raise LocalClusterError(
+            f"RAY_TMPDIR={tmp_base()} is too long for Ray's sockets: the head's would be {n - max_tmpdir_len() + SOCKET_PATH_MAX} "
+            f"bytes, over the {SOCKET_PATH_MAX}-byte limit of a Unix socket; use a RAY_TMPDIR of at most {max_tmpdir_len()} "
+            "characters (e.g. /tmp/ray)", exit_code=USAGE)
 
 
-def _node_temp_dir(head: bool) -> Path:
-    """A node's temp dir: the head's is Ray's default (shared, as Ray shares it: every start
-    has its own session dir inside); a worker's a fresh RAY_TMPDIR/c0, c1, … (the first free
-    name, taken atomically, so clusters sharing RAY_TMPDIR never share a worker's dir)."""
-    if head:
-        d = head_temp_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+def _node_temp_dir() -> Path:
+    """A fresh, short temp dir for one node: RAY_TMPDIR/c0, c1, … (the first free name,
+    taken atomically, so clusters sharing RAY_TMPDIR never share a node dir)."""
     base = tmp_base()
     base.mkdir(parents=True, exist_ok=True)
     for i in range(10_000):
@@ -123,10 +117,6 @@ def _node_temp_dir(head: bool) -> Path:
     raise LocalClusterError(f"no free node temp dir name under {base} (c0 … c9999 all exist); clear them or set another RAY_TMPDIR")
 
 
-def _sessions(temp: Path) -> set[str]:
-    return {p.name for p in temp.glob("session_2*")} if temp.exists() else set()
-
-
 @dataclass
 class Node:
     name: str
@@ -136,7 +126,6 @@ class Node:
     log: str
     head: bool = False
     node_id: str | None = None
-    session_dir: str | None = None  # the head's own session dir inside the shared temp dir (removed by down)
 
     def alive(self) -> bool:
         return _alive(self.pid)
@@ -258,19 +247,15 @@ def down(cluster: LocalCluster | int, grace: float = 8.0) -> int:
         time.sleep(0.2)
     for n in cluster.nodes:  # whatever is left in each node's process group (dashboard forks, workers)
         _killpg(n.pid, signal.SIGKILL)
-    for n in cluster.nodes:  # a worker's own temp dir; the head's session dir (its temp dir is shared)
-        if n.head:
-            if n.session_dir:
-                shutil.rmtree(n.session_dir, ignore_errors=True)
-        elif Path(n.temp_dir).parent == tmp_base() and Path(n.temp_dir).name.startswith("c"):
+    for n in cluster.nodes:  # each node's own temp dir (short, beside the state dir)
+        if Path(n.temp_dir).name.startswith("c"):
             shutil.rmtree(n.temp_dir, ignore_errors=True)
     shutil.rmtree(cluster.root, ignore_errors=True)
     return len(running)
 
 
 def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: float, gpus: int | None = 0) -> Node:
-    temp = _node_temp_dir(head)
-    before = _sessions(temp) if head else set()
+    temp = _node_temp_dir()
     log = Path(cluster.root) / f"{name}.log"
     args = [ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", f"--num-cpus={cpus:g}"]
     if gpus is not None:
@@ -293,19 +278,14 @@ def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: f
         if "Ray runtime started" in text:
             node.node_id = _node_id(node)
             if node.node_id:
-                if head:  # the session dir this start made (a plain ray start's, inside Ray's temp dir)
-                    made = sorted(_sessions(temp) - before)
-                    node.session_dir = str(temp / made[-1]) if made else None
                 return node
         if proc.poll() is not None:
             last = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
-            if not head:
-                shutil.rmtree(temp, ignore_errors=True)
+            shutil.rmtree(temp, ignore_errors=True)
             raise LocalClusterError(f"ray start for {name} failed ({_plain(last[0])[:200]}); see {log}")
         time.sleep(0.3)
     _killpg(proc.pid, signal.SIGKILL)
-    if not head:
-        shutil.rmtree(temp, ignore_errors=True)
+    shutil.rmtree(temp, ignore_errors=True)
     raise LocalClusterError(f"{name} did not start within {timeout:g}s; see {log}")
 
 
