@@ -34,6 +34,28 @@ Format = choice("Format", FORMATS)  # every listing command: one row per item
 DetailFormat = choice("DetailFormat", ("table", "json"))  # the info commands: one nested record
 
 
+def strict_json(value):
+    """``value`` with every missing or non-finite number as None (JSON's null): pandas and
+    numpy give NaN, NaT and <NA>, which ``json.dumps`` would write as the non-JSON ``NaN``;
+    numpy scalars become Python ones."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if type(value).__name__ in ("NAType", "NaTType"):
+        return None
+    item = getattr(value, "item", None)  # a numpy scalar
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return strict_json(item())
+    return value
+
+
 def emit(rows, fmt, table: str | None = None) -> None:
     """Print ``rows`` (a DataFrame or a list of flat dicts) as ``--format`` says: csv and
     json from the rows; table as ``table`` when given, else the rows aligned."""
@@ -42,7 +64,7 @@ def emit(rows, fmt, table: str | None = None) -> None:
     fmt = getattr(fmt, "value", fmt)
     if fmt == "json":
         records = rows.to_dict(orient="records") if hasattr(rows, "to_dict") else rows
-        typer.echo(json.dumps(records, indent=2, default=str))
+        typer.echo(json.dumps(strict_json(records), indent=2, default=str, allow_nan=False))
         return
     if fmt == "csv":
         import csv

@@ -75,6 +75,10 @@ def test_csp_results_commands(store):
     runner = CliRunner()
     r = runner.invoke(app, ["results", "circuits", store, "--task", "if_equals", "--format", "json"])
     assert r.exit_code == 0 and {x["model_id"] for x in json.loads(r.stdout)} == {"m1", "m2"}
+    # strict JSON: a missing value is null, never the bare NaN that JSON parsers reject
+    r = runner.invoke(app, ["results", "circuits", store, "--all", "--format", "json"])
+    rows = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in --format json"))
+    assert r.exit_code == 0 and rows and any(v is None for x in rows for v in x.values())
     r = runner.invoke(app, ["results", "circuits", store, "--where", "n_edges > 4 and status == 'ok'", "--format", "csv"])
     assert r.exit_code == 0 and r.stdout.count("\n") == 3  # header + m1's two circuits
     r = runner.invoke(app, ["results", "frontier", store])
