@@ -53,7 +53,7 @@ def ray_env() -> dict:
 
 
 def tmp_base() -> Path:
-    """RAY_TMPDIR when set, else /tmp: where Ray itself would put its temp dirs."""
+    """RAY_TMPDIR when set, else /tmp: where csp puts a cluster's state and its nodes' temp dirs."""
     return Path(os.environ.get("RAY_TMPDIR") or "/tmp")
 
 

@@ -135,7 +135,6 @@ class Gates:
         self.ablate = ablate
         self.draw: torch.Tensor | None = None  # resample: the pool row of each batch row
         self._masks: dict[str, torch.Tensor] = {}  # what the active gates apply: H(τ) or a fixed 0/1 mask
-        self._fixed = False
         # Running sum of τ over training: breaks ties between nodes clamped at the same τ
         # (a node that held on longer ranks higher).
         self.tau_sum = {n: torch.zeros_like(t, requires_grad=False) for n, t in self.tau.items()}
@@ -158,7 +157,9 @@ class Gates:
 
     def _fn(self, name: str):
         def apply(x: torch.Tensor) -> torch.Tensor:  # x: (B, T, width)
-            g = self._masks[name] if self.fused or self._fixed else heaviside(self.tau[name], self.temp)
+            g = self._masks.get(name)
+            if g is None:  # unfused: H(τ) at each hook call
+                g = heaviside(self.tau[name], self.temp)
             mu = self.ablate[name]
             if mu.dim() == 3:  # resample: row b takes pool sequence draw[b], position by position
                 pos = self.model.hooks.positions  # set where x holds one read position per row
@@ -178,17 +179,18 @@ class Gates:
         (reassign :attr:`draw` between forwards to score other rows under the same masks)."""
         if self.resample and draw is None:
             raise ValueError("resample ablation needs a draw of pool rows for the batch")
-        self._fixed = fixed is not None
-        if fixed is not None or masks is not None:
-            self._masks = fixed if fixed is not None else masks
+        if fixed is not None:
+            self._masks = fixed
+        elif self.fused:
+            self._masks = masks if masks is not None else self.masks()
         else:
-            self._masks = self.masks() if self.fused else {}  # unfused: H(τ) at each hook call
+            self._masks = {}  # unfused: H(τ) at each hook call
         self.draw = draw
         try:
             with self.model.hooks.replace({n: self._fn(n) for n in self.names}):
                 yield
         finally:
-            self._masks, self.draw, self._fixed = {}, None, False
+            self._masks, self.draw = {}, None
 
     def l0(self, masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Σ H(τ): the open gates, differentiable (pass the step's ``masks`` to share them)."""
@@ -404,7 +406,7 @@ class _Selector:
 # rules by benchmarks/prune_early_stop.py on the demo's 15 pairs whose model meets 0.30, two
 # seeds each (docs/pruning-speed.md): the fewest steps (0.69 of 400 on average) with no
 # verified circuit lost and circuits larger on average by less than two seeds differ (+2.1
-# nodes and +29 edges against a seed gap of 2.7 nodes and 44 edges).
+# nodes and +29 edges against a seed gap of 2.6 nodes and 44 edges).
 STOP_OPEN_TOL = 0.05
 STOP_LOSS_TOL = 0.015
 STOP_SMOOTHING = 0.05  # the task loss's exponential moving average (each step's batch is fresh)
