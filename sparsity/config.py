@@ -265,7 +265,7 @@ class PruneConfig:
     # Weight of Σ H(τ). Measured on the demo's dense d_model-128 model (else_elif, 400 steps):
     # 87 nodes at 1e-3 vs 135 at 1e-4 (the replication's Table 2 centre), both verified.
     k_coef: float = 1e-3
-    steps: int = 400  # AdamW steps on τ: where the measured size-vs-steps curve flattens (README)
+    steps: int = 400  # AdamW steps on τ: a time budget from the measured size-vs-steps curve (docs/circuits.md, docs/pruning-speed.md)
     # Stop before ``steps`` once the open gates and the smoothed task loss have been flat for
     # this many steps (sparsity.prune.converged; measured in docs/pruning-speed.md); 0: always
     # run every step.

@@ -20,7 +20,7 @@ Defaults follow the paper's pruning hyper-parameters as restated from its Table 
 community replication jacobcd52/sparse_pretrain_public (τ init N(0.1, 0.01), surrogate
 temperature 1, AdamW lr 3e-3 with β (0.9, 0.95), 5% warmup then linear decay, 64 task
 datapoints per step, target 0.15 on the reference's summed two-sided loss); the step count
-and k_coef are csp's, chosen from a measured curve (README, "Tasks and circuits").
+and k_coef are csp's, chosen from a measured curve (docs/circuits.md, "Pruning").
 """
 
 from __future__ import annotations
