@@ -51,7 +51,7 @@ from sparsity import checkpoint_format as ckpt_lib  # noqa: E402
 from sparsity import corpus, tokenizer  # noqa: E402
 from sparsity import prune as prune_lib  # noqa: E402
 from sparsity.batches import FixedBatches, TokenRows  # noqa: E402
-from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig  # noqa: E402
+from sparsity.config import HOOK_OF, ModelConfig, RunConfig, SparsityConfig, TrainConfig  # noqa: E402
 from sparsity.hooks import run_with_cache  # noqa: E402
 from sparsity.model import GPT, abs_topk  # noqa: E402
 from sparsity.tasks import REGISTRY  # noqa: E402
@@ -62,10 +62,6 @@ from sparsity.train import autocast, autocast_dtype, resolve_device, train  # no
 # of torch.cuda.get_device_name(); the first match wins. Anything else: pass --peak-tflops.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
                     ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
-# Where AbsTopK acts and the hook that records its output (as test_model.py reads them).
-ABSTOPK_HOOKS = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
-                 "attn_out": "attn.resid_delta", "mlp_in": "mlp.act_in", "mlp_neuron": "mlp.post_act",
-                 "mlp_out": "mlp.resid_delta"}
 
 
 class Plan(NamedTuple):
@@ -190,7 +186,7 @@ def check_abs_topk(model: GPT, dev: torch.device, precision: str) -> dict:
     model.train()
     wrong = {}
     for layer in range(cfg.n_layer):
-        for loc, hook in ABSTOPK_HOOKS.items():
+        for loc, hook in HOOK_OF.items():
             k = int(cfg.afrac * cfg.loc_dims()[loc])
             counts = (cache[f"{layer}.{hook}"] != 0).sum(-1)
             if not bool((counts == k).all()):
@@ -323,7 +319,7 @@ def step_timing(plan: Plan, dev: torch.device, precision: str, optimizer: str, p
 
 
 def pack(ids: list[list[int]], eot: int, ctx: int) -> np.ndarray:
-    """Documents joined by <|endoftext|>, cut into (n, ctx+1) rows (as cluster/data.py's shards)."""
+    """Documents joined by <|endoftext|>, cut into (n, ctx+1) rows (as cluster/shards.py's shards)."""
     parts = []
     for x in ids:
         parts += [np.asarray(x, dtype=np.uint16), np.asarray([eot], dtype=np.uint16)]

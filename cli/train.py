@@ -27,7 +27,7 @@ def train(
     pfrac: Annotated[float, typer.Option(help="Weight density at ef=1; each matrix keeps pfrac/(ef·ef_mlp). 1 = dense.")] = SparsityConfig.pfrac,
     ef: Annotated[float, typer.Option(help="Width multiplier of d_model, n_head and d_mlp over the base shape.")] = 1.0,
     ef_mlp: Annotated[float | None, typer.Option(help="Separate width multiplier for d_mlp (default: ef).")] = None,
-    afrac: Annotated[float, typer.Option(help="AbsTopK activation fraction at all 8 locations (1 = off).")] = 0.25,
+    afrac: Annotated[float, typer.Option(help="AbsTopK activation fraction at all 8 locations (1 = off).")] = ModelConfig.afrac,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = TrainConfig.steps,
     batch: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = TrainConfig.batch_size,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: csp's density rule, "
@@ -54,8 +54,6 @@ def train(
     take_over: Annotated[bool, typer.Option("--take-over", help=TAKE_OVER_HELP)] = False,
 ) -> None:
     """Train a weight-sparse GPT; re-running the same command resumes from the last checkpoint."""
-    if not 0 < afrac <= 1:
-        raise typer.BadParameter(f"--afrac must be in (0, 1] (1 = no activation sparsity), got {afrac}")
     if workers < 1:
         raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
     if cpus_per_worker < 1:
@@ -77,7 +75,7 @@ def train(
                        "reinstall csp where a C compiler is found for a ~5x faster forward")
     opts = dict(workers=workers, gpus=gpus, address=address, placement=Placement(placement).value, shared_fs=shared_fs, device=device,
                 take_over=take_over, cpus_per_worker=cpus_per_worker)
-    if workers > 1 or address or gpus:
+    if train_job.distributed(workers, gpus, address):
         r = train_job.run(data, out, cfg, **opts)
     else:
         with _bar(steps) as progress:

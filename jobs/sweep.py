@@ -104,7 +104,7 @@ def trial_config(base: ModelConfig, train: TrainConfig, point: dict, density_lr:
     lr: the point's own, else with ``density_lr`` csp's density rule
     (sparsity.config.density_lr, from ``train.optimizer``), else ``train.lr``."""
     if "afrac" in point:
-        base = dataclasses.replace(base, afrac=None if point["afrac"] >= 1 else point["afrac"])
+        base = dataclasses.replace(base, afrac=ModelConfig.afrac_or_off(point["afrac"]))
     tc = dataclasses.replace(train, seed=point.get("seed", train.seed), lr=point.get("lr", train.lr))
     cfg = RunConfig.at_width(base, tc, pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=point.get("ef", 1.0), **(sparsity or {}))
     return cfg.with_density_lr() if density_lr and "lr" not in point else cfg

@@ -12,18 +12,24 @@ from sparsity.config import ModelConfig, RunConfig, TrainConfig
 
 
 def build_config(data_uri: str, *, n_ctx: int | None = None, n_layer: int = ModelConfig.n_layer, d_model: int = ModelConfig.d_model,
-                 n_head: int = ModelConfig.n_head, d_head: int = ModelConfig.d_head, afrac: float | None = None,
+                 n_head: int = ModelConfig.n_head, d_head: int = ModelConfig.d_head, afrac: float | None = ModelConfig.afrac,
                  sink: bool = False, bigram: bool = False, pfrac: float = 0.125, ef: float = 1.0, ef_mlp: float | None = None,
                  lr: float | None = None, **train) -> RunConfig:
     """The RunConfig of one run on ``data_uri`` (its context unless ``n_ctx``); ``afrac``
-    1 or None turns activation sparsity off; ``lr`` None takes csp's density rule
+    as :meth:`ModelConfig.afrac_or_off` reads it (1 or None: AbsTopK off); ``lr`` None takes csp's density rule
     (sparsity.config.density_lr); ``train`` are the other TrainConfig fields."""
     ctx = n_ctx or data.read_manifest(data_uri)["n_ctx"]
     base = ModelConfig.gpt(d_model, block_size=ctx, n_layer=n_layer, n_head=n_head, d_head=d_head,
-                           afrac=None if afrac is None or afrac >= 1.0 else afrac, sink=sink,
+                           afrac=ModelConfig.afrac_or_off(afrac), sink=sink,
                            enable_bigram_table=bigram, learnable_bigram_table=bigram)
     cfg = RunConfig.at_width(base, TrainConfig(**train, **({} if lr is None else {"lr": lr})), pfrac=pfrac, ef=ef, ef_mlp=ef_mlp)
     return cfg.with_density_lr() if lr is None else cfg
+
+
+def distributed(workers: int = 1, gpus: bool = False, address: str | None = None) -> bool:
+    """Whether a run goes to Ray Train (several workers, GPUs or a cluster) rather than
+    this process."""
+    return workers > 1 or bool(address) or gpus
 
 
 def run(data_uri: str, out_uri: str, cfg: RunConfig, *, workers: int = 1, gpus: bool = False, address: str | None = None,
@@ -32,7 +38,7 @@ def run(data_uri: str, out_uri: str, cfg: RunConfig, *, workers: int = 1, gpus: 
     """Train (or resume) the run; None when it had already finished. Without workers,
     GPUs or an address it runs here with ``progress`` per report; otherwise on Ray Train.
     Returns step, workers and the final metrics (loss, val_loss, nonzeros…)."""
-    if workers > 1 or address or gpus:
+    if distributed(workers, gpus, address):
         from cluster import ray_train, runtime
 
         runtime.init(address=address, num_cpus=None if address else max(workers * cpus_per_worker + 1, os.cpu_count() or 1),

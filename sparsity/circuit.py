@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-NODE_LOCATIONS = ("attn.act_in", "attn.q", "attn.k", "attn.v", "attn.resid_delta", "mlp.act_in", "mlp.post_act", "mlp.resid_delta")
+from sparsity.config import LOCATIONS
+
+NODE_LOCATIONS = tuple(loc.hook for loc in LOCATIONS)  # a node's location is the hook point it gates
 WEIGHT_EDGE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.out")
 EXTRA_EDGE_KINDS = ("qk", "embed", "unembed")  # counted in columns n_edges_<kind>, no edge rows
 # 2: summed task loss, prune key, controls, verification columns; 3: node_index, nullable
@@ -65,9 +67,7 @@ def drawable(status: str, n_nodes) -> bool:
 
 def node_sizes(cfg) -> dict[str, int]:
     """Width of each node location for a ModelConfig."""
-    a = cfg.d_attn
-    return {"attn.act_in": cfg.d_model, "attn.q": a, "attn.k": a, "attn.v": a, "attn.resid_delta": cfg.d_model,
-            "mlp.act_in": cfg.d_model, "mlp.post_act": cfg.d_mlp, "mlp.resid_delta": cfg.d_model}
+    return {loc.hook: getattr(cfg, loc.width) for loc in LOCATIONS}
 
 
 Node = tuple[int, str, int]  # (layer, location, index)

@@ -17,8 +17,31 @@ from typing import Any
 
 from sparsity.errors import ConfigError
 
-# The 8 places AbsTopK can sparsify activations (docs/design.md, "The model").
-LOCTYPES = ("attn_in", "attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_neuron", "mlp_out")
+
+@dataclass(frozen=True)
+class Location:
+    """One of the 8 places in a block where AbsTopK sparsifies activations and where pruning
+    gates nodes (docs/design.md, "The model"): ``name`` as ``--afrac-loctypes`` spells it,
+    ``hook`` the hook point that records it (``{layer}.{hook}``; a circuit's node location),
+    ``width`` the ModelConfig attribute that gives its number of channels."""
+
+    name: str
+    hook: str
+    width: str
+
+
+LOCATIONS = (
+    Location("attn_in", "attn.act_in", "d_model"),  # the residual as attention reads it
+    Location("attn_q", "attn.q", "d_attn"),
+    Location("attn_k", "attn.k", "d_attn"),
+    Location("attn_v", "attn.v", "d_attn"),
+    Location("attn_out", "attn.resid_delta", "d_model"),  # what attention writes to the residual
+    Location("mlp_in", "mlp.act_in", "d_model"),
+    Location("mlp_neuron", "mlp.post_act", "d_mlp"),
+    Location("mlp_out", "mlp.resid_delta", "d_model"),
+)
+LOCTYPES = tuple(loc.name for loc in LOCATIONS)
+HOOK_OF = {loc.name: loc.hook for loc in LOCATIONS}  # "attn_q" -> "attn.q"
 ALL_LOCTYPES = ",".join(LOCTYPES)
 OPTIMIZERS = ("adam", "muon")
 MLP_RATIO = 4  # d_mlp = MLP_RATIO × d_model unless given (GPT-2's ratio)
@@ -88,6 +111,17 @@ class ModelConfig:
         _check(not unknown, "afrac_loctypes", self.afrac_loctypes, f"unknown location(s) {unknown}; choose from {ALL_LOCTYPES}")
         _check(not (self.learnable_bigram_table and not self.enable_bigram_table), "learnable_bigram_table", True, "needs enable_bigram_table=True")
 
+    @staticmethod
+    def afrac_or_off(afrac: float | None) -> float | None:
+        """A user's AbsTopK fraction (``--afrac``, a sweep's ``afrac`` axis) as the config
+        stores it: a fraction in (0, 1) keeps that share of each activation, 1 (or None)
+        turns AbsTopK off; anything else is refused naming the range."""
+        if afrac is None:
+            return None
+        _check(isinstance(afrac, int | float) and not isinstance(afrac, bool) and 0.0 < afrac <= 1.0, "afrac", afrac,
+               "must be in (0, 1]; 1 turns AbsTopK off")
+        return None if afrac >= 1.0 else float(afrac)
+
     @property
     def loctypes(self) -> frozenset[str]:
         return frozenset(x for x in self.afrac_loctypes.split(",") if x) if self.afrac is not None else frozenset()
@@ -97,9 +131,8 @@ class ModelConfig:
         return self.n_head * self.d_head
 
     def loc_dims(self) -> dict[str, int]:
-        a = self.d_attn
-        return {"attn_in": self.d_model, "attn_q": a, "attn_k": a, "attn_v": a, "attn_out": self.d_model,
-                "mlp_in": self.d_model, "mlp_neuron": self.d_mlp, "mlp_out": self.d_model}
+        """Channels at each location, by its ``--afrac-loctypes`` name (:data:`LOCATIONS`)."""
+        return {loc.name: getattr(self, loc.width) for loc in LOCATIONS}
 
     @classmethod
     def gpt(cls, d_model: int, **kw) -> ModelConfig:

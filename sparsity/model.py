@@ -29,7 +29,7 @@ class _Sparsifier:
     activation that nothing else reads, so AbsTopK runs in place where it can."""
 
     def __init__(self, cfg: ModelConfig):
-        self.k = {loc: int(cfg.afrac * dim) for loc, dim in cfg.loc_dims().items() if loc in cfg.loctypes} if cfg.afrac else {}
+        self.k = {loc: int(cfg.afrac * dim) for loc, dim in cfg.loc_dims().items() if loc in cfg.loctypes}  # none when AbsTopK is off
         self.k_qkv = tuple(self.k.get(loc) for loc in ("attn_q", "attn_k", "attn_v"))
 
     def __call__(self, loc: str, x: torch.Tensor) -> torch.Tensor:

@@ -189,3 +189,15 @@ def test_reading_positions_runs_the_last_block_there_alone_with_the_same_logits_
     with model.hooks.record(["final_resid"]) as cache:  # a recorder sees every position: the plain path
         torch.testing.assert_close(model(idx, at=at), plain.detach(), rtol=1e-12, atol=1e-12)
     assert cache["final_resid"].shape[1] == 16
+
+
+def test_afrac_as_users_give_it_one_means_off_and_out_of_range_is_refused():
+    """`ModelConfig.afrac_or_off` is the one reading of --afrac and a sweep's afrac axis: a
+    fraction keeps that share, 1 turns AbsTopK off (no k at any location), 0 or above 1 is
+    refused naming the range."""
+    assert ModelConfig.afrac_or_off(0.25) == 0.25 and ModelConfig.afrac_or_off(None) is None
+    off = ModelConfig(d_model=32, n_head=2, d_head=16, d_mlp=64, block_size=16, afrac=ModelConfig.afrac_or_off(1))
+    assert off.afrac is None and not off.loctypes and GPT(off).transformer.h[0].attn.sparsify.k == {}
+    for bad in (0, -0.5, 1.5):
+        with pytest.raises(ConfigError, match=r"afrac=.* out of range: must be in \(0, 1\]; 1 turns AbsTopK off"):
+            ModelConfig.afrac_or_off(bad)

@@ -8,6 +8,7 @@ from conftest import tiny_config
 
 from sparsity import checkpoint_format as ckpt_lib
 from sparsity.batches import FixedBatches, TokenRows
+from sparsity.config import HOOK_OF
 from sparsity.errors import ConfigError
 from sparsity.hooks import run_with_cache
 from sparsity.model import GPT
@@ -127,10 +128,6 @@ def test_configs_round_trip_through_dicts():
     assert dataclasses.replace(cfg.model, d_model=128).d_model == 128
 
 
-# Where AbsTopK acts and the hook that records its output.
-ABSTOPK_HOOKS = {"attn_in": "attn.act_in", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
-                 "attn_out": "attn.resid_delta", "mlp_in": "mlp.act_in", "mlp_neuron": "mlp.post_act",
-                 "mlp_out": "mlp.resid_delta"}
 
 
 class _RecordsQDtype(torch.nn.Module):
@@ -186,7 +183,7 @@ def test_bf16_autocast_keeps_exactly_k_weights_per_matrix_and_k_activations():
     with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
         _, cache = run_with_cache(bf16.eval(), x)
     for layer in range(cfg.model.n_layer):
-        for loc, hook in ABSTOPK_HOOKS.items():
+        for loc, hook in HOOK_OF.items():
             k = int(cfg.model.afrac * cfg.model.loc_dims()[loc])
             assert ((cache[f"{layer}.{hook}"] != 0).sum(-1) == k).all(), (layer, loc)
     assert cache["0.attn.q"].dtype == cache["0.mlp.post_act"].dtype == torch.bfloat16
