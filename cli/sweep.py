@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cli._app import SHARED_FS_HELP, TAKE_OVER_HELP, Format, choice, emit, group
-from sparsity.config import LR_DENSE, OPTIMIZERS, ModelConfig, TrainConfig
+from sparsity.config import OPTIMIZERS, ModelConfig, TrainConfig
 
 Optimizer = choice("Optimizer", OPTIMIZERS)
 
@@ -50,18 +50,8 @@ def run(
 
     parsed = sweep_job.parse_grid(grid)
     storage.check_writable(out)  # a read-only or unreachable --out fails before Ray starts
-    from cluster import data as data_lib
-
-    ctx_len = n_ctx or data_lib.read_manifest(data)["n_ctx"]
-    base = ModelConfig.gpt(d_model, block_size=ctx_len, n_layer=n_layer, n_head=n_head)
-    train = TrainConfig(steps=steps, batch_size=batch, lr=lr or LR_DENSE[Optimizer(optimizer).value], optimizer=Optimizer(optimizer).value, ckpt_every=max(1, steps // 4), eval_every=max(1, steps // 4))
-    from sparsity.errors import ConfigError
-
-    for p in sweep_job.points(parsed):  # every grid point is valid before Ray starts
-        try:
-            sweep_job.trial_config(base, train, p, density_lr=lr is None)
-        except ConfigError as e:
-            raise ConfigError(f"--grid point {';'.join(f'{k}={v}' for k, v in p.items())}: {e}") from None
+    base, train = sweep_job.build_configs(data, parsed, n_ctx=n_ctx, n_layer=n_layer, d_model=d_model, n_head=n_head, steps=steps,
+                                          batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value)
     runtime.init(address=address, num_cpus=None if address else max(workers_per_trial + 1, os.cpu_count() or 1),
                  storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
                  log_to_driver=False)  # no line per report from every trial's workers; failures still raise here

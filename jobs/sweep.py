@@ -30,9 +30,9 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from cluster import checkpoints, local_train, ray_train, runtime, storage
-from sparsity.config import ModelConfig, RunConfig, SparsityConfig, TrainConfig
-from sparsity.errors import CspError
+from cluster import checkpoints, data, local_train, ray_train, runtime, storage
+from sparsity.config import LR_DENSE, ModelConfig, RunConfig, SparsityConfig, TrainConfig
+from sparsity.errors import ConfigError, CspError
 
 AXES = {"pfrac": float, "ef": float, "afrac": float, "lr": float, "seed": int}
 
@@ -108,6 +108,28 @@ def trial_config(base: ModelConfig, train: TrainConfig, point: dict, density_lr:
     tc = dataclasses.replace(train, seed=point.get("seed", train.seed), lr=point.get("lr", train.lr))
     cfg = RunConfig.at_width(base, tc, pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=point.get("ef", 1.0), **(sparsity or {}))
     return cfg.with_density_lr() if density_lr and "lr" not in point else cfg
+
+
+def build_configs(data_uri: str, grid: dict[str, list], *, n_ctx: int | None = None, n_layer: int = ModelConfig.n_layer,
+                  d_model: int = ModelConfig.d_model, n_head: int = ModelConfig.n_head, steps: int = TrainConfig.steps,
+                  batch_size: int = TrainConfig.batch_size, lr: float | None = None,
+                  optimizer: str = TrainConfig.optimizer) -> tuple[ModelConfig, TrainConfig]:
+    """The base model and training config of `csp sweep` on ``data_uri`` (its context unless
+    ``n_ctx``), with every point of ``grid`` checked to make a valid run first (a bad point
+    is refused naming it, before Ray starts). ``lr`` None: each trial takes csp's density
+    rule (pass ``density_lr=lr is None`` to :func:`run_sweep`); 4 evaluations and 4
+    checkpoints per trial."""
+    ctx = n_ctx or data.read_manifest(data_uri)["n_ctx"]
+    base = ModelConfig.gpt(d_model, block_size=ctx, n_layer=n_layer, n_head=n_head)
+    every = max(1, steps // 4)
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr or LR_DENSE[optimizer], optimizer=optimizer, ckpt_every=every,
+                        eval_every=every)
+    for p in points(grid):
+        try:
+            trial_config(base, train, p, density_lr=lr is None)
+        except ConfigError as e:
+            raise ConfigError(f"--grid point {';'.join(f'{k}={v}' for k, v in p.items())}: {e}") from None
+    return base, train
 
 
 def points(grid: dict[str, list]) -> list[dict]:
