@@ -70,8 +70,8 @@ def _tune_overhead(data: str, cfg, tmp: str, trials: int) -> dict:
         ray.shutdown()
     rows, prev = [], t_call
     marks = []
-    for p in sweep.points(grid):
-        run = sweep.run_loc(storage.resolve(sw), sweep.trial_name(p))
+    for name in sweep.read_summary(sw)["trial"]:
+        run = sweep.run_loc(storage.resolve(sw), name)
         t = storage.read_json(run.join(sweep.TIMINGS_FILE))
         placed = run.join("placement", "from-0-rank-0.json")  # a Ray Train worker's marks (N > 1 workers)
         w = storage.read_json(placed) if storage.exists(placed) else {**t, "t_worker_start": t["t_trial_start"]}

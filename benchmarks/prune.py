@@ -5,7 +5,7 @@
 
 Model: the demo's d_model-128 model (``demo.full_plan()`` at ef 2: 2 layers, ctx 128, AbsTopK
 at afrac 0.25), random init, on the stdlib tokenizer; ``--checkpoint``: a trained checkpoint
-instead (e.g. the demo's ``csp-runs/sweep/runs/pfrac=1_ef=2_lr=0.03/checkpoints/step-…``),
+instead (e.g. the demo's ``csp-runs/sweep/runs/d128-p1_4-lr0.03/checkpoints/step-…``),
 with its own tokenizer and data. Default PruneConfig (both targets), pruned even where the
 model is at chance (``prune_anyway``).
 

@@ -44,6 +44,7 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("seed", pa.int64()),
     pa.field("lr", pa.float64()),
     pa.field("d_model", pa.int64()),
+    pa.field("density", pa.float64()),  # of every block matrix (SparsityConfig.l0frac); absent in sweeps before it
     pa.field("steps", pa.int64()),
     pa.field("final_loss", pa.float64()),
     pa.field("val_loss", pa.float64()),
@@ -93,8 +94,45 @@ def parse_grid(text: str) -> dict[str, list]:
     return grid
 
 
-def trial_name(point: dict) -> str:
+def trial_name(point: dict, cfg: RunConfig) -> str:
+    """A trial's name, from what its run is: ``d<width>-<density>`` then the point's other
+    axes — ``-a<afrac>`` (``-aoff``), ``-lr<lr>``, ``-s<seed>`` — when the point sets them.
+    Density is ``dense`` or ``p1_<n>`` for 1/n (else ``p<fraction>``). E.g. ``d128-dense``,
+    ``d128-p1_8``, ``d64-dense-lr0.03-s1``. ``cfg`` is the point's :func:`trial_config`."""
+    d = cfg.sparsity.l0frac
+    inv = 1 / d
+    density = "dense" if cfg.sparsity.dense else f"p1_{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"p{d:.4g}"
+    parts = [f"d{cfg.model.d_model}", density]
+    if "afrac" in point:
+        parts.append("aoff" if cfg.model.afrac is None else f"a{cfg.model.afrac:g}")
+    if "lr" in point:
+        parts.append(f"lr{point['lr']:g}")
+    if "seed" in point:
+        parts.append(f"s{point['seed']}")
+    return "-".join(parts)
+
+
+def legacy_trial_name(point: dict) -> str:
+    """The name sweeps before readable names gave a trial (``pfrac=0.5_ef=2_lr=0.0424``):
+    resuming such a sweep keeps its trials under their names."""
     return "_".join(f"{k}={point[k]:g}" for k in AXES if k in point)
+
+
+def trial_names(sweep_uri: str, pts: list[dict], cfgs: list[RunConfig]) -> list[str]:
+    """Each point's trial name in the sweep at ``sweep_uri``: :func:`trial_name`, or the
+    :func:`legacy_trial_name` its run already has there. Two points that would share a name
+    (the same run twice) are refused naming both."""
+    sweep = storage.resolve(sweep_uri)
+    names, seen = [], {}
+    for p, cfg in zip(pts, cfgs, strict=True):
+        old = legacy_trial_name(p)
+        name = old if storage.exists(sweep.join("trials", f"{old}.json")) or storage.exists(run_loc(sweep, old).join(checkpoints.RUN_FILE)) \
+            else trial_name(p, cfg)
+        if name in seen:
+            raise SweepError(f"grid points {seen[name]} and {p} are the same run ({name}); drop one of them")
+        seen[name] = p
+        names.append(name)
+    return names
 
 
 def trial_config(base: ModelConfig, train: TrainConfig, point: dict, density_lr: bool = False,
@@ -193,7 +231,7 @@ def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) 
     meta = ckpt.meta.get("metrics", {})
     summary = {
         "trial": name, "pfrac": cfg.sparsity.pfrac, "ef": cfg.sparsity.ef, "afrac": cfg.model.afrac, "seed": cfg.train.seed,
-        "lr": cfg.train.lr, "d_model": cfg.model.d_model, "steps": ckpt.step, "final_loss": meta.get("loss"), "val_loss": meta.get("val_loss"),
+        "lr": cfg.train.lr, "d_model": cfg.model.d_model, "density": cfg.sparsity.l0frac, "steps": ckpt.step, "final_loss": meta.get("loss"), "val_loss": meta.get("val_loss"),
         "nonzeros": meta.get("nonzeros"), "tokens_seen": ckpt.step * cfg.train.batch_size * cfg.model.block_size,
         "wall_seconds": wall, "checkpoint_uri": checkpoints.checkpoint_dir(out.uri),
     }
@@ -220,12 +258,14 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
     from ray import tune
 
     pts = points(grid) if grid else []
-    pts += [p for p in (extra_points or []) if trial_name(p) not in {trial_name(q) for q in pts}]
+    pts += [p for p in (extra_points or []) if p not in pts]
     if not pts:
         raise SweepError("nothing to train: give a grid or extra points")
-    cfgs = {trial_name(p): trial_config(base, train, p, density_lr, sparsity) for p in pts}  # validates every point first
-    data_uri = storage.resolve(data_uri).uri  # absolute: a trial runs in Tune's working directory, not this one
     sweep = storage.resolve(sweep_uri)
+    names = trial_names(sweep.uri, pts, [trial_config(base, train, p, density_lr, sparsity) for p in pts])  # validates every point
+    cfgs = {n: trial_config(base, train, p, density_lr, sparsity) for n, p in zip(names, pts, strict=True)}
+    point_of = dict(zip(names, pts, strict=True))
+    data_uri = storage.resolve(data_uri).uri  # absolute: a trial runs in Tune's working directory, not this one
     record = {"base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "sparsity": sparsity or {}}
     _check_same_sweep(sweep, record)
     need = 1 if workers_per_trial == 1 else workers_per_trial + 1
@@ -238,18 +278,13 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
         owner = held.owner  # trials get the id (a str: the lease itself stays in this process)
         storage.write_json(sweep.join("sweep.json"), {"grid": grid or {}, "extra_points": extra_points or [], **record, "data": data_uri,
                                                        "workers_per_trial": workers_per_trial})
-        todo = []
-        for p in pts:
-            name = trial_name(p)
-            if not storage.exists(sweep.join("trials", f"{name}.json")):
-                todo.append(p)
+        todo = [n for n in names if not storage.exists(sweep.join("trials", f"{n}.json"))]
         if todo:
-            space = {"trial": tune.grid_search([trial_name(p) for p in todo])}
-            by_name = {trial_name(p): p for p in todo}
+            space = {"trial": tune.grid_search(todo)}
 
             def trial_fn(config: dict) -> None:
                 name = config["trial"]
-                _run_trial({"trial": name, "point": by_name[name], "cfg": cfgs[name].to_dict(), "data": data_uri,
+                _run_trial({"trial": name, "point": point_of[name], "cfg": cfgs[name].to_dict(), "data": data_uri,
                             "sweep": sweep.uri, "workers": workers_per_trial, "gpus": gpus, "owner": owner})
 
             tune_store = sweep.join("tune")
@@ -303,21 +338,27 @@ def read_summary(sweep_uri: str):
     return storage.read_parquet(loc).to_pandas()
 
 
+def _runs(sw) -> list[str]:
+    """The run directories under a sweep's runs/ that have checkpointed (``RUN/checkpoints/latest.json``)."""
+    tail = f"/{checkpoints.CHECKPOINTS}/{checkpoints.LATEST}"
+    return sorted(u[: -len(tail)] for u in storage.ls(storage.resolve(sw).join(RUNS), suffix=checkpoints.LATEST) if u.endswith(tail))
+
+
 @contextlib.contextmanager
 def watch_steps(sw, pts: list[dict], steps: int, progress: Callable[[int, int], None] | None, every: float = 5.0):
-    """While the sweep trains, report the steps checkpointed over all its trials (each run's
-    ``checkpoints/latest.json``), from a polling thread: Tune itself stays quiet."""
+    """While the sweep of ``pts`` trains, report the steps checkpointed over all its trials
+    (each run's ``checkpoints/latest.json`` under ``SWEEP/runs/``), from a polling thread:
+    Tune itself stays quiet."""
     if progress is None:
         yield
         return
-    runs = [run_loc(sw, trial_name(p)).uri for p in pts]
     total = steps * len(pts)
     stop = threading.Event()
 
     def poll() -> None:
         while True:
             done = 0
-            for run in runs:
+            for run in _runs(sw):
                 try:
                     done += checkpoints.recorded_step(run) or 0
                 except Exception:  # noqa: BLE001 - a checkpoint being replaced; the next poll reads it

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from jobs import demo as demo_lib
+from jobs import diagram
 from jobs import prune_pairs as prune_job
-from jobs import viz
 from sparsity import tasks as task_lib
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,7 @@ def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_th
         model_id, task = root.get("data-model"), root.get("data-task")
         row = drawable[(drawable["model_id"] == model_id) & (drawable["task"] == task)].iloc[0]
         assert len(root.findall(f".//{SVG}g[@class='node']")) == row["n_nodes"]
-        assert len(root.findall(f".//{SVG}path[@class='edge']")) == min(row["n_edges"], viz.MAX_EDGES)
+        assert len(root.findall(f".//{SVG}path[@class='edge']")) == min(row["n_edges"], diagram.MAX_EDGES)
         assert (path.with_suffix(".html")).exists()
     report = (out / "report.html").read_text()
     links = re.findall(r'href="([^"#]+)"', report)
@@ -135,12 +135,12 @@ def test_training_progress_counts_the_steps_each_run_has_checkpointed(tmp_path):
 
     sw = storage.resolve(str(tmp_path / "sweep"))
     pts = [{"pfrac": 0.5, "ef": 1.0}, {"pfrac": 1.0, "ef": 1.0}]
-    storage.write_json(sw.join("runs", sweep.trial_name(pts[0]), "checkpoints", "latest.json"), {"path": "step-00000300", "step": 300})
+    storage.write_json(sw.join("runs", "d64-p1_2", "checkpoints", "latest.json"), {"path": "step-00000300", "step": 300})
     seen = []
     with sweep.watch_steps(sw, pts, 900, lambda done, total: seen.append((done, total)), every=0.01):
         while not seen:
             time.sleep(0.005)
-        storage.write_json(sw.join("runs", sweep.trial_name(pts[1]), "checkpoints", "latest.json"), {"path": "step-00000900", "step": 900})
+        storage.write_json(sw.join("runs", "d64-dense", "checkpoints", "latest.json"), {"path": "step-00000900", "step": 900})
         while seen[-1][0] < 1200:
             time.sleep(0.005)
     assert seen[0] == (300, 1800) and seen[-1] == (1200, 1800)

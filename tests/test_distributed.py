@@ -31,7 +31,9 @@ def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_ses
     # what tests/test_demo.py runs, so the suite pays for one ~90 s sweep here, not two.
     out = s3_prefix
     df = _sweep(ray_session, stdlib_data, out)
-    assert sorted(df["trial"]) == ["pfrac=0.25_ef=1", "pfrac=0.25_ef=2", "pfrac=0.5_ef=1", "pfrac=0.5_ef=2"]
+    # readable names: width and density (pfrac 0.25 at ef 2 is d_model 128 at density 1/16)
+    assert sorted(df["trial"]) == ["d128-p1_16", "d128-p1_8", "d64-p1_2", "d64-p1_4"]
+    assert (df["density"] == df["pfrac"] / df["ef"] ** 2).all()
     assert (df["steps"] == 8).all() and df["val_loss"].notna().all()
     # Each trial trains at csp's rule (Adam: LR_DENSE · 64/d_model / sqrt(density)), read back
     # from its run's config.
@@ -43,11 +45,11 @@ def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_ses
         assert cfg.model.d_model == 64 * t.ef
         assert math.isclose(cfg.train.lr, LR_DENSE["adam"] / t.ef / math.sqrt(t.pfrac / t.ef ** 2), rel_tol=5e-3)  # 3 significant digits
     lrs = df.set_index("trial")["lr"]
-    assert lrs["pfrac=0.25_ef=1"] > lrs["pfrac=0.5_ef=1"]  # sparser at one width: larger
-    assert lrs["pfrac=0.5_ef=2"] < lrs["pfrac=0.25_ef=1"]  # density 1/8 at twice the width: 2^(1/2) × 1/2 of density 1/4's
+    assert lrs["d64-p1_4"] > lrs["d64-p1_2"]  # sparser at one width: larger
+    assert lrs["d128-p1_8"] < lrs["d64-p1_4"]  # density 1/8 at twice the width: 2^(1/2) × 1/2 of density 1/4's
     # pfrac/ef² keeps the nonzero count about constant as width grows
     by = df.set_index("trial")["nonzeros"]
-    assert abs(by["pfrac=0.25_ef=2"] - by["pfrac=0.25_ef=1"]) < 0.2 * by["pfrac=0.25_ef=1"]
+    assert abs(by["d128-p1_16"] - by["d64-p1_4"]) < 0.2 * by["d64-p1_4"]
     # One-worker trials train in Tune's (reused) trial processes: each is the same run as
     # `csp train` of its config in a fresh process here, to the bit.
     import torch
@@ -57,7 +59,7 @@ def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_ses
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the trial (one CPU)
     try:
-        for trial in ("pfrac=0.25_ef=2", "pfrac=0.5_ef=1"):
+        for trial in ("d128-p1_16", "d64-p1_2"):
             run = f"{out}/runs/{trial}"
             cfg = RunConfig.from_dict(storage.read_json(f"{run}/run.json")["config"])
             again = os.path.join(str(tmp_path), trial)
@@ -73,7 +75,7 @@ def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_ses
     assert {u for u in storage.ls(out) if "/checkpoints/step-" in u} == before
     assert sorted(again["trial"]) == sorted(df["trial"])
     r = runner.invoke(app, ["sweep", "status", out])
-    assert r.exit_code == 0 and "pfrac=0.5_ef=2" in r.stdout
+    assert r.exit_code == 0 and "d128-p1_8" in r.stdout
 
 
 @pytest.mark.parametrize("grid, fragment", [
@@ -187,3 +189,34 @@ def test_resuming_a_sweep_with_other_settings_is_refused_before_any_work(tmp_pat
     with pytest.raises(sweep.SweepError, match=r"sparsity\.anneal_end=0\.25, not None"):
         sweep.run_sweep(str(tmp_path / "data"), out.uri, None, cfg.model, cfg.train, extra_points=pts)
     assert storage.read_json(out.join("sweep.json")) == record
+
+
+def test_trial_names_say_width_density_and_the_axes_a_point_sets():
+    """Trial names are read, not decoded: d<width>-<density>, then afrac, lr and seed when the
+    point sets them; two points that are the same run are refused naming both."""
+    cfg = tiny_config()
+    base, train = cfg.model, cfg.train
+
+    def name(p):
+        return sweep.trial_name(p, sweep.trial_config(base, train, p))
+
+    assert name({"pfrac": 4.0, "ef": 2.0}) == "d128-dense"
+    assert name({"pfrac": 0.5, "ef": 2.0, "seed": 1}) == "d128-p1_8-s1"
+    assert name({"pfrac": 1.0, "ef": 1.0, "lr": 0.03, "seed": 1}) == "d64-dense-lr0.03-s1"
+    assert name({"pfrac": 0.3, "afrac": 1.0}) == "d64-p0.3-aoff"
+    assert name({"pfrac": 0.25, "afrac": 0.5}) == "d64-p1_4-a0.5"
+    assert name({"pfrac": 0.5, "ef": 1.0, "afrac": 0.25}) == "d64-p1_2-a0.25"  # an axis the point sets is named, default or not
+    pts = [{"pfrac": 0.5, "ef": 1.0, "seed": 0}, {"pfrac": 0.5, "ef": 1.0, "seed": 0}]
+    with pytest.raises(sweep.SweepError, match=r"grid points .*seed': 0.* and .*seed': 0.* are the same run \(d64-p1_2-s0\)"):
+        sweep.trial_names("/nonexistent-sweep", pts, [sweep.trial_config(base, train, p) for p in pts])
+
+
+def test_a_sweep_from_before_readable_names_resumes_under_its_own_trial_names(tmp_path):
+    """A sweep written with the earlier names (pfrac=0.5_ef=2) keeps them: its finished trials
+    are found, not retrained under a new name; a point it never ran gets the new name."""
+    cfg = tiny_config()
+    out = storage.resolve(str(tmp_path / "old"))
+    done = {"pfrac": 0.5, "ef": 2.0}
+    storage.write_json(out.join("trials", "pfrac=0.5_ef=2.json"), {"trial": "pfrac=0.5_ef=2"})
+    pts = [done, {"pfrac": 0.25, "ef": 1.0}]
+    assert sweep.trial_names(out.uri, pts, [sweep.trial_config(cfg.model, cfg.train, p) for p in pts]) == ["pfrac=0.5_ef=2", "d64-p1_4"]
