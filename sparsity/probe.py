@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from sparsity.tasks.base import Pair, Task, encode_pairs, pair_accuracy, pair_loss
+from sparsity.tasks.base import Pair, Task
+from sparsity.tasks.tensors import encode_pairs, pair_accuracy, pair_loss
 
 NAME = "outside_quote"
 _LINE = re.compile(r"""^(?P<head>[^'"#\\\n]*[=(,\[{:]\s*|[^'"#\\\n]*\breturn\s+)(?P<q>['"])(?P<body>[^'"\\\n]*[A-Za-z0-9])(?P=q)$""")

@@ -36,16 +36,8 @@ import torch
 from sparsity.circuit import NODE_LOCATIONS, Circuit, edges_between, extra_edge_counts, node_sizes
 from sparsity.config import ABLATIONS, PruneConfig  # noqa: F401  (re-exported: the pruning config lives with the others)
 from sparsity.errors import ConfigError
-from sparsity.tasks.base import (
-    CHANCE_LOSS,
-    TEST_SEED,
-    TRAIN_SEED,
-    Batch,
-    Task,
-    encode,
-    pair_accuracy,
-    pair_loss,
-)
+from sparsity.tasks.base import CHANCE_LOSS, TEST_SEED, TRAIN_SEED, Task
+from sparsity.tasks.tensors import Batch, encode, pair_accuracy, pair_loss
 
 SELECT_SEED = TRAIN_SEED + 1  # held-out pairs for choosing k: neither train nor test
 RANDOM_BASELINE_DRAWS = 5  # random node sets ablated for the necessity baseline

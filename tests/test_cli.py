@@ -152,6 +152,20 @@ def test_help_imports_neither_torch_nor_ray():
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
 
 
+@pytest.mark.parametrize("args", [["tasks", "list"], ["tasks", "show", "if_ternary", "--n", "1"]])
+def test_commands_that_need_no_model_import_neither_torch_nor_ray(args):
+    """Listing and showing tasks answer without loading torch or Ray (the task pairs and
+    their controls are plain Python; only tokenized batches need torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cli.main import app\n"
+            f"try:\n    app({args!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules), file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() and p.stderr.strip().splitlines()[-1] == "[]", p.stdout + p.stderr
+
+
 def test_tokenizer_build_then_info(small_corpus, tmp_path):
     out = tmp_path / "tok"
     r = _run("tokenizer", "build", "--corpus", str(small_corpus), "--out", str(out), "--vocab-size", "600")

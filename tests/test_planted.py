@@ -11,7 +11,8 @@ from sparsity import prune as prune_lib
 from sparsity import tasks as task_lib
 from sparsity.config import ModelConfig
 from sparsity.model import GPT
-from sparsity.tasks.base import TEST_SEED, encode, pair_loss
+from sparsity.tasks.base import TEST_SEED
+from sparsity.tasks.tensors import encode, pair_loss
 
 # The planted path, as node hook names and indices (layer 0 only):
 #   residual ch0 = "a ' token here", ch1 = "a \" token here", ch2 = constant (every token)

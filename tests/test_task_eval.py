@@ -7,7 +7,8 @@ from conftest import tiny_config
 
 from sparsity import tasks as task_lib
 from sparsity.batches import TokenRows
-from sparsity.tasks.base import TEST_SEED, encode, encode_pairs, pair_accuracy, pair_loss
+from sparsity.tasks.base import TEST_SEED
+from sparsity.tasks.tensors import encode, encode_pairs, pair_accuracy, pair_loss
 from sparsity.train import train
 
 
