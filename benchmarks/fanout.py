@@ -28,6 +28,7 @@ def main() -> None:
 
     from cluster import checkpoints, data, runtime, storage
     from jobs import fanout, results
+    from jobs import store as store_lib
     from sparsity import checkpoint_format as ckpt_lib
     from sparsity.circuit import Circuit
     from sparsity.config import ModelConfig, RunConfig, SparsityConfig
@@ -64,8 +65,8 @@ def main() -> None:
         edges = [{"src": (0, "attn.act_in", i % 128), "dst": (0, "attn.q", i % 64), "kind": "attn.q", "weight": 0.1} for i in range(5000)]
         for task in list(REGISTRY)[:5]:
             for m in range(20):
-                results.write_result(store, {"model_id": f"bench{m}", "checkpoint_fingerprint": str(m)}, task,
-                                     Circuit(task, [(0, "attn.q", 0)], edges, {"status": "ok", "sufficiency_loss": 0.1}), cfg=pcfg)
+                store_lib.write_result(store, {"model_id": f"bench{m}", "checkpoint_fingerprint": str(m)}, task,
+                                       Circuit(task, [(0, "attn.q", 0)], edges, {"status": "ok", "sufficiency_loss": 0.1}), cfg=pcfg)
         t0 = time.perf_counter()
         df = results.edges(store, task="single_double_quote")
         one = time.perf_counter() - t0

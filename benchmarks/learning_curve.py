@@ -107,14 +107,14 @@ def run_config(p: dict):
 
 def export(cache: Path, data_uri: str | None) -> dict:
     """The stdlib's token stream, its tokenizer and the outside probe's pairs as plain files."""
-    from cluster import data
+    from cluster import data, sources
     from sparsity import probe
 
     data_uri = data_uri or str(cache / "data")
     if not Path(data_uri, "manifest.json").exists():
         data.prepare(None, data_uri, n_ctx=128)
     cache.mkdir(parents=True, exist_ok=True)
-    tok = data.load_tokenizer(str(Path(data_uri, "tokenizer")))
+    tok = sources.load_tokenizer(str(Path(data_uri, "tokenizer")))
     tok.save(cache / "tokenizer")
     for split in ("train", "val"):
         np.save(cache / f"{split}.npy", data.load_rows(data_uri, split).reshape(-1))

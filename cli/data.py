@@ -8,7 +8,7 @@ import typer
 
 from cli._app import SHARED_FS_HELP, DetailFormat, emit, group
 from cli._progress import bar
-from cluster import data, runtime, storage
+from cluster import data, runtime, sources, storage
 from sparsity.errors import RUNTIME
 
 app = group("Tokenize a corpus into Parquet shards of fixed-length sequences.")
@@ -40,9 +40,9 @@ def prepare(
             shard_bytes=int(shard_mb * 1e6), workers=workers, progress=update,
         )
     if result.tokenizer_trained:
-        typer.echo(f"trained tokenizer → {storage.resolve(out).join(data.TOKENIZER_DIR).uri}")
+        typer.echo(f"trained tokenizer → {storage.resolve(out).join(sources.TOKENIZER_DIR).uri}")
     typer.echo(f"wrote {result.shards_written} shards, {result.shards_skipped} already done → {storage.resolve(out).uri}")
-    typer.echo(data.manifest_summary(result.manifest))
+    typer.echo(manifest_summary(result.manifest))
 
 
 @app.command()
@@ -52,7 +52,7 @@ def info(
 ) -> None:
     """Summarise a dataset: corpus, tokenizer, shards, sequences and tokens per split."""
     m = data.read_manifest(uri)
-    emit(m, fmt, table=data.manifest_summary(m))
+    emit(m, fmt, table=manifest_summary(m))
 
 
 @app.command()
@@ -64,10 +64,34 @@ def verify(
     written with, a readable Parquet footer and the right row count. Exit 1 on any problem."""
     with bar("shards") as update:
         report = data.verify(uri, progress=update)
-    emit(report, fmt, table=data.verify_summary(report))
+    emit(report, fmt, table=verify_summary(report))
     if report["problems"]:
-        raise data.DataError(
+        raise sources.DataError(
             f"{len(report['problems'])} damaged or missing file(s) in {report['uri']}: "
             f"delete them and re-run `csp data prepare --out {report['uri']}` with the same arguments to rewrite them",
             exit_code=RUNTIME,
         )
+
+
+def manifest_summary(manifest: dict) -> str:
+    """A few readable lines about a dataset."""
+    lines = [
+        f"corpus     {manifest['corpus']['source']}  ({manifest['corpus']['files']} files, val_fraction {manifest['corpus']['val_fraction']})",
+        f"tokenizer  vocab {manifest['tokenizer']['vocab_size']}, eot {manifest['tokenizer']['eot_id']}, sha256 {manifest['tokenizer']['fingerprint'][:12]}",
+        f"sequences  n_ctx {manifest['n_ctx']} (+1 target token per row)",
+    ]
+    for split, s in manifest["splits"].items():
+        lines.append(f"{split:<10} {len(s['shards'])} shards, {s['sequences']:,} sequences, {s['tokens']:,} tokens, {s['documents']:,} files")
+    lines += [f"warning    {w}" for w in manifest.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def verify_summary(report: dict) -> str:
+    """One line per problem, then a summary line."""
+    width = max((len(p["path"]) for p in report["problems"]), default=0)
+    lines = [f"{p['path']:<{width}}  {p['problem']}" for p in report["problems"]]
+    if report["problems"]:
+        lines.append(f"{len(report['problems'])} problem(s) in {report['uri']} ({report['shards']} shards checked)")
+    else:
+        lines.append(f"ok: {report['shards']} shards, {report['sequences']:,} sequences in {report['uri']} match the manifest")
+    return "\n".join(lines)

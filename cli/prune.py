@@ -37,7 +37,6 @@ def prune(
 ) -> None:
     """Prune a checkpoint to its smallest circuit per task and store every result."""
     from cluster import storage
-    from jobs import prune_pairs as prune_job
     from sparsity.errors import ConfigError
     from sparsity.train import resolve_device
 
@@ -51,44 +50,58 @@ def prune(
                       prune_anyway=prune_anyway)
     storage.check_writable(out)  # a read-only or unreachable --out fails before any pruning
 
-    def show(name: str, r: dict) -> None:
-        for t, row in r.get("by_target", {t: r for t in cfg.targets[:1]}).items():
-            show_one(f"{name} @{t:g}", row)
-
-    def show_one(name: str, r: dict) -> None:
-        if r.get("already_stored"):
-            typer.echo(f"{name:<34} {r['status']:<19} already stored with this config (nothing done)")
-            return
-        if r["status"] == "claimed":
-            typer.echo(f"{name:<34} {'claimed':<19} being pruned by another process: {r['held_by']}")
-            return
-        if r["status"] in ("chance", "model_misses_target", "failed"):
-            extra = f"full model: held-out accuracy {r['full_accuracy']:.2f}, loss {r['full_loss']:.3f}" if r["status"] != "failed" else r["error"]
-            typer.echo(f"{name:<34} {r['status']:<19} {extra}")
-            return
-        layers = " ".join(f"L{layer}:" + ",".join(f"{loc}={c}" for loc, c in locs.items()) for layer, locs in r["nodes_by_layer"].items())
-        flag = "  (full model misses the target)" if r["full_misses_target"] else ""
-        rnd, keep = r.get("necessity_random_loss"), r.get("random_keep_best")
-        typer.echo(f"{name:<34} {r['status']:<19} nodes {r['n_nodes']:>4}  edges {r['n_edges']:>5}  "
-                   f"full {r['full_loss']:.3f}  sufficiency {r['sufficiency_loss']:.3f}"
-                   f"{f' (best random set {keep:.3f})' if keep is not None else ''}  necessity {r['necessity_loss']:.3f}"
-                   f"{f' (random {rnd:.3f})' if rnd is not None else ''}{flag}")
-        if keep is not None and not r.get("beats_random_keep"):
-            typer.echo(f"{'':<34}   does not clearly beat random node sets of its size (beats_random_keep false)")
-        if layers:
-            typer.echo(f"{'':<34}   {layers}")
-
     from jobs import sweep
 
-    single = len(ckpt) == 1 and address is None and not sweep.is_sweep(ckpt[0])
-    if single:
-        rows = prune_job.prune_checkpoint(ckpt[0], task, out, cfg, data_uri=data, device=device, progress=show, controls=controls)
-        real = [r for r in rows if r.get("control") is None]
-        done = sum(v["status"] == "ok" for r in real for v in r.get("by_target", {0: r}).values())
-        n_rows = sum(len(r.get("by_target", {0: r})) for r in real)
-        typer.echo(f"{done} verified circuits, {n_rows - done} other verdicts"
-                   + (f", {len(rows) - len(real)} control runs" if controls else "") + f" → {out}")
+    if len(ckpt) == 1 and address is None and not sweep.is_sweep(ckpt[0]):
+        _prune_one(ckpt[0], task, out, cfg, data, device, controls)
+    else:
+        _prune_many(ckpt, task, out, cfg, data, controls, address, shared_fs)
+
+
+def _prune_one(ckpt: str, task: list[str] | None, out: str, cfg: PruneConfig, data: str | None, device: str, controls: bool) -> None:
+    """One checkpoint, in this process: a line per task (per target) as it is done."""
+    from jobs import prune_pairs as prune_job
+
+    def show(name: str, r: dict) -> None:
+        for t, row in r.get("by_target", {t: r for t in cfg.targets[:1]}).items():
+            _show_row(f"{name} @{t:g}", row)
+
+    rows = prune_job.prune_checkpoint(ckpt, task, out, cfg, data_uri=data, device=device, progress=show, controls=controls)
+    real = [r for r in rows if r.get("control") is None]
+    done = sum(v["status"] == "ok" for r in real for v in r.get("by_target", {0: r}).values())
+    n_rows = sum(len(r.get("by_target", {0: r})) for r in real)
+    typer.echo(f"{done} verified circuits, {n_rows - done} other verdicts"
+               + (f", {len(rows) - len(real)} control runs" if controls else "") + f" → {out}")
+
+
+def _show_row(name: str, r: dict) -> None:
+    """One pruned (task, target) as a line: its verdict, size and losses, and its nodes per layer."""
+    if r.get("already_stored"):
+        typer.echo(f"{name:<34} {r['status']:<19} already stored with this config (nothing done)")
         return
+    if r["status"] == "claimed":
+        typer.echo(f"{name:<34} {'claimed':<19} being pruned by another process: {r['held_by']}")
+        return
+    if r["status"] in ("chance", "model_misses_target", "failed"):
+        extra = f"full model: held-out accuracy {r['full_accuracy']:.2f}, loss {r['full_loss']:.3f}" if r["status"] != "failed" else r["error"]
+        typer.echo(f"{name:<34} {r['status']:<19} {extra}")
+        return
+    layers = " ".join(f"L{layer}:" + ",".join(f"{loc}={c}" for loc, c in locs.items()) for layer, locs in r["nodes_by_layer"].items())
+    flag = "  (full model misses the target)" if r["full_misses_target"] else ""
+    rnd, keep = r.get("necessity_random_loss"), r.get("random_keep_best")
+    typer.echo(f"{name:<34} {r['status']:<19} nodes {r['n_nodes']:>4}  edges {r['n_edges']:>5}  "
+               f"full {r['full_loss']:.3f}  sufficiency {r['sufficiency_loss']:.3f}"
+               f"{f' (best random set {keep:.3f})' if keep is not None else ''}  necessity {r['necessity_loss']:.3f}"
+               f"{f' (random {rnd:.3f})' if rnd is not None else ''}{flag}")
+    if keep is not None and not r.get("beats_random_keep"):
+        typer.echo(f"{'':<34}   does not clearly beat random node sets of its size (beats_random_keep false)")
+    if layers:
+        typer.echo(f"{'':<34}   {layers}")
+
+
+def _prune_many(ckpt: list[str], task: list[str] | None, out: str, cfg: PruneConfig, data: str | None, controls: bool,
+                address: str | None, shared_fs: bool) -> None:
+    """Several checkpoints, a sweep or a named cluster: the Ray fan-out, a line per pair as it is done."""
     from cluster import runtime
     from jobs import fanout
 

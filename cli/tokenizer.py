@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cli._app import group
-from cluster import data, storage
+from cluster import sources, storage
 from sparsity import tokenizer as tok_lib
 
 app = group("Train and inspect the 2048-token BPE (trained locally; nothing is downloaded).")
@@ -20,8 +20,8 @@ def build(
     vocab_size: Annotated[int, typer.Option(help="Number of token ids, <|endoftext|> included (the last id).")] = tok_lib.DEFAULT_VOCAB_SIZE,
 ) -> None:
     """Train a byte-level BPE on the train split of a corpus and save it."""
-    tok, stats = data.build_tokenizer(corpus, vocab_size=vocab_size)
-    data.save_tokenizer(tok, out)
+    tok, stats = sources.build_tokenizer(corpus, vocab_size=vocab_size)
+    sources.save_tokenizer(tok, out)
     skipped = sum(stats.skipped.values())
     typer.echo(f"trained {tok.n_vocab}-token BPE on {stats.files} files ({stats.bytes / 1e6:.1f} MB, {skipped} skipped) → {storage.resolve(out).uri}")
     typer.echo(f"sha256 {tok.fingerprint}")
@@ -33,7 +33,7 @@ def info(
     text: Annotated[str | None, typer.Option(help="Also show how this text tokenizes.")] = None,
 ) -> None:
     """Show a tokenizer's size, special tokens and fingerprint."""
-    tok = data.load_tokenizer(path)
+    tok = sources.load_tokenizer(path)
     m = tok.meta
     typer.echo(f"vocab_size  {tok.n_vocab} (<|endoftext|> = {tok.eot_id})")
     typer.echo(f"trainer     {m.get('trainer', '?')}")

@@ -1,4 +1,5 @@
-"""Token shards: a corpus tokenized once into Parquet shards of fixed-length sequences.
+"""Token datasets: a corpus tokenized once into Parquet shards of fixed-length sequences,
+and the manifest that says what a finished dataset holds.
 
 Layout under the output URI (local path or s3://…)::
 
@@ -8,136 +9,32 @@ Layout under the output URI (local path or s3://…)::
     val/shard-00000.parquet
     _completions/train/shard-00000.json   per-shard completion markers (datatrove-style)
 
-Each row is ``n_ctx + 1`` consecutive tokens of documents joined by ``<|endoftext|>``
-(inputs ``row[:-1]``, targets ``row[1:]``); the tail of a shard shorter than a row is
-dropped and counted. Shards are written in parallel by Ray tasks, each an atomic write
-followed by its marker, so an interrupted run resumes where it stopped and a finished
-one does nothing. A marker (and the manifest) records its shard's byte size and sha256:
-a marker counts only while its shard is there at that size, and :func:`verify` reads
-every shard back against them.
+The corpus and the tokenizer come from cluster/sources.py; a shard, its rows and its
+marker are cluster/shards.py's. :func:`prepare` plans the shards, writes them in parallel
+by Ray tasks, each an atomic write followed by its marker, so an interrupted run resumes
+where it stopped and a finished one does nothing; then the manifest. A marker (and the
+manifest) records its shard's byte size and sha256: a marker counts only while its shard
+is there at that size, and :func:`verify` reads every shard back against them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyarrow as pa
-
-from cluster import storage
+from cluster import shards, sources, storage
+from cluster.sources import TOKENIZER_DIR, CorpusFile, DataError
 from sparsity import corpus as corpus_lib
 from sparsity import tokenizer as tok_lib
 from sparsity.errors import RUNTIME, CspError
 
 MANIFEST = "manifest.json"
-TOKENIZER_DIR = "tokenizer"
-COMPLETIONS = "_completions"
-FORMAT_VERSION = 1
 # ~4 MB of source per shard ≈ 1.3M tokens ≈ 2.6 MB of Parquet: small enough that the
 # stdlib makes ~8 shards to spread over workers, large enough that per-task overhead is
 # noise.
 DEFAULT_SHARD_BYTES = 4_000_000
 DEFAULT_N_CTX = 256  # the default context (ModelConfig.block_size)
-
-
-class DataError(CspError):
-    pass
-
-
-def shard_schema(n_ctx: int) -> pa.Schema:
-    """The shard table: one row per training sequence of ``n_ctx + 1`` token ids."""
-    return pa.schema([pa.field("tokens", pa.list_(pa.uint16(), n_ctx + 1), nullable=False)])
-
-
-# ---------------------------------------------------------------------------- corpus sources
-
-
-@dataclass(frozen=True)
-class CorpusFile:
-    """A corpus file wherever it lives: ``ref`` is a local path or a storage URI."""
-
-    ref: str
-    rel: str
-    size: int
-
-
-def list_corpus(source: str | None) -> tuple[list[CorpusFile], str]:
-    """Files of a corpus source — None (the stdlib), a local directory / glob / file, or a
-    storage URI prefix of .py files — and a fingerprint of their names and contents."""
-    if source is not None and "://" in source and not source.startswith("file://"):
-        loc = storage.resolve(source)
-        uris = storage.ls(loc, suffix=".py")
-        if not uris:
-            raise DataError(f"corpus is empty: no .py objects under {loc.uri}; point --corpus at Python source")
-        fs = loc.fs
-        files, h = [], hashlib.sha256()
-        for uri in uris:
-            info = fs.info(uri[len("s3://"):])
-            rel = uri[len(loc.uri):].lstrip("/")
-            files.append(CorpusFile(uri, rel, int(info.get("size", 0))))
-            h.update(f"{rel}\0{info.get('ETag', '')}\0{info.get('size', 0)}\n".encode())
-        return files, h.hexdigest()
-    local = storage.resolve(source).path if source and source.startswith("file://") else source
-    found = corpus_lib.list_files(local)
-    files = [CorpusFile(f.path, f.rel, os.path.getsize(f.path)) for f in found]
-    return files, corpus_lib.fingerprint(found)
-
-
-def read_corpus_file(f: CorpusFile, stats: corpus_lib.CorpusStats) -> str | None:
-    """Text of one corpus file, or None (counted in ``stats``) when it must be skipped."""
-    if "://" not in f.ref:
-        return corpus_lib.read_source(f.ref, stats)
-    try:
-        data = storage.read_bytes(f.ref)
-    except storage.StorageError:
-        stats.skipped["unreadable"] += 1
-        return None
-    text, reason = corpus_lib.decode_source(data)
-    if text is None:
-        stats.skipped[reason] += 1
-    else:
-        stats.files += 1
-        stats.bytes += len(data)
-    return text
-
-
-# ---------------------------------------------------------------------------- tokenizers
-
-
-def load_tokenizer(uri: str) -> tok_lib.BPETokenizer:
-    """A tokenizer from a directory/prefix holding its files, or from a dataset's
-    ``tokenizer/`` sub-directory."""
-    loc = storage.resolve(uri)
-    for cand in (loc, loc.join(TOKENIZER_DIR)):
-        if storage.exists(cand.join(tok_lib.META_FILE)):
-            files = {name: storage.read_bytes(cand.join(name)) for name in (tok_lib.RANKS_FILE, tok_lib.META_FILE) if storage.exists(cand.join(name))}
-            return tok_lib.from_files(files, where=cand.uri)
-    raise DataError(f"no tokenizer at {loc.uri}: expected {tok_lib.META_FILE} there or in {TOKENIZER_DIR}/; build one with `csp tokenizer build`")
-
-
-def save_tokenizer(tok: tok_lib.BPETokenizer, uri: str | storage.Location) -> None:
-    loc = storage.resolve(uri)
-    for name, data in tok.to_files().items():
-        storage.write_bytes(loc.join(name), data)
-
-
-def build_tokenizer(
-    source: str | None = None, vocab_size: int = tok_lib.DEFAULT_VOCAB_SIZE, val_fraction: float = corpus_lib.DEFAULT_VAL_FRACTION
-) -> tuple[tok_lib.BPETokenizer, corpus_lib.CorpusStats]:
-    """Train the BPE on the train split of a corpus (val files never shape the vocabulary)."""
-    files, fp = list_corpus(source)
-    train = [f for f in files if corpus_lib.split_of(f.rel, val_fraction) == "train"] or files
-    stats = corpus_lib.CorpusStats()
-    texts = (t for f in train if (t := read_corpus_file(f, stats)) is not None)
-    tok = tok_lib.train(texts, vocab_size=vocab_size, corpus_fingerprint=fp)
-    if stats.files == 0:
-        raise DataError(f"corpus {source or 'stdlib'!r} has no readable UTF-8 .py file ({dict(stats.skipped)})")
-    return tok, stats
-
-
-# ---------------------------------------------------------------------------- shards
 
 
 def plan_shards(files: list[CorpusFile], val_fraction: float, shard_bytes: int) -> dict[str, list[list[CorpusFile]]]:
@@ -146,80 +43,23 @@ def plan_shards(files: list[CorpusFile], val_fraction: float, shard_bytes: int) 
     plan: dict[str, list[list[CorpusFile]]] = {}
     for split, members in (("train", []), ("val", [])):
         members.extend(f for f in files if corpus_lib.split_of(f.rel, val_fraction) == split)
-        shards: list[list[CorpusFile]] = []
+        groups: list[list[CorpusFile]] = []
         cur: list[CorpusFile] = []
         size = 0
         for f in members:
             cur.append(f)
             size += f.size
             if size >= shard_bytes:
-                shards.append(cur)
+                groups.append(cur)
                 cur, size = [], 0
         if cur:
-            shards.append(cur)
-        plan[split] = shards
+            groups.append(cur)
+        plan[split] = groups
     return plan
 
 
-def _shard_name(split: str, i: int) -> str:
-    return f"{split}/shard-{i:05d}.parquet"
-
-
-_TOKENIZER_CACHE: dict[str, tok_lib.BPETokenizer] = {}
-
-
-def write_shard(spec: dict, tok_files: dict[str, bytes]) -> dict:
-    """Tokenize one shard's files and write its Parquet file, then its completion marker.
-
-    A plain function of a dict (the Ray task body): what it returns goes into the manifest.
-    """
-    fp = hashlib.sha256(tok_files[tok_lib.RANKS_FILE]).hexdigest()
-    tok = _TOKENIZER_CACHE.get(fp)
-    if tok is None:
-        tok = _TOKENIZER_CACHE[fp] = tok_lib.from_files(tok_files)
-    n_ctx = spec["n_ctx"]
-    seq_len = n_ctx + 1
-    stats = corpus_lib.CorpusStats()
-    texts = [t for f in spec["files"] if (t := read_corpus_file(CorpusFile(**f), stats)) is not None]
-    import numpy as np
-
-    ids = tok.encode_batch(texts, num_threads=1)
-    lengths = [len(x) + 1 for x in ids]  # + <|endoftext|> after every document
-    total = sum(lengths)
-    flat = np.empty(total, dtype=np.uint16)
-    pos = 0
-    for x in ids:
-        flat[pos : pos + len(x)] = x
-        pos += len(x)
-        flat[pos] = tok.eot_id
-        pos += 1
-    n_seq = total // seq_len
-    body = flat[: n_seq * seq_len]
-    values = pa.array(body, type=pa.uint16())
-    column = pa.FixedSizeListArray.from_arrays(values, seq_len)
-    meta = {b"csp.n_ctx": str(n_ctx).encode(), b"csp.tokenizer": fp.encode()}
-    table = pa.Table.from_arrays([column], schema=shard_schema(n_ctx).with_metadata(meta))
-    out = storage.resolve(spec["out"])
-    payload = storage.parquet_bytes(table, compression="zstd")
-    storage.write_bytes(out.join(spec["name"]), payload)
-    result = {
-        "path": spec["name"],
-        "bytes": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "sequences": int(n_seq),
-        "tokens": int(n_seq * seq_len),
-        "dropped_tokens": int(total - n_seq * seq_len),
-        "documents": len(texts),
-        "source_bytes": stats.bytes,
-        "skipped": dict(stats.skipped),
-        "plan": spec["plan"],
-    }
-    storage.write_json(out.join(COMPLETIONS, spec["name"].replace(".parquet", ".json")), result)
-    return result
-
-
 def _spec_fingerprint(split: str, i: int, files: list[CorpusFile], n_ctx: int, tok_fp: str) -> str:
-    h = hashlib.sha256(f"{FORMAT_VERSION}|{split}|{i}|{n_ctx}|{tok_fp}\n".encode())
+    h = hashlib.sha256(f"{shards.FORMAT_VERSION}|{split}|{i}|{n_ctx}|{tok_fp}\n".encode())
     for f in files:
         h.update(f"{f.rel}\0{f.size}\n".encode())
     return h.hexdigest()
@@ -269,103 +109,145 @@ def prepare(
     """
     check_prepare_args(n_ctx, val_fraction, shard_bytes)
     out_loc = storage.resolve(out)
-    files, corpus_fp = list_corpus(corpus)
-
-    # The tokenizer: given, already in the output, or trained now.
-    tok_loc = out_loc.join(TOKENIZER_DIR)
-    trained = False
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-        if storage.exists(tok_loc.join(tok_lib.META_FILE)):
-            existing = load_tokenizer(tok_loc.uri)
-            if existing.fingerprint != tok.fingerprint:
-                raise DataError(f"{out_loc.uri} already holds shards of another tokenizer; choose a new --out or delete it")
-        else:
-            save_tokenizer(tok, tok_loc)
-    elif storage.exists(tok_loc.join(tok_lib.META_FILE)):
-        tok = load_tokenizer(tok_loc.uri)
-        if tok.meta.get("corpus_fingerprint") != corpus_fp:
-            raise DataError(f"{out_loc.uri} already holds a tokenizer trained on another corpus; choose a new --out, pass --tokenizer, or delete it")
-    else:
-        tok, _ = build_tokenizer(corpus, vocab_size=vocab_size, val_fraction=val_fraction)
-        save_tokenizer(tok, tok_loc)
-        trained = True
-
+    files, corpus_fp = sources.list_corpus(corpus)
+    tok, trained = _dataset_tokenizer(out_loc, corpus, corpus_fp, tokenizer, vocab_size, val_fraction)
     plan = plan_shards(files, val_fraction, shard_bytes)
-    specs = []
-    for split, shards in plan.items():
-        for i, group in enumerate(shards):
-            specs.append(
-                {
-                    "out": out_loc.uri,
-                    "name": _shard_name(split, i),
-                    "split": split,
-                    "n_ctx": n_ctx,
-                    "files": [vars(f) for f in group],
-                    "plan": _spec_fingerprint(split, i, group, n_ctx, tok.fingerprint),
-                }
-            )
+    specs = _shard_specs(plan, out_loc, n_ctx, tok.fingerprint)
     plan_fp = hashlib.sha256("".join(s["plan"] for s in specs).encode()).hexdigest()
 
-    manifest_loc = out_loc.join(MANIFEST)
     present = storage.sizes(out_loc, suffix=".parquet")  # one listing: what is really there
-    if storage.exists(manifest_loc):
-        old = storage.read_json(manifest_loc)
-        if old.get("plan_fingerprint") != plan_fp:
-            raise DataError(
-                f"{out_loc.uri} already holds a dataset made from another corpus, tokenizer or --n-ctx; choose a new --out or delete it"
-            )
-        if all(_intact(out_loc, s, present) for split in old["splits"].values() for s in split["shards"]):
-            if progress:
-                progress(len(specs), len(specs))
-            return PrepareResult(old, 0, len(specs), False)
-        # A shard of a finished dataset is gone or resized: withdraw the manifest (its
-        # presence means complete) and rewrite what is missing below.
-        storage.remove(manifest_loc)
+    finished = _finished_manifest(out_loc, plan_fp, present)
+    if finished is not None:
+        if progress:
+            progress(len(specs), len(specs))
+        return PrepareResult(finished, 0, len(specs), False)
 
-    # Resume: shards whose marker carries this plan, and whose file is there at the size
-    # the marker recorded, are done.
-    results: dict[str, dict] = {}
-    todo = []
-    for s in specs:
-        marker = out_loc.join(COMPLETIONS, s["name"].replace(".parquet", ".json"))
-        done = storage.read_json(marker) if storage.exists(marker) else None
-        if done is not None and done.get("plan") == s["plan"] and _intact(out_loc, done, present):
-            results[s["name"]] = done
-        else:
-            todo.append(s)
+    results, todo = _resume(out_loc, specs, present)
     skipped = len(results)
     if progress:
         progress(skipped, len(specs))
     _run_shard_tasks(todo, tok, results, workers, progress, len(specs))
     if todo:  # the manifest goes only over shards this process can see, at their size
-        present = storage.sizes(out_loc, suffix=".parquet")
-        lost = [r["path"] for r in results.values() if not _intact(out_loc, r, present)]
-        if lost:
-            raise DataError(
-                f"{len(lost)} shard(s) written by Ray tasks are not at {out_loc.uri} ({', '.join(sorted(lost)[:3])}): "
-                "the tasks wrote somewhere this process cannot see (a local --out on several nodes?); use s3:// or a shared filesystem",
-                exit_code=RUNTIME,
-            )
+        _check_visible(out_loc, results)
 
-    per_split = {}
-    for split in plan:
-        shards = [results[s["name"]] for s in specs if s["split"] == split]
-        skipped_files: dict[str, int] = {}
-        for r in shards:
-            for k, v in r["skipped"].items():
-                skipped_files[k] = skipped_files.get(k, 0) + v
-        per_split[split] = {
-            "shards": [{k: r[k] for k in SHARD_KEYS if k in r} for r in shards],
-            "sequences": sum(r["sequences"] for r in shards),
-            "tokens": sum(r["tokens"] for r in shards),
-            "dropped_tokens": sum(r["dropped_tokens"] for r in shards),
-            "documents": sum(r["documents"] for r in shards),
-            "skipped_files": skipped_files,
-        }
+    corpus_info = {"source": _describe_source(corpus), "fingerprint": corpus_fp, "files": len(files), "val_fraction": val_fraction}
+    by_split = {split: [results[s["name"]] for s in specs if s["split"] == split] for split in plan}
+    manifest = _manifest(n_ctx, plan_fp, tok, corpus_info, by_split)
+    storage.write_json(out_loc.join(MANIFEST), manifest)
+    return PrepareResult(manifest, len(todo), skipped, trained)
+
+
+def _dataset_tokenizer(out_loc: storage.Location, corpus: str | None, corpus_fp: str, tokenizer: str | None, vocab_size: int,
+                       val_fraction: float) -> tuple[tok_lib.BPETokenizer, bool]:
+    """The tokenizer of the dataset at ``out_loc`` and whether it was trained now: the one
+    given (saved into OUT/tokenizer, or the same as the one already there), else the one
+    already in the output (trained on this corpus), else one trained now."""
+    tok_loc = out_loc.join(TOKENIZER_DIR)
+    if tokenizer is not None:
+        tok = sources.load_tokenizer(tokenizer)
+        if storage.exists(tok_loc.join(tok_lib.META_FILE)):
+            existing = sources.load_tokenizer(tok_loc.uri)
+            if existing.fingerprint != tok.fingerprint:
+                raise DataError(f"{out_loc.uri} already holds shards of another tokenizer; choose a new --out or delete it")
+        else:
+            sources.save_tokenizer(tok, tok_loc)
+        return tok, False
+    if storage.exists(tok_loc.join(tok_lib.META_FILE)):
+        tok = sources.load_tokenizer(tok_loc.uri)
+        if tok.meta.get("corpus_fingerprint") != corpus_fp:
+            raise DataError(f"{out_loc.uri} already holds a tokenizer trained on another corpus; choose a new --out, pass --tokenizer, or delete it")
+        return tok, False
+    tok, _ = sources.build_tokenizer(corpus, vocab_size=vocab_size, val_fraction=val_fraction)
+    sources.save_tokenizer(tok, tok_loc)
+    return tok, True
+
+
+def _shard_specs(plan: dict[str, list[list[CorpusFile]]], out_loc: storage.Location, n_ctx: int, tok_fp: str) -> list[dict]:
+    """One spec per planned shard: what :func:`shards.write_shard` is given."""
+    specs = []
+    for split, groups in plan.items():
+        for i, group in enumerate(groups):
+            specs.append(
+                {
+                    "out": out_loc.uri,
+                    "name": shards.shard_name(split, i),
+                    "split": split,
+                    "n_ctx": n_ctx,
+                    "files": [vars(f) for f in group],
+                    "plan": _spec_fingerprint(split, i, group, n_ctx, tok_fp),
+                }
+            )
+    return specs
+
+
+def _finished_manifest(out_loc: storage.Location, plan_fp: str, present: dict[str, int]) -> dict | None:
+    """The manifest of a dataset already finished with this plan and every shard in place;
+    None when there is none. A dataset of another plan is refused."""
+    manifest_loc = out_loc.join(MANIFEST)
+    if not storage.exists(manifest_loc):
+        return None
+    old = storage.read_json(manifest_loc)
+    if old.get("plan_fingerprint") != plan_fp:
+        raise DataError(
+            f"{out_loc.uri} already holds a dataset made from another corpus, tokenizer or --n-ctx; choose a new --out or delete it"
+        )
+    if all(shards.intact(out_loc, s, present) for split in old["splits"].values() for s in split["shards"]):
+        return old
+    # A shard of a finished dataset is gone or resized: withdraw the manifest (its
+    # presence means complete) and rewrite what is missing.
+    storage.remove(manifest_loc)
+    return None
+
+
+def _resume(out_loc: storage.Location, specs: list[dict], present: dict[str, int]) -> tuple[dict[str, dict], list[dict]]:
+    """(done, todo): shards whose marker carries this plan, and whose file is there at the
+    size the marker recorded, are done ({name: marker}); the others are to write."""
+    results: dict[str, dict] = {}
+    todo = []
+    for s in specs:
+        marker = shards.marker(out_loc, s["name"])
+        done = storage.read_json(marker) if storage.exists(marker) else None
+        if done is not None and done.get("plan") == s["plan"] and shards.intact(out_loc, done, present):
+            results[s["name"]] = done
+        else:
+            todo.append(s)
+    return results, todo
+
+
+def _check_visible(out_loc: storage.Location, results: dict[str, dict]) -> None:
+    """Every shard the Ray tasks wrote is at ``out_loc`` as this process sees it, at its size."""
+    present = storage.sizes(out_loc, suffix=".parquet")
+    lost = [r["path"] for r in results.values() if not shards.intact(out_loc, r, present)]
+    if lost:
+        raise DataError(
+            f"{len(lost)} shard(s) written by Ray tasks are not at {out_loc.uri} ({', '.join(sorted(lost)[:3])}): "
+            "the tasks wrote somewhere this process cannot see (a local --out on several nodes?); use s3:// or a shared filesystem",
+            exit_code=RUNTIME,
+        )
+
+
+def _split_summary(written: list[dict]) -> dict:
+    """A split's entry in the manifest, from its shards' markers."""
+    skipped_files: dict[str, int] = {}
+    for r in written:
+        for k, v in r["skipped"].items():
+            skipped_files[k] = skipped_files.get(k, 0) + v
+    return {
+        "shards": [{k: r[k] for k in SHARD_KEYS if k in r} for r in written],
+        "sequences": sum(r["sequences"] for r in written),
+        "tokens": sum(r["tokens"] for r in written),
+        "dropped_tokens": sum(r["dropped_tokens"] for r in written),
+        "documents": sum(r["documents"] for r in written),
+        "skipped_files": skipped_files,
+    }
+
+
+def _manifest(n_ctx: int, plan_fp: str, tok: tok_lib.BPETokenizer, corpus_info: dict, by_split: dict[str, list[dict]]) -> dict:
+    """The manifest of a finished dataset (``by_split``: each split's shard markers, in order)."""
+    per_split = {split: _split_summary(written) for split, written in by_split.items()}
     warnings = [f"split {s!r} has no sequences; raise --val-fraction or use a larger corpus" for s, v in per_split.items() if v["sequences"] == 0]
-    manifest = {
-        "format_version": FORMAT_VERSION,
+    return {
+        "format_version": shards.FORMAT_VERSION,
         "n_ctx": n_ctx,
         "seq_len": n_ctx + 1,
         "plan_fingerprint": plan_fp,
@@ -375,24 +257,10 @@ def prepare(
             "vocab_size": tok.n_vocab,
             "eot_id": tok.eot_id,
         },
-        "corpus": {
-            "source": _describe_source(corpus),
-            "fingerprint": corpus_fp,
-            "files": len(files),
-            "val_fraction": val_fraction,
-        },
+        "corpus": corpus_info,
         "splits": per_split,
         "warnings": warnings,
     }
-    storage.write_json(manifest_loc, manifest)
-    return PrepareResult(manifest, len(todo), skipped, trained)
-
-
-def _intact(out_loc: storage.Location, record: dict, present: dict[str, int]) -> bool:
-    """A shard recorded by a marker or the manifest is there, at the size it was written
-    (records from before sizes were kept: there at all)."""
-    size = present.get(out_loc.join(record["path"]).uri)
-    return size is not None and record.get("bytes", size) == size
 
 
 def _describe_source(corpus: str | None) -> str:
@@ -413,7 +281,7 @@ def _run_shard_tasks(todo: list[dict], tok, results: dict, workers: int | None, 
         runtime.init()
     limit = max(1, int(workers or runtime.cluster_cpus() or 1))
     tok_ref = ray.put(tok.to_files())  # shipped once, shared by every task
-    task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+    task = ray.remote(num_cpus=1, max_retries=2)(shards.write_shard)
     for spec, ref in runtime.bounded_map(lambda spec: task.remote(spec, tok_ref), todo, limit):
         try:
             results[spec["name"]] = ray.get(ref)
@@ -465,7 +333,7 @@ def verify(uri: str, progress: Callable[[int, int], None] | None = None) -> dict
     problems = []
     tok_path = manifest["tokenizer"].get("path", TOKENIZER_DIR)
     try:
-        tok = load_tokenizer(loc.join(tok_path).uri)
+        tok = sources.load_tokenizer(loc.join(tok_path).uri)
         if tok.fingerprint != manifest["tokenizer"]["fingerprint"]:
             problems.append({"path": tok_path, "problem": "tokenizer differs from the one the shards were made with (fingerprint)"})
     except CspError as e:
@@ -473,7 +341,7 @@ def verify(uri: str, progress: Callable[[int, int], None] | None = None) -> dict
     entries = [e for split in manifest["splits"].values() for e in split["shards"]]
     present = storage.sizes(loc, suffix=".parquet")
     for i, entry in enumerate(entries):
-        found = _shard_problems(loc, entry, present, manifest["n_ctx"])
+        found = shards.shard_problems(loc, entry, present, manifest["n_ctx"])
         if found:
             problems.append({"path": entry["path"], "problem": "; ".join(found)})
         if progress:
@@ -486,74 +354,6 @@ def verify(uri: str, progress: Callable[[int, int], None] | None = None) -> dict
     }
 
 
-def _shard_problems(loc: storage.Location, entry: dict, present: dict[str, int], n_ctx: int) -> list[str]:
-    """What is wrong with one shard of a manifest ([] when nothing is)."""
-    import pyarrow.parquet as pq
-
-    shard = loc.join(entry["path"])
-    size = present.get(shard.uri)
-    if size is None:
-        return ["missing"]
-    expected = entry
-    if "bytes" not in entry:  # a manifest from before sizes were recorded: its marker may have them
-        marker = loc.join(COMPLETIONS, entry["path"].replace(".parquet", ".json"))
-        try:
-            expected = storage.read_json(marker) if storage.exists(marker) else entry
-        except storage.StorageError:
-            pass
-    found = []
-    want = expected.get("bytes")
-    if want is not None and size != want:
-        found.append(f"{'truncated' if size < want else 'resized'}: {size:,} bytes, {want:,} when written")
-    try:
-        payload = storage.read_bytes(shard)
-    except storage.StorageError as e:
-        return [*found, str(e)]
-    if not found and expected.get("sha256") not in (None, hashlib.sha256(payload).hexdigest()):
-        found.append("content changed since it was written (sha256 differs)")
-    try:
-        table = pq.read_table(pa.BufferReader(payload), page_checksum_verification=True)
-    except Exception as e:  # whatever pyarrow raises for damaged bytes
-        found.append(f"not a readable Parquet file (corrupt or truncated: {' '.join(str(e).split())[:160]})")
-        return found
-    schema = shard_schema(n_ctx)
-    if not table.schema.remove_metadata().equals(schema):
-        found.append(f"schema {table.schema.remove_metadata()} is not the shard schema {schema}")
-    elif table.num_rows != entry["sequences"]:
-        found.append(f"{table.num_rows:,} rows, the manifest says {entry['sequences']:,}")
-    return found
-
-
-def verify_summary(report: dict) -> str:
-    """One line per problem, then a summary line."""
-    width = max((len(p["path"]) for p in report["problems"]), default=0)
-    lines = [f"{p['path']:<{width}}  {p['problem']}" for p in report["problems"]]
-    if report["problems"]:
-        lines.append(f"{len(report['problems'])} problem(s) in {report['uri']} ({report['shards']} shards checked)")
-    else:
-        lines.append(f"ok: {report['shards']} shards, {report['sequences']:,} sequences in {report['uri']} match the manifest")
-    return "\n".join(lines)
-
-
-def manifest_summary(manifest: dict) -> str:
-    """A few readable lines about a dataset."""
-    lines = [
-        f"corpus     {manifest['corpus']['source']}  ({manifest['corpus']['files']} files, val_fraction {manifest['corpus']['val_fraction']})",
-        f"tokenizer  vocab {manifest['tokenizer']['vocab_size']}, eot {manifest['tokenizer']['eot_id']}, sha256 {manifest['tokenizer']['fingerprint'][:12]}",
-        f"sequences  n_ctx {manifest['n_ctx']} (+1 target token per row)",
-    ]
-    for split, s in manifest["splits"].items():
-        lines.append(f"{split:<10} {len(s['shards'])} shards, {s['sequences']:,} sequences, {s['tokens']:,} tokens, {s['documents']:,} files")
-    lines += [f"warning    {w}" for w in manifest.get("warnings", [])]
-    return "\n".join(lines)
-
-
-def read_shard(shard_uri: str):
-    """One shard's token rows as an (n, n_ctx+1) uint16 array (n may be 0)."""
-    col = storage.read_parquet(shard_uri, columns=["tokens"]).column("tokens").combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
-
-
 def load_rows(uri: str, split: str = "train", max_rows: int | None = None):
     """A split's token rows as one (n, n_ctx+1) uint16 array, in manifest order."""
     import numpy as np
@@ -561,7 +361,7 @@ def load_rows(uri: str, split: str = "train", max_rows: int | None = None):
     rows = []
     n = 0
     for shard in shard_uris(uri, split):
-        arr = read_shard(shard)
+        arr = shards.read_shard(shard)
         if len(arr) == 0:
             continue
         rows.append(arr)

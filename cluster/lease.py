@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from cluster import storage
+from cluster import filesystems, storage, storage_errors
 from sparsity.errors import CspRuntimeError
 
 LEASE_FILE = "lease.json"
@@ -115,13 +115,13 @@ class _Local(_Backend):
 class _S3(_Backend):
     def __init__(self, loc: storage.Location):
         super().__init__(loc)
-        self.client = storage.boto3_client(loc)
+        self.client = filesystems.boto3_client(loc)
         self.key = loc.path.split("/", 1)[1]
 
     def read(self):
         from botocore.exceptions import ClientError
 
-        with storage.errors(self.loc, "read"):
+        with storage_errors.translated(self.loc, "read"):
             try:
                 r = self.client.get_object(Bucket=self.loc.bucket, Key=self.key)
             except ClientError as e:
@@ -133,7 +133,7 @@ class _S3(_Backend):
     def swap(self, record: dict | None, token) -> bool:
         from botocore.exceptions import ClientError
 
-        with storage.errors(self.loc, "write"):
+        with storage_errors.translated(self.loc, "write"):
             try:
                 if record is None:
                     _, etag = self.read()  # S3 has no conditional delete everywhere: re-check, then delete

@@ -1,10 +1,7 @@
-"""Storage URIs: one place turns a local path, ``file://`` or ``s3://bucket/prefix`` into
-fsspec and pyarrow filesystems for the same location, and reads/writes through them.
-
-S3 settings come from the standard AWS variables, read at call time the way boto3 reads
-them: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION. pyarrow ignores AWS_ENDPOINT_URL by
-itself, so the endpoint is passed to it explicitly.
+"""Storage URIs: one place turns a local path, ``file://`` or ``s3://bucket/prefix`` into a
+:class:`Location`, and reads/writes through it. The clients behind a location (S3 settings
+from the AWS variables; s3fs, pyarrow and boto3 with short timeouts) live in
+cluster/filesystems.py, the error family in cluster/storage_errors.py.
 
 Every write is atomic: no reader ever sees a half-written file (temp file + rename
 locally; one PUT on S3, where an object appears whole or not at all).
@@ -21,80 +18,24 @@ import io
 import os
 import re
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from sparsity.errors import RUNTIME, CspError, CspRuntimeError
+from cluster.filesystems import S3Settings, local_fsspec, s3_fsspec, s3_pyarrow
+from cluster.storage_errors import (
+    AccessDeniedError,
+    BucketNotFoundError,
+    CorruptFileError,
+    MalformedURIError,
+    StorageError,
+    one_line,
+    translate,
+    translated,
+)
 
-# Connect fast-fails a dead endpoint; read bounds a server that accepts and never answers.
-# Two attempts ride out one dropped connection. Worst case ≈ 2 × (3 + 3) s < 10 s.
-CONNECT_TIMEOUT_S = 3.0
-READ_TIMEOUT_S = 3.0
-MAX_ATTEMPTS = 2
-WRITE_DEADLINE_S = 8.0
+WRITE_DEADLINE_S = 8.0  # a PUT's deadline of its own (write_bytes): this plus 1 s per MB uploaded
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-
-
-class StorageError(CspError):
-    """A storage operation failed; the message names the URI and never a secret."""
-
-
-class MalformedURIError(StorageError):
-    pass
-
-
-class EndpointUnreachableError(StorageError):
-    exit_code = RUNTIME
-
-
-class BucketNotFoundError(StorageError):
-    pass
-
-
-class AccessDeniedError(StorageError):
-    exit_code = RUNTIME
-
-
-class NotFoundError(StorageError):
-    pass
-
-
-class CorruptFileError(StorageError, CspRuntimeError):
-    """A file is there but cannot be read back as what it claims to be (exit 1)."""
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Where S3 is and who we are there. ``repr`` never shows the secret or token."""
-
-    endpoint_url: str | None
-    region: str | None
-    key: str | None
-    secret: str | None = field(repr=False)
-    token: str | None = field(repr=False, default=None)
-
-    @classmethod
-    def from_env(cls) -> S3Settings:
-        env = os.environ
-        return cls(
-            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-            key=env.get("AWS_ACCESS_KEY_ID") or None,
-            secret=env.get("AWS_SECRET_ACCESS_KEY") or None,
-            token=env.get("AWS_SESSION_TOKEN") or None,
-        )
-
-    @property
-    def endpoint_label(self) -> str:
-        return self.endpoint_url or "AWS S3 (set AWS_ENDPOINT_URL for another server)"
-
-    def redact(self, text: str) -> str:
-        for s in (self.secret, self.token):
-            if s:
-                text = text.replace(s, "***")
-        return text
 
 
 @dataclass(frozen=True)
@@ -140,7 +81,7 @@ class Location:
     @property
     def fs(self):
         """The fsspec filesystem (s3fs for S3, LocalFileSystem otherwise)."""
-        return _fsspec_fs(self.s3) if self.is_s3 else _local_fsspec()
+        return s3_fsspec(self.s3) if self.is_s3 else local_fsspec()
 
     @property
     def pa_fs(self):
@@ -149,7 +90,7 @@ class Location:
 
         if not self.is_s3:
             return pafs.LocalFileSystem()
-        return _pyarrow_s3(self.s3)
+        return s3_pyarrow(self.s3)
 
 
 def resolve(uri: str | os.PathLike | Location) -> Location:
@@ -181,157 +122,13 @@ def resolve(uri: str | os.PathLike | Location) -> Location:
     raise MalformedURIError(f"unsupported URI scheme {scheme!r} in {raw!r}: use a local path, file:// or s3://")
 
 
-# ---------------------------------------------------------------------------- filesystems
-
-
-def _local_fsspec():
-    import fsspec
-
-    return fsspec.filesystem("file", auto_mkdir=True)
-
-
-def _fsspec_fs(s3: S3Settings):
-    import s3fs
-
-    fs = s3fs.S3FileSystem(
-        key=s3.key,
-        secret=s3.secret,
-        token=s3.token,
-        endpoint_url=s3.endpoint_url,
-        client_kwargs={"region_name": s3.region} if s3.region else {},
-        config_kwargs={
-            "connect_timeout": CONNECT_TIMEOUT_S,
-            "read_timeout": READ_TIMEOUT_S,
-            # s3fs retries a timed-out call once more on its own: 2 attempts in all.
-            "retries": {"max_attempts": MAX_ATTEMPTS - 1, "mode": "standard"},
-        },
-        # A listing cached by one call would hide objects written by another process.
-        use_listings_cache=False,
-    )
-    # s3fs wraps botocore (which already retries) in up to two nested retry loops of its
-    # own (default 5 each): 5 × 5 × 2 read timeouts would hang a dead endpoint for minutes.
-    fs.retries = 1
-    return fs
-
-
-def _pyarrow_s3(s3: S3Settings):
-    import pyarrow.fs as pafs
-
-    kwargs = {}
-    if s3.endpoint_url:
-        parsed = urlparse(s3.endpoint_url)
-        kwargs["endpoint_override"] = parsed.netloc or parsed.path
-        kwargs["scheme"] = parsed.scheme or "https"
-    return pafs.S3FileSystem(
-        access_key=s3.key,
-        secret_key=s3.secret,
-        session_token=s3.token,
-        region=s3.region or "us-east-1",
-        connect_timeout=CONNECT_TIMEOUT_S,
-        request_timeout=READ_TIMEOUT_S,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
-        **kwargs,
-    )
-
-
-def boto3_client(loc: Location | None = None):
-    """A boto3 S3 client with the same settings and timeouts (for tools that want boto3)."""
-    import boto3
-    from botocore.config import Config
-
-    s3 = loc.s3 if loc is not None and loc.s3 is not None else S3Settings.from_env()
-    return boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint_url,
-        region_name=s3.region or "us-east-1",
-        aws_access_key_id=s3.key,
-        aws_secret_access_key=s3.secret,
-        aws_session_token=s3.token,
-        config=Config(
-            connect_timeout=CONNECT_TIMEOUT_S,
-            read_timeout=READ_TIMEOUT_S,
-            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-        ),
-    )
-
-
-# ---------------------------------------------------------------------------- errors
-
-_DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403", "ACCESS_DENIED", "INVALID_ACCESS_KEY")
-_NO_BUCKET = ("NoSuchBucket", "bucket does not exist", "NO_SUCH_BUCKET")
-_UNREACHABLE = (
-    "Could not connect",
-    "Connect timeout",
-    "Connection refused",
-    "Cannot connect",
-    "NETWORK_CONNECTION",
-    "Read timeout",
-    "timed out",
-    "Timeout",
-    "connection",
-    "Connection",
-)
-
-
-def _translate(loc: Location, op: str, exc: BaseException) -> StorageError:
-    """Map any exception from s3fs / pyarrow / botocore / the OS onto one StorageError."""
-    if isinstance(exc, StorageError):
-        return exc
-    s3 = loc.s3
-    text = " ".join(str(a) for a in getattr(exc, "args", ()) if a) or type(exc).__name__
-    detail = type(exc).__name__ + ": " + text
-    chain = detail
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None and len(chain) < 2000:
-        chain += " | " + type(cause).__name__ + ": " + str(cause)
-        cause = cause.__cause__ or cause.__context__
-    if s3 is not None:
-        chain = s3.redact(chain)
-    where = f"{op} {loc.uri}"
-    if loc.is_s3:
-        assert s3 is not None
-        if any(m in chain for m in _NO_BUCKET):
-            return BucketNotFoundError(f"{where}: bucket {loc.bucket!r} does not exist at {s3.endpoint_label}; create it or fix the URI")
-        if isinstance(exc, PermissionError) or any(m in chain for m in _DENIED):
-            return AccessDeniedError(
-                f"{where}: access denied by {s3.endpoint_label}; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (key id {s3.key or 'unset'})"
-            )
-        if isinstance(exc, FileNotFoundError):
-            return NotFoundError(f"{where}: no such object")
-        if isinstance(exc, ConnectionError | TimeoutError) or any(m in chain for m in _UNREACHABLE):
-            return EndpointUnreachableError(f"{where}: cannot reach S3 endpoint {s3.endpoint_label}; is the server up and AWS_ENDPOINT_URL right?")
-        return StorageError(f"{where}: {_one_line(chain)}")
-    if isinstance(exc, FileNotFoundError):
-        return NotFoundError(f"{where}: no such file or directory")
-    if isinstance(exc, PermissionError):
-        return AccessDeniedError(f"{where}: permission denied; check the path's permissions")
-    return StorageError(f"{where}: {_one_line(chain)}")
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-@contextlib.contextmanager
-def errors(loc: Location, op: str) -> Iterator[None]:
-    """Turn any backend error raised in the block into one StorageError naming ``op`` and
-    the location (credentials redacted)."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except Exception as exc:  # every backend error becomes one StorageError, once, here
-        raise _translate(loc, op, exc) from None
-
-
 # ---------------------------------------------------------------------------- operations
 
 
 def write_bytes(uri: str | Location, data: bytes) -> Location:
     """Write ``data`` atomically: readers see the old object or the whole new one."""
     loc = resolve(uri)
-    with errors(loc, "write"):
+    with translated(loc, "write"):
         if loc.is_s3:
             # One PUT (multipart above 5 GiB): atomic on S3. aiobotocore can wait forever for
             # a PUT's response (read_timeout does not cover it), so the call gets a deadline
@@ -354,7 +151,7 @@ def write_bytes(uri: str | Location, data: bytes) -> Location:
 
 def read_bytes(uri: str | Location) -> bytes:
     loc = resolve(uri)
-    with errors(loc, "read"):
+    with translated(loc, "read"):
         if loc.is_s3:
             return loc.fs.cat_file(loc.path)
         with open(loc.path, "rb") as fh:
@@ -388,7 +185,7 @@ def read_json(uri: str | Location):
 def exists(uri: str | Location) -> bool:
     """True when a file/object (or, locally, a directory) is at the location."""
     loc = resolve(uri)
-    with errors(loc, "check"):
+    with translated(loc, "check"):
         if loc.is_s3:
             _check_bucket(loc)
             return bool(loc.fs.exists(loc.path))
@@ -413,9 +210,9 @@ def check_writable(uri: str | Location) -> Location:
     loc = probe(uri)
     if loc.is_s3:
         marker = loc.join(f".csp-write-probe-{uuid.uuid4().hex}")
-        with errors(loc, "write"):
+        with translated(loc, "write"):
             loc.fs.pipe_file(marker.path, b"csp write probe", timeout=WRITE_DEADLINE_S)
-        with errors(loc, "delete"):
+        with translated(loc, "delete"):
             loc.fs.rm(marker.path)
         return loc
     if os.path.exists(loc.path) and not os.path.isdir(loc.path):
@@ -441,7 +238,7 @@ def _check_bucket(loc: Location) -> None:
         assert s3 is not None
         raise BucketNotFoundError(f"check {loc.uri}: bucket {loc.bucket!r} does not exist at {s3.endpoint_label}; create it or fix the URI") from None
     except Exception as exc:
-        raise _translate(loc, "check", exc) from None
+        raise translate(loc, "check", exc) from None
 
 
 def ls(uri: str | Location, suffix: str = "", recursive: bool = True) -> list[str]:
@@ -449,7 +246,7 @@ def ls(uri: str | Location, suffix: str = "", recursive: bool = True) -> list[st
     loc = resolve(uri)
     if recursive:
         return sorted(sizes(loc, suffix))
-    with errors(loc, "list"):
+    with translated(loc, "list"):
         if loc.is_s3:
             _check_bucket(loc)
             fs = loc.fs
@@ -465,7 +262,7 @@ def ls(uri: str | Location, suffix: str = "", recursive: bool = True) -> list[st
 def sizes(uri: str | Location, suffix: str = "") -> dict[str, int]:
     """``{uri: bytes}`` of every file under a prefix (recursive), in one listing; {} if none."""
     loc = resolve(uri)
-    with errors(loc, "list"):
+    with translated(loc, "list"):
         if loc.is_s3:
             _check_bucket(loc)
             fs = loc.fs
@@ -491,7 +288,7 @@ def _s3_files(fs, loc: Location) -> dict[str, int]:
 def remove(uri: str | Location, recursive: bool = False) -> None:
     """Delete a file/object (or a whole prefix with ``recursive``); missing is fine."""
     loc = resolve(uri)
-    with errors(loc, "delete"):
+    with translated(loc, "delete"):
         fs = loc.fs
         if fs.exists(loc.path):
             fs.rm(loc.path, recursive=recursive)
@@ -523,7 +320,7 @@ def read_parquet(uri: str | Location, columns: list[str] | None = None):
     try:
         return pq.read_table(loc.path, filesystem=loc.pa_fs, columns=columns, page_checksum_verification=True)
     except Exception as exc:
-        err = _translate(loc, "read", exc)
+        err = translate(loc, "read", exc)
         if type(err) is StorageError and is_corrupt_parquet(exc):
             raise corrupt_parquet(_corrupt_member(loc, exc), exc) from None
         raise err from None
@@ -531,7 +328,7 @@ def read_parquet(uri: str | Location, columns: list[str] | None = None):
 
 # What pyarrow says about a Parquet file whose bytes are wrong (footer, thrift headers,
 # compressed pages, checksums, the embedded Arrow schema), as opposed to a missing file,
-# a refused credential or an unreachable endpoint (those are translated above).
+# a refused credential or an unreachable endpoint (those storage_errors.translate names).
 _CORRUPT = (
     "magic bytes", "Parquet file size", "base64", "thrift", "Unexpected end of stream", "decompression failed",
     "flatbuffers", "schema message", "page header", "checksum", "Destination buffer", "know what type",
@@ -547,7 +344,7 @@ def is_corrupt_parquet(exc: BaseException) -> bool:
 def corrupt_parquet(uri: str, exc: BaseException) -> CorruptFileError:
     """The one-line error for an unreadable Parquet file."""
     return CorruptFileError(
-        f"{uri} is not a readable Parquet file (corrupt or truncated: {_one_line(str(exc), 160)}); "
+        f"{uri} is not a readable Parquet file (corrupt or truncated: {one_line(str(exc), 160)}); "
         "delete it and re-run the command that wrote it"
     )
 

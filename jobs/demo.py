@@ -2,7 +2,7 @@
 
     OUT/data/                 token shards of this Python's stdlib (cluster.data)
     OUT/sweep/                the plan's models, one Ray Tune trial each (jobs.sweep)
-    OUT/results/              circuits, circuit_nodes, circuit_edges (jobs.results)
+    OUT/results/              circuits, circuit_nodes, circuit_edges (jobs.store)
     OUT/figures/frontier.{png,svg}, OUT/figures/circuits/<model>--<task>.{svg,html}
     OUT/summary.parquet       one row per model: the table printed at the end
     OUT/report.html           links everything; opens from disk, no server
@@ -14,7 +14,6 @@ the stored results each time (seconds).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -169,96 +168,6 @@ def quick_plan() -> Plan:
 PRESETS = {"default": full_plan, "quick": quick_plan, "paper": paper_plan}
 
 
-SUMMARY_SCHEMA = pa.schema([
-    pa.field("model_id", pa.string()),
-    pa.field("trial", pa.string()),
-    pa.field("pfrac", pa.float64()),
-    pa.field("ef", pa.float64()),
-    pa.field("seed", pa.int64()),
-    pa.field("d_model", pa.int64()),
-    pa.field("density", pa.float64()),
-    pa.field("nonzeros", pa.int64()),
-    pa.field("steps", pa.int64()),
-    pa.field("val_loss", pa.float64()),
-    pa.field("tasks_solved", pa.int64()),
-    pa.field("tasks_with_circuit", pa.int64()),
-    pa.field("tasks_beating_random", pa.int64()),  # verified circuits clearly better than random node sets of their size
-    pa.field("target", pa.float64()),  # the target the counts above are at (the plan's)
-    pa.field("loose_target", pa.float64()),  # the plan's second target (null: none), and its counts
-    pa.field("loose_tasks_solved", pa.int64()),
-    pa.field("loose_tasks_with_circuit", pa.int64()),
-    pa.field("geomean_edges", pa.float64()),
-    pa.field("geomean_edges_common", pa.float64()),
-    pa.field("quote_loss", pa.float64()),
-    pa.field("quote_edges", pa.int64()),
-    pa.field("probe_accuracy", pa.float64()),  # quote closing on code outside the corpus (sparsity/probe.py)
-    pa.field("probe_loss", pa.float64()),
-    pa.field("train_seconds", pa.float64()),
-])
-
-PROBE_PAIRS = 512  # the outside probe's pairs: accuracy's standard error ≤ 0.01 near 0.95
-
-
-def probe_scores(checkpoint_uris) -> dict[str, dict]:
-    """The outside probe (sparsity.probe) on each checkpoint: {uri: {"accuracy", "loss"}}.
-    One probe per tokenizer and context, so every model of a sweep answers the same pairs."""
-    from jobs.loader import LoadedModel
-    from sparsity.probe import QuoteProbe
-
-    probes: dict[tuple, QuoteProbe] = {}
-    out = {}
-    for uri in checkpoint_uris:
-        m = LoadedModel(uri)
-        ctx = m.model.config.block_size
-        key = (m.data_uri, ctx)
-        if key not in probes:
-            probes[key] = QuoteProbe(m.tok, n=PROBE_PAIRS, max_tokens=min(96, ctx))
-        out[uri] = probes[key].score(m.model)
-    return out
-
-
-def model_summary(sweep_uri: str, results_uri: str, target: float = PruneConfig.target, loose: float | None = None):
-    """One row per model: the sweep's numbers joined with its circuits at ``target`` (and the
-    counts at a second, ``loose`` target)."""
-    import pandas as pd
-
-    trials = sweep.read_summary(sweep_uri)
-    probe = probe_scores(list(trials["checkpoint_uri"]))
-    every = results.circuits(results_uri)
-    every = every[every["control"].isna()]
-    circ = results.at_target(every, target)
-    far = results.at_target(every, loose) if loose is not None else every.iloc[0:0]
-    front = results.frontier(results_uri, target)
-    rows = []
-    for t in trials.itertuples():
-        c = circ[circ["checkpoint_uri"] == t.checkpoint_uri]
-        c2 = far[far["checkpoint_uri"] == t.checkpoint_uri]
-        f = front[front["model_id"].isin(c["model_id"])] if len(c) else front.iloc[0:0]
-        quote = c[c["task"] == "single_double_quote"]
-        q_ok = quote[quote["status"] == "ok"]
-        ef = float(t.ef)
-        rows.append({
-            "model_id": c["model_id"].iloc[0] if len(c) else None, "trial": t.trial, "pfrac": t.pfrac, "ef": ef, "seed": int(t.seed),
-            "d_model": t.d_model, "density": SparsityConfig(pfrac=t.pfrac, ef=ef).l0frac, "nonzeros": t.nonzeros, "steps": t.steps,
-            "val_loss": t.val_loss, "tasks_solved": int(c["status"].map(solved).sum()) if len(c) else 0,
-            "tasks_with_circuit": int((c["status"] == "ok").sum()) if len(c) else 0,
-            "tasks_beating_random": int(((c["status"] == "ok") & c["beats_random_keep"].fillna(False).astype(bool)).sum()),
-            "target": target, "loose_target": loose,
-            "loose_tasks_solved": int(c2["status"].map(solved).sum()) if loose is not None else None,
-            "loose_tasks_with_circuit": int((c2["status"] == "ok").sum()) if loose is not None else None,
-            "geomean_edges": float(f["geomean_edges"].iloc[0]) if len(f) else math.nan,
-            "geomean_edges_common": float(f["geomean_edges_common"].iloc[0]) if len(f) else math.nan,
-            "quote_loss": float(quote["full_loss"].iloc[0]) if len(quote) else math.nan,
-            "quote_edges": int(q_ok["n_edges"].iloc[0]) if len(q_ok) else None,
-            "probe_accuracy": probe[t.checkpoint_uri]["accuracy"], "probe_loss": probe[t.checkpoint_uri]["loss"],
-            "train_seconds": t.wall_seconds,
-        })
-    df = pd.DataFrame(rows, columns=[f.name for f in SUMMARY_SCHEMA])
-    for col in ("quote_edges", "loose_tasks_solved", "loose_tasks_with_circuit"):
-        df[col] = df[col].astype("Int64")
-    return df.sort_values(["ef", "pfrac", "seed"]).reset_index(drop=True)
-
-
 def real_rows(circ, plan: Plan):
     """The rows of ``circ`` that are the demo's own circuits: no control, the plan's pruning config."""
     return circ[circ["control"].isna() & (circ["prune_key"] == plan.prune.key())]
@@ -311,13 +220,38 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     for note in plan.notes:
         log(f"note: {note}")
 
+    ds = _prepare_data(plan, root, log, shard_progress, timings)
+    sw, trials = _train_models(plan, root, ds, log, train_progress, timings)
+    res, counts = _prune_models(plan, root, sw, trials, cores if not address else None, log, prune_progress, timings)
+    frontier_files, real, diagrams = _draw_figures(plan, root, res, log, timings)
+
+    summary = report_lib.model_summary(sw.uri, res.uri, plan.prune.target, (plan.prune.also_targets or (None,))[0])
+    storage.write_parquet(root.join(SUMMARY), pa.Table.from_pandas(summary, schema=report_lib.SUMMARY_SCHEMA, preserve_index=False))
+    timings["total"] = time.monotonic() - t_all
+    report = root.join("report.html")
+    ctl = results.controls(res.uri)
+    storage.write_text(report, report_lib.render(plan, summary, real, root, diagrams, timings, quick, ctl))
+    log(f"[5/5] report → {report.uri}")
+    _log_findings(plan, summary, real, ctl, log)
+    return {"out": root.uri, "report": report.uri, "frontier": frontier_files, "diagrams": diagrams,
+            "summary": summary, "timings": timings, "counts": counts}
+
+
+def _prepare_data(plan: Plan, root: storage.Location, log: Callable[[str], None], shard_progress: Callable | None,
+                  timings: dict[str, float]) -> storage.Location:
+    """Stage 1: this Python's stdlib tokenized into OUT/data."""
     t0 = time.monotonic()
     ds = root.join("data")
     log(f"[1/5] corpus → tokenizer → token shards (this Python's stdlib, n_ctx {plan.n_ctx}) → {ds.uri}")
     prep = data.prepare(None, ds.uri, n_ctx=plan.n_ctx, progress=shard_progress)
     log(f"      {prep.shards_written} shards written, {prep.shards_skipped} already done")
     timings["data"] = time.monotonic() - t0
+    return ds
 
+
+def _train_models(plan: Plan, root: storage.Location, ds: storage.Location, log: Callable[[str], None],
+                  train_progress: Callable[[int, int], None] | None, timings: dict[str, float]):
+    """Stage 2: the plan's models, one Ray Tune trial each, into OUT/sweep; (sweep, trials)."""
     t0 = time.monotonic()
     sw = root.join("sweep")
     pts = plan.points()
@@ -328,13 +262,19 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
                                  sparsity=dict(plan.sparsity))
     timings["train"] = time.monotonic() - t0
     log(f"      {len(trials)} models trained; val loss " + ", ".join(f"{r.trial} {r.val_loss:.3f}" for r in trials.itertuples()))
+    return sw, trials
 
+
+def _prune_models(plan: Plan, root: storage.Location, sw: storage.Location, trials, inflight: int | None,
+                  log: Callable[[str], None], prune_progress: Callable[[int, int, dict], None] | None,
+                  timings: dict[str, float]) -> tuple[storage.Location, dict]:
+    """Stage 3: every (model, task) pair pruned into OUT/results, then the faithfulness
+    controls (:func:`control_targets`); (results, counts)."""
     t0 = time.monotonic()
     res = root.join("results")
     tasks = list(task_lib.REGISTRY)
     log(f"[3/5] pruning {len(trials)} models × {len(tasks)} tasks, then the faithfulness controls "
         f"(Ray tasks; a model that misses a task is recorded after one evaluation) → {res.uri}")
-    inflight = cores if not address else None
     counts = fanout_lib.fanout([sw.uri], tasks, res.uri, cfg=plan.prune, max_in_flight=inflight, progress=prune_progress)
     log(f"      {counts['pruned']} pairs pruned or judged, {counts['skipped']} already stored, {counts['failed']} failed")
     ctl_tasks, ctl_models = control_targets(plan, results.circuits(res.uri), trials)
@@ -348,7 +288,13 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     else:
         log("      no model solves any task: no controls to run")
     timings["prune"] = time.monotonic() - t0
+    return res, counts
 
+
+def _draw_figures(plan: Plan, root: storage.Location, res: storage.Location, log: Callable[[str], None],
+                  timings: dict[str, float]):
+    """Stage 4: the frontier plot and a diagram of every real circuit with nodes, into
+    OUT/figures; (frontier files, the real circuits' rows, diagrams)."""
     t0 = time.monotonic()
     figs = root.join("figures")
     log(f"[4/5] frontier plot and circuit diagrams → {figs.uri}")
@@ -363,14 +309,12 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
         diagrams.append({"model_id": r.model_id, "task": r.task, "svg": svg_uri, "html": html_uri})
     timings["figures"] = time.monotonic() - t0
     log(f"      frontier.png/.svg and {len(diagrams)} circuit diagrams")
+    return frontier_files, real, diagrams
 
-    summary = model_summary(sw.uri, res.uri, plan.prune.target, (plan.prune.also_targets or (None,))[0])
-    storage.write_parquet(root.join(SUMMARY), pa.Table.from_pandas(summary, schema=SUMMARY_SCHEMA, preserve_index=False))
-    timings["total"] = time.monotonic() - t_all
-    report = root.join("report.html")
-    ctl = results.controls(res.uri)
-    storage.write_text(report, report_lib.render(plan, summary, real, root, diagrams, timings, quick, ctl))
-    log(f"[5/5] report → {report.uri}")
+
+def _log_findings(plan: Plan, summary, real, ctl, log: Callable[[str], None]) -> None:
+    """The end of the demo's output: the models table, the frontier claims, the verified
+    circuits' checks and the controls."""
     log("")
     log(report_lib.format_summary(summary))
     for claim in report_lib.frontier_claims(summary, real):
@@ -385,6 +329,3 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
         log("controls (random-init model and rule-based nonsense tasks must not verify; seed/ablation variants: "
             "node-set Jaccard vs the real circuit):")
         log(report_lib.format_controls(ctl))
-    return {"out": root.uri, "report": report.uri, "frontier": frontier_files, "diagrams": diagrams,
-            "summary": summary, "timings": timings, "counts": counts}
-

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from cluster import checkpoints, lease, runtime, storage
-from jobs import loader, results, sweep
+from jobs import loader, results, store, sweep
 from jobs.prune_pairs import (
     Loaded,
     control_config,
@@ -116,29 +116,43 @@ def fanout(
                 else:
                     counts["pruned"] += 1
             except (ray.exceptions.RayError, Exception) as e:  # retries exhausted: store the failure
-                err = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                ckpt = checkpoints.load(u, with_train_state=False)
-                run_cfg = control_config(cfg, c)
-                for t in run_cfg.targets:
-                    results.write_result(out_uri, model_meta(ckpt, u), n, None, status="failed", error=err,
-                                         extra={"control": c, "target": t}, cfg=run_cfg.for_target(t))
-                row = {"task": n, "control": c, "status": "failed", "error": err}
+                row = _store_failure(out_uri, cfg, u, n, c, e)
                 counts["failed"] += 1
             if progress:
                 progress(finished, len(todo), row)
 
     wave([(u, n, None) for u in ckpts for n in names])
     if controls:
-        ctl_tasks = set(names if controls is True else controls)
-        df = results.circuits(out_uri)
-        real = df[df["control"].isna() & df["prune_key"].isin(row_keys(cfg))]
-        by_fp = {u: fps[u] for u in ckpts}
-        items = []
-        for u in ckpts if control_ckpts is None else [c for c in ckpts if c in set(control_ckpts)]:
-            mine = real[real["checkpoint_fingerprint"] == by_fp[u]]
-            for n in names:
-                hit = mine[mine["task"] == n]
-                if n in ctl_tasks and hit["status"].astype(str).map(solved).any():
-                    items += [(u, n, c) for c in control_jobs(cfg)]
-        wave(items)
+        wave(_control_items(out_uri, cfg, ckpts, fps, names, controls, control_ckpts))
     return counts
+
+
+def _store_failure(out_uri: str, cfg: prune_lib.PruneConfig, u: str, n: str, c: str | None, e: BaseException) -> dict:
+    """A pair whose task failed past its retries: stored as a ``failed`` row per target,
+    with its error; returns the row the progress callback is given."""
+    err = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    ckpt = checkpoints.load(u, with_train_state=False)
+    run_cfg = control_config(cfg, c)
+    for t in run_cfg.targets:
+        store.write_result(out_uri, model_meta(ckpt, u), n, None, status="failed", error=err,
+                           extra={"control": c, "target": t}, cfg=run_cfg.for_target(t))
+    return {"task": n, "control": c, "status": "failed", "error": err}
+
+
+def _control_items(out_uri: str, cfg: prune_lib.PruneConfig, ckpts: list[str], fps: dict[str, str], names: list[str],
+                   controls: bool | list[str], control_ckpts: list[str] | None) -> list[tuple[str, str, str | None]]:
+    """The control runs (checkpoint, task, control): every control of each pair whose model
+    solves its task, for the tasks ``controls`` names (True: all of ``names``) and the
+    checkpoints in ``control_ckpts`` (None: all)."""
+    ctl_tasks = set(names if controls is True else controls)
+    df = results.circuits(out_uri)
+    real = df[df["control"].isna() & df["prune_key"].isin(row_keys(cfg))]
+    by_fp = {u: fps[u] for u in ckpts}
+    items = []
+    for u in ckpts if control_ckpts is None else [c for c in ckpts if c in set(control_ckpts)]:
+        mine = real[real["checkpoint_fingerprint"] == by_fp[u]]
+        for n in names:
+            hit = mine[mine["task"] == n]
+            if n in ctl_tasks and hit["status"].astype(str).map(solved).any():
+                items += [(u, n, c) for c in control_jobs(cfg)]
+    return items

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from cluster import checkpoints, data
+from cluster import checkpoints, sources
 from sparsity.errors import CspError
 
 
@@ -32,7 +32,7 @@ class LoadedModel:
         src = tokenizer_uri or self.data_uri
         if src is None and need_tokenizer:
             raise LoadError(f"no tokenizer for {ckpt_uri}: its run.json names no dataset; pass --data (or --tokenizer)")
-        self.tok = data.load_tokenizer(src) if src else None
+        self.tok = sources.load_tokenizer(src) if src else None
         if self.tok is not None and self.tok.n_vocab != self.ckpt.config.model.vocab_size:
             raise LoadError(f"tokenizer has {self.tok.n_vocab} ids but the model's vocab_size is {self.ckpt.config.model.vocab_size}")
         self.model = self.ckpt.build_model(device)

@@ -16,8 +16,8 @@ from dataclasses import asdict
 
 import torch
 
-from cluster import checkpoints, data, lease, storage
-from jobs import results
+from cluster import checkpoints, data, lease, shards, storage
+from jobs import results, store
 from jobs.loader import LoadedModel
 from sparsity import prune as prune_lib
 from sparsity import tasks as task_lib
@@ -32,7 +32,7 @@ SAMPLE_SHARDS = 8  # rows are sampled from up to this many random shards of the 
 MEANS_SEED = 0  # node means are a property of the model and data, the same for every pruning seed
 
 # The faithfulness controls of a (checkpoint, task) pair whose model solves the task
-# (README, "Tasks and circuits": the controls). Each is stored as its own row, `control` naming it.
+# (docs/circuits.md, "Controls"). Each is stored as its own row, `control` naming it.
 # nonsense_swap / nonsense_fixed: the task's own prompts with a consistent rule for the answers
 # (sparsity/tasks/base.py), pruned with the same config.
 CONTROLS = ("random_init", "nonsense_swap", "nonsense_fixed", "ablation_zero", "ablation_resample", "seed_1", "seed_2")
@@ -67,9 +67,9 @@ def pretrain_batches(data_uri: str, block_size: int, rows: int = MEANS_ROWS, see
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    shards = data.shard_uris(data_uri, "train")
-    pick = sorted(rng.choice(len(shards), size=min(SAMPLE_SHARDS, len(shards)), replace=False).tolist())
-    arrs = [a for a in (data.read_shard(shards[i]) for i in pick) if len(a)]
+    uris = data.shard_uris(data_uri, "train")
+    pick = sorted(rng.choice(len(uris), size=min(SAMPLE_SHARDS, len(uris)), replace=False).tolist())
+    arrs = [a for a in (shards.read_shard(uris[i]) for i in pick) if len(a)]
     if not arrs:
         raise PruneError(f"the train split of {storage.resolve(data_uri).uri} has no sequences to take node means over")
     allrows = np.concatenate(arrs)
@@ -227,12 +227,12 @@ def prune_pair(loaded: Loaded, task, cfg: prune_lib.PruneConfig, out_uri: str, c
     split the pairs: a pair claimed by a live process, or stored meanwhile, is left to it.
     ``owner`` lets a retry of the same Ray task re-take its own claim at once."""
     run_cfg = control_config(cfg, control)
-    where = results.claim_uri(out_uri, task.name, loaded.meta["model_id"], run_cfg.key(), control)
+    where = store.claim_uri(out_uri, task.name, loaded.meta["model_id"], run_cfg.key(), control)
     claim, holder = lease.try_acquire(where, owner or lease.new_owner("prune"), what=f"prune {task.name}", take_over=True)
     if claim is None:
         return {"task": task.name, "control": control, "status": "claimed", "held_by": lease.describe(holder or {})}
     with claim.start():
-        if all(results.is_stored(out_uri, task.name, loaded.meta["model_id"], k, control) for k in row_keys(run_cfg)):
+        if all(store.is_stored(out_uri, task.name, loaded.meta["model_id"], k, control) for k in row_keys(run_cfg)):
             return {"task": task.name, "control": control, "status": "already_stored", "already_stored": True}
         return _prune_and_store(loaded, task, cfg, run_cfg, out_uri, control)
 
@@ -250,15 +250,15 @@ def _prune_and_store(loaded: Loaded, task, cfg: prune_lib.PruneConfig, run_cfg: 
     except task_lib.TaskError as e:
         for t in run_cfg.targets:
             tcfg = run_cfg.for_target(t)
-            results.write_result(out_uri, loaded.meta, task.name, None, status="failed", error=str(e),
-                                 extra={**extra, "target": t, "provenance": {"prune_config": asdict(tcfg), "model": loaded.meta}},
-                                 cfg=tcfg)
+            store.write_result(out_uri, loaded.meta, task.name, None, status="failed", error=str(e),
+                               extra={**extra, "target": t, "provenance": {"prune_config": asdict(tcfg), "model": loaded.meta}},
+                               cfg=tcfg)
         return {"task": task.name, "control": control, "status": "failed", "error": str(e)}
     by_target = {}
     for t, circuit in zip(run_cfg.targets, found, strict=True):
         circuit.task = task.name  # a nonsense control is stored under the task whose prompts it uses
         circuit.provenance["base_prune_key"] = cfg.for_target(t).key()  # the real row at this target
-        results.write_result(out_uri, loaded.meta, task.name, circuit, extra={**extra, "target": t}, cfg=run_cfg.for_target(t))
+        store.write_result(out_uri, loaded.meta, task.name, circuit, extra={**extra, "target": t}, cfg=run_cfg.for_target(t))
         by_target[t] = {"task": task.name, "control": control, **circuit.metrics, **circuit.counts(),
                         "nodes_by_layer": circuit.nodes_by_layer()}
     return {**by_target[run_cfg.target], "by_target": by_target}

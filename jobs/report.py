@@ -1,15 +1,111 @@
-"""The demo's report: one self-contained HTML page (templates/report.html.j2, Jinja2 with
-autoescaping) and the two text tables the demo prints. Everything shown is read from the
+"""The demo's report: the models table (:func:`model_summary`: the sweep's numbers joined
+with the stored circuits), one self-contained HTML page (templates/report.html.j2, Jinja2
+with autoescaping) and the text tables the demo prints. Everything shown is read from the
 stored results — the models table, the circuits grid, the controls and the figures — so the
 report can be rebuilt from a results store at any time."""
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 
+import pyarrow as pa
+
 from cluster import storage
-from jobs import viz
+from jobs import diagram, results, sweep, viz
 from sparsity import tasks as task_lib
+from sparsity.circuit import solved
+from sparsity.config import SparsityConfig
+from sparsity.prune import PruneConfig
+
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("model_id", pa.string()),
+    pa.field("trial", pa.string()),
+    pa.field("pfrac", pa.float64()),
+    pa.field("ef", pa.float64()),
+    pa.field("seed", pa.int64()),
+    pa.field("d_model", pa.int64()),
+    pa.field("density", pa.float64()),
+    pa.field("nonzeros", pa.int64()),
+    pa.field("steps", pa.int64()),
+    pa.field("val_loss", pa.float64()),
+    pa.field("tasks_solved", pa.int64()),
+    pa.field("tasks_with_circuit", pa.int64()),
+    pa.field("tasks_beating_random", pa.int64()),  # verified circuits clearly better than random node sets of their size
+    pa.field("target", pa.float64()),  # the target the counts above are at (the plan's)
+    pa.field("loose_target", pa.float64()),  # the plan's second target (null: none), and its counts
+    pa.field("loose_tasks_solved", pa.int64()),
+    pa.field("loose_tasks_with_circuit", pa.int64()),
+    pa.field("geomean_edges", pa.float64()),
+    pa.field("geomean_edges_common", pa.float64()),
+    pa.field("quote_loss", pa.float64()),
+    pa.field("quote_edges", pa.int64()),
+    pa.field("probe_accuracy", pa.float64()),  # quote closing on code outside the corpus (sparsity/probe.py)
+    pa.field("probe_loss", pa.float64()),
+    pa.field("train_seconds", pa.float64()),
+])
+
+PROBE_PAIRS = 512  # the outside probe's pairs: accuracy's standard error ≤ 0.01 near 0.95
+
+
+def probe_scores(checkpoint_uris) -> dict[str, dict]:
+    """The outside probe (sparsity.probe) on each checkpoint: {uri: {"accuracy", "loss"}}.
+    One probe per tokenizer and context, so every model of a sweep answers the same pairs."""
+    from jobs.loader import LoadedModel
+    from sparsity.probe import QuoteProbe
+
+    probes: dict[tuple, QuoteProbe] = {}
+    out = {}
+    for uri in checkpoint_uris:
+        m = LoadedModel(uri)
+        ctx = m.model.config.block_size
+        key = (m.data_uri, ctx)
+        if key not in probes:
+            probes[key] = QuoteProbe(m.tok, n=PROBE_PAIRS, max_tokens=min(96, ctx))
+        out[uri] = probes[key].score(m.model)
+    return out
+
+
+def model_summary(sweep_uri: str, results_uri: str, target: float = PruneConfig.target, loose: float | None = None):
+    """One row per model: the sweep's numbers joined with its circuits at ``target`` (and the
+    counts at a second, ``loose`` target)."""
+    import pandas as pd
+
+    trials = sweep.read_summary(sweep_uri)
+    probe = probe_scores(list(trials["checkpoint_uri"]))
+    every = results.circuits(results_uri)
+    every = every[every["control"].isna()]
+    circ = results.at_target(every, target)
+    far = results.at_target(every, loose) if loose is not None else every.iloc[0:0]
+    front = results.frontier(results_uri, target)
+    rows = []
+    for t in trials.itertuples():
+        c = circ[circ["checkpoint_uri"] == t.checkpoint_uri]
+        c2 = far[far["checkpoint_uri"] == t.checkpoint_uri]
+        f = front[front["model_id"].isin(c["model_id"])] if len(c) else front.iloc[0:0]
+        quote = c[c["task"] == "single_double_quote"]
+        q_ok = quote[quote["status"] == "ok"]
+        ef = float(t.ef)
+        rows.append({
+            "model_id": c["model_id"].iloc[0] if len(c) else None, "trial": t.trial, "pfrac": t.pfrac, "ef": ef, "seed": int(t.seed),
+            "d_model": t.d_model, "density": SparsityConfig(pfrac=t.pfrac, ef=ef).l0frac, "nonzeros": t.nonzeros, "steps": t.steps,
+            "val_loss": t.val_loss, "tasks_solved": int(c["status"].map(solved).sum()) if len(c) else 0,
+            "tasks_with_circuit": int((c["status"] == "ok").sum()) if len(c) else 0,
+            "tasks_beating_random": int(((c["status"] == "ok") & c["beats_random_keep"].fillna(False).astype(bool)).sum()),
+            "target": target, "loose_target": loose,
+            "loose_tasks_solved": int(c2["status"].map(solved).sum()) if loose is not None else None,
+            "loose_tasks_with_circuit": int((c2["status"] == "ok").sum()) if loose is not None else None,
+            "geomean_edges": float(f["geomean_edges"].iloc[0]) if len(f) else math.nan,
+            "geomean_edges_common": float(f["geomean_edges_common"].iloc[0]) if len(f) else math.nan,
+            "quote_loss": float(quote["full_loss"].iloc[0]) if len(quote) else math.nan,
+            "quote_edges": int(q_ok["n_edges"].iloc[0]) if len(q_ok) else None,
+            "probe_accuracy": probe[t.checkpoint_uri]["accuracy"], "probe_loss": probe[t.checkpoint_uri]["loss"],
+            "train_seconds": t.wall_seconds,
+        })
+    df = pd.DataFrame(rows, columns=[f.name for f in SUMMARY_SCHEMA])
+    for col in ("quote_edges", "loose_tasks_solved", "loose_tasks_with_circuit"):
+        df[col] = df[col].astype("Int64")
+    return df.sort_values(["ef", "pfrac", "seed"]).reset_index(drop=True)
 
 
 def _num(v, fmt: str) -> str:
@@ -123,46 +219,60 @@ def frontier_claims(summary, circ=None) -> list[str]:
 
     Where the plan trained a point at two seeds, their difference is the noise scale: a
     difference smaller than it is reported as within noise."""
-    import math
-
-    import numpy as np
-
     df = summary[summary["model_id"].notna()]
     ok = circ[(circ["status"] == "ok") & circ["control"].isna()] if circ is not None else None
-
-    def sizes(models) -> tuple[list[float], list[str]] | None:
-        """Geomean edges of each model over the tasks all of them verified, and those tasks;
-        None when some model has no verified circuit or no task is common."""
-        if ok is None:
-            e = [float(m["geomean_edges"]) for m in models]
-            return None if any(math.isnan(v) for v in e) else (e, [])
-        per = [ok[ok["model_id"] == m["model_id"]] for m in models]
-        common = sorted(set.intersection(*(set(p["task"]) for p in per)))
-        if not common:
-            return None
-        return [float(np.exp(np.log(p[p["task"].isin(common)]["n_edges"].clip(lower=1).astype(float)).mean())) for p in per], common
-
-    def on(tasks: list[str]) -> str:
-        return f" on {', '.join(tasks)}" if tasks else ""
-
     seed0 = df[df["seed"] == 0] if "seed" in df else df
+    noise_loss, noise_edges = _seed_noise(df, ok)
+    out = []
+    if "seed" in df and (df["seed"] != 0).any():
+        edges_txt = f"geomean edges ±{noise_edges:.1f}" if noise_edges else "geomean edges: not both have a verified circuit for a common task"
+        out.append(f"Seed noise (one point at two seeds): val loss ±{noise_loss:.3f}, {edges_txt}.")
+    out += _sparser_claims(seed0, ok, noise_edges)
+    out += _wider_claims(seed0, ok, noise_loss, noise_edges)
+    return out
+
+
+def _common_sizes(ok, models) -> tuple[list[float], list[str]] | None:
+    """Geomean edges of each model over the tasks all of them verified (``ok``: the verified
+    real circuits), and those tasks; None when some model has no verified circuit or no task
+    is common. Without ``ok``, each model's own ``geomean_edges`` and no tasks."""
+    import numpy as np
+
+    if ok is None:
+        e = [float(m["geomean_edges"]) for m in models]
+        return None if any(math.isnan(v) for v in e) else (e, [])
+    per = [ok[ok["model_id"] == m["model_id"]] for m in models]
+    common = sorted(set.intersection(*(set(p["task"]) for p in per)))
+    if not common:
+        return None
+    return [float(np.exp(np.log(p[p["task"].isin(common)]["n_edges"].clip(lower=1).astype(float)).mean())) for p in per], common
+
+
+def _on(tasks: list[str]) -> str:
+    return f" on {', '.join(tasks)}" if tasks else ""
+
+
+def _seed_noise(df, ok) -> tuple[float, float]:
+    """(val loss, geomean edges): the largest difference between two seeds of one point."""
     noise_loss = noise_edges = 0.0
     if "seed" in df:
         for _, grp in df.groupby(["pfrac", "ef"]):
             if grp["seed"].nunique() > 1:
                 noise_loss = max(noise_loss, float(grp["val_loss"].max() - grp["val_loss"].min()))
-                e = sizes([r for _, r in grp.iterrows()])
+                e = _common_sizes(ok, [r for _, r in grp.iterrows()])
                 if e:
                     noise_edges = max(noise_edges, max(e[0]) - min(e[0]))
+    return noise_loss, noise_edges
+
+
+def _sparser_claims(seed0, ok, noise_edges: float) -> list[str]:
+    """Claim 1, per width with several densities: sparser → smaller circuits."""
     out = []
-    if "seed" in df and (df["seed"] != 0).any():
-        edges_txt = f"geomean edges ±{noise_edges:.1f}" if noise_edges else "geomean edges: not both have a verified circuit for a common task"
-        out.append(f"Seed noise (one point at two seeds): val loss ±{noise_loss:.3f}, {edges_txt}.")
     for d_model, grp in seed0.groupby("d_model"):
         if grp["density"].nunique() < 2:
             continue
         g = grp.dropna(subset=["geomean_edges"]).sort_values("density")
-        e = sizes([r for _, r in g.iterrows()]) if len(g) >= 2 else None
+        e = _common_sizes(ok, [r for _, r in g.iterrows()]) if len(g) >= 2 else None
         if e is None:
             why = ("fewer than two of its densities have verified circuits" if len(g) < 2 else
                    "its densities' verified circuits are for different tasks")
@@ -177,7 +287,13 @@ def frontier_claims(summary, circ=None) -> list[str]:
             verdict = "not reproduced: a sparser model has larger circuits, beyond the seed noise"
         else:  # every difference within the noise one model shows between its two seeds
             verdict = f"within seed noise (±{noise_edges:.1f} edges between two seeds of one model): cannot be told apart"
-        out.append(f"Sparser at equal width (d_model {d_model}; geomean edges of verified circuits{on(tasks)} — {dens}): {verdict}.")
+        out.append(f"Sparser at equal width (d_model {d_model}; geomean edges of verified circuits{_on(tasks)} — {dens}): {verdict}.")
+    return out
+
+
+def _wider_claims(seed0, ok, noise_loss: float, noise_edges: float) -> list[str]:
+    """Claim 2, per pfrac at several widths: the wider model better on both axes."""
+    out = []
     for _, grp in seed0.groupby("pfrac"):  # one pfrac: about the same nonzeros at every width
         g = grp.sort_values("d_model")
         if g["d_model"].nunique() < 2:
@@ -185,7 +301,7 @@ def frontier_claims(summary, circ=None) -> list[str]:
         narrow, wide = g.iloc[0], g.iloc[-1]
         dl = float(wide["val_loss"] - narrow["val_loss"])
         head = f"Wider at equal nonzeros (~{int(narrow['nonzeros']):,}): d_model {int(wide['d_model'])} vs {int(narrow['d_model'])}"
-        e = sizes([narrow, wide])
+        e = _common_sizes(ok, [narrow, wide])
         if e is None:
             out.append(f"{head} val loss {dl:+.3f}; not both have a verified circuit for a common task, so the circuit side "
                        "cannot be judged.")
@@ -195,7 +311,7 @@ def frontier_claims(summary, circ=None) -> list[str]:
         better_loss, better_edges = dl < -noise_loss, de < -noise_edges
         verdict = ("reproduced: the frontier moves outward" if better_loss and better_edges else
                    "partly: better on one axis" if better_loss or better_edges else "not reproduced")
-        out.append(f"{head} — val loss {dl:+.3f}, geomean edges{on(tasks)} {de:+.1f}: {verdict}.")
+        out.append(f"{head} — val loss {dl:+.3f}, geomean edges{_on(tasks)} {de:+.1f}: {verdict}.")
     return out
 
 
@@ -261,5 +377,5 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
         frontier_svg=_inline_svg(storage.read_text(front_svg)) if storage.exists(front_svg) else None,
         featured=[{"task": d["task"], "label": label_of.get(d["model_id"], d["model_id"]), "svg": _inline_svg(storage.read_text(d["svg"]))}
                   for d in featured],
-        page_js=viz.PAGE_JS, claims=frontier_claims(summary, circ),
+        page_js=diagram.PAGE_JS, claims=frontier_claims(summary, circ),
     )

@@ -2,43 +2,27 @@
 
 * :func:`plot_frontier` — per model, validation loss (capability) against the geometric mean
   of circuit edges over tasks (interpretability), as PNG and SVG (matplotlib).
-* :func:`render_circuit` — one circuit drawn the way the paper draws them: every kept
-  residual channel is a vertical line through all layers; each layer is six rows (attention
-  reads, q/k/v channels, attention writes, MLP reads, MLP neurons, MLP writes); weight edges
-  are curves coloured by sign with width by |weight|. Hovering a node shows its id and the
-  pretraining tokens that activate it most. The output is one self-contained SVG and an
-  HTML page around it (inline script and style, nothing fetched), so it opens from disk.
+* :func:`render_circuit` — one stored circuit drawn the way the paper draws them
+  (jobs/diagram.py), with the pretraining tokens that activate each node most
+  (:func:`top_tokens`). The output is one self-contained SVG and an HTML page around it
+  (inline script and style, nothing fetched), so it opens from disk.
 """
 
 from __future__ import annotations
 
-import html
 import io
-import math
 from collections import defaultdict
 
 import torch
 
 from cluster import data, storage
 from jobs import loader, results
+from jobs.diagram import circuit_page, circuit_svg
 from sparsity.circuit import drawable
 from sparsity.config import SparsityConfig
 from sparsity.errors import CspError
 
-RESID_LOCS = ("attn.act_in", "attn.resid_delta", "mlp.act_in", "mlp.resid_delta")
-ROWS = (  # (location or group, row label); six rows per layer, top to bottom
-    ("attn.act_in", "attn reads"),
-    ("attn.qkv", "q · k · v"),
-    ("attn.resid_delta", "attn writes"),
-    ("mlp.act_in", "mlp reads"),
-    ("mlp.post_act", "neurons"),
-    ("mlp.resid_delta", "mlp writes"),
-)
-COLORS = {"attn.act_in": "#4a5568", "attn.q": "#805ad5", "attn.k": "#dd6b20", "attn.v": "#2f855a",
-          "attn.resid_delta": "#2c5282", "mlp.act_in": "#4a5568", "mlp.post_act": "#b7791f", "mlp.resid_delta": "#2c5282"}
-POS, NEG = "#2166ac", "#b2182b"
 TOP_ROWS = 64  # validation sequences scanned for top-activating tokens
-MAX_EDGES = 1500  # a diagram draws at most this many weight edges, the largest |w| first
 
 
 class VizError(CspError):
@@ -159,147 +143,6 @@ def top_tokens(model, tok, rows: torch.Tensor, nodes: list[tuple[int, str, int]]
                 items.append({"token": tok.decode([int(flat[p])]), "context": tok.decode(flat[start:p].tolist()), "value": float(a[p, j])})
             out[(int(layer), loc, idx)] = items
     return out
-
-
-def _show(s: str) -> str:
-    return s.replace("\n", "⏎").replace("\t", "⇥")
-
-
-# ---------------------------------------------------------------- the circuit diagram
-
-def circuit_svg(row: dict, nodes: list[tuple[int, str, int]], edges: list[dict], n_layer: int, d_head: int,
-                tops: dict[tuple, list[dict]] | None = None) -> str:
-    """The circuit as one standalone SVG document (see the module docstring)."""
-    tops = tops or {}
-    kept = set(nodes)
-    resid_cols = sorted({i for (_, loc, i) in nodes if loc in RESID_LOCS})
-    mids: dict[tuple[int, str], list[tuple[int, str, int]]] = defaultdict(list)
-    for n in sorted(nodes, key=lambda n: (n[0], n[2] // d_head if n[1] in ("attn.q", "attn.k", "attn.v") else 0, n[1], n[2])):
-        if n[1] in ("attn.q", "attn.k", "attn.v"):
-            mids[(n[0], "attn.qkv")].append(n)
-        elif n[1] == "mlp.post_act":
-            mids[(n[0], "mlp.post_act")].append(n)
-    left, top, col_w, mid_w, row_h = 120, 96, 16, 11, 58
-    widest = max([len(resid_cols) * col_w] + [len(v) * mid_w for v in mids.values()] + [420])
-    width = left + widest + 40
-    n_rows = n_layer * len(ROWS)
-    height = top + n_rows * row_h + 50
-    row_y = {(layer, key): top + (layer * len(ROWS) + r) * row_h + row_h / 2 for layer in range(n_layer) for r, (key, _) in enumerate(ROWS)}
-    col_x = {c: left + (i + 0.5) * (widest / max(1, len(resid_cols))) for i, c in enumerate(resid_cols)}
-    pos: dict[tuple, tuple[float, float]] = {}
-    for layer, loc, idx in nodes:
-        if loc in RESID_LOCS:
-            pos[(layer, loc, idx)] = (col_x[idx], row_y[(layer, loc)])
-    for (layer, key), group in mids.items():
-        step = widest / len(group)
-        for i, n in enumerate(group):
-            pos[n] = (left + (i + 0.5) * step, row_y[(layer, key)])
-
-    e = html.escape
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="csp-circuit" width="{width:.0f}" height="{height:.0f}" '
-           f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" '
-           f'data-model="{e(str(row.get("model_id")))}" data-task="{e(str(row.get("task")))}">']
-    out.append('<style>.edge{fill:none;opacity:.55}.resid{stroke:#cbd5e0;stroke-width:1}.resid-live{stroke:#718096;stroke-width:2}'
-               '.node circle,.node rect{stroke:#1a202c;stroke-width:.6}.lbl{font-size:10px;fill:#4a5568}.small{font-size:7px;fill:#4a5568}'
-               '.hl{opacity:1!important;stroke-width:3!important}.dim .edge{opacity:.08}</style>')
-    out.append('<rect width="100%" height="100%" fill="white"/>')
-    m = row
-    head = (f"{m.get('task')} — {m.get('model_id')}")
-    sub = (f"status {m.get('status')} · {len(nodes)} nodes · {int(m.get('n_edges') or 0)} weight edges "
-           f"(+{int(m.get('n_edges_resid') or 0)} residual) · loss: model {_fmt(m.get('full_loss'))}, circuit {_fmt(m.get('sufficiency_loss'))}, "
-           f"circuit ablated {_fmt(m.get('necessity_loss'))} (target {_fmt(m.get('target'))})")
-    n_weighted = sum(1 for x in edges if x["kind"] != "resid")
-    if n_weighted > MAX_EDGES:
-        sub += f" · drawing the {MAX_EDGES} largest |w| of {n_weighted} edges"
-    out.append(f'<text x="16" y="26" font-size="15" font-weight="bold">{e(head)}</text>')
-    out.append(f'<text x="16" y="46" font-size="11" fill="#2d3748">{e(sub)}</text>')
-    out.append(f'<text x="16" y="64" font-size="10" fill="#4a5568">vertical lines: residual channels · curves: nonzero weights '
-               f'(<tspan fill="{POS}">blue +</tspan>, <tspan fill="{NEG}">red −</tspan>, width ∝ |w|) · nodes: '
-               f'<tspan fill="{COLORS["attn.q"]}">q</tspan> <tspan fill="{COLORS["attn.k"]}">k</tspan> '
-               f'<tspan fill="{COLORS["attn.v"]}">v</tspan> <tspan fill="{COLORS["mlp.post_act"]}">neuron</tspan> · hover a node</text>')
-    for layer in range(n_layer):  # layer bands and row labels
-        y0 = top + layer * len(ROWS) * row_h
-        out.append(f'<rect x="4" y="{y0:.0f}" width="{width - 8:.0f}" height="{len(ROWS) * row_h:.0f}" fill="{"#f7fafc" if layer % 2 == 0 else "#ffffff"}"/>')
-        for key, label in ROWS:
-            out.append(f'<text class="lbl" x="10" y="{row_y[(layer, key)] + 3:.0f}">L{layer} {label}</text>')
-    y_first, y_last = top + 4, top + n_rows * row_h - 4
-    for c in resid_cols:  # residual channels: a vertical line each, darker where the circuit carries it
-        x = col_x[c]
-        out.append(f'<line class="resid" x1="{x:.1f}" y1="{y_first}" x2="{x:.1f}" y2="{y_last}"><title>residual channel {c}</title></line>')
-        ys = [pos[n][1] for n in nodes if n[2] == c and n[1] in RESID_LOCS]
-        if len(ys) > 1:
-            out.append(f'<line class="resid-live" x1="{x:.1f}" y1="{min(ys):.1f}" x2="{x:.1f}" y2="{max(ys):.1f}"/>')
-        out.append(f'<text class="small" x="{x:.1f}" y="{top - 4}" text-anchor="middle">{c}</text>')
-    weighted = sorted((x for x in edges if x["kind"] != "resid"), key=lambda x: -abs(x["weight"]))
-    wmax = abs(weighted[0]["weight"]) if weighted else 1.0
-    for x in reversed(weighted[:MAX_EDGES]):  # the strongest drawn last, on top
-        s, d = tuple(x["src"]), tuple(x["dst"])
-        if s not in pos or d not in pos:
-            continue
-        (x1, y1), (x2, y2) = pos[s], pos[d]
-        ym = (y1 + y2) / 2
-        w = x["weight"]
-        out.append(f'<path class="edge" d="M{x1:.1f},{y1:.1f} C{x1:.1f},{ym:.1f} {x2:.1f},{ym:.1f} {x2:.1f},{y2:.1f}" '
-                   f'stroke="{POS if w > 0 else NEG}" stroke-width="{0.5 + 2.5 * abs(w) / wmax:.2f}" '
-                   f'data-src="{_nid(s)}" data-dst="{_nid(d)}"><title>{_nid(s)} → {_nid(d)}: {w:+.3f}</title></path>')
-    show_idx = all(len(g) <= 48 for g in mids.values())
-    for n in sorted(kept):
-        x, y = pos[n]
-        layer, loc, idx = n
-        tip = [f"{_nid(n)}" + (f"  (head {idx // d_head}, {loc[-1]} channel {idx % d_head})" if loc in ("attn.q", "attn.k", "attn.v") else "")]
-        for t in tops.get(n, []):
-            tip.append(f"{t['value']:+.2f}  …{_show(t['context'])}[{_show(t['token'])}]")
-        if n in tops and not tops[n]:
-            tip.append("(never active on the scanned text)")
-        body = (f'<rect x="{x - 4.5:.1f}" y="{y - 4.5:.1f}" width="9" height="9" rx="1.5" fill="{COLORS[loc]}"/>' if loc in ("attn.q", "attn.k", "attn.v")
-                else f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{4.5 if loc in RESID_LOCS else 4:.1f}" fill="{COLORS[loc]}"/>')
-        label = f'<text class="small" x="{x:.1f}" y="{y + 13:.1f}" text-anchor="middle">{idx}</text>' if show_idx and loc not in RESID_LOCS else ""
-        out.append(f'<g class="node" data-id="{_nid(n)}" data-loc="{loc}"><title>{e(chr(10).join(tip))}</title>{body}{label}</g>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-def _nid(n) -> str:
-    return f"L{n[0]}.{n[1]}[{n[2]}]"
-
-
-def _fmt(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-
-PAGE_JS = """
-document.querySelectorAll('svg.csp-circuit').forEach(function (svg) {
-  var panel = document.getElementById('panel');
-  var edges = Array.prototype.slice.call(svg.querySelectorAll('.edge'));
-  svg.querySelectorAll('.node').forEach(function (g) {
-    g.addEventListener('mouseenter', function () {
-      var id = g.getAttribute('data-id');
-      svg.classList.add('dim');
-      edges.forEach(function (e) {
-        if (e.getAttribute('data-src') === id || e.getAttribute('data-dst') === id) e.classList.add('hl');
-      });
-      if (panel) { panel.textContent = g.querySelector('title').textContent; panel.style.display = 'block'; }
-    });
-    g.addEventListener('mouseleave', function () {
-      svg.classList.remove('dim');
-      edges.forEach(function (e) { e.classList.remove('hl'); });
-    });
-  });
-});
-"""
-
-
-def circuit_page(svg: str, title: str) -> str:
-    """A self-contained HTML page around one circuit SVG: hover highlights a node's edges
-    and shows its top-activating tokens in a side panel."""
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            "<style>body{font-family:Helvetica,Arial,sans-serif;margin:16px;color:#1a202c}"
-            "#wrap{display:flex;gap:16px;align-items:flex-start}#fig{overflow:auto;max-width:calc(100vw - 360px)}"
-            "#panel{white-space:pre-wrap;font:12px Menlo,Consolas,monospace;background:#f7fafc;border:1px solid #e2e8f0;"
-            "padding:10px;min-width:300px;max-width:320px;overflow:auto;position:sticky;top:8px}</style></head><body>"
-            f"<div id=\"wrap\"><div id=\"fig\">{svg}</div><div id=\"panel\">Hover a node: its id and the pretraining tokens "
-            "that activate it most ([token] after its context).</div></div>"
-            f"<script>{PAGE_JS}</script></body></html>\n")
 
 
 def find_model(results_uri: str, model: str, task: str | None = None) -> str:

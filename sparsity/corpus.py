@@ -136,6 +136,12 @@ def read_source(path: str, stats: CorpusStats | None = None) -> str | None:
         if stats is not None:
             stats.skipped["unreadable"] += 1
         return None
+    return decode_counted(data, stats)
+
+
+def decode_counted(data: bytes, stats: CorpusStats | None = None) -> str | None:
+    """:func:`decode_source`'s text, the file counted in ``stats`` as read (files, bytes) or
+    skipped (by reason)."""
     text, reason = decode_source(data)
     if stats is not None:
         if text is None:

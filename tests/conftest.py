@@ -111,9 +111,9 @@ def stdlib_files():
 @pytest.fixture(scope="session")
 def stdlib_tokenizer(stdlib_files):
     """The 2048-token BPE trained on the stdlib's train split (~1.5 s), once per session."""
-    from cluster import data
+    from cluster import sources
 
-    tok, _ = data.build_tokenizer(None)
+    tok, _ = sources.build_tokenizer(None)
     return tok
 
 

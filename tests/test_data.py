@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from cluster import data, storage
+from cluster import data, shards, sources, storage, storage_errors
 from sparsity import corpus
 
 N_CTX = 64
@@ -67,19 +67,19 @@ def test_second_prepare_does_no_work_and_resume_redoes_only_missing_shards(ray_s
     """A finished dataset is left untouched; with one shard lost, a re-run writes just that one."""
     out = str(tmp_path / "ds")
     first = _prepare(out, small_corpus, tokenizer_dir)
-    shards = data.shard_uris(out, "train")
-    mtimes = {p: os.stat(p).st_mtime_ns for p in shards}
+    uris = data.shard_uris(out, "train")
+    mtimes = {p: os.stat(p).st_mtime_ns for p in uris}
     again = _prepare(out, small_corpus, tokenizer_dir)
     assert again.shards_written == 0 and again.manifest == first.manifest
-    assert {p: os.stat(p).st_mtime_ns for p in shards} == mtimes
+    assert {p: os.stat(p).st_mtime_ns for p in uris} == mtimes
 
     # Simulate an interrupted run: the manifest and one shard's marker never got written.
     os.unlink(os.path.join(out, data.MANIFEST))
-    os.unlink(os.path.join(out, data.COMPLETIONS, "train", "shard-00001.json"))
+    os.unlink(os.path.join(out, shards.COMPLETIONS, "train", "shard-00001.json"))
     resumed = _prepare(out, small_corpus, tokenizer_dir)
     assert resumed.shards_written == 1
     assert resumed.manifest == first.manifest
-    assert os.stat(shards[0]).st_mtime_ns == mtimes[shards[0]]
+    assert os.stat(uris[0]).st_mtime_ns == mtimes[uris[0]]
 
 
 def test_prepare_on_s3_reads_back_with_pandas(ray_session, small_corpus, tokenizer_dir, s3_prefix):
@@ -91,7 +91,7 @@ def test_prepare_on_s3_reads_back_with_pandas(ray_session, small_corpus, tokeniz
     loc = storage.resolve(s3_prefix)
     ds = pads.dataset(loc.join("train").path, filesystem=loc.pa_fs, format="parquet")
     assert ds.count_rows() == s["sequences"]
-    assert data.load_tokenizer(s3_prefix).fingerprint == result.manifest["tokenizer"]["fingerprint"]
+    assert sources.load_tokenizer(s3_prefix).fingerprint == result.manifest["tokenizer"]["fingerprint"]
     assert _prepare(s3_prefix, small_corpus, tokenizer_dir).shards_written == 0
 
 
@@ -109,17 +109,17 @@ def test_output_made_from_another_tokenizer_or_context_is_refused(ray_session, s
     out = str(tmp_path / "ds")
     _prepare(out, small_corpus, tokenizer_dir)
     before = sorted(storage.ls(out))
-    with pytest.raises(data.DataError, match="another corpus, tokenizer or --n-ctx"):
+    with pytest.raises(sources.DataError, match="another corpus, tokenizer or --n-ctx"):
         _prepare(out, small_corpus, tokenizer_dir, n_ctx=32)
     assert sorted(storage.ls(out)) == before
 
 
 def test_bad_prepare_arguments(tmp_path, small_corpus):
-    with pytest.raises(data.DataError, match="--n-ctx 0"):
+    with pytest.raises(sources.DataError, match="--n-ctx 0"):
         data.prepare(str(small_corpus), str(tmp_path), n_ctx=0)
-    with pytest.raises(data.DataError, match="--val-fraction 1.5"):
+    with pytest.raises(sources.DataError, match="--val-fraction 1.5"):
         data.prepare(str(small_corpus), str(tmp_path), val_fraction=1.5)
-    with pytest.raises(data.DataError, match="no tokenizer"):
+    with pytest.raises(sources.DataError, match="no tokenizer"):
         data.prepare(str(small_corpus), str(tmp_path / "o"), tokenizer=str(tmp_path / "none"))
     assert not (tmp_path / "o").exists()
 
@@ -192,8 +192,8 @@ def test_verify_passes_a_fresh_dataset_and_names_every_damaged_shard(ray_session
     assert sorted(p["path"] for p in json.loads(r.stdout)["problems"]) == sorted([overwritten, truncated, deleted])
 
     # Training's own read of the damaged shard names it as corrupt, not "Invalid base64 input".
-    with pytest.raises(storage.CorruptFileError, match=f"{_shard(out, overwritten)} is not a readable Parquet file"):
-        data.read_shard(_shard(out, overwritten))
+    with pytest.raises(storage_errors.CorruptFileError, match=f"{_shard(out, overwritten)} is not a readable Parquet file"):
+        shards.read_shard(_shard(out, overwritten))
 
 
 def test_a_corpus_directory_named_like_a_glob_is_read_as_that_directory(small_corpus, tmp_path):
@@ -202,10 +202,10 @@ def test_a_corpus_directory_named_like_a_glob_is_read_as_that_directory(small_co
 
     named = tmp_path / "my corpus [v1]"
     shutil.copytree(small_corpus / "json", named)
-    files, fp = data.list_corpus(str(named))
-    ref, ref_fp = data.list_corpus(str(small_corpus / "json"))
+    files, fp = sources.list_corpus(str(named))
+    ref, ref_fp = sources.list_corpus(str(small_corpus / "json"))
     assert [f.rel for f in files] == [f.rel for f in ref] and fp == ref_fp and len(files) >= 5
-    assert [f.rel for f in data.list_corpus(f"{named}/*.py")[0]] == [f.rel for f in ref]
+    assert [f.rel for f in sources.list_corpus(f"{named}/*.py")[0]] == [f.rel for f in ref]
     assert corpus.list_files(str(named / "decoder.py"))[0].rel == "decoder.py"
     with pytest.raises(corpus.CorpusError, match="corpus not found"):
         corpus.list_files(str(named / "nope"))

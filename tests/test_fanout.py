@@ -3,8 +3,8 @@ import pytest
 import torch
 from test_planted import planted_model
 
-from cluster import checkpoints, storage
-from jobs import fanout, results
+from cluster import checkpoints, storage, storage_errors
+from jobs import fanout, results, store
 from sparsity import checkpoint_format as ckpt_lib
 from sparsity.config import RunConfig, SparsityConfig
 from sparsity.prune import PruneConfig
@@ -98,7 +98,7 @@ def test_s3_going_down_mid_fanout_is_a_clear_error_and_leaves_no_partial_pair(ra
             stopped.append(done)
 
     try:
-        with pytest.raises(storage.StorageError) as e:
+        with pytest.raises(storage_errors.StorageError) as e:
             fanout.fanout(two_runs, ["single_double_quote", "if_equals", "with_as"], "s3://res/c", PruneConfig(steps=40, also_targets=()),
                           max_in_flight=1, max_retries=1, progress=stop_after_first, task_env=env)
         assert "\n" not in str(e.value) and "down-secret-123" not in str(e.value)
@@ -145,7 +145,7 @@ def test_concurrent_fanouts_into_one_store_prune_each_pair_once_in_total(ray_ses
 
     # A live claim held elsewhere: this fan-out leaves that pair alone.
     meta = model_meta(checkpoints.load(two_runs[0], with_train_state=False), two_runs[0])
-    where = results.claim_uri(out, "with_as", meta["model_id"], cfg.key(), None)
+    where = store.claim_uri(out, "with_as", meta["model_id"], cfg.key(), None)
     held = lease.acquire(where, owner="someone-else", what="prune with_as").start()
     try:
         counts = fanout.fanout(two_runs, ["with_as"], out, cfg)

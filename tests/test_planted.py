@@ -134,6 +134,7 @@ def test_pruning_recovers_the_planted_quote_circuit(stdlib_tokenizer, stdlib_row
 def test_a_planted_model_that_misses_the_target_is_stored_as_such_and_not_pruned(stdlib_tokenizer, stdlib_rows, tmp_path):
     """Weak unembedding: right answers (accuracy 1) but a loss above the target → model_misses_target, no nodes."""
     from jobs import results
+    from jobs import store as store_lib
 
     tok, task = stdlib_tokenizer, _quote_task()
     model = planted_model(tok, gain=0.05)
@@ -144,7 +145,7 @@ def test_a_planted_model_that_misses_the_target_is_stored_as_such_and_not_pruned
     assert c.metrics["full_accuracy"] == 1.0 and 0.15 < c.metrics["full_loss"] < task_lib.CHANCE_LOSS
     assert "convergence" not in c.metrics  # nothing was trained
     store = str(tmp_path / "results")
-    results.write_result(store, {"model_id": "weak", "checkpoint_fingerprint": "w"}, task.name, c, cfg=cfg)
+    store_lib.write_result(store, {"model_id": "weak", "checkpoint_fingerprint": "w"}, task.name, c, cfg=cfg)
     row = results.circuits(store).iloc[0]
     assert row["status"] == "model_misses_target" and row["full_misses_target"]
     assert row[["n_nodes", "n_edges", "k"]].isna().all()  # no circuit: its counts are "not applicable", not 0

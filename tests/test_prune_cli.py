@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from cluster import checkpoints, storage
-from jobs import results
+from jobs import results, store
 from sparsity import checkpoint_format as ckpt_lib
 from sparsity import tasks as task_lib
 from sparsity.config import PruneConfig, RunConfig, SparsityConfig
@@ -56,9 +56,9 @@ def test_csp_prune_stores_a_circuit_or_a_verdict_per_task(planted_run, tmp_path)
     assert all(set(json.loads(p)) >= {"setup", "masks", "choose_k", "verify"} for p in ok["phase_seconds"])
     chance = circuits[circuits["status"] == "chance"]
     assert chance["mask_steps"].isna().all() and chance["stop_reason"].isna().all()
-    nodes = results.read_table(out, results.NODES, task="single_double_quote")
+    nodes = results.read_table(out, store.NODES, task="single_double_quote")
     nodes = nodes[nodes["prune_key"] == quote["prune_key"]]
-    edges = results.read_table(out, results.EDGES, task="single_double_quote")
+    edges = results.read_table(out, store.EDGES, task="single_double_quote")
     edges = edges[edges["prune_key"] == quote["prune_key"]]
     assert len(nodes) == quote["n_nodes"] and (edges["kind"] != "resid").sum() == quote["n_edges"] > 0
     # node means were cached beside the checkpoint for the next task / run

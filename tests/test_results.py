@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from cluster import storage
 from jobs import results
-from sparsity.circuit import Circuit
+from jobs import store as store_lib
+from sparsity.circuit import NO_CIRCUIT, Circuit
 
 META = {"checkpoint_uri": "/x", "checkpoint_fingerprint": "f" * 64, "step": 10, "pfrac": 0.25, "ef": 1.0, "afrac": 0.25, "seed": 0}
 
@@ -24,9 +25,9 @@ def store(tmp_path):
     uri = str(tmp_path / "res")
     for model, val, edges in (("m1", 3.0, 8), ("m2", 4.0, 2)):
         for task in ("single_double_quote", "if_equals"):
-            results.write_result(uri, {**META, "model_id": model, "val_loss": val}, task, _circuit(task, edges))
-        results.write_result(uri, {**META, "model_id": model, "val_loss": val}, "var_swap", None, status="chance",
-                             extra={"full_loss": 0.7, "full_accuracy": 0.5})
+            store_lib.write_result(uri, {**META, "model_id": model, "val_loss": val}, task, _circuit(task, edges))
+        store_lib.write_result(uri, {**META, "model_id": model, "val_loss": val}, "var_swap", None, status="chance",
+                               extra={"full_loss": 0.7, "full_accuracy": 0.5})
     return uri
 
 
@@ -48,7 +49,7 @@ def test_frontier_is_the_geometric_mean_of_edges_over_solved_tasks(store):
 
 
 def test_rewriting_a_pair_replaces_its_rows(store):
-    results.write_result(store, {**META, "model_id": "m1", "val_loss": 3.0}, "if_equals", _circuit("if_equals", 5))
+    store_lib.write_result(store, {**META, "model_id": "m1", "val_loss": 3.0}, "if_equals", _circuit("if_equals", 5))
     q = results.circuits(store, task="if_equals", model="m1")
     assert len(q) == 1 and q.iloc[0]["n_edges"] == 5
 
@@ -58,7 +59,7 @@ def test_the_store_refuses_an_ok_row_that_misses_its_target(tmp_path):
     c = _circuit("if_equals", 2)
     c.metrics["sufficiency_loss"] = 0.3
     with pytest.raises(ValueError, match="refusing to store"):
-        results.write_result(str(tmp_path / "res"), {**META, "model_id": "x"}, "if_equals", c)
+        store_lib.write_result(str(tmp_path / "res"), {**META, "model_id": "x"}, "if_equals", c)
     assert not (tmp_path / "res" / "circuits").exists()
 
 
@@ -112,11 +113,11 @@ def test_results_name_what_exists_and_refuse_a_foreign_file(store, tmp_path, arg
 
 
 def assert_documented_dtypes(uri: str) -> None:
-    """The three tables read with plain `pd.read_parquet` have the dtypes README documents,
+    """The three tables read with plain `pd.read_parquet` have the dtypes docs/circuits.md documents,
     and `jobs.results` returns the same columns in the same order with the same dtypes."""
     import pandas as pd
 
-    for table, reader in ((results.CIRCUITS, results.circuits), (results.NODES, results.nodes), (results.EDGES, results.edges)):
+    for table, reader in ((store_lib.CIRCUITS, results.circuits), (store_lib.NODES, results.nodes), (store_lib.EDGES, results.edges)):
         plain = pd.read_parquet(f"{uri}/{table}", storage_options=storage.storage_options(uri))
         ours = reader(uri)
         assert list(plain.columns) == list(ours.columns) and plain.columns[-1] == "task", table
@@ -125,22 +126,22 @@ def assert_documented_dtypes(uri: str) -> None:
             assert str(plain[col].dtype) == str(ours[col].dtype), (table, col, plain[col].dtype, ours[col].dtype)
         ints = [c for c in plain.columns if str(plain[c].dtype).startswith("int")]
         assert not ints, f"{table}: numpy ints {ints} (they turn float on the first null)"
-    c = pd.read_parquet(f"{uri}/{results.CIRCUITS}", storage_options=storage.storage_options(uri))
+    c = pd.read_parquet(f"{uri}/{store_lib.CIRCUITS}", storage_options=storage.storage_options(uri))
     for col in ("n_nodes", "n_edges", "k", "n_nodes_attn_q", "n_edges_qk", "step", "prune_seed"):
         assert str(c[col].dtype) == "Int64", (col, c[col].dtype)
     assert str(c["full_misses_target"].dtype) == "boolean"
     assert str(c["created_at"].dtype) == "datetime64[us, UTC]" and c["created_at"].notna().all()
     assert c["code_version"].str.match(r"^\d+\.\d+\.\d+(\+g[0-9a-f]{12}(\.dirty)?)?$").all()
-    verdicts = c[c["status"].isin(results.NO_CIRCUIT)]
-    assert verdicts[results.COUNT_COLUMNS].isna().all().all()  # no circuit: counts are "not applicable", not 0
-    circuits = c[~c["status"].isin(results.NO_CIRCUIT)]
+    verdicts = c[c["status"].isin(NO_CIRCUIT)]
+    assert verdicts[store_lib.COUNT_COLUMNS].isna().all().all()  # no circuit: counts are "not applicable", not 0
+    circuits = c[~c["status"].isin(NO_CIRCUIT)]
     assert circuits[["n_nodes", "n_edges"]].notna().all().all()
-    n = pd.read_parquet(f"{uri}/{results.NODES}", storage_options=storage.storage_options(uri))
+    n = pd.read_parquet(f"{uri}/{store_lib.NODES}", storage_options=storage.storage_options(uri))
     assert "node_index" in n.columns and "index" not in n.columns and str(n["node_index"].dtype) == "Int32"
 
 
 def test_tables_read_back_with_the_documented_dtypes(store):
-    results.write_result(store, {**META, "model_id": "m3", "val_loss": 5.0}, "if_equals", None, status="failed", error="boom")
+    store_lib.write_result(store, {**META, "model_id": "m3", "val_loss": 5.0}, "if_equals", None, status="failed", error="boom")
     assert_documented_dtypes(store)
 
 
@@ -157,14 +158,14 @@ def test_controls_judge_only_what_ran_to_its_test_verdict(tmp_path):
     def put(task, control, status, nodes=()):
         c = Circuit(task, list(nodes), [], {"status": status, "k": len(nodes), "sufficiency_loss": 0.1 if status == "ok" else 0.9,
                                           "full_loss": 0.05, "target": 0.15}, {"base_prune_key": cfg.key()})
-        results.write_result(uri, meta, task, c, extra={"control": control}, cfg=control_config(cfg, control))
+        store_lib.write_result(uri, meta, task, c, extra={"control": control}, cfg=control_config(cfg, control))
 
     real = [(0, "attn.q", 1), (0, "attn.k", 2)]
     put("if_equals", None, "ok", real)
     put("if_equals", "random_init", "chance")
     put("if_equals", "nonsense_fixed", "trivial")
-    results.write_result(uri, meta, "if_equals", None, status="failed", error="boom",
-                         extra={"control": "nonsense_swap"}, cfg=control_config(cfg, "nonsense_swap"))
+    store_lib.write_result(uri, meta, "if_equals", None, status="failed", error="boom",
+                           extra={"control": "nonsense_swap"}, cfg=control_config(cfg, "nonsense_swap"))
     put("if_equals", "seed_1", "ok", real[:1])
     put("for_while", None, "ok", real)
     put("for_while", "nonsense_swap", "ok", real)

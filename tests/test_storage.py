@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster import storage
+from cluster import filesystems, storage, storage_errors
 
 
 def test_local_round_trip_is_atomic_and_leaves_no_temp_files(tmp_path):
@@ -32,7 +32,7 @@ def test_failed_local_write_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(storage.StorageError, match="write .*x.json"):
+    with pytest.raises(storage_errors.StorageError, match="write .*x.json"):
         storage.write_json(uri, {"v": 2})
     assert storage.read_json(uri) == {"v": 1}
     assert os.listdir(tmp_path) == ["x.json"]
@@ -60,7 +60,7 @@ def test_relative_paths_resolve_to_absolute(tmp_path, monkeypatch):
 )
 def test_malformed_uris_fail_with_one_line(uri, fragment):
     """Malformed URIs raise MalformedURIError with a one-line message saying what to write."""
-    with pytest.raises(storage.MalformedURIError, match=fragment) as e:
+    with pytest.raises(storage_errors.MalformedURIError, match=fragment) as e:
         storage.resolve(uri)
     assert "\n" not in str(e.value)
 
@@ -83,7 +83,7 @@ def test_s3_round_trip_through_s3fs_pyarrow_and_boto3(s3_prefix):
     assert df["a"].tolist() == [1, 2, 3]
 
     # boto3 sees storage's object, and storage sees boto3's
-    client = storage.boto3_client(loc)
+    client = filesystems.boto3_client(loc)
     bucket, key = loc.join("raw/x.bin").path.split("/", 1)
     assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"\x00payload"
     client.put_object(Bucket=bucket, Key=key.replace("x.bin", "z.bin"), Body=b"from boto3")
@@ -92,7 +92,7 @@ def test_s3_round_trip_through_s3fs_pyarrow_and_boto3(s3_prefix):
 
 def _timed(fn):
     t0 = time.monotonic()
-    with pytest.raises(storage.StorageError) as e:
+    with pytest.raises(storage_errors.StorageError) as e:
         fn()
     return e.value, time.monotonic() - t0
 
@@ -120,7 +120,7 @@ def test_unreachable_endpoint_fails_fast_and_clearly(s3_server, monkeypatch, op,
         "writable": lambda: storage.check_writable("s3://csp-test/any"),
     }
     err, dt = _timed(calls[op])
-    assert isinstance(err, storage.EndpointUnreachableError), err
+    assert isinstance(err, storage_errors.EndpointUnreachableError), err
     assert dt < 10 and uri.split("/x")[0] in str(err) and "\n" not in str(err)
 
 
@@ -152,7 +152,7 @@ def test_endpoint_that_never_answers_times_out_within_10s(s3_server, monkeypatch
             "parquet": lambda: storage.read_parquet(uri),
         }
         err, dt = _timed(calls[op])
-        assert isinstance(err, storage.EndpointUnreachableError), err
+        assert isinstance(err, storage_errors.EndpointUnreachableError), err
         assert dt < 10
     finally:
         stop.set()
@@ -174,7 +174,7 @@ def test_missing_bucket_is_named(s3_server, op):
         "writable": lambda: storage.check_writable(uri),
     }
     err, dt = _timed(calls[op])
-    assert isinstance(err, storage.BucketNotFoundError), err
+    assert isinstance(err, storage_errors.BucketNotFoundError), err
     assert "no-such-bucket-csp" in str(err) and dt < 10
 
 
@@ -192,16 +192,16 @@ def test_refused_credentials_never_show_the_secret(s3_server, monkeypatch, op):
         "writable": lambda: storage.check_writable("s3://csp-test/denied"),
     }
     err, dt = _timed(calls[op])
-    assert isinstance(err, storage.AccessDeniedError), err
+    assert isinstance(err, storage_errors.AccessDeniedError), err
     assert wrong not in str(err) and s3_server.secret_key not in str(err)
     assert s3_server.access_key in str(err) and dt < 10
     assert wrong not in repr(storage.resolve(uri))
 
 
 def test_missing_object_and_file_are_not_found(s3_prefix, tmp_path):
-    with pytest.raises(storage.NotFoundError, match="no such object"):
+    with pytest.raises(storage_errors.NotFoundError, match="no such object"):
         storage.read_bytes(s3_prefix + "/missing")
-    with pytest.raises(storage.NotFoundError):
+    with pytest.raises(storage_errors.NotFoundError):
         storage.read_bytes(str(tmp_path / "missing"))
 
 
@@ -225,7 +225,7 @@ def test_a_damaged_parquet_file_is_named_as_corrupt(tmp_path, kind):
     storage.write_parquet(str(bad), table)
     _damage(bad, kind)
     for uri in (str(bad), str(tmp_path / "t")):
-        with pytest.raises(storage.CorruptFileError) as e:
+        with pytest.raises(storage_errors.CorruptFileError) as e:
             storage.read_parquet(uri)
         msg = str(e.value)
         assert msg.startswith(f"{bad} is not a readable Parquet file (corrupt or truncated") and "\n" not in msg
@@ -239,7 +239,7 @@ def test_a_damaged_parquet_object_on_s3_is_named_as_corrupt(s3_prefix, tmp_path)
     _damage(path, "footer")
     uri = f"{s3_prefix}/x.parquet"
     storage.write_bytes(uri, path.read_bytes())
-    with pytest.raises(storage.CorruptFileError, match=f"^{uri} is not a readable Parquet file"):
+    with pytest.raises(storage_errors.CorruptFileError, match=f"^{uri} is not a readable Parquet file"):
         storage.read_parquet(uri)
 
 
@@ -250,14 +250,14 @@ def test_check_writable_creates_nothing_and_refuses_files(tmp_path):
     assert storage.check_writable(str(new)).uri == str(new) and not (tmp_path / "a").exists()
     (tmp_path / "f.txt").write_text("x")
     for uri in (tmp_path / "f.txt", tmp_path / "f.txt" / "sub"):
-        with pytest.raises(storage.StorageError, match=f"cannot write to {uri}: .*not a directory") as e:
+        with pytest.raises(storage_errors.StorageError, match=f"cannot write to {uri}: .*not a directory") as e:
             storage.check_writable(str(uri))
         assert e.value.exit_code == 2
 
 
 def test_check_writable_refuses_a_read_only_directory(read_only_dir):
     ro = read_only_dir
-    with pytest.raises(storage.AccessDeniedError, match=f"cannot write to {ro}/out: permission denied") as e:
+    with pytest.raises(storage_errors.AccessDeniedError, match=f"cannot write to {ro}/out: permission denied") as e:
         storage.check_writable(str(ro / "out"))
     assert e.value.exit_code == 1
 
@@ -283,11 +283,11 @@ def test_an_unwritable_out_fails_before_any_compute(tmp_path, read_only_dir, mon
     from typer.testing import CliRunner
 
     from cli.main import app
-    from cluster import data, runtime
+    from cluster import runtime, sources
 
     started = []
     monkeypatch.setattr(runtime, "init", lambda *a, **k: started.append("ray"))
-    monkeypatch.setattr(data, "build_tokenizer", lambda *a, **k: started.append("tokenizer"))
+    monkeypatch.setattr(sources, "build_tokenizer", lambda *a, **k: started.append("tokenizer"))
     for out, code, fragment in _cli_out_cases(tmp_path, read_only_dir):
         r = CliRunner().invoke(app, [*command, "--out", out])
         assert r.exit_code == code, r.output

@@ -21,9 +21,9 @@ def test_exactly_2048_ids_with_endoftext_last(stdlib_tokenizer):
 
 def test_training_is_deterministic_byte_for_byte(stdlib_files, stdlib_tokenizer):
     """Training twice on the same corpus gives byte-identical tokenizer files."""
-    from cluster import data
+    from cluster import sources
 
-    again, _ = data.build_tokenizer(None)
+    again, _ = sources.build_tokenizer(None)
     assert again.to_files() == stdlib_tokenizer.to_files()
 
 

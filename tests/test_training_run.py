@@ -66,8 +66,8 @@ def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--pfrac", "0"], "--pfrac 0.0 out of range"),
-    (["--afrac", "0"], "--afrac must be in (0, 1]"),
-    (["--afrac", "5"], "--afrac must be in (0, 1]"),  # not a silent "no activation sparsity"
+    (["--afrac", "0"], "--afrac 0.0 out of range: must be in (0, 1]"),
+    (["--afrac", "5"], "--afrac 5.0 out of range: must be in (0, 1]; 1 turns AbsTopK off"),  # not a silent "no activation sparsity"
     (["--batch", "7", "--workers", "2"], "--batch 7 must divide evenly over 2 workers"),
     (["--optimizer", "sgd"], "Invalid value for '--optimizer'"),
     (["--n-ctx", "512"], "exceeds the data's n_ctx=64"),

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from jobs import results, viz
+from jobs import diagram, results, store, viz
 from sparsity.circuit import Circuit
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -30,7 +30,7 @@ def test_circuit_svg_draws_every_node_residual_channel_and_signed_edge():
     ]
     tops = {(1, "mlp.post_act", 40): [{"token": " return", "context": "    x = 1\n", "value": 2.5}]}
     row = {"model_id": "m", "task": "single_double_quote", "status": "ok", "n_edges": 5, "n_edges_resid": 1}
-    root = _parse(viz.circuit_svg(row, nodes, edges, n_layer=2, d_head=16, tops=tops))
+    root = _parse(diagram.circuit_svg(row, nodes, edges, n_layer=2, d_head=16, tops=tops))
     assert root.get("data-task") == "single_double_quote"
     assert len(root.findall(f".//{SVG}g[@class='node']")) == len(nodes)
     # one vertical line per residual channel the circuit reads or writes: 3, 7, 9
@@ -39,8 +39,8 @@ def test_circuit_svg_draws_every_node_residual_channel_and_signed_edge():
     assert all(line.get("x1") == line.get("x2") for line in lines)
     paths = {(p.get("data-src"), p.get("data-dst")): p for p in root.findall(f".//{SVG}path[@class='edge']")}
     assert len(paths) == 5  # weight edges only; the residual edge is the channel's line
-    assert paths[("L0.attn.act_in[3]", "L0.attn.k[1]")].get("stroke") == viz.POS
-    assert paths[("L1.mlp.act_in[7]", "L1.mlp.post_act[40]")].get("stroke") == viz.NEG
+    assert paths[("L0.attn.act_in[3]", "L0.attn.k[1]")].get("stroke") == diagram.POS
+    assert paths[("L1.mlp.act_in[7]", "L1.mlp.post_act[40]")].get("stroke") == diagram.NEG
     widths = {k: float(p.get("stroke-width")) for k, p in paths.items()}
     assert widths[("L1.mlp.act_in[7]", "L1.mlp.post_act[40]")] == max(widths.values())  # |w| largest
     neuron = next(g for g in root.iter(SVG + "g") if g.get("data-id") == "L1.mlp.post_act[40]")
@@ -54,17 +54,17 @@ def test_circuit_svg_draws_every_node_residual_channel_and_signed_edge():
 
 
 def test_circuit_svg_draws_only_the_strongest_edges_of_a_huge_circuit():
-    n = viz.MAX_EDGES + 100
+    n = diagram.MAX_EDGES + 100
     nodes = [(0, "mlp.act_in", 0)] + [(0, "mlp.post_act", i) for i in range(n)]
     edges = [{"src": (0, "mlp.act_in", 0), "dst": (0, "mlp.post_act", i), "kind": "mlp.in", "weight": (i + 1) / n} for i in range(n)]
-    root = _parse(viz.circuit_svg({"model_id": "m", "task": "t", "n_edges": n}, nodes, edges, n_layer=1, d_head=16))
+    root = _parse(diagram.circuit_svg({"model_id": "m", "task": "t", "n_edges": n}, nodes, edges, n_layer=1, d_head=16))
     drawn = {p.get("data-dst") for p in root.findall(f".//{SVG}path[@class='edge']")}
-    assert len(drawn) == viz.MAX_EDGES and f"L0.mlp.post_act[{n - 1}]" in drawn and "L0.mlp.post_act[0]" not in drawn
-    assert f"drawing the {viz.MAX_EDGES} largest" in ET.tostring(root, encoding="unicode")
+    assert len(drawn) == diagram.MAX_EDGES and f"L0.mlp.post_act[{n - 1}]" in drawn and "L0.mlp.post_act[0]" not in drawn
+    assert f"drawing the {diagram.MAX_EDGES} largest" in ET.tostring(root, encoding="unicode")
 
 
 def test_circuit_page_is_self_contained():
-    page = viz.circuit_page('<svg xmlns="http://www.w3.org/2000/svg" class="csp-circuit"></svg>', "t <x>")
+    page = diagram.circuit_page('<svg xmlns="http://www.w3.org/2000/svg" class="csp-circuit"></svg>', "t <x>")
     assert "<title>t &lt;x&gt;</title>" in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
@@ -83,7 +83,7 @@ def test_frontier_plot_writes_png_and_svg_and_uses_tasks_every_model_solved(tmp_
 
     for model, pfrac, val, solved in (("a", 0.25, 3.0, {"single_double_quote": 4, "if_equals": 100}), ("b", 1.0, 2.5, {"single_double_quote": 16})):
         for task, n in solved.items():
-            results.write_result(uri, {**META, "model_id": model, "pfrac": pfrac, "ef": 1.0, "val_loss": val}, task, circuit(task, n))
+            store.write_result(uri, {**META, "model_id": model, "pfrac": pfrac, "ef": 1.0, "val_loss": val}, task, circuit(task, n))
     f = results.frontier(uri).set_index("model_id")
     assert f.loc["a", "common_tasks"] == 1 and f.loc["a", "geomean_edges_common"] == pytest.approx(4.0)
     assert f.loc["a", "geomean_edges"] == pytest.approx(20.0)  # sqrt(4 · 100) over its own tasks
@@ -99,9 +99,9 @@ def test_frontier_plot_skips_a_width_whose_models_have_no_circuit(tmp_path):
     uri = str(tmp_path / "res")
     nodes = [(0, "attn.act_in", 0)]
     edges = [{"src": (0, "attn.act_in", 0), "dst": (0, "attn.q", 0), "kind": "attn.q", "weight": 0.5}]
-    results.write_result(uri, {**META, "model_id": "a", "pfrac": 0.5, "ef": 2.0, "val_loss": 3.0}, "if_equals",
-                         Circuit("if_equals", nodes, edges, {"status": "ok", "target": 0.15, "sufficiency_loss": 0.1}))
-    results.write_result(uri, {**META, "model_id": "d", "pfrac": 1.0, "ef": 1.0, "val_loss": 3.5}, "if_equals", None, status="chance")
+    store.write_result(uri, {**META, "model_id": "a", "pfrac": 0.5, "ef": 2.0, "val_loss": 3.0}, "if_equals",
+                       Circuit("if_equals", nodes, edges, {"status": "ok", "target": 0.15, "sufficiency_loss": 0.1}))
+    store.write_result(uri, {**META, "model_id": "d", "pfrac": 1.0, "ef": 1.0, "val_loss": 3.5}, "if_equals", None, status="chance")
     png, svg = viz.plot_frontier(uri, str(tmp_path / "figs"))
     text = open(svg).read()
     assert "1 model(s) without circuits not shown" in text and "pfrac 1/2" in text and "ef 1 (d_model" not in text
