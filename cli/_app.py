@@ -56,9 +56,26 @@ def strict_json(value):
     return value
 
 
-def emit(rows, fmt, table: str | None = None) -> None:
-    """Print ``rows`` (a DataFrame or a list of flat dicts) as ``--format`` says: csv and
-    json from the rows; table as ``table`` when given, else the rows aligned."""
+MISSING = "—"  # how a table shows a missing value, whatever its type (NaN, <NA>, None)
+
+
+def table_text(df, **kw) -> str:
+    """A DataFrame as an aligned table with one marker (:data:`MISSING`) for every missing
+    value — a float's NaN, a nullable column's <NA> and an object's None alike."""
+    import pandas as pd
+
+    out = df.copy()
+    for c in out.columns:
+        dtype = out[c].dtype
+        if isinstance(dtype, pd.api.extensions.ExtensionDtype) and not isinstance(dtype, pd.CategoricalDtype | pd.StringDtype):
+            out[c] = out[c].astype(object).where(out[c].notna(), None)
+    return out.to_string(index=False, na_rep=MISSING, **kw)
+
+
+def emit(rows, fmt, table: str | None = None, empty: str = "(no rows)") -> None:
+    """Print ``rows`` (a DataFrame or a list of flat dicts) as ``--format`` says: csv (empty
+    cells for missing values) and json (null) from the rows; table as ``table`` when given,
+    else the rows aligned with one missing-value marker, or ``empty`` when there are none."""
     import json
 
     fmt = getattr(fmt, "value", fmt)
@@ -83,10 +100,14 @@ def emit(rows, fmt, table: str | None = None) -> None:
     if table is not None:
         typer.echo(table)
     elif hasattr(rows, "to_string"):
-        typer.echo(rows.to_string(index=False) if len(rows) else "(no rows)")
+        typer.echo(table_text(rows) if len(rows) else empty)
     else:
-        width = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in (rows[0] if rows else {})}
-        typer.echo("\n".join("  ".join(f"{str(r[k]):<{w}}" for k, w in width.items()) for r in rows) if rows else "(no rows)")
+        def cell(v) -> str:
+            missing = v is None or type(v).__name__ == "NAType" or (isinstance(v, float) and v != v)  # v != v: NaN
+            return MISSING if missing else str(v)
+
+        width = {k: max(len(k), *(len(cell(r[k])) for r in rows)) for k in (rows[0] if rows else {})}
+        typer.echo("\n".join("  ".join(f"{cell(r[k]):<{w}}" for k, w in width.items()) for r in rows) if rows else empty)
 
 
 def _say(line: str) -> None:

@@ -30,13 +30,16 @@ def info(
                f"ctx {m['block_size']}  vocab {m['vocab_size']}  afrac {m['afrac']}  sink {m['sink']}  bigram {m['enable_bigram_table']}")
     s = d["sparsity"]
     typer.echo(f"sparsity  pfrac {s['pfrac']}  ef {s['ef']}  ef_mlp {s['ef_mlp']}")
-    typer.echo(f"params {d['params']:,}  nonzero {d['nonzero_params']:,}")
+    in_matrices = sum(mat["nonzeros"] for mat in d["matrices"].values())
+    typer.echo(f"params {d['params']:,}  nonzero {d['nonzero_params']:,} (every parameter; {in_matrices:,} in the sparsified "
+               f"matrices below, {d['nonzero_params'] - in_matrices:,} in biases and norms)")
     width = max(len(n) for n in d["matrices"])
     for name, mat in d["matrices"].items():
         shape = "×".join(map(str, mat["shape"]))
         typer.echo(f"  {name:<{width}}  {shape:>10}  {mat['nonzeros']:>9,} / {mat['numel']:<9,} ({mat['nonzeros'] / mat['numel']:.4f})")
+    label = {"nonzeros": "nonzeros (sparsified matrices, as training last reported)"}
     for k, v in d["metrics"].items():
-        typer.echo(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+        typer.echo(f"{label.get(k, k)} {v:.4f}" if isinstance(v, float) else f"{label.get(k, k)} {v:,}" if isinstance(v, int) else f"{label.get(k, k)} {v}")
 
 
 @app.command("export")
@@ -45,9 +48,10 @@ def export_(
     out: Annotated[str, typer.Option(help="Directory for beeg_config.json + final_model.pt.")],
 ) -> None:
     """Write a checkpoint in the reference layout, loadable by circuit_sparsity's load_model."""
-    from cluster import checkpoints
+    from cluster import checkpoints, storage
     from sparsity import checkpoint_format as ckpt_lib
 
+    storage.check_writable(out)  # a file, read-only or unreachable --out fails before the checkpoint is read
     typer.echo(f"wrote {ckpt_lib.REF_CONFIG} + {ckpt_lib.REF_WEIGHTS} → {checkpoints.export_reference(ckpt, out)}")
 
 
@@ -57,7 +61,8 @@ def import_(
     out: Annotated[str, typer.Option(help="Run directory to store the csp checkpoint in.")],
 ) -> None:
     """Store a reference-layout model as a csp checkpoint."""
-    from cluster import checkpoints
+    from cluster import checkpoints, storage
 
+    storage.check_writable(out)
     ckpt = checkpoints.import_reference(ref, out)
     typer.echo(f"imported {ckpt.config.model.n_layer}-layer model (density {ckpt.config.sparsity.pfrac:.4f}) → {out}")

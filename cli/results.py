@@ -9,15 +9,11 @@ import typer
 from cli._app import Format, emit, group
 
 app = group("Query stored circuits (pandas + pyarrow filter pushdown on the task partition).")
-def _emit(df, fmt) -> None:
-    emit(df, fmt)
-
-
 @app.command()
 def circuits(
     uri: Annotated[str, typer.Argument(help="Results URI given to `csp prune --out`.")],
     task: Annotated[str | None, typer.Option(help="Only this task (partition pruning).")] = None,
-    model: Annotated[str | None, typer.Option(help="Only this model id.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model: its id, its trial name, or a unique prefix of the id.")] = None,
     target: Annotated[float | None, typer.Option(help="Only circuits pruned to this target (a run stores one row per target; default: all).")] = None,
     where: Annotated[str | None, typer.Option(help="A pandas query on the rows, e.g. 'n_edges < 100 and status == \"ok\"'.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = "table",
@@ -27,20 +23,37 @@ def circuits(
     """Verified circuits, one row per (checkpoint, task, pruning config); --all for every row."""
     from jobs import results as results_lib
 
-    results_lib.check_store(uri, task=task, model=model)
+    results_lib.check_store(uri, task=task)
+    if model is not None:
+        model = results_lib.find_model(uri, model, task)
     df = results_lib.at_target(results_lib.circuits(uri, task=task, model=model), target)
+    stored = len(df)
     if not all_rows:
         df = results_lib.verified(df)
     if where:
-        try:
-            df = df.query(where)
-        except Exception as e:  # pandas raises many types for a bad expression
-            raise typer.BadParameter(f"--where {where!r}: {type(e).__name__}: {e}") from None
+        df = _where(df, where)
     if not all_columns:
         df = df[["model_id", "task", "target", "control", "status", "n_nodes", "n_edges", "full_loss", "sufficiency_loss",
                  "random_keep_best", "beats_random_keep", "partial_ablation_loss", "necessity_loss", "necessity_random_loss",
                  "ablation", "prune_key", "pfrac", "ef"]]
-    _emit(df, fmt)
+    hint = f"(no verified circuits among {stored} stored rows; --all shows every row)" if stored and not all_rows else "(no rows)"
+    emit(df, fmt, empty=hint)
+
+
+def _where(df, where: str):
+    """The rows where ``where`` (a pandas expression over the columns) is true; a bad
+    expression, or one that is not a true/false condition per row, is a usage error."""
+    import pandas as pd
+
+    example = "e.g. 'n_edges < 100 and status == \"ok\"'"
+    try:
+        mask = df.eval(where)
+    except Exception as e:  # pandas raises many types for a bad expression
+        detail = " ".join(str(e).split())
+        raise typer.BadParameter(f"--where {where!r}: {type(e).__name__}: {detail[:160]}; write a condition on the columns, {example}") from None
+    if not isinstance(mask, pd.Series) or not (pd.api.types.is_bool_dtype(mask.dtype) or (len(mask) == 0)):
+        raise typer.BadParameter(f"--where {where!r} is not a true/false condition on each row; {example}")
+    return df[mask.fillna(False).astype(bool)]
 
 
 @app.command()
@@ -55,7 +68,7 @@ def controls(
     from jobs import results as results_lib
 
     results_lib.check_store(uri, task=task)
-    _emit(results_lib.controls(uri, task=task), fmt)
+    emit(results_lib.controls(uri, task=task), fmt)
 
 
 @app.command()
@@ -68,4 +81,4 @@ def frontier(
     from jobs import results as results_lib
 
     results_lib.check_store(uri)
-    _emit(results_lib.frontier(uri, target), fmt)
+    emit(results_lib.frontier(uri, target), fmt)

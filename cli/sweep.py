@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli._app import SHARED_FS_HELP, TAKE_OVER_HELP, Format, choice, emit, group
+from cli._app import SHARED_FS_HELP, TAKE_OVER_HELP, Format, choice, emit, group, table_text
 from sparsity.config import OPTIMIZERS, ModelConfig, TrainConfig
 
 Optimizer = choice("Optimizer", OPTIMIZERS)
@@ -73,4 +73,4 @@ def status(
 
 def _print(df, fmt="table") -> None:
     cols = ["trial", "pfrac", "ef", "d_model", "steps", "final_loss", "val_loss", "nonzeros", "wall_seconds"]
-    emit(df, fmt, table=df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    emit(df, fmt, table=table_text(df[cols], float_format=lambda v: f"{v:.4g}"))

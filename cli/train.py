@@ -58,6 +58,8 @@ def train(
         raise typer.BadParameter(f"--workers must be ≥ 1, got {workers}")
     if cpus_per_worker < 1:
         raise typer.BadParameter(f"--cpus-per-worker must be ≥ 1, got {cpus_per_worker}")
+    if gpus and device == "cpu":
+        raise typer.BadParameter("--gpus trains on GPUs and --device cpu on the CPU; drop one of them")
     from cluster import storage
     from jobs import train as train_job
 

@@ -20,6 +20,7 @@ def frontier(
     """Val loss (capability) vs geometric-mean circuit edges (interpretability), one point per model."""
     from jobs import viz
 
+    _check_out(out)
     for path in viz.plot_frontier(uri, out, target):
         typer.echo(path)
 
@@ -27,7 +28,7 @@ def frontier(
 @app.command()
 def circuit(
     uri: Annotated[str, typer.Argument(help="Results URI.")],
-    model: Annotated[str, typer.Option(help="Model id, or a unique prefix of it (e.g. the sweep trial name).")],
+    model: Annotated[str, typer.Option(help="The model: its id, its trial name (e.g. d128-dense), or a unique prefix of the id.")],
     task: Annotated[str, typer.Option(help="Task name (see `csp tasks list`).")],
     out: Annotated[str | None, typer.Option(help="Directory for the .svg and .html (default: URI/figures/circuits).")] = None,
     data: Annotated[str | None, typer.Option(help="Token shards for top-activating tokens (default: the model's training data).")] = None,
@@ -36,5 +37,14 @@ def circuit(
     signed weighted edges; hover a node for its id and top-activating tokens."""
     from jobs import viz
 
+    _check_out(out)
     for path in viz.render_circuit(uri, model, task, out, data):
         typer.echo(path)
+
+
+def _check_out(out: str | None) -> None:
+    """A given --out that cannot take files (a file, read-only, unreachable) fails before drawing."""
+    if out is not None:
+        from cluster import storage
+
+        storage.check_writable(out)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from cluster import shards, sources, storage
 from cluster.sources import TOKENIZER_DIR, CorpusFile, DataError
+from cluster.storage_errors import CorruptFileError, one_line
 from sparsity import corpus as corpus_lib
 from sparsity import tokenizer as tok_lib
 from sparsity.errors import RUNTIME, CspError
@@ -303,8 +304,9 @@ def read_manifest(uri: str) -> dict:
         raise DataError(f"no dataset at {loc.uri}: {MANIFEST} is missing (run `csp data prepare --out {loc.uri}`, or let an interrupted one finish)")
     try:
         manifest = storage.read_json(m)
-    except ValueError:
-        manifest = None
+    except CorruptFileError as e:  # damaged, like a corrupt shard: the dataset, not the command (exit 1)
+        raise CorruptFileError(f"{m.uri} is damaged ({one_line(str(e).split(': ', 1)[-1], 120)}); delete it and re-run `csp data prepare --out {loc.uri}` "
+                               "to rewrite it (finished shards are kept)") from None
     missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
     if missing:
         raise DataError(f"{m.uri} is not a csp dataset manifest (missing {', '.join(missing)}); re-run `csp data prepare --out {loc.uri}`")

@@ -73,10 +73,26 @@ def run_lease(out: storage.Location, what: str, take_over: bool = False, owner: 
 
 
 def check_config(out: storage.Location, config: dict) -> None:
-    """Refuse a run directory that holds a run of another configuration."""
+    """Refuse a run directory that holds a run of another configuration, naming the first
+    setting that differs (``train.steps=1200, not 2400``)."""
     run_file = out.join(RUN_FILE)
-    if storage.exists(run_file) and storage.read_json(run_file).get("config") != config:
-        raise RunError(f"{out.uri} holds a run with another configuration; choose a new --out or delete it")
+    if not storage.exists(run_file):
+        return
+    stored = storage.read_json(run_file).get("config")
+    if stored == config:
+        return
+    diff = _first_difference(stored, config)
+    raise RunError(f"{out.uri} holds a run with another configuration ({diff}); resume it with its own settings, "
+                   "or choose a new --out (or delete it)")
+
+
+def _first_difference(old, new, path: str = "") -> str:
+    """``a.b=old, not new`` for the first key (sorted, depth first) where two configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+    return f"{path or 'config'}={old!r}, not {new!r}"
 
 
 def train_local(

@@ -93,6 +93,9 @@ class Location:
         return s3_pyarrow(self.s3)
 
 
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
 def resolve(uri: str | os.PathLike | Location) -> Location:
     """Parse a URI: a local path (relative ones become absolute), ``file://…`` or
     ``s3://bucket[/prefix]``. Raises MalformedURIError for anything else."""
@@ -102,6 +105,11 @@ def resolve(uri: str | os.PathLike | Location) -> Location:
     if not isinstance(raw, str) or not raw.strip():
         raise MalformedURIError("empty storage URI: pass a local path or s3://bucket/prefix")
     if "://" not in raw:
+        scheme = _SCHEME_RE.match(raw)
+        if scheme and scheme.group(1).lower() in ("s3", "s3a", "file", "gs", "http", "https"):
+            # s3:/bucket or s3:bucket is a typo, not a local directory named "s3:"
+            fix = "file:///abs/path" if scheme.group(1).lower() == "file" else "s3://bucket/prefix"
+            raise MalformedURIError(f"malformed URI {raw!r}: a scheme needs '://' — write {fix}, or ./{raw} for a local path")
         return Location("file", os.path.abspath(os.path.expanduser(raw)))
     parsed = urlparse(raw)
     scheme = parsed.scheme.lower()
@@ -179,7 +187,7 @@ def read_json(uri: str | Location):
     try:
         return json.loads(read_text(loc))
     except ValueError as e:
-        raise StorageError(f"read {loc.uri}: not valid JSON ({e})") from None
+        raise CorruptFileError(f"read {loc.uri}: not valid JSON ({e})") from None
 
 
 def exists(uri: str | Location) -> bool:

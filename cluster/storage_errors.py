@@ -42,11 +42,18 @@ class NotFoundError(StorageError):
     pass
 
 
+class NoCredentialsError(StorageError):
+    """S3 needs credentials and none were found (exit 1: the environment, not the command)."""
+
+    exit_code = RUNTIME
+
+
 class CorruptFileError(StorageError, CspRuntimeError):
     """A file is there but cannot be read back as what it claims to be (exit 1)."""
 
 
 _DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403", "ACCESS_DENIED", "INVALID_ACCESS_KEY")
+_NO_CREDENTIALS = ("NoCredentialsError", "Unable to locate credentials", "PartialCredentialsError", "AWS_CREDENTIALS_NOT_FOUND")
 _NO_BUCKET = ("NoSuchBucket", "bucket does not exist", "NO_SUCH_BUCKET")
 _UNREACHABLE = (
     "Could not connect",
@@ -79,6 +86,9 @@ def translate(loc: Location, op: str, exc: BaseException) -> StorageError:
     where = f"{op} {loc.uri}"
     if loc.is_s3:
         assert s3 is not None
+        if any(m in chain for m in _NO_CREDENTIALS):
+            return NoCredentialsError(f"{where}: no AWS credentials found; export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                                      "(or set AWS_PROFILE / use an instance role) and run it again")
         if any(m in chain for m in _NO_BUCKET):
             return BucketNotFoundError(f"{where}: bucket {loc.bucket!r} does not exist at {s3.endpoint_label}; create it or fix the URI")
         if isinstance(exc, PermissionError) or any(m in chain for m in _DENIED):

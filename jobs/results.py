@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cluster import storage
+from cluster.storage_errors import CorruptFileError, one_line
 from jobs.store import CIRCUITS, EDGES, NODES, SCHEMAS, arrow_table, pandas_metadata
 from sparsity.circuit import SOLVED, TESTED
 from sparsity.errors import CspError
@@ -35,20 +36,22 @@ def _query(results_uri: str, table: str, task: str | None, model: str | None, fi
 
     schema = SCHEMAS[table]
     loc = storage.resolve(results_uri).join(table)
-    if not storage.ls(loc):
+    files = _table_files(loc)
+    if not files:
         df = arrow_table([], schema).to_pandas()
         df["task"] = pd.Categorical([])
         return df
     part = ds.partitioning(pa.schema([pa.field("task", pa.string())]), flavor="hive")
-    d = ds.dataset(loc.path, filesystem=loc.pa_fs, format="parquet", partitioning=part, schema=schema)
+    paths = [storage.resolve(f).path for f in files]
+    d = ds.dataset(paths, filesystem=loc.pa_fs, format="parquet", partitioning=part, partition_base_dir=loc.path, schema=schema)
     expr = None
     for e in ([ds.field("task") == task] if task else []) + ([ds.field("model_id") == model] if model else []) + ([filters] if filters is not None else []):
         expr = e if expr is None else expr & e
     try:
         t = d.to_table(filter=expr)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # a stray or truncated file in the store
-        raise ResultsError(f"cannot read the {table} table under {loc.uri}: {' '.join(str(e).split())[:240]}; "
-                           "remove the file that is not a csp results Parquet file") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:  # a truncated or foreign .parquet file in the store
+        raise CorruptFileError(f"cannot read the {table} table under {loc.uri}: {one_line(str(e), 240)}; "
+                               "remove the damaged file and prune its pair again") from None
     # As plain `pd.read_parquet` reads the table: nullable integers and booleans, the task
     # partition last, as a category.
     body = t.drop(["task"])
@@ -59,6 +62,24 @@ def _query(results_uri: str, table: str, task: str | None, model: str | None, fi
 
 class ResultsError(CspError):
     pass
+
+
+_WARNED: set[str] = set()
+
+
+def _table_files(loc: storage.Location) -> list[str]:
+    """The table's Parquet files (the store writes nothing else there). Any other file —
+    notes, an editor's backup — is skipped with a warning, once per table and process."""
+    every = storage.ls(loc)
+    files = [u for u in every if u.endswith(".parquet")]
+    stray = [u for u in every if not u.endswith(".parquet")]
+    if stray and loc.uri not in _WARNED:
+        _WARNED.add(loc.uri)
+        import sys
+
+        print(f"csp: warning: skipped {len(stray)} file(s) in {loc.uri} that are not Parquet: "
+              f"{', '.join(u.rsplit('/', 1)[-1] for u in stray[:3])}{'…' if len(stray) > 3 else ''}", file=sys.stderr)
+    return files
 
 
 def check_store(results_uri: str, task: str | None = None, model: str | None = None) -> None:
@@ -75,6 +96,29 @@ def check_store(results_uri: str, task: str | None = None, model: str | None = N
         if value is not None and value not in have:
             shown = ", ".join(have[:12]) + (f", … ({len(have)} in all)" if len(have) > 12 else "")
             raise ResultsError(f"{flag} {value!r}: no rows in {loc.uri}; it holds {shown}")
+
+
+def find_model(results_uri: str, model: str, task: str | None = None) -> str:
+    """The stored model id that ``model`` names, the same way for every command: an exact
+    model id, else an exact trial name (``d128-dense``: the run's sweep trial), else a
+    unique prefix of one id. ResultsError saying what is stored otherwise."""
+    df = _query(results_uri, CIRCUITS, task, None).loc[:, ["model_id", "trial"]].astype(str)
+    ids = sorted(set(df["model_id"]))
+    if model in ids:
+        return model
+    by_trial = sorted(set(df.loc[df["trial"] == model, "model_id"]))
+    if len(by_trial) == 1:
+        return by_trial[0]
+    hits = by_trial or [i for i in ids if i.startswith(model)]
+    if len(hits) == 1:
+        return hits[0]
+    where = storage.resolve(results_uri).uri
+    if not ids:
+        raise ResultsError(f"no circuits stored under {where}" + (f" for task {task!r}" if task else ""))
+    if hits:
+        raise ResultsError(f"--model {model!r} matches {len(hits)} models ({', '.join(hits[:4])}{'…' if len(hits) > 4 else ''}); "
+                           "give more of the id")
+    raise ResultsError(f"no model {model!r} under {where}; stored: {', '.join(ids[:6])}{'…' if len(ids) > 6 else ''}")
 
 
 def circuits(results_uri: str, task: str | None = None, model: str | None = None, filters=None):

@@ -145,22 +145,6 @@ def top_tokens(model, tok, rows: torch.Tensor, nodes: list[tuple[int, str, int]]
     return out
 
 
-def find_model(results_uri: str, model: str, task: str | None = None) -> str:
-    """The stored model id that ``model`` names: an exact id or a unique prefix (a trial name)."""
-    ids = sorted(set(results.circuits(results_uri, task=task)["model_id"]))
-    if model in ids:
-        return model
-    hits = [i for i in ids if i.startswith(model)]
-    if len(hits) == 1:
-        return hits[0]
-    where = storage.resolve(results_uri).uri
-    if not ids:
-        raise VizError(f"no circuits stored under {where}" + (f" for task {task!r}" if task else ""))
-    if hits:
-        raise VizError(f"--model {model!r} matches {len(hits)} models ({', '.join(hits[:4])}…); give more of the id")
-    raise VizError(f"no model {model!r} under {where}; stored: {', '.join(ids[:6])}{'…' if len(ids) > 6 else ''}")
-
-
 class CircuitRenderer:
     """Draws circuits of one results store, loading each model once for its top tokens."""
 
@@ -191,7 +175,7 @@ class CircuitRenderer:
         # Several pruning configs: a verified circuit first, the strictest target, then key order.
         row = rows.assign(_ok=rows["status"] != "ok").sort_values(["_ok", "target", "prune_key"]).iloc[0].to_dict()
         if not drawable(row["status"], row.get("n_nodes")):
-            raise VizError(f"{model_id} has no circuit for {task} (status {row['status']}); choose a task with status ok")
+            raise VizError(f"model {model_id} has no circuit for {task} (status {row['status']}); choose a task with status ok")
         nd = results.nodes(self.results_uri, task=task, model=model_id)
         ed = results.edges(self.results_uri, task=task, model=model_id)
         nd = nd[(nd["prune_key"] == row["prune_key"]) & nd["control"].isna()]
@@ -216,10 +200,11 @@ class CircuitRenderer:
 
 
 def render_circuit(results_uri: str, model: str, task: str, out_uri: str | None = None, data_uri: str | None = None) -> tuple[str, str]:
-    """Draw one stored circuit (``model``: id or unique prefix) to SVG + HTML."""
+    """Draw one stored circuit (``model``: an id, a trial name or a unique prefix; see
+    :func:`jobs.results.find_model`) to SVG + HTML."""
     from sparsity import tasks as task_lib
 
     task_lib.get(task)
-    model_id = find_model(results_uri, model, task)
+    model_id = results.find_model(results_uri, model, task)
     out = out_uri or storage.resolve(results_uri).join("figures", "circuits").uri
     return CircuitRenderer(results_uri, data_uri).render(model_id, task, out)

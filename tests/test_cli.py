@@ -76,6 +76,11 @@ def test_every_command_has_help():
         (["train", "--data", "DATA", "--out", "OUT", "--placement", "nowhere"], "Invalid value for '--placement'"),
         (["train", "--data", "DATA", "--out", "OUT", "--workers", "0"], "--workers must be ≥ 1"),
         (["train", "--data", "DATA", "--out", "OUT", "--cpus-per-worker", "0"], "--cpus-per-worker must be ≥ 1"),
+        (["train", "--data", "DATA", "--out", "OUT", "--gpus", "--device", "cpu"], "--gpus trains on GPUs and --device cpu on the CPU"),
+        (["prune", "/no/such/run", "--out", "s3:/bad"], "malformed URI 's3:/bad': a scheme needs '://'"),
+        (["demo", "--out", "s3:bucket/x"], "a scheme needs '://'"),
+        (["model", "export", "/no/such/run", "--out", "AFILE"], "it is a file, not a directory"),
+        (["viz", "frontier", "EMPTY", "--out", "AFILE"], "it is a file, not a directory"),
         (["train", "--data", "DATA", "--out", "OUT", "--n-ctx", "512"], "exceeds the data's n_ctx=64"),
         (["train", "--data", "/no/such/data", "--out", "OUT"], "no dataset at /no/such/data"),
         (["sweep", "--data", "DATA", "--out", "OUT", "--grid", "foo=1"], "unknown grid key 'foo'"),
@@ -103,10 +108,12 @@ def test_every_command_has_help():
 def test_user_errors_print_one_line_and_exit_2(args, fragment, tmp_path, ray_session, stdlib_data):
     """Bad input → exactly one line on stderr naming the problem, exit 2, no traceback, nothing written."""
     (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "AFILE").write_text("")
     (tmp_path / "BADMANIFEST").mkdir()
     (tmp_path / "BADMANIFEST" / "manifest.json").write_text('{"n_ctx": 64}')
     args = [a.replace("OUT", str(tmp_path / "out")).replace("EMPTY", str(tmp_path / "EMPTY"))
-            .replace("BADMANIFEST", str(tmp_path / "BADMANIFEST")).replace("DATA", stdlib_data) for a in args]
+            .replace("BADMANIFEST", str(tmp_path / "BADMANIFEST")).replace("DATA", stdlib_data)
+            .replace("AFILE", str(tmp_path / "AFILE")) for a in args]
     r = _run(*args)
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()

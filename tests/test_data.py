@@ -209,3 +209,22 @@ def test_a_corpus_directory_named_like_a_glob_is_read_as_that_directory(small_co
     assert corpus.list_files(str(named / "decoder.py"))[0].rel == "decoder.py"
     with pytest.raises(corpus.CorpusError, match="corpus not found"):
         corpus.list_files(str(named / "nope"))
+
+
+def test_a_damaged_manifest_is_a_runtime_error_and_a_foreign_one_a_usage_error(tmp_path):
+    """Like a corrupt shard, a manifest that is not JSON any more is damage (exit 1, saying how
+    to rewrite it); valid JSON that is not a csp manifest means the wrong path (exit 2)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text('{"n_ctx": 64, "splits": {')
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"name": "something else"}')
+    with pytest.raises(storage_errors.CorruptFileError, match=r"manifest.json is damaged .*delete it and re-run `csp data prepare"):
+        data.read_manifest(str(tmp_path / "broken"))
+    for name, code, fragment in (("broken", 1, "is damaged"), ("other", 2, "is not a csp dataset manifest")):
+        for cmd in (["data", "info"], ["data", "verify"]):
+            r = CliRunner().invoke(app, [*cmd, str(tmp_path / name)])
+            assert r.exit_code == code and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, (cmd, name, r.output)

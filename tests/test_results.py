@@ -88,17 +88,18 @@ def test_csp_results_commands(store):
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["results", "circuits", "STORE", "--task", "nope"], "--task 'nope': no rows in STORE; it holds if_equals, single_double_quote, var_swap"),
-    (["results", "circuits", "STORE", "--model", "m9"], "--model 'm9': no rows in STORE; it holds m1, m2"),
-    (["results", "controls", "STORE", "--task", "nope"], "--task 'nope': no rows"),
-    (["results", "circuits", "STRAY"], "Parquet magic bytes not found"),
-    (["results", "frontier", "STRAY"], "remove the file that is not a csp results Parquet file"),
-    (["viz", "frontier", "STRAY"], "cannot read the circuits table"),
+@pytest.mark.parametrize("args, fragment, code", [
+    (["results", "circuits", "STORE", "--task", "nope"], "--task 'nope': no rows in STORE; it holds if_equals, single_double_quote, var_swap", 2),
+    (["results", "circuits", "STORE", "--model", "m9"], "no model 'm9' under STORE; stored: m1, m2", 2),
+    (["results", "controls", "STORE", "--task", "nope"], "--task 'nope': no rows", 2),
+    (["results", "circuits", "STRAY"], "Parquet magic bytes not found", 1),
+    (["results", "frontier", "STRAY"], "remove the damaged file and prune its pair again", 1),
+    (["viz", "frontier", "STRAY"], "cannot read the circuits table", 1),
 ])
-def test_results_name_what_exists_and_refuse_a_foreign_file(store, tmp_path, args, fragment):
-    """A mistyped task or model says what the store holds; a stray non-Parquet file in a
-    partition is a one-line error naming it — never "(no rows)" with exit 0, never a traceback."""
+def test_results_name_what_exists_and_refuse_a_damaged_file(store, tmp_path, args, fragment, code):
+    """A mistyped task or model says what the store holds (exit 2); a damaged Parquet file in
+    a partition is a one-line error naming the table (exit 1: the store, not the command) —
+    never "(no rows)" with exit 0, never a traceback."""
     import shutil
 
     stray = tmp_path / "stray"
@@ -106,10 +107,27 @@ def test_results_name_what_exists_and_refuse_a_foreign_file(store, tmp_path, arg
     (stray / "circuits" / "task=if_equals" / "notes.parquet").write_text("not parquet")
     args = [a.replace("STORE", store).replace("STRAY", str(stray)) for a in args]
     r = CliRunner().invoke(app, args)
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == code, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment.replace("STORE", store) in lines[0], r.stderr
-    assert "Traceback" not in r.output
+    assert "Traceback" not in r.output and not lines[0].endswith(("…", ";"))
+
+
+def test_files_that_are_not_parquet_are_skipped_with_one_warning(store, tmp_path):
+    """A stray notes.txt (or an editor's backup) in a table's partition does not make the
+    store unreadable: every command reads the Parquet files and warns once naming the rest."""
+    import shutil
+
+    stray = tmp_path / "stray"
+    shutil.copytree(store, stray)
+    (stray / "circuits" / "task=if_equals" / "notes.txt").write_text("my notes")
+    (stray / "circuit_nodes" / "README").write_text("hi")
+    expected = len(results.circuits(store))
+    r = CliRunner().invoke(app, ["results", "circuits", str(stray), "--all", "--format", "csv"])
+    assert r.exit_code == 0 and r.stdout.count("\n") == expected + 1, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("csp: warning:")]
+    assert len(warnings) == 1 and "notes.txt" in warnings[0] and "not Parquet" in warnings[0], r.stderr
+    assert len(results.nodes(str(stray))) == len(results.nodes(store))
 
 
 def assert_documented_dtypes(uri: str) -> None:

@@ -45,6 +45,10 @@ def test_relative_paths_resolve_to_absolute(tmp_path, monkeypatch):
     assert storage.resolve("s3://bucket/a").join("b", "c.txt").uri == "s3://bucket/a/b/c.txt"
 
 
+def test_a_colon_that_is_no_scheme_is_a_local_path():
+    assert storage.resolve("runs:old").uri.endswith("/runs:old") and not storage.resolve("runs:old").is_s3
+
+
 @pytest.mark.parametrize(
     "uri, fragment",
     [
@@ -56,6 +60,10 @@ def test_relative_paths_resolve_to_absolute(tmp_path, monkeypatch):
         ("gs://bucket/x", "unsupported URI scheme"),
         ("http://host/x", "unsupported URI scheme"),
         ("file://host/x", "file URIs take an absolute path"),
+        ("s3:/bad", "a scheme needs '://' — write s3://bucket/prefix"),
+        ("s3:bad", "a scheme needs '://'"),
+        ("S3:/bucket/x", "a scheme needs '://'"),
+        ("file:/abs", "write file:///abs/path"),
     ],
 )
 def test_malformed_uris_fail_with_one_line(uri, fragment):
@@ -196,6 +204,25 @@ def test_refused_credentials_never_show_the_secret(s3_server, monkeypatch, op):
     assert wrong not in str(err) and s3_server.secret_key not in str(err)
     assert s3_server.access_key in str(err) and dt < 10
     assert wrong not in repr(storage.resolve(uri))
+
+
+def test_no_credentials_is_a_runtime_error_saying_how_to_set_them(s3_server, monkeypatch):
+    """No AWS keys anywhere → one line saying which variables to export, exit 1 (the
+    environment failed a correct command), from the library and the CLI alike."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    err, dt = _timed(lambda: storage.read_bytes("s3://csp-test/nocreds/x"))
+    assert isinstance(err, storage_errors.NoCredentialsError) and err.exit_code == 1, err
+    assert "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in str(err) and dt < 10
+    r = CliRunner().invoke(app, ["results", "circuits", "s3://csp-test/nocreds"])
+    assert r.exit_code == 1 and "no AWS credentials found" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
 
 
 def test_missing_object_and_file_are_not_found(s3_prefix, tmp_path):

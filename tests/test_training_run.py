@@ -30,7 +30,7 @@ def test_interrupted_local_run_resumes_to_the_same_weights(stdlib_data, tmp_path
 def test_a_run_directory_with_another_config_is_refused(stdlib_data, tmp_path):
     out = str(tmp_path / "run")
     local_train.train_local(stdlib_data, out, tiny_config(t__steps=2), device="cpu")
-    with pytest.raises(local_train.RunError, match="another configuration"):
+    with pytest.raises(local_train.RunError, match=r"another configuration \(sparsity\.pfrac=[0-9.]+, not 0\.5\); resume it with its own settings"):
         local_train.train_local(stdlib_data, out, tiny_config(t__steps=2, s__pfrac=0.5), device="cpu")
 
 
@@ -53,6 +53,8 @@ def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):
     assert info["step"] == 12 and c_fc["nonzeros"] <= round(0.25 * c_fc["numel"])
     r = runner.invoke(app, ["model", "info", str(out)])
     assert r.exit_code == 0 and "transformer.h.1.attn.c_attn.weight" in r.stdout
+    in_matrices = sum(m["nonzeros"] for m in info["matrices"].values())  # both nonzero counts say what they count
+    assert f"nonzero {info['nonzero_params']:,} (every parameter; {in_matrices:,} in the sparsified matrices below" in r.stdout
     r = runner.invoke(app, ["model", "export", str(out), "--out", str(tmp_path / "ref")])
     assert r.exit_code == 0 and (tmp_path / "ref" / "final_model.pt").exists()
     r = runner.invoke(app, ["model", "import", str(tmp_path / "ref"), "--out", str(tmp_path / "back")])
