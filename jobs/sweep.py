@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from cluster import checkpoints, data, local_train, ray_train, runtime, storage
+from cluster import data, storage
 from sparsity.config import LR_DENSE, ModelConfig, RunConfig, SparsityConfig, TrainConfig
 from sparsity.errors import ConfigError, CspError
 
@@ -122,6 +122,8 @@ def trial_names(sweep_uri: str, pts: list[dict], cfgs: list[RunConfig]) -> list[
     """Each point's trial name in the sweep at ``sweep_uri``: :func:`trial_name`, or the
     :func:`legacy_trial_name` its run already has there. Two points that would share a name
     (the same run twice) are refused naming both."""
+    from cluster import checkpoints
+
     sweep = storage.resolve(sweep_uri)
     names, seen = [], {}
     for p, cfg in zip(pts, cfgs, strict=True):
@@ -196,6 +198,8 @@ def _run_trial(config: dict) -> None:
     """The Tune trial: one distributed training run, then its metrics and summary row."""
     from ray import tune
 
+    from cluster import local_train, ray_train
+
     cfg = RunConfig.from_dict(config["cfg"])
     sweep = storage.resolve(config["sweep"])
     name = config["trial"]
@@ -221,6 +225,8 @@ def _run_trial(config: dict) -> None:
 
 
 def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) -> dict:
+    from cluster import checkpoints
+
     out = run_loc(sweep, name)
     ckpt = checkpoints.load(out.uri, with_train_state=False)
     history = checkpoints.read_metrics(out.uri)
@@ -256,6 +262,8 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
     A sweep directory holds one sweep: resuming it with another base, training or sparsity
     config is refused (its trials would be skipped as done while meaning something else)."""
     from ray import tune
+
+    from cluster import local_train, runtime
 
     pts = points(grid) if grid else []
     pts += [p for p in (extra_points or []) if p not in pts]
@@ -340,6 +348,8 @@ def read_summary(sweep_uri: str):
 
 def _runs(sw) -> list[str]:
     """The run directories under a sweep's runs/ that have checkpointed (``RUN/checkpoints/latest.json``)."""
+    from cluster import checkpoints
+
     tail = f"/{checkpoints.CHECKPOINTS}/{checkpoints.LATEST}"
     return sorted(u[: -len(tail)] for u in storage.ls(storage.resolve(sw).join(RUNS), suffix=checkpoints.LATEST) if u.endswith(tail))
 
@@ -349,6 +359,8 @@ def watch_steps(sw, pts: list[dict], steps: int, progress: Callable[[int, int], 
     """While the sweep of ``pts`` trains, report the steps checkpointed over all its trials
     (each run's ``checkpoints/latest.json`` under ``SWEEP/runs/``), from a polling thread:
     Tune itself stays quiet."""
+    from cluster import checkpoints
+
     if progress is None:
         yield
         return

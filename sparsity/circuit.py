@@ -22,14 +22,17 @@ writes to one of the task's two answer tokens).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from sparsity.config import LOCATIONS
+
+if TYPE_CHECKING:
+    import torch
 
 NODE_LOCATIONS = tuple(loc.hook for loc in LOCATIONS)  # a node's location is the hook point it gates
 WEIGHT_EDGE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.in", "mlp.out")
@@ -148,7 +151,21 @@ class Circuit:
         return hashlib.sha256(json.dumps([sorted(self.nodes), len(self.edges)]).encode()).hexdigest()
 
 
-@torch.no_grad()
+def _no_grad(fn):
+    """Run ``fn`` under torch.no_grad, importing torch only when called: reading the status
+    vocabulary or a stored row of this module loads no torch (csp results stays fast)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@_no_grad
 def edges_between(model, kept: dict[str, torch.Tensor]) -> list[dict]:
     """Every nonzero weight whose two end nodes are kept, plus residual edges.
 
@@ -188,7 +205,7 @@ def edges_between(model, kept: dict[str, torch.Tensor]) -> list[dict]:
     return out
 
 
-@torch.no_grad()
+@_no_grad
 def extra_edge_counts(model, kept: dict[str, torch.Tensor], answer_ids: list[int]) -> dict[str, int]:
     """Connections of a circuit that are not single weights between two of its nodes.
 

@@ -173,6 +173,23 @@ def test_commands_that_need_no_model_import_neither_torch_nor_ray(args):
     assert p.returncode == 0 and p.stdout.strip() and p.stderr.strip().splitlines()[-1] == "[]", p.stdout + p.stderr
 
 
+def test_commands_that_read_stored_results_import_neither_torch_nor_ray(quick_demo):
+    """`results circuits|frontier|controls`, `sweep status`, `data info` and `data verify`
+    answer from Parquet and JSON: on a real demo store none of them loads torch or Ray."""
+    import subprocess
+    import sys
+
+    out, _ = quick_demo
+    for args in (["results", "circuits", f"{out}/results"], ["results", "frontier", f"{out}/results"],
+                 ["results", "controls", f"{out}/results"], ["sweep", "status", f"{out}/sweep"],
+                 ["data", "info", f"{out}/data"], ["data", "verify", f"{out}/data"]):
+        code = ("import sys; from cli.main import app\n"
+                f"try:\n    app({args!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+                "print(sorted(m for m in ('torch', 'ray') if m in sys.modules), file=sys.stderr)")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.strip() and p.stderr.strip().splitlines()[-1] == "[]", (args, p.stdout + p.stderr)
+
+
 def test_tokenizer_build_then_info(small_corpus, tmp_path):
     out = tmp_path / "tok"
     r = _run("tokenizer", "build", "--corpus", str(small_corpus), "--out", str(out), "--vocab-size", "600")
