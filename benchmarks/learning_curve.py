@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # spawned workers re-import this file
-import _bootstrap  # noqa: E402, F401  (first of ours: fixes sys.path)
+import _bootstrap  # noqa: E402  (first of ours: fixes sys.path; cpu_name)
 import numpy as np  # noqa: E402
 
 BASE = {"n_layer": 2, "n_head": 4, "d_head": 16, "d_model": 64, "d_mlp": 256, "afrac": 0.25}
@@ -280,19 +280,7 @@ def rates(specs: list[str], cache: Path, steps: int) -> dict:
         dts = np.diff(stamps)[2:]
         shapes[key] = {"tokens_per_s": round(p["b"] * p["ctx"] / float(np.median(dts)), 1), "step_ms": round(1e3 * float(np.median(dts)), 1)}
         log(f"{key}: {shapes[key]}")
-    return {"threads": 1, "cpu": _cpu_name(), "shapes": shapes}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    return {"threads": 1, "cpu": _bootstrap.cpu_name(), "shapes": shapes}
 
 
 def read_lines(path: Path) -> list[dict]:

@@ -54,11 +54,10 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread unless --threads says otherwise
 
-import _bootstrap  # noqa: E402, F401  (first of ours: fixes sys.path)
+import _bootstrap  # noqa: E402  (first of ours: fixes sys.path; cpu_name)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -588,18 +587,6 @@ def tokenization(task, tok, test, index: SuffixIndex, context: int) -> dict:
 # ---------------------------------------------------------------------------- main
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="a trained checkpoint (run dir or step dir)")
@@ -688,7 +675,7 @@ def main() -> int:
         out_tasks[name] = rec
 
     out = {
-        "checkpoint": what, "data": data_uri, "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+        "checkpoint": what, "data": data_uri, "cpu": _bootstrap.cpu_name(), "threads": torch.get_num_threads(),
         "shape": f"d_model {cfg.d_model} × {cfg.n_layer} layers, d_mlp {cfg.d_mlp}, ctx {cfg.block_size}, afrac {cfg.afrac}",
         "train_tokens": int(len(stream)), "corpus_files": src_info | {"parsed": cons["files_parsed"], "failed": cons["files_failed"]},
         "settings": {"test_pairs": args.test_pairs, "max_suffix": args.max_suffix, "min_events": args.min_events,

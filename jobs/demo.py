@@ -194,7 +194,8 @@ def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
     mine = ok[ok["task"].isin(tasks)]
     uris = set(mine["checkpoint_uri"])
     good = set(mine[mine["status"] == "ok"]["checkpoint_uri"])
-    ranked = sorted((str(t.checkpoint_uri) not in good, SparsityConfig(pfrac=t.pfrac, ef=float(t.ef)).l0frac, -float(t.ef), str(t.checkpoint_uri))
+    ranked = sorted((str(t.checkpoint_uri) not in good, viz.density(t.pfrac, float(t.ef), getattr(t, "density", None)), -float(t.ef),
+                     str(t.checkpoint_uri))
                     for t in trials.itertuples() if str(t.checkpoint_uri) in uris)
     return tasks, [r[-1] for r in ranked[: plan.control_models]]
 

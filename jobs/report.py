@@ -15,7 +15,6 @@ from cluster import storage
 from jobs import diagram, results, sweep, viz
 from sparsity import tasks as task_lib
 from sparsity.circuit import solved
-from sparsity.config import SparsityConfig
 from sparsity.prune import PruneConfig
 
 SUMMARY_SCHEMA = pa.schema([
@@ -88,7 +87,7 @@ def model_summary(sweep_uri: str, results_uri: str, target: float = PruneConfig.
         ef = float(t.ef)
         rows.append({
             "model_id": c["model_id"].iloc[0] if len(c) else None, "trial": t.trial, "pfrac": t.pfrac, "ef": ef, "seed": int(t.seed),
-            "d_model": t.d_model, "density": SparsityConfig(pfrac=t.pfrac, ef=ef).l0frac, "nonzeros": t.nonzeros, "steps": t.steps,
+            "d_model": t.d_model, "density": viz.density(t.pfrac, ef, getattr(t, "density", None)), "nonzeros": t.nonzeros, "steps": t.steps,
             "val_loss": t.val_loss, "tasks_solved": int(c["status"].map(solved).sum()) if len(c) else 0,
             "tasks_with_circuit": int((c["status"] == "ok").sum()) if len(c) else 0,
             "tasks_beating_random": int(((c["status"] == "ok") & c["beats_random_keep"].fillna(False).astype(bool)).sum()),
