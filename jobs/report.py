@@ -314,12 +314,59 @@ def _wider_claims(seed0, ok, noise_loss: float, noise_edges: float) -> list[str]
     return out
 
 
+# How a claim line of frontier_claims ends, most specific first: the verdict block sorts by it.
+CLAIM_VERDICTS = (("not reproduced", "not reproduced"), ("reproduced", "reproduced"), ("partly", "partly"),
+                  ("within seed noise", "within seed noise"), ("cannot be judged", "cannot be judged"))
+# Why a (model, task) pair has no verified circuit, in the order the verdict lists them.
+NO_CIRCUIT_WORDS = (("not_verified", "met the target on selection pairs but not on test pairs"),
+                    ("target_not_reached", "no circuit met the target"),
+                    ("trivial", "solved by the direct embedding → unembedding path alone"),
+                    ("model_misses_target", "the full model does the task but misses the target"),
+                    ("chance", "the full model is at chance"), ("failed", "pruning failed"))
+
+
+def claim_verdict(text: str) -> str:
+    """The verdict word of one frontier_claims line ("noise scale" for the seed-noise line)."""
+    low = text.lower()
+    for needle, word in CLAIM_VERDICTS:
+        if needle in low:
+            return word
+    return "noise scale"
+
+
+def verdicts(summary, circ, claims: list[str], ctl=None) -> dict:
+    """The report's opening block: each claim with its verdict, per model why tasks have no
+    verified circuit (counts of each status, with the nearest miss), and the controls'
+    tally. ``circ``: the real circuit rows at the plan's target."""
+    models = []
+    for r in summary.itertuples():
+        rows = circ[circ["model_id"] == r.model_id] if r.model_id is not None else circ.iloc[0:0]
+        counts = rows["status"].value_counts()
+        parts = [f"{int(counts.get('ok', 0))} verified"]
+        for status, words in NO_CIRCUIT_WORDS:
+            n = int(counts.get(status, 0))
+            if n:
+                near = rows[rows["status"] == status].sort_values("full_loss").iloc[0] if status == "model_misses_target" else None
+                parts.append(f"{n} {words}" + (f" (nearest: {near['task']}, {near['full_loss']:.3f})" if near is not None else ""))
+        models.append({"label": label(r.pfrac, r.ef, getattr(r, "seed", 0)), "text": "; ".join(parts)})
+    tally = None
+    if ctl is not None and len(ctl):
+        judged = [control_verdict(r) for r in ctl.itertuples()]
+        tally = {"passes": sum(v.startswith("passes") for v in judged), "fails": sum(v.startswith("FAILS") for v in judged),
+                 "not_run": sum(v.startswith("not run") for v in judged), "reported": sum(v.startswith("reported") for v in judged)}
+    return {"claims": [{"text": c, "verdict": claim_verdict(c)} for c in claims], "models": models, "controls": tally,
+            "any_verified": bool((circ["status"] == "ok").any()) if len(circ) else False,
+            "n_pairs": int(len(circ)), "n_ok": int((circ["status"] == "ok").sum()) if len(circ) else 0,
+            "n_models": int(summary["model_id"].notna().sum()) if len(summary) else 0}
+
+
 def _cell(r, d: dict | None, root) -> dict:
     """One (model, task) cell of the circuits grid."""
     if r is None:
         return {"kind": "missing"}
+    full = _num(getattr(r, "full_loss", None), ".3f")  # the full model's held-out loss: every cell shows it against the target
     if r.status in ("chance", "model_misses_target"):
-        return {"kind": "no_task", "word": "chance" if r.status == "chance" else "misses",
+        return {"kind": "no_task", "word": "chance" if r.status == "chance" else "misses", "full": full,
                 "title": f"full model: held-out loss {r.full_loss:.3f}, accuracy {r.full_accuracy:.2f}"}
     if d:
         import pandas as pd
@@ -329,10 +376,11 @@ def _cell(r, d: dict | None, root) -> dict:
         title = (f"{r.status}: sufficiency loss {_num(r.sufficiency_loss, '.3f')}, best random set of its size "
                  f"{_num(getattr(r, 'random_keep_best', None), '.3f')}, half the rest ablated {_num(getattr(r, 'partial_ablation_loss', None), '.3f')}")
         return {"kind": "circuit", "css": "ok" if r.status == "ok" else "tnr", "href": _rel(root, d["html"]), "weak": weak,
-                "n_edges": int(r.n_edges), "title": title}
+                "n_edges": int(r.n_edges), "title": title, "full": full}
     if r.status == "trivial":
-        return {"kind": "other", "status": "direct path", "title": f"every node ablated: loss {_num(getattr(r, 'ablated_loss', None), '.3f')}"}
-    return {"kind": "other", "status": r.status, "title": ""}
+        return {"kind": "other", "status": "direct path", "full": full,
+                "title": f"every node ablated: loss {_num(getattr(r, 'ablated_loss', None), '.3f')}"}
+    return {"kind": "other", "status": r.status, "title": "", "full": full}
 
 
 def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick: bool, ctl=None) -> str:
@@ -366,6 +414,7 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
               for r in circuit_checks(circ, label_of).itertuples()]
     featured = [d for d in diagrams if d["task"] == "single_double_quote"] or diagrams[:2]
     front_svg = root.join("figures", "frontier.svg")
+    claims = frontier_claims(summary, circ)
     env = jinja2.Environment(autoescape=True, trim_blocks=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     template = env.from_string(resources.files("jobs").joinpath("templates", "report.html.j2").read_text(encoding="utf-8"))
     return template.render(
@@ -373,8 +422,9 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
         loose_target=f"{plan.prune.also_targets[0]:g}" if plan.prune.also_targets else None,
         root=root.uri, notes=plan.notes, timings=", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
         models=models, column_labels=[label_of[m] for m in ids], grid=grid, controls=controls, checks=checks,
+        starred=any(c["kind"] == "circuit" and c["css"] != "ok" for row in grid for c in row["cells"]),
         frontier_svg=_inline_svg(storage.read_text(front_svg)) if storage.exists(front_svg) else None,
         featured=[{"task": d["task"], "label": label_of.get(d["model_id"], d["model_id"]), "svg": _inline_svg(storage.read_text(d["svg"]))}
                   for d in featured],
-        page_js=diagram.PAGE_JS, claims=frontier_claims(summary, circ),
+        page_js=diagram.PAGE_JS, claims=claims, verdict=verdicts(summary, circ, claims, ctl),
     )

@@ -91,6 +91,11 @@ def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_th
     assert len(links) >= len(drawable) + 2  # every diagram and both frontier files
     assert report.count('class="csp-circuit"') >= 1 and "<svg" in report
     assert "Faithfulness controls" in report and "nonsense_fixed" in report
+    # the verdict block opens the report: how many pairs verified, and per model why the rest did not
+    verdict = report[report.index("<h2>Verdict</h2>"): report.index("<h2>Models</h2>")]
+    assert f"{int((circ['status'] == 'ok').sum())} of {len(circ)} (model, task) pairs have a verified circuit" in verdict
+    assert verdict.count("<li>") >= len(demo_lib.quick_plan().models) and "Controls:" in verdict
+    assert report.count("<small>full ") == len(circ)  # every grid cell shows the full model's loss
 
 
 def test_re_running_the_demo_repeats_no_finished_work(quick_demo):
@@ -229,3 +234,30 @@ def test_frontier_claims_call_differences_within_the_seed_noise_neither_way():
     assert "within seed noise (±100.0 edges" in sparser(models(250))  # 1/4 smaller than 1/8 by 50 < 100
     assert "not reproduced" in sparser(models(150))  # by 150 > 100
     assert "reproduced: sparser → smaller" in sparser(models(450))  # larger by 150 > 100
+
+
+def test_the_verdict_names_each_claims_outcome_and_why_models_have_no_circuit():
+    """The report's verdict block: each frontier claim with its verdict word, and per model
+    the count of each reason a task has no verified circuit, with the nearest miss."""
+    from jobs import report
+
+    summary = pd.DataFrame([{"model_id": "a-1", "pfrac": 1.0, "ef": 2.0, "seed": 0}, {"model_id": None, "pfrac": 0.5, "ef": 2.0, "seed": 0}])
+    circ = pd.DataFrame([
+        {"model_id": "a-1", "task": "else_elif", "status": "ok", "full_loss": 0.05},
+        {"model_id": "a-1", "task": "single_double_quote", "status": "model_misses_target", "full_loss": 0.157},
+        {"model_id": "a-1", "task": "fstring_brace", "status": "model_misses_target", "full_loss": 0.48},
+        {"model_id": "a-1", "task": "if_ternary", "status": "chance", "full_loss": 4.1},
+        {"model_id": "a-1", "task": "indent_for", "status": "not_verified", "full_loss": 0.09},
+    ])
+    claims = ["Seed noise (one point at two seeds): val loss ±0.035, geomean edges ±486.0.",
+              "Sparser at equal width (d_model 128; …): within seed noise (±486.0 edges …): cannot be told apart.",
+              "Wider at equal nonzeros (~368,640): d_model 128 vs 64 — val loss -0.185, …: reproduced: the frontier moves outward.",
+              "Sparser at equal width (d_model 64): fewer than two of its densities have verified circuits, so it cannot be judged.",
+              "Wider … : not reproduced."]
+    v = report.verdicts(summary, circ, claims)
+    assert [c["verdict"] for c in v["claims"]] == ["noise scale", "within seed noise", "reproduced", "cannot be judged", "not reproduced"]
+    first = v["models"][0]["text"]
+    assert first.startswith("1 verified; 1 met the target on selection pairs but not on test pairs")
+    assert "2 the full model does the task but misses the target (nearest: single_double_quote, 0.157)" in first
+    assert "1 the full model is at chance" in first and v["models"][1]["text"] == "0 verified"
+    assert (v["n_ok"], v["n_pairs"], v["controls"]) == (1, 5, None)
