@@ -21,11 +21,11 @@ def serve(
     bucket: Annotated[list[str], typer.Option(help="Bucket to create (repeatable).")] = ["csp"],  # noqa: B006
 ) -> None:
     """Serve S3 on 127.0.0.1:PORT until Ctrl+C, with the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+    if not 1 <= port <= 65535:
+        raise typer.BadParameter(f"--port must be in [1, 65535], got {port}")
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not key or not secret:
         raise typer.BadParameter("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY first: the server accepts only those credentials")
-    if not 1 <= port <= 65535:
-        raise typer.BadParameter(f"--port must be in [1, 65535], got {port}")
     from cluster import storage
 
     for b in bucket:  # a name S3 refuses would leave the server waiting for a bucket it never makes

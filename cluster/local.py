@@ -205,6 +205,8 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, port: int = 6379, das
     """Start a head and ``nodes - 1`` worker nodes on this machine; returns the cluster."""
     if nodes < 1:
         raise LocalClusterError(f"--nodes must be ≥ 1, got {nodes}", exit_code=USAGE)
+    if cpus_per_node is not None and not cpus_per_node > 0:
+        raise LocalClusterError(f"--cpus-per-node must be > 0, got {cpus_per_node:g}: a node without CPUs runs no task", exit_code=USAGE)
     check_tmpdir()
     cores = os.cpu_count() or 1
     per_node = cpus_per_node if cpus_per_node is not None else (cores + 1 if nodes == 1 else max(2, cores))
