@@ -27,6 +27,7 @@ ROWS = (  # (location or group, row label); six rows per layer, top to bottom
 COLORS = {"attn.act_in": "#4a5568", "attn.q": "#805ad5", "attn.k": "#dd6b20", "attn.v": "#2f855a",
           "attn.resid_delta": "#2c5282", "mlp.act_in": "#4a5568", "mlp.post_act": "#b7791f", "mlp.resid_delta": "#2c5282"}
 POS, NEG = "#2166ac", "#b2182b"
+_LEGEND = "vertical lines: residual channels · curves: nonzero weights (blue +, red −, width ∝ |w|) · nodes: q k v neuron · hover a node"
 MAX_EDGES = 1500  # a diagram draws at most this many weight edges, the largest |w| first
 
 
@@ -91,14 +92,6 @@ def _svg_head(row: dict, nodes: list[tuple[int, str, int]], edges: list[dict], g
     """The document's opening: the <svg> element, its style and background, and the title,
     numbers and legend lines."""
     e = html.escape
-    width, height = g.width, g.height
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="csp-circuit" width="{width:.0f}" height="{height:.0f}" '
-           f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" '
-           f'data-model="{e(str(row.get("model_id")))}" data-task="{e(str(row.get("task")))}">']
-    out.append('<style>.edge{fill:none;opacity:.55}.resid{stroke:#cbd5e0;stroke-width:1}.resid-live{stroke:#718096;stroke-width:2}'
-               '.node circle,.node rect{stroke:#1a202c;stroke-width:.6}.lbl{font-size:10px;fill:#4a5568}.small{font-size:7px;fill:#4a5568}'
-               '.hl{opacity:1!important;stroke-width:3!important}.dim .edge{opacity:.08}</style>')
-    out.append('<rect width="100%" height="100%" fill="white"/>')
     m = row
     head = (f"{m.get('task')} — {m.get('model_id')}")
     sub = (f"status {m.get('status')} · {len(nodes)} nodes · {int(m.get('n_edges') or 0)} weight edges "
@@ -107,6 +100,17 @@ def _svg_head(row: dict, nodes: list[tuple[int, str, int]], edges: list[dict], g
     n_weighted = sum(1 for x in edges if x["kind"] != "resid")
     if n_weighted > MAX_EDGES:
         sub += f" · drawing the {MAX_EDGES} largest |w| of {n_weighted} edges"
+    # The header never clips: the drawing is at least as wide as its longest line (Helvetica
+    # averages under 0.6 em a character; 15 px bold title, 11 px numbers, 10 px legend).
+    g.width = max(g.width, 16 + 0.62 * 15 * len(head) + 16, 16 + 0.58 * 11 * len(sub) + 16, 16 + 0.58 * 10 * len(_LEGEND) + 16)
+    width, height = g.width, g.height
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="csp-circuit" width="{width:.0f}" height="{height:.0f}" '
+           f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" '
+           f'data-model="{e(str(row.get("model_id")))}" data-task="{e(str(row.get("task")))}">']
+    out.append('<style>.edge{fill:none;opacity:.55}.resid{stroke:#cbd5e0;stroke-width:1}.resid-live{stroke:#718096;stroke-width:2}'
+               '.node circle,.node rect{stroke:#1a202c;stroke-width:.6}.lbl{font-size:10px;fill:#4a5568}.small{font-size:7px;fill:#4a5568}'
+               '.hl{opacity:1!important;stroke-width:3!important}.dim .edge{opacity:.08}</style>')
+    out.append('<rect width="100%" height="100%" fill="white"/>')
     out.append(f'<text x="16" y="26" font-size="15" font-weight="bold">{e(head)}</text>')
     out.append(f'<text x="16" y="46" font-size="11" fill="#2d3748">{e(sub)}</text>')
     out.append(f'<text x="16" y="64" font-size="10" fill="#4a5568">vertical lines: residual channels · curves: nonzero weights '
