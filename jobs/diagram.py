@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 RESID_LOCS = ("attn.act_in", "attn.resid_delta", "mlp.act_in", "mlp.resid_delta")
 ROWS = (  # (location or group, row label); six rows per layer, top to bottom
@@ -36,15 +36,48 @@ def _show(s: str) -> str:
 
 
 def circuit_svg(row: dict, nodes: list[tuple[int, str, int]], edges: list[dict], n_layer: int, d_head: int,
-                tops: dict[tuple, list[dict]] | None = None) -> str:
-    """The circuit as one standalone SVG document (see the module docstring)."""
-    g = _layout(nodes, n_layer, d_head)
+                tops: dict[tuple, list[dict]] | None = None, io: dict | None = None) -> str:
+    """The circuit as one standalone SVG document (see the module docstring). ``io``: where
+    the circuit starts and ends — ``{"inputs": [(token, {channel: embedding weight})],
+    "answers": [(token, {channel: unembedding weight})]}``: a row of input tokens above the
+    first layer with their embedding weights into the residual channels the circuit reads,
+    and a row of answer tokens below the last layer with the weights from the channels it
+    writes into their logits."""
+    io = io or {}
+    g = _layout(nodes, n_layer, d_head, bool(io))
     out = _svg_head(row, nodes, edges, g)
     out += _svg_rows(g, n_layer, nodes)
     out += _svg_edges(edges, g.pos)
-    out += _svg_nodes(nodes, g, tops or {}, d_head)
+    out += _svg_io(io, g)
+    wired = {tuple(x[end]) for x in edges for end in ("src", "dst")}
+    out += _svg_nodes(nodes, g, tops or {}, d_head, wired)
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _svg_io(io: dict, g: _Layout) -> list[str]:
+    """The input tokens (above) and answer tokens (below) with their weights to the residual
+    channels the circuit uses; a channel outside the circuit is not drawn."""
+    out = []
+    for key, y, y_end, word in (("inputs", g.in_y, g.top + 4, "embedding"), ("answers", g.out_y, g.out_y - g.row_h / 2 - 8, "unembedding")):
+        toks = io.get(key) or []
+        if not toks:
+            continue
+        label = "input tokens" if key == "inputs" else "answer logits"
+        out.append(f'<text class="lbl" x="10" y="{y + 3:.0f}">{label}</text>')
+        wmax = max([abs(w) for _, ws in toks for w in ws.values()] + [1e-9])
+        step = (g.width - 160) / len(toks)
+        for i, (tok, ws) in enumerate(toks):
+            x = 130 + (i + 0.5) * step
+            for c, w in sorted(ws.items()):
+                if c not in g.col_x:
+                    continue
+                out.append(f'<path class="edge io" d="M{x:.1f},{y:.1f} L{g.col_x[c]:.1f},{y_end:.1f}" stroke="{POS if w > 0 else NEG}" '
+                           f'stroke-width="{0.4 + 1.6 * abs(w) / wmax:.2f}"><title>{html.escape(repr(tok))} {word} · channel {c}: {w:+.3f}</title></path>')
+            out.append(f'<g class="token" data-role="{key[:-1]}" data-token="{html.escape(_show(tok))}"><rect x="{x - 34:.1f}" y="{y - 9:.1f}" width="68" height="18" rx="3" '
+                       f'fill="#fefcbf" stroke="#975a16" stroke-width=".6"/><text x="{x:.1f}" y="{y + 4:.1f}" font-size="11" text-anchor="middle" '
+                       f'font-family="Menlo, Consolas, monospace">{html.escape(_show(repr(tok)[1:-1])[:10])}</text></g>')
+    return out
 
 
 @dataclass
@@ -60,9 +93,13 @@ class _Layout:
     row_y: dict[tuple[int, str], float]
     col_x: dict[int, float]
     pos: dict[tuple, tuple[float, float]]
+    in_y: float = 0.0  # the input tokens' row (above layer 0), when drawn
+    out_y: float = 0.0  # the answer tokens' row (below the last layer)
+    bands: list[tuple[int, float, float, bool]] = field(default_factory=list)  # (layer, y, height, has nodes): a layer without nodes is one thin row
+    bottom: float = 0.0  # where the last layer ends
 
 
-def _layout(nodes: list[tuple[int, str, int]], n_layer: int, d_head: int) -> _Layout:
+def _layout(nodes: list[tuple[int, str, int]], n_layer: int, d_head: int, io: bool = False) -> _Layout:
     resid_cols = sorted({i for (_, loc, i) in nodes if loc in RESID_LOCS})
     mids: dict[tuple[int, str], list[tuple[int, str, int]]] = defaultdict(list)
     for n in sorted(nodes, key=lambda n: (n[0], n[2] // d_head if n[1] in ("attn.q", "attn.k", "attn.v") else 0, n[1], n[2])):
@@ -71,11 +108,21 @@ def _layout(nodes: list[tuple[int, str, int]], n_layer: int, d_head: int) -> _La
         elif n[1] == "mlp.post_act":
             mids[(n[0], "mlp.post_act")].append(n)
     left, top, col_w, mid_w, row_h = 120, 96, 16, 11, 58
+    if io:  # a row of input tokens above the first layer, one of answer tokens below the last
+        top += row_h
     widest = max([len(resid_cols) * col_w] + [len(v) * mid_w for v in mids.values()] + [420])
     width = left + widest + 40
-    n_rows = n_layer * len(ROWS)
-    height = top + n_rows * row_h + 50
-    row_y = {(layer, key): top + (layer * len(ROWS) + r) * row_h + row_h / 2 for layer in range(n_layer) for r, (key, _) in enumerate(ROWS)}
+    used = {n[0] for n in nodes}
+    row_y: dict[tuple[int, str], float] = {}
+    bands, y = [], float(top)
+    for layer in range(n_layer):  # a layer the circuit keeps nothing in is one row, not six
+        full = layer in used
+        for r, (key, _) in enumerate(ROWS):
+            row_y[(layer, key)] = y + (r if full else 0) * row_h + row_h / 2
+        h = (len(ROWS) if full else 1) * row_h
+        bands.append((layer, y, h, full))
+        y += h
+    height = y + 50 + (row_h if io else 0)
     col_x = {c: left + (i + 0.5) * (widest / max(1, len(resid_cols))) for i, c in enumerate(resid_cols)}
     pos: dict[tuple, tuple[float, float]] = {}
     for layer, loc, idx in nodes:
@@ -85,7 +132,8 @@ def _layout(nodes: list[tuple[int, str, int]], n_layer: int, d_head: int) -> _La
         step = widest / len(group)
         for i, n in enumerate(group):
             pos[n] = (left + (i + 0.5) * step, row_y[(layer, key)])
-    return _Layout(resid_cols, mids, top, row_h, width, height, row_y, col_x, pos)
+    return _Layout(resid_cols, mids, top, row_h, width, height, row_y, col_x, pos,
+                   in_y=top - row_h / 2 - 8, out_y=y + row_h / 2 + 4, bands=bands, bottom=y)
 
 
 def _svg_head(row: dict, nodes: list[tuple[int, str, int]], edges: list[dict], g: _Layout) -> list[str]:
@@ -123,13 +171,15 @@ def _svg_head(row: dict, nodes: list[tuple[int, str, int]], edges: list[dict], g
 def _svg_rows(g: _Layout, n_layer: int, nodes: list[tuple[int, str, int]]) -> list[str]:
     """Layer bands with their row labels, and a vertical line per residual channel."""
     out = []
-    top, row_h = g.top, g.row_h
-    for layer in range(n_layer):  # layer bands and row labels
-        y0 = top + layer * len(ROWS) * row_h
-        out.append(f'<rect x="4" y="{y0:.0f}" width="{g.width - 8:.0f}" height="{len(ROWS) * row_h:.0f}" fill="{"#f7fafc" if layer % 2 == 0 else "#ffffff"}"/>')
+    top = g.top
+    for layer, y0, h, full in g.bands:  # layer bands and row labels
+        out.append(f'<rect x="4" y="{y0:.0f}" width="{g.width - 8:.0f}" height="{h:.0f}" fill="{"#f7fafc" if layer % 2 == 0 else "#ffffff"}"/>')
+        if not full:
+            out.append(f'<text class="lbl" x="10" y="{y0 + h / 2 + 3:.0f}">L{layer}: nothing kept (the residual passes through)</text>')
+            continue
         for key, label in ROWS:
             out.append(f'<text class="lbl" x="10" y="{g.row_y[(layer, key)] + 3:.0f}">L{layer} {label}</text>')
-    y_first, y_last = top + 4, top + n_layer * len(ROWS) * row_h - 4
+    y_first, y_last = top + 4, g.bottom - 4
     for c in g.resid_cols:  # residual channels: a vertical line each, darker where the circuit carries it
         x = g.col_x[c]
         out.append(f'<line class="resid" x1="{x:.1f}" y1="{y_first}" x2="{x:.1f}" y2="{y_last}"><title>residual channel {c}</title></line>')
@@ -158,8 +208,11 @@ def _svg_edges(edges: list[dict], pos: dict[tuple, tuple[float, float]]) -> list
     return out
 
 
-def _svg_nodes(nodes: list[tuple[int, str, int]], g: _Layout, tops: dict[tuple, list[dict]], d_head: int) -> list[str]:
-    """A marker per kept node, its hover text naming it and its top-activating tokens."""
+def _svg_nodes(nodes: list[tuple[int, str, int]], g: _Layout, tops: dict[tuple, list[dict]], d_head: int,
+                wired: set | None = None) -> list[str]:
+    """A marker per kept node, its hover text naming it and its top-activating tokens; a node
+    with no edge to another kept node (``wired``: the nodes some edge touches) is drawn faint
+    and says so."""
     out = []
     show_idx = all(len(grp) <= 48 for grp in g.mids.values())
     for n in sorted(set(nodes)):
@@ -170,10 +223,14 @@ def _svg_nodes(nodes: list[tuple[int, str, int]], g: _Layout, tops: dict[tuple, 
             tip.append(f"{t['value']:+.2f}  …{_show(t['context'])}[{_show(t['token'])}]")
         if n in tops and not tops[n]:
             tip.append("(never active on the scanned text)")
+        lone = wired is not None and n not in wired
+        if lone:
+            tip.append("(no edge to another kept node: it acts only through the residual stream or the embeddings)")
         body = (f'<rect x="{x - 4.5:.1f}" y="{y - 4.5:.1f}" width="9" height="9" rx="1.5" fill="{COLORS[loc]}"/>' if loc in ("attn.q", "attn.k", "attn.v")
                 else f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{4.5 if loc in RESID_LOCS else 4:.1f}" fill="{COLORS[loc]}"/>')
         label = f'<text class="small" x="{x:.1f}" y="{y + 13:.1f}" text-anchor="middle">{idx}</text>' if show_idx and loc not in RESID_LOCS else ""
-        out.append(f'<g class="node" data-id="{_nid(n)}" data-loc="{loc}"><title>{html.escape(chr(10).join(tip))}</title>{body}{label}</g>')
+        faint = ' data-lone="1" opacity=".4"' if lone else ""
+        out.append(f'<g class="node" data-id="{_nid(n)}" data-loc="{loc}"{faint}><title>{html.escape(chr(10).join(tip))}</title>{body}{label}</g>')
     return out
 
 

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import io
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 
@@ -145,6 +145,35 @@ def top_tokens(model, tok, rows: torch.Tensor, nodes: list[tuple[int, str, int]]
     return out
 
 
+@torch.no_grad()
+def io_tokens(model, tok, task_name: str, nodes: list[tuple[int, str, int]], n_inputs: int = 8, n_answers: int = 6) -> dict:
+    """Where a circuit starts and ends, for its diagram: the task's answer tokens (from its
+    test pairs, the most frequent first) with their unembedding weights from the residual channels the circuit writes,
+    and the prompt tokens whose embeddings write most (by |w|, summed) into the channels it
+    reads, with those weights. Only nonzero weights; the model's sparsity decides."""
+    from sparsity import tasks as task_lib
+
+    task = task_lib.get(task_name)
+    pairs = task.pairs(32, task_lib.TEST_SEED, at_least=1)
+    reads = sorted({i for (_, loc, i) in nodes if loc in ("attn.act_in", "mlp.act_in")})
+    writes = sorted({i for (_, loc, i) in nodes if loc in ("attn.resid_delta", "mlp.resid_delta")})
+    unembed, embed = model.lm_head.weight.float().cpu(), model.transformer.wte.weight.float().cpu()
+
+    def weights(row, cols) -> dict[int, float]:
+        return {c: float(row[c]) for c in cols if float(row[c]) != 0.0}
+
+    answers = []
+    counts = Counter(x for p in pairs for x in (p.target, p.alt))  # the most frequent first: a name task's keyword before its names
+    for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n_answers]:
+        ids = tok.encode(a)
+        if len(ids) == 1:
+            answers.append((a, weights(unembed[ids[0]], writes)))
+    prompt_ids = sorted({i for p in pairs for s in (p.clean, p.corrupt) for i in tok.encode(s)})
+    strength = {i: float(embed[i, reads].abs().sum()) if reads else 0.0 for i in prompt_ids}
+    inputs = [(tok.decode([i]), weights(embed[i], reads)) for i in sorted(prompt_ids, key=lambda i: -strength[i])[:n_inputs] if strength[i] > 0]
+    return {"inputs": inputs, "answers": answers}
+
+
 class CircuitRenderer:
     """Draws circuits of one results store, loading each model once for its top tokens."""
 
@@ -185,8 +214,9 @@ class CircuitRenderer:
                   "kind": r.kind, "weight": float(r.weight)} for r in ed.itertuples()]
         ckpt, model, tok, scan = self._model(row["checkpoint_uri"])
         tops = top_tokens(model, tok, scan, nodes) if tok is not None else {}
+        io = io_tokens(model, tok, task, nodes) if tok is not None else None
         cfg = ckpt.config.model
-        return circuit_svg(row, nodes, edges, cfg.n_layer, cfg.d_head, tops)
+        return circuit_svg(row, nodes, edges, cfg.n_layer, cfg.d_head, tops, io)
 
     def render(self, model_id: str, task: str, out_uri: str, prune_key: str | None = None) -> tuple[str, str]:
         """Write ``<model>--<task>.svg`` and ``.html`` under ``out_uri``; returns their URIs."""

@@ -85,6 +85,14 @@ def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_th
         assert len(root.findall(f".//{SVG}g[@class='node']")) == row["n_nodes"]
         assert len(root.findall(f".//{SVG}path[@class='edge']")) == min(row["n_edges"], diagram.MAX_EDGES)
         assert (path.with_suffix(".html")).exists()
+        # where the circuit starts and ends: the task's answer tokens, and input tokens of its prompts
+        pairs = task_lib.get(task).pairs(32, task_lib.TEST_SEED, at_least=1)
+        answers = {diagram._show(a) for p in pairs for a in (p.target, p.alt)}
+        drawn = {g.get("data-role"): set() for g in root.iter(SVG + "g") if g.get("class") == "token"}
+        for g in root.iter(SVG + "g"):
+            if g.get("class") == "token":
+                drawn[g.get("data-role")].add(g.get("data-token"))
+        assert drawn.get("answer") and drawn["answer"] <= answers and len(drawn["answer"]) >= min(2, len(answers))
     report = (out / "report.html").read_text()
     links = re.findall(r'href="([^"#]+)"', report)
     assert links and all((out / link).exists() for link in links)

@@ -53,6 +53,26 @@ def test_circuit_svg_draws_every_node_residual_channel_and_signed_edge():
     assert act.get("cx") == line7.get("x1")
 
 
+def test_circuit_svg_shows_where_the_circuit_starts_and_ends():
+    """With ``io`` the diagram has a row of input tokens above the first layer, wired by their
+    embedding weights to the channels the circuit reads, and a row of answer tokens below the
+    last, wired from the channels it writes; weights to channels outside the circuit are not drawn."""
+    nodes = [(0, "attn.act_in", 3), (0, "attn.resid_delta", 5), (1, "mlp.act_in", 5), (1, "mlp.resid_delta", 9)]
+    io = {"inputs": [("'", {3: 0.9, 42: 5.0}), ('"', {3: -0.4})], "answers": [("'\n", {9: 1.5, 5: -0.2}), ('"\n', {9: -1.1})]}
+    root = _parse(diagram.circuit_svg({"model_id": "m", "task": "single_double_quote"}, nodes, [], n_layer=2, d_head=16, io=io))
+    tokens = [g.get("data-token") for g in root.iter(SVG + "g") if g.get("class") == "token"]
+    assert tokens == ["'", '"', "'⏎", '"⏎']  # a newline shown as ⏎
+    wires = [p for p in root.iter(SVG + "path") if p.get("class") == "edge io"]
+    assert len(wires) == 2 + 3  # channel 42 is not in the circuit: not drawn
+    titles = sorted(p.find(f"{SVG}title").text for p in wires)
+    assert any("unembedding · channel 9: +1.500" in x for x in titles) and any("embedding · channel 3: -0.400" in x for x in titles)
+    labels = [x.text for x in root.iter(SVG + "text")]
+    assert "input tokens" in labels and "answer logits" in labels
+    ys = {g.get("data-token"): float(g.find(f"{SVG}rect").get("y")) for g in root.iter(SVG + "g") if g.get("class") == "token"}
+    node_ys = [float(c.get("cy")) for c in root.iter(SVG + "circle")]
+    assert ys["'"] < min(node_ys) and ys["'⏎"] > max(node_ys)  # inputs above every layer, answers below
+
+
 def test_circuit_svg_draws_only_the_strongest_edges_of_a_huge_circuit():
     n = diagram.MAX_EDGES + 100
     nodes = [(0, "mlp.act_in", 0)] + [(0, "mlp.post_act", i) for i in range(n)]
