@@ -68,6 +68,12 @@ def test_circuit_svg_shows_where_the_circuit_starts_and_ends():
     assert any("unembedding · channel 9: +1.500" in x for x in titles) and any("embedding · channel 3: -0.400" in x for x in titles)
     labels = [x.text for x in root.iter(SVG + "text")]
     assert "input tokens" in labels and "answer logits" in labels
+    assert "L1: nothing kept (the residual passes through)" not in labels  # layer 1 has nodes
+    faint = {g.get("data-id") for g in root.iter(SVG + "g") if g.get("data-lone")}
+    assert faint == {"L0.attn.act_in[3]", "L0.attn.resid_delta[5]", "L1.mlp.act_in[5]", "L1.mlp.resid_delta[9]"}  # no edges given
+    one_layer = _parse(diagram.circuit_svg({"model_id": "m", "task": "t"}, nodes[:2], [], n_layer=2, d_head=16))
+    assert "L1: nothing kept (the residual passes through)" in [x.text for x in one_layer.iter(SVG + "text")]
+    assert float(one_layer.get("height")) < float(root.get("height")) - 4 * 58  # an empty layer is one row, not six
     ys = {g.get("data-token"): float(g.find(f"{SVG}rect").get("y")) for g in root.iter(SVG + "g") if g.get("class") == "token"}
     node_ys = [float(c.get("cy")) for c in root.iter(SVG + "circle")]
     assert ys["'"] < min(node_ys) and ys["'⏎"] > max(node_ys)  # inputs above every layer, answers below
