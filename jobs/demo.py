@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from cluster import data, runtime, storage
+from jobs import claims as claims_lib
 from jobs import fanout as fanout_lib
 from jobs import prune_pairs as prune_job
 from jobs import report as report_lib
@@ -318,7 +319,7 @@ def _log_findings(plan: Plan, summary, real, ctl, log: Callable[[str], None]) ->
     circuits' checks and the controls."""
     log("")
     log(report_lib.format_summary(summary))
-    for claim in report_lib.frontier_claims(summary, real):
+    for claim in claims_lib.frontier_claims(summary, real):
         log(claim)
     if (real["status"] == "ok").any():
         log("")

@@ -165,7 +165,7 @@ def test_frontier_claims_compare_circuit_sizes_on_common_tasks_only():
     compared; on a task both verified, the sizes are compared there (and only there)."""
     import pandas as pd
 
-    from jobs import report
+    from jobs import claims
 
     summary = pd.DataFrame([
         {"model_id": "a", "pfrac": 1.0, "ef": 2.0, "seed": 0, "d_model": 128, "density": 0.25, "nonzeros": 100,
@@ -177,9 +177,9 @@ def test_frontier_claims_compare_circuit_sizes_on_common_tasks_only():
     def circ(rows):
         return pd.DataFrame([{"model_id": m, "task": t, "n_edges": e, "status": "ok", "control": None} for m, t, e in rows])
 
-    apart = report.frontier_claims(summary, circ([("a", "else_elif", 22), ("b", "indent_for", 694)]))
+    apart = claims.frontier_claims(summary, circ([("a", "else_elif", 22), ("b", "indent_for", 694)]))
     assert any("d_model 128): its densities' verified circuits are for different tasks, so it cannot be judged" in c for c in apart)
-    both = report.frontier_claims(summary, circ([("a", "else_elif", 22), ("b", "indent_for", 694), ("b", "else_elif", 9)]))
+    both = claims.frontier_claims(summary, circ([("a", "else_elif", 22), ("b", "indent_for", 694), ("b", "else_elif", 9)]))
     claim = next(c for c in both if c.startswith("Sparser at equal width (d_model 128"))
     assert "on else_elif" in claim and "1/8: 9.0, 1/4: 22.0" in claim and "reproduced: sparser → smaller circuits" in claim
 
@@ -225,7 +225,7 @@ def test_frontier_claims_call_differences_within_the_seed_noise_neither_way():
     'within seed noise', not 'not reproduced'; beyond the noise it is 'not reproduced'."""
     import pandas as pd
 
-    from jobs import report
+    from jobs import claims
 
     def models(e_quarter: float):
         rows = [("a", 1.0, 2.0, 0, 128, 0.25, 4.1), ("b", 0.5, 2.0, 0, 128, 0.125, 4.2),
@@ -234,7 +234,7 @@ def test_frontier_claims_call_differences_within_the_seed_noise_neither_way():
                                  "val_loss": v, "geomean_edges": 1.0} for m, p, e, sd, d, dn, v in rows])
         edges = {"a": e_quarter, "b": 300, "c": 400, "d": 500}  # c and d: one model at two seeds, 100 edges apart
         circ = pd.DataFrame([{"model_id": m, "task": "indent_for", "n_edges": n, "status": "ok", "control": None} for m, n in edges.items()])
-        return report.frontier_claims(summary, circ)
+        return claims.frontier_claims(summary, circ)
 
     def sparser(claims):
         return next(c for c in claims if c.startswith("Sparser at equal width (d_model 128"))
