@@ -72,6 +72,10 @@ def test_report_renders_its_diagrams_in_chromium(browser, quick_demo, tmp_path):
         box = browser.execute_script("var r = arguments[0].getBoundingClientRect(); return [r.width, r.height];", svg)
         assert box[0] > 100 and box[1] > 100  # laid out, not collapsed
         assert svg.find_elements(By.CSS_SELECTOR, "g.node") and svg.find_elements(By.CSS_SELECTOR, "line.resid")
+    # where each circuit starts and ends: its input tokens and its task's answer tokens, rendered
+    for svg in svgs:
+        roles = {g.get_attribute("data-role") for g in svg.find_elements(By.CSS_SELECTOR, "g.token") if g.is_displayed()}
+        assert roles == {"input", "answer"}, roles
     frontier = browser.find_elements(By.CSS_SELECTOR, ".frontier svg")
     assert frontier and browser.execute_script("return arguments[0].getBoundingClientRect().width;", frontier[0]) > 100
     # Hover a node with edges: its edges light up and the panel shows its id and top tokens.

@@ -235,6 +235,24 @@ def test_commands_that_read_stored_results_import_neither_torch_nor_ray(quick_de
         assert p.returncode == 0 and p.stdout.strip() and p.stderr.strip().splitlines()[-1] == "[]", (args, p.stdout + p.stderr)
 
 
+def test_every_json_output_is_strict_json_on_a_store_with_missing_values(quick_demo):
+    """Every command with --format json, on a real demo store (whose rows have missing
+    values: no circuit, no control), prints JSON a strict parser accepts: null, never NaN."""
+    import json
+
+    out, _ = quick_demo
+    runs = sorted((out / "sweep" / "runs").iterdir())
+    for args in (["results", "circuits", f"{out}/results", "--all"], ["results", "frontier", f"{out}/results"],
+                 ["results", "controls", f"{out}/results"], ["sweep", "status", f"{out}/sweep"], ["tasks", "list"],
+                 ["data", "info", f"{out}/data"], ["data", "verify", f"{out}/data"], ["model", "info", str(runs[0])]):
+        r = _run(*args, "--format", "json")
+        assert r.exit_code == 0, (args, r.output)
+        doc = json.loads(r.stdout, parse_constant=lambda c, where=args: pytest.fail(f"{where}: non-JSON constant {c}"))
+        assert doc, args
+    r = _run("results", "circuits", f"{out}/results", "--all", "--format", "json")
+    assert any(v is None for row in json.loads(r.stdout) for v in row.values())  # the store does have missing values
+
+
 def test_tokenizer_build_then_info(small_corpus, tmp_path):
     out = tmp_path / "tok"
     r = _run("tokenizer", "build", "--corpus", str(small_corpus), "--out", str(out), "--vocab-size", "600")
