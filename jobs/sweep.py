@@ -270,8 +270,9 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
     if not pts:
         raise SweepError("nothing to train: give a grid or extra points")
     sweep = storage.resolve(sweep_uri)
-    names = trial_names(sweep.uri, pts, [trial_config(base, train, p, density_lr, sparsity) for p in pts])  # validates every point
-    cfgs = {n: trial_config(base, train, p, density_lr, sparsity) for n, p in zip(names, pts, strict=True)}
+    configs = [trial_config(base, train, p, density_lr, sparsity) for p in pts]  # validates every point
+    names = trial_names(sweep.uri, pts, configs)
+    cfgs = dict(zip(names, configs, strict=True))
     point_of = dict(zip(names, pts, strict=True))
     data_uri = storage.resolve(data_uri).uri  # absolute: a trial runs in Tune's working directory, not this one
     record = {"base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "sparsity": sparsity or {}}

@@ -17,7 +17,7 @@ import torch
 
 from cluster import data, storage
 from jobs import loader, results
-from jobs.diagram import circuit_page, circuit_svg
+from jobs.diagram import RESID_LOCS, circuit_page, circuit_svg
 from sparsity.circuit import drawable
 from sparsity.config import SparsityConfig
 from sparsity.errors import CspError
@@ -155,8 +155,8 @@ def io_tokens(model, tok, task_name: str, nodes: list[tuple[int, str, int]], n_i
 
     task = task_lib.get(task_name)
     pairs = task.pairs(32, task_lib.TEST_SEED, at_least=1)
-    reads = sorted({i for (_, loc, i) in nodes if loc in ("attn.act_in", "mlp.act_in")})
-    writes = sorted({i for (_, loc, i) in nodes if loc in ("attn.resid_delta", "mlp.resid_delta")})
+    reads = sorted({i for (_, loc, i) in nodes if loc in RESID_LOCS and loc.endswith("act_in")})
+    writes = sorted({i for (_, loc, i) in nodes if loc in RESID_LOCS and loc.endswith("resid_delta")})
     unembed, embed = model.lm_head.weight.float().cpu(), model.transformer.wte.weight.float().cpu()
 
     def weights(row, cols) -> dict[int, float]:
