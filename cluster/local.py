@@ -4,7 +4,8 @@ Each node is one ``ray start --block`` process in its own process group, with it
 raylet, resources and temp dir, on this machine's address: node 0 is the head (GCS,
 dashboard = Jobs API), nodes 1… join it. The cluster is described by a state file,
 ``{RAY_TMPDIR or /tmp}/csp-cluster-{PORT}/cluster.json``, which records every node's PID
-and its temp dir (``{RAY_TMPDIR or /tmp}/c{i}``: short, so Ray's sockets fit);
+and its temp dir (``{RAY_TMPDIR or /tmp}/c{i}``, handed to Ray as a short alias in /tmp when
+that path is too long for Ray's sockets);
 ``down`` stops exactly those process groups (SIGTERM, then SIGKILL after a grace period),
 never another Ray of the user. ``kill_node`` kills one node's raylet by PID, as a lost
 machine would; ``add_node`` brings a worker node (back) in.
@@ -66,12 +67,14 @@ def state_root(port: int) -> Path:
 # and a Unix socket path holds at most 107 bytes. The head's longest socket is a dashboard
 # module's (dash_MetricsHead, 16 characters, in Ray 2.60), a worker's the object store's
 # (plasma_store, 12). Each node needs a temp dir of its own (Ray finds "the" cluster of a temp
-# dir through a file in it, so two heads must not share one), so each gets the shortest that
-# is unique: RAY_TMPDIR/c<i> (else /tmp/c<i>), 3-4 characters more than Ray's default, where
-# nesting it under the state dir added ~22.
+# dir through a file in it, so two heads must not share one): RAY_TMPDIR/c<i> (else /tmp/c<i>).
+# When that is too long for the sockets, Ray is handed a short alias of it instead, a symlink
+# /tmp/csp<i> → RAY_TMPDIR/c<i> (Ray binds its sockets at the path it is given, and does not
+# resolve links), so the node's files still live under RAY_TMPDIR whatever its length.
 SOCKET_PATH_MAX = 107
 _SESSION = len("/session_2026-12-06_13-02-20_123456_") + len("/sockets/")
 _HEAD_SOCKET, _WORKER_SOCKET = len("dash_MetricsHead"), len("plasma_store")
+ALIAS_ROOT = Path("/tmp")
 
 
 def _pid_digits() -> int:
@@ -87,34 +90,44 @@ def socket_room(temp_dir: str, head: bool = True) -> int:
     return SOCKET_PATH_MAX - (len(os.fsencode(temp_dir)) + tail)
 
 
-def max_tmpdir_len() -> int:
-    """The longest RAY_TMPDIR under which every node of a csp cluster fits its sockets here."""
-    return SOCKET_PATH_MAX - (len("/c99") + _SESSION + _pid_digits() + _HEAD_SOCKET)
-
-
-def check_tmpdir() -> None:
-    """Refuse, before anything starts, a RAY_TMPDIR under which a node's sockets cannot fit."""
-    n = len(os.fsencode(str(tmp_base())))
-    if n > max_tmpdir_len():
-        raise LocalClusterError(
-            f"RAY_TMPDIR={tmp_base()} is too long for Ray's sockets: the head's would be {n - max_tmpdir_len() + SOCKET_PATH_MAX} "
-            f"bytes, over the {SOCKET_PATH_MAX}-byte limit of a Unix socket; use a RAY_TMPDIR of at most {max_tmpdir_len()} "
-            "characters (e.g. /tmp/ray)", exit_code=USAGE)
-
-
-def _node_temp_dir() -> Path:
-    """A fresh, short temp dir for one node: RAY_TMPDIR/c0, c1, … (the first free name,
-    taken atomically, so clusters sharing RAY_TMPDIR never share a node dir)."""
-    base = tmp_base()
-    base.mkdir(parents=True, exist_ok=True)
-    for i in range(10_000):
-        d = base / f"c{i}"
+def _claim(make, names) -> Path:
+    """The first of ``names`` that ``make`` creates (atomically: it fails on an existing one)."""
+    for d in names:
         try:
-            d.mkdir()
+            make(d)
             return d
         except FileExistsError:
             continue
-    raise LocalClusterError(f"no free node temp dir name under {base} (c0 … c9999 all exist); clear them or set another RAY_TMPDIR")
+    raise LocalClusterError(f"no free name for a node temp dir ({names[0]} … {names[-1]} all exist); clear them or set another RAY_TMPDIR")
+
+
+def _node_temp_dir() -> tuple[Path, Path]:
+    """A fresh temp dir for one node, RAY_TMPDIR/c0, c1, … (the first free name, taken
+    atomically, so clusters sharing RAY_TMPDIR never share a node dir), and the path Ray is
+    given for it: the dir itself, or, where that is too long for Ray's sockets, a short
+    symlink to it in /tmp."""
+    base = tmp_base()
+    base.mkdir(parents=True, exist_ok=True)
+    real = _claim(Path.mkdir, [base / f"c{i}" for i in range(10_000)])
+    if socket_room(str(real), head=True) >= 0:
+        return real, real
+    try:
+        alias = _claim(lambda d: os.symlink(real, d), [ALIAS_ROOT / f"csp{i}" for i in range(10_000)])
+    except OSError as e:
+        shutil.rmtree(real, ignore_errors=True)
+        raise LocalClusterError(f"RAY_TMPDIR={base} is too long for Ray's sockets and no short alias could be made in "
+                                f"{ALIAS_ROOT} ({e.strerror or e}); use a RAY_TMPDIR of at most "
+                                f"{len(str(real)) + socket_room(str(real))} characters") from None
+    return real, alias
+
+
+def _remove_temp(n: Node) -> None:
+    """Remove a node's temp dir (and its alias, when Ray was given one)."""
+    for d in (n.real_dir, n.temp_dir):
+        if d and Path(d).is_symlink():
+            Path(d).unlink(missing_ok=True)
+        elif d and Path(d).name.startswith("c"):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @dataclass
@@ -122,10 +135,11 @@ class Node:
     name: str
     pid: int  # the `ray start --block` process; its process group holds the node's processes
     cpus: float
-    temp_dir: str
+    temp_dir: str  # the path Ray was given: the node's dir, or a short alias of it
     log: str
     head: bool = False
     node_id: str | None = None
+    real_dir: str | None = None  # the node's dir under RAY_TMPDIR, where temp_dir is an alias of it
 
     def alive(self) -> bool:
         return _alive(self.pid)
@@ -207,7 +221,6 @@ def up(nodes: int = 1, cpus_per_node: float | None = None, port: int = 6379, das
         raise LocalClusterError(f"--nodes must be ≥ 1, got {nodes}", exit_code=USAGE)
     if cpus_per_node is not None and not cpus_per_node > 0:
         raise LocalClusterError(f"--cpus-per-node must be > 0, got {cpus_per_node:g}: a node without CPUs runs no task", exit_code=USAGE)
-    check_tmpdir()
     cores = os.cpu_count() or 1
     per_node = cpus_per_node if cpus_per_node is not None else (cores + 1 if nodes == 1 else max(2, cores))
     root = state_root(port)
@@ -249,15 +262,14 @@ def down(cluster: LocalCluster | int, grace: float = 8.0) -> int:
         time.sleep(0.2)
     for n in cluster.nodes:  # whatever is left in each node's process group (dashboard forks, workers)
         _killpg(n.pid, signal.SIGKILL)
-    for n in cluster.nodes:  # each node's own temp dir (short, beside the state dir)
-        if Path(n.temp_dir).name.startswith("c"):
-            shutil.rmtree(n.temp_dir, ignore_errors=True)
+    for n in cluster.nodes:  # each node's own temp dir (beside the state dir), and its alias
+        _remove_temp(n)
     shutil.rmtree(cluster.root, ignore_errors=True)
     return len(running)
 
 
 def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: float, gpus: int | None = 0) -> Node:
-    temp = _node_temp_dir()
+    real, temp = _node_temp_dir()
     log = Path(cluster.root) / f"{name}.log"
     args = [ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", f"--num-cpus={cpus:g}"]
     if gpus is not None:
@@ -273,7 +285,8 @@ def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: f
     with open(log, "w") as f:
         proc = subprocess.Popen(args, env=ray_env(), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    node = Node(name=name, pid=proc.pid, cpus=cpus, temp_dir=str(temp), log=str(log), head=head)
+    node = Node(name=name, pid=proc.pid, cpus=cpus, temp_dir=str(temp), log=str(log), head=head,
+                real_dir=str(real) if real != temp else None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")
@@ -283,11 +296,11 @@ def _start(cluster: LocalCluster, name: str, head: bool, cpus: float, timeout: f
                 return node
         if proc.poll() is not None:
             last = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
-            shutil.rmtree(temp, ignore_errors=True)
+            _remove_temp(node)
             raise LocalClusterError(f"ray start for {name} failed ({_plain(last[0])[:200]}); see {log}")
         time.sleep(0.3)
     _killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(temp, ignore_errors=True)
+    _remove_temp(node)
     raise LocalClusterError(f"{name} did not start within {timeout:g}s; see {log}")
 
 
