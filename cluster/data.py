@@ -374,3 +374,24 @@ def load_rows(uri: str, split: str = "train", max_rows: int | None = None):
         raise DataError(f"split {split!r} of {storage.resolve(uri).uri} has no sequences; use a larger corpus or raise --val-fraction")
     out = np.concatenate(rows)
     return out[:max_rows] if max_rows is not None else out
+
+
+def sample_rows(uri: str, n: int, seed: int = 0, splits: tuple[str, ...] = ("train", "val")):
+    """``n`` token rows drawn uniformly, without replacement, from every shard of ``splits``
+    (the whole corpus by default), as an (n, n_ctx+1) uint16 array in corpus order; reads only
+    the shards a drawn row lies in (the manifest's row counts place the draws)."""
+    import numpy as np
+
+    manifest, loc = read_manifest(uri), storage.resolve(uri)
+    shard_list = [s for sp in splits for s in manifest["splits"].get(sp, {}).get("shards", [])]
+    counts = np.array([s["sequences"] for s in shard_list], dtype=np.int64)
+    if counts.sum() == 0:
+        raise DataError(f"{loc.uri} has no sequences in {', '.join(splits)}; prepare a larger corpus")
+    picks = np.sort(np.random.default_rng(seed).choice(int(counts.sum()), size=min(n, int(counts.sum())), replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    out = []
+    for i, shard in enumerate(shard_list):
+        mine = picks[(picks >= starts[i]) & (picks < starts[i + 1])] - starts[i]
+        if len(mine):
+            out.append(shards.read_shard(loc.join(shard["path"]).uri)[mine])
+    return np.concatenate(out)

@@ -1,8 +1,9 @@
-"""The circuit diagram, drawn the way the paper draws them: every kept residual channel is
-a vertical line through all layers; each layer is six rows (attention reads, q/k/v
-channels, attention writes, MLP reads, MLP neurons, MLP writes); weight edges are curves
-coloured by sign with width by |weight|. Hovering a node shows its id and the pretraining
-tokens that activate it most. :func:`circuit_svg` draws one standalone SVG and
+"""The circuit diagram, drawn the way the paper draws them, bottom to top as the computation
+flows: the input tokens, then each layer's six rows (attention reads, q/k/v channels,
+attention writes, MLP reads, MLP neurons, MLP writes), then the answer logits. Every kept
+residual channel is a vertical line through all layers; weight edges are curves coloured by
+sign with width by |weight|. Each node is printed with a short id and the token that
+activates it most; hovering it shows its full id and its top tokens in context. :func:`circuit_svg` draws one standalone SVG and
 :func:`circuit_page` the HTML page around it (inline script and style, nothing fetched),
 so it opens from disk. Pure drawing — a circuit's rows in, text out; jobs/viz.py reads
 them from the results store and the model.
@@ -29,6 +30,8 @@ COLORS = {"attn.act_in": "#4a5568", "attn.q": "#805ad5", "attn.k": "#dd6b20", "a
 POS, NEG = "#2166ac", "#b2182b"
 _LEGEND = "vertical lines: residual channels · curves: nonzero weights (blue +, red −, width ∝ |w|) · nodes: q k v neuron · hover a node"
 MAX_EDGES = 1500  # a diagram draws at most this many weight edges, the largest |w| first
+ROW_H = 72  # px between a layer's rows: room for a node's label (9 px text, at most LABEL_CHARS long) above it
+LABEL_CHARS = 11
 
 
 def _show(s: str) -> str:
@@ -51,15 +54,17 @@ def circuit_svg(row: dict, nodes: list[tuple[int, str, int]], edges: list[dict],
     out += _svg_io(io, g)
     wired = {tuple(x[end]) for x in edges for end in ("src", "dst")}
     out += _svg_nodes(nodes, g, tops or {}, d_head, wired)
+    out += [f'<text class="small" x="{g.col_x[c] + 2.5:.1f}" y="{g.bottom + 2:.0f}" text-anchor="end" '  # channel numbers, over the wires
+            f'transform="rotate(-90 {g.col_x[c] + 2.5:.1f} {g.bottom + 2:.0f})">{c}</text>' for c in g.resid_cols]
     out.append("</svg>")
     return "\n".join(out)
 
 
 def _svg_io(io: dict, g: _Layout) -> list[str]:
-    """The input tokens (above) and answer tokens (below) with their weights to the residual
+    """The input tokens (below) and answer tokens (above) with their weights to the residual
     channels the circuit uses; a channel outside the circuit is not drawn."""
     out = []
-    for key, y, y_end, word in (("inputs", g.in_y, g.top + 4, "embedding"), ("answers", g.out_y, g.out_y - g.row_h / 2 - 8, "unembedding")):
+    for key, y, y_end, word in (("inputs", g.in_y, g.bottom - 4, "embedding"), ("answers", g.out_y, g.top + 4, "unembedding")):
         toks = io.get(key) or []
         if not toks:
             continue
@@ -93,13 +98,16 @@ class _Layout:
     row_y: dict[tuple[int, str], float]
     col_x: dict[int, float]
     pos: dict[tuple, tuple[float, float]]
-    in_y: float = 0.0  # the input tokens' row (above layer 0), when drawn
-    out_y: float = 0.0  # the answer tokens' row (below the last layer)
+    in_y: float = 0.0  # the input tokens' row (below layer 0), when drawn
+    out_y: float = 0.0  # the answer tokens' row (above the last layer)
     bands: list[tuple[int, float, float, bool]] = field(default_factory=list)  # (layer, y, height, has nodes): a layer without nodes is one thin row
     bottom: float = 0.0  # where the last layer ends
 
 
 def _layout(nodes: list[tuple[int, str, int]], n_layer: int, d_head: int, io: bool = False) -> _Layout:
+    """Bottom to top, as the computation flows (the paper's figures): the input tokens, then
+    layer 0's rows (its attention reads lowest, its MLP writes highest), … the last layer, then
+    the answer logits on top."""
     resid_cols = sorted({i for (_, loc, i) in nodes if loc in RESID_LOCS})
     mids: dict[tuple[int, str], list[tuple[int, str, int]]] = defaultdict(list)
     for n in sorted(nodes, key=lambda n: (n[0], n[2] // d_head if n[1] in ("attn.q", "attn.k", "attn.v") else 0, n[1], n[2])):
@@ -107,22 +115,25 @@ def _layout(nodes: list[tuple[int, str, int]], n_layer: int, d_head: int, io: bo
             mids[(n[0], "attn.qkv")].append(n)
         elif n[1] == "mlp.post_act":
             mids[(n[0], "mlp.post_act")].append(n)
-    left, top, col_w, mid_w, row_h = 120, 96, 16, 11, 58
-    if io:  # a row of input tokens above the first layer, one of answer tokens below the last
-        top += row_h
+    left, y, col_w, mid_w, row_h = 120, 96.0, 16, 11, ROW_H
+    out_y = y + row_h / 2 - 8  # the answer logits' row, above the last layer (when drawn)
+    if io:
+        y += row_h
+    top = y
     widest = max([len(resid_cols) * col_w] + [len(v) * mid_w for v in mids.values()] + [420])
     width = left + widest + 40
     used = {n[0] for n in nodes}
     row_y: dict[tuple[int, str], float] = {}
-    bands, y = [], float(top)
-    for layer in range(n_layer):  # a layer the circuit keeps nothing in is one row, not six
+    bands = []
+    for layer in reversed(range(n_layer)):  # a layer the circuit keeps nothing in is one row, not six
         full = layer in used
-        for r, (key, _) in enumerate(ROWS):
+        for r, (key, _) in enumerate(reversed(ROWS)):
             row_y[(layer, key)] = y + (r if full else 0) * row_h + row_h / 2
         h = (len(ROWS) if full else 1) * row_h
         bands.append((layer, y, h, full))
         y += h
-    height = y + 50 + (row_h if io else 0)
+    in_y = y + 44  # the input tokens' row, below layer 0, under the channel numbers
+    height = (in_y + 24) if io else (y + 34)
     col_x = {c: left + (i + 0.5) * (widest / max(1, len(resid_cols))) for i, c in enumerate(resid_cols)}
     pos: dict[tuple, tuple[float, float]] = {}
     for layer, loc, idx in nodes:
@@ -132,8 +143,8 @@ def _layout(nodes: list[tuple[int, str, int]], n_layer: int, d_head: int, io: bo
         step = widest / len(group)
         for i, n in enumerate(group):
             pos[n] = (left + (i + 0.5) * step, row_y[(layer, key)])
-    return _Layout(resid_cols, mids, top, row_h, width, height, row_y, col_x, pos,
-                   in_y=top - row_h / 2 - 8, out_y=y + row_h / 2 + 4, bands=bands, bottom=y)
+    return _Layout(resid_cols, mids, int(top), row_h, width, height, row_y, col_x, pos,
+                   in_y=in_y, out_y=out_y, bands=bands, bottom=y)
 
 
 def _svg_head(row: dict, nodes: list[tuple[int, str, int]], edges: list[dict], g: _Layout) -> list[str]:
@@ -156,7 +167,7 @@ def _svg_head(row: dict, nodes: list[tuple[int, str, int]], edges: list[dict], g
            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" '
            f'data-model="{e(str(row.get("model_id")))}" data-task="{e(str(row.get("task")))}">']
     out.append('<style>.edge{fill:none;opacity:.55}.resid{stroke:#cbd5e0;stroke-width:1}.resid-live{stroke:#718096;stroke-width:2}'
-               '.node circle,.node rect{stroke:#1a202c;stroke-width:.6}.lbl{font-size:10px;fill:#4a5568}.small{font-size:7px;fill:#4a5568}'
+               '.node circle,.node rect{stroke:#1a202c;stroke-width:.6}.lbl{font-size:10px;fill:#4a5568}.small{font-size:8px;fill:#4a5568}.nl,.small{paint-order:stroke;stroke:#fff;stroke-width:2.5px;stroke-linejoin:round}.nl{font-size:9px;fill:#1a202c}'
                '.hl{opacity:1!important;stroke-width:3!important}.dim .edge{opacity:.08}</style>')
     out.append('<rect width="100%" height="100%" fill="white"/>')
     out.append(f'<text x="16" y="26" font-size="15" font-weight="bold">{e(head)}</text>')
@@ -186,7 +197,6 @@ def _svg_rows(g: _Layout, n_layer: int, nodes: list[tuple[int, str, int]]) -> li
         ys = [g.pos[n][1] for n in nodes if n[2] == c and n[1] in RESID_LOCS]
         if len(ys) > 1:
             out.append(f'<line class="resid-live" x1="{x:.1f}" y1="{min(ys):.1f}" x2="{x:.1f}" y2="{max(ys):.1f}"/>')
-        out.append(f'<text class="small" x="{x:.1f}" y="{top - 4}" text-anchor="middle">{c}</text>')
     return out
 
 
@@ -210,11 +220,11 @@ def _svg_edges(edges: list[dict], pos: dict[tuple, tuple[float, float]]) -> list
 
 def _svg_nodes(nodes: list[tuple[int, str, int]], g: _Layout, tops: dict[tuple, list[dict]], d_head: int,
                 wired: set | None = None) -> list[str]:
-    """A marker per kept node, its hover text naming it and its top-activating tokens; a node
+    """A marker per kept node with its label (:func:`node_label`) printed above it, its hover
+    text naming it and its top-activating tokens in context; a node
     with no edge to another kept node (``wired``: the nodes some edge touches) is drawn faint
     and says so."""
     out = []
-    show_idx = all(len(grp) <= 48 for grp in g.mids.values())
     for n in sorted(set(nodes)):
         x, y = g.pos[n]
         layer, loc, idx = n
@@ -228,10 +238,26 @@ def _svg_nodes(nodes: list[tuple[int, str, int]], g: _Layout, tops: dict[tuple, 
             tip.append("(no edge to another kept node: it acts only through the residual stream or the embeddings)")
         body = (f'<rect x="{x - 4.5:.1f}" y="{y - 4.5:.1f}" width="9" height="9" rx="1.5" fill="{COLORS[loc]}"/>' if loc in ("attn.q", "attn.k", "attn.v")
                 else f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{4.5 if loc in RESID_LOCS else 4:.1f}" fill="{COLORS[loc]}"/>')
-        label = f'<text class="small" x="{x:.1f}" y="{y + 13:.1f}" text-anchor="middle">{idx}</text>' if show_idx and loc not in RESID_LOCS else ""
+        label = (f'<text class="nl" x="{x + 2.5:.1f}" y="{y - 7:.1f}" transform="rotate(-90 {x + 2.5:.1f} {y - 7:.1f})">'
+                 f'{html.escape(node_label(n, tops.get(n), d_head))}</text>')
         faint = ' data-lone="1" opacity=".4"' if lone else ""
         out.append(f'<g class="node" data-id="{_nid(n)}" data-loc="{loc}"{faint}><title>{html.escape(chr(10).join(tip))}</title>{body}{label}</g>')
     return out
+
+
+def node_label(n: tuple[int, str, int], tops: list[dict] | None, d_head: int) -> str:
+    """A node's printed label: a short id (``r12`` a residual channel, ``k3.4`` head 3's key
+    channel 4, ``n40`` a neuron) and the token that activates it most (a leading space shown
+    as ␣), at most :data:`LABEL_CHARS` characters."""
+    _, loc, idx = n
+    if loc in ("attn.q", "attn.k", "attn.v"):
+        short = f"{loc[-1]}{idx // d_head}.{idx % d_head}"
+    else:
+        short = ("n" if loc == "mlp.post_act" else "r") + str(idx)
+    if tops:
+        tok = _show(tops[0]["token"])
+        short += " " + ("␣" + tok[1:] if tok.startswith(" ") else tok)
+    return short if len(short) <= LABEL_CHARS else short[: LABEL_CHARS - 1] + "…"
 
 
 def _nid(n) -> str:

@@ -22,7 +22,7 @@ from sparsity.circuit import drawable
 from sparsity.config import SparsityConfig
 from sparsity.errors import CspError
 
-TOP_ROWS = 64  # validation sequences scanned for top-activating tokens
+TOP_ROWS = 256  # sequences drawn from the whole corpus (every shard of train and val) to find top-activating tokens
 
 
 class VizError(CspError):
@@ -189,7 +189,7 @@ class CircuitRenderer:
             rows = None
             if self.with_tokens and m.tok is not None:
                 block = m.model.config.block_size
-                rows = torch.from_numpy(data.load_rows(m.data_uri, "val", max_rows=TOP_ROWS)[:, :block].astype("int64"))
+                rows = torch.from_numpy(data.sample_rows(m.data_uri, TOP_ROWS)[:, :block].astype("int64"))
             self._rows.clear()
             self._rows[ckpt_uri] = rows
         return m.ckpt, m.model, m.tok if self.with_tokens else None, self._rows[ckpt_uri]

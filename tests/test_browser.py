@@ -104,11 +104,13 @@ def test_a_circuit_page_renders_standalone(browser, quick_demo):
     svg = browser.find_element(By.CSS_SELECTOR, "svg.csp-circuit")
     assert len(svg.find_elements(By.CSS_SELECTOR, "g.node")) > 0
     assert browser.execute_script("return arguments[0].getBoundingClientRect().height;", svg) > 100
-    # no text runs past the drawing's edge (the header's numbers line used to be cut at 580 px)
+    # no text runs past the drawing's edge (the header's numbers line used to be cut at 580 px), the
+    # nodes' printed labels (rotated) included
     overflow = browser.execute_script(
         "var s = arguments[0].getBoundingClientRect(), out = [];"
         "arguments[0].querySelectorAll('text').forEach(function (t) {"
-        "  var b = t.getBoundingClientRect(); if (b.right > s.right + 0.5 || b.left < s.left - 0.5) out.push(t.textContent.slice(0, 60)); });"
+        "  var b = t.getBoundingClientRect(); if (b.right > s.right + 0.5 || b.left < s.left - 0.5 || b.bottom > s.bottom + 0.5"
+        "      || b.top < s.top - 0.5) out.push(t.textContent.slice(0, 60)); });"
         "return out;", svg)
     assert overflow == [], overflow
     assert not _severe(browser), _severe(browser)

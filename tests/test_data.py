@@ -228,3 +228,30 @@ def test_a_damaged_manifest_is_a_runtime_error_and_a_foreign_one_a_usage_error(t
         for cmd in (["data", "info"], ["data", "verify"]):
             r = CliRunner().invoke(app, [*cmd, str(tmp_path / name)])
             assert r.exit_code == code and fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, (cmd, name, r.output)
+
+
+def test_sample_rows_draws_from_every_part_of_the_corpus(stdlib_data):
+    """The rows a diagram scans for top-activating tokens come from the whole corpus: every
+    shard of train and val holding ≥ 5% of the rows is drawn from, each drawn row is a real
+    row of its shard, and the draw is fixed by its seed."""
+    import numpy as np
+
+    from cluster import data, shards
+
+    m = data.read_manifest(stdlib_data)
+    parts = [(sp, s) for sp in ("train", "val") for s in m["splits"][sp]["shards"] if s["sequences"]]
+    assert len(parts) >= 3
+    per_shard = [shards.read_shard(f"{stdlib_data}/{s['path']}") for _, s in parts]
+    total = sum(len(a) for a in per_shard)
+    rows = data.sample_rows(stdlib_data, 300, seed=1)
+    assert rows.shape == (300, per_shard[0].shape[1]) and rows.dtype == np.uint16
+    where = {a.tobytes(): i for i, arr in enumerate(per_shard) for a in arr}
+    hit = [where[r.tobytes()] for r in rows]  # KeyError: a row that is in no shard
+    assert len({r.tobytes() for r in rows}) >= 295  # drawn without replacement (a few rows repeat in the corpus itself)
+    for i, arr in enumerate(per_shard):
+        if len(arr) >= 0.05 * total:
+            assert i in hit, f"shard {parts[i][1]['path']} ({len(arr)} of {total} rows) was never drawn from"
+    assert any(parts[i][0] == "val" for i in hit) or all(len(a) < 0.05 * total for (sp, _), a in zip(parts, per_shard, strict=True) if sp == "val")
+    assert np.array_equal(rows, data.sample_rows(stdlib_data, 300, seed=1))
+    assert not np.array_equal(rows, data.sample_rows(stdlib_data, 300, seed=2))
+    assert len(data.sample_rows(stdlib_data, 10 * total)) == total  # more than the corpus holds: all of it, once

@@ -47,6 +47,11 @@ def test_circuit_svg_draws_every_node_residual_channel_and_signed_edge():
     assert "[ return]" in neuron.find(f"{SVG}title").text and "+2.50" in neuron.find(f"{SVG}title").text
     key = next(g for g in root.iter(SVG + "g") if g.get("data-id") == "L0.attn.k[1]")
     assert "head 0, k channel 1" in key.find(f"{SVG}title").text
+    # every node carries a printed label (in a PNG, without hovering): short id and top token
+    printed = {g.get("data-id"): g.find(f"{SVG}text").text for g in root.iter(SVG + "g") if g.get("class") == "node"}
+    assert printed["L1.mlp.post_act[40]"] == "n40 ␣return" and printed["L0.attn.k[1]"] == "k0.1" and printed["L0.attn.v[17]"] == "v1.1"
+    assert printed["L0.attn.act_in[3]"] == "r3" and len(printed) == len(nodes)
+    assert diagram.node_label((0, "mlp.post_act", 7), [{"token": "\nsomething_long", "context": "", "value": 1.0}], 16) == "n7 ⏎someth…"  # LABEL_CHARS (11) at most
     # a node sits on its residual channel's line
     act = next(g for g in root.iter(SVG + "g") if g.get("data-id") == "L0.attn.act_in[7]").find(f"{SVG}circle")
     line7 = next(line for line in lines if line.find(f"{SVG}title").text.endswith(" 7"))
@@ -54,9 +59,10 @@ def test_circuit_svg_draws_every_node_residual_channel_and_signed_edge():
 
 
 def test_circuit_svg_shows_where_the_circuit_starts_and_ends():
-    """With ``io`` the diagram has a row of input tokens above the first layer, wired by their
-    embedding weights to the channels the circuit reads, and a row of answer tokens below the
-    last, wired from the channels it writes; weights to channels outside the circuit are not drawn."""
+    """With ``io`` the diagram has a row of input tokens below the first layer, wired by their
+    embedding weights to the channels the circuit reads, and a row of answer tokens above the
+    last, wired from the channels it writes; weights to channels outside the circuit are not
+    drawn. The layers run bottom to top, each from its attention reads up to its MLP writes."""
     nodes = [(0, "attn.act_in", 3), (0, "attn.resid_delta", 5), (1, "mlp.act_in", 5), (1, "mlp.resid_delta", 9)]
     io = {"inputs": [("'", {3: 0.9, 42: 5.0}), ('"', {3: -0.4})], "answers": [("'\n", {9: 1.5, 5: -0.2}), ('"\n', {9: -1.1})]}
     root = _parse(diagram.circuit_svg({"model_id": "m", "task": "single_double_quote"}, nodes, [], n_layer=2, d_head=16, io=io))
@@ -76,7 +82,9 @@ def test_circuit_svg_shows_where_the_circuit_starts_and_ends():
     assert float(one_layer.get("height")) < float(root.get("height")) - 4 * 58  # an empty layer is one row, not six
     ys = {g.get("data-token"): float(g.find(f"{SVG}rect").get("y")) for g in root.iter(SVG + "g") if g.get("class") == "token"}
     node_ys = [float(c.get("cy")) for c in root.iter(SVG + "circle")]
-    assert ys["'"] < min(node_ys) and ys["'⏎"] > max(node_ys)  # inputs above every layer, answers below
+    assert ys["'"] > max(node_ys) and ys["'⏎"] < min(node_ys)  # inputs below every layer, answers above (y grows downward)
+    cy = {g.get("data-id"): float(g.find(f"{SVG}circle").get("cy")) for g in root.iter(SVG + "g") if g.get("class") == "node"}
+    assert cy["L0.attn.act_in[3]"] > cy["L0.attn.resid_delta[5]"] > cy["L1.mlp.act_in[5]"] > cy["L1.mlp.resid_delta[9]"]
 
 
 def test_circuit_svg_draws_only_the_strongest_edges_of_a_huge_circuit():
