@@ -53,6 +53,8 @@ def strict_json(value):
     item = getattr(value, "item", None)  # a numpy scalar
     if callable(item) and getattr(value, "ndim", None) == 0:
         return strict_json(item())
+    if getattr(value, "ndim", None) == 1 and callable(getattr(value, "tolist", None)):  # a list cell read back from Parquet
+        return strict_json(value.tolist())
     return value
 
 
@@ -120,7 +122,7 @@ FIELD_FLAGS = {
     "batch_size": "--batch", "block_size": "--n-ctx", "n_ctx": "--n-ctx", "pfrac": "--pfrac", "ef": "--ef",
     "ef_mlp": "--ef-mlp", "afrac": "--afrac", "steps": "--steps", "lr": "--lr", "optimizer": "--optimizer",
     "n_layer": "--n-layer", "d_model": "--d-model", "n_head": "--n-head", "d_head": "--d-head", "seed": "--seed",
-    "eval_every": "--eval-every", "ckpt_every": "--ckpt-every", "target": "--target", "ablation": "--ablation",
+    "eval_every": "--eval-every", "ckpt_every": "--ckpt-every", "milestones": "--milestones", "target": "--target", "ablation": "--ablation",
     "k_coef": "--k-coef", "warmup_frac": "--warmup-frac", "grad_clip_rms": "--grad-clip-rms", "device": "--device", "vocab_size": "--vocab-size", "val_fraction": "--val-fraction",
     "workers": "--workers", "placement": "--placement", "stop_window": "--stop-window",
 }

@@ -20,7 +20,9 @@ def info(
     from cluster import checkpoints
     from sparsity import checkpoint_format as ckpt_lib
 
-    d = ckpt_lib.describe(checkpoints.load(ckpt, with_train_state=False))
+    loaded = checkpoints.load(ckpt, with_train_state=False)
+    d = ckpt_lib.describe(loaded)
+    d["checkpoints"] = checkpoints.kept(ckpt, loaded.config.train.milestones)
     if DetailFormat(fmt).value == "json":
         emit(d, "json")
         return
@@ -37,6 +39,9 @@ def info(
     for name, mat in d["matrices"].items():
         shape = "×".join(map(str, mat["shape"]))
         typer.echo(f"  {name:<{width}}  {shape:>10}  {mat['nonzeros']:>9,} / {mat['numel']:<9,} ({mat['nonzeros'] / mat['numel']:.4f})")
+    if k := d["checkpoints"]:
+        steps = ", ".join(f"{st} (milestone)" if st in k["milestones"] else str(st) for st in k["steps"])
+        typer.echo(f"checkpoints kept  steps {steps}; {k['bytes'] / 1e6:.1f} MB on storage")
     label = {"nonzeros": "nonzeros (sparsified matrices, as training last reported)"}
     for k, v in d["metrics"].items():
         typer.echo(f"{label.get(k, k)} {v:.4f}" if isinstance(v, float) else f"{label.get(k, k)} {v:,}" if isinstance(v, int) else f"{label.get(k, k)} {v}")

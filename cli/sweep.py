@@ -32,6 +32,8 @@ def run(
     d_model: Annotated[int, typer.Option(help="Base width (ef multiplies it).")] = ModelConfig.d_model,
     n_head: Annotated[int, typer.Option(help="Base heads (ef multiplies them).")] = ModelConfig.n_head,
     n_ctx: Annotated[int | None, typer.Option(help="Context (default: the data's).")] = None,
+    milestones: Annotated[str | None, typer.Option(help="Checkpoints every trial keeps for good beside the last 2: a count "
+                                                   "(log-spaced from 1% of the run to its end) or steps, e.g. 100,500,2000.")] = None,
     workers_per_trial: Annotated[int, typer.Option(help="Ray Train workers per trial.")] = 1,
     gpus: Annotated[bool, typer.Option("--gpus", help="One GPU per worker.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: in-process Ray).")] = None,
@@ -51,7 +53,13 @@ def run(
     parsed = sweep_job.parse_grid(grid)
     storage.check_writable(out)  # a read-only or unreachable --out fails before Ray starts
     base, train = sweep_job.build_configs(data, parsed, n_ctx=n_ctx, n_layer=n_layer, d_model=d_model, n_head=n_head, steps=steps,
-                                          batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value)
+                                          batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value, milestones=milestones)
+    if train.milestones:
+        from jobs import train as train_job
+        from sparsity.config import RunConfig
+
+        n = len(sweep_job.points(parsed))  # per trial at the base width; wider trials take more
+        typer.echo(f"each trial: {train_job.milestone_cost(RunConfig(model=base, train=train))} at the base width; {n} trials")
     runtime.init(address=address, num_cpus=None if address else max(workers_per_trial + 1, os.cpu_count() or 1),
                  storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
                  log_to_driver=False)  # no line per report from every trial's workers; failures still raise here
@@ -73,4 +81,13 @@ def status(
 
 def _print(df, fmt="table") -> None:
     cols = ["trial", "pfrac", "ef", "d_model", "steps", "final_loss", "val_loss", "nonzeros", "wall_seconds"]
-    emit(df, fmt, table=table_text(df[cols], float_format=lambda v: f"{v:.4g}"))
+    shown = df[cols].copy()
+    if "milestones" in df and df["milestones"].map(lambda m: m is not None and len(m) > 0).any():
+        shown["milestones"] = df["milestones"].map(_milestones)
+    emit(df, fmt, table=table_text(shown, float_format=lambda v: f"{v:.4g}"))
+
+
+def _milestones(m) -> str:
+    """A trial's kept milestone steps in a table cell: '6: 28 … 2800'."""
+    m = [] if m is None else list(m)
+    return "—" if not m else f"{len(m)}: {m[0]}" + (f" … {m[-1]}" if len(m) > 1 else "")

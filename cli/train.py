@@ -43,6 +43,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Initialisation and data-order seed.")] = 0,
     eval_every: Annotated[int, typer.Option(help="Steps between validation losses.")] = TrainConfig.eval_every,
     ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end).")] = TrainConfig.ckpt_every,
+    milestones: Annotated[str | None, typer.Option(help="Checkpoints kept for good beside the last 2, for circuits over training: "
+                                                   "a count (log-spaced from 1% of the run to its end) or steps, e.g. 100,500,2000.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (one process).")] = "auto",
     workers: Annotated[int, typer.Option(help="Ray Train workers (DDP); 1 = one process, no Ray.")] = 1,
     cpus_per_worker: Annotated[int, typer.Option(help="CPUs (and torch threads) each --workers worker holds.")] = 1,
@@ -66,9 +68,12 @@ def train(
     storage.check_writable(out)  # a read-only or unreachable --out fails before any compute
     cfg = train_job.build_config(data, n_ctx=n_ctx, n_layer=n_layer, d_model=d_model, n_head=n_head, d_head=d_head, afrac=afrac,
                                  sink=sink, bigram=bigram, pfrac=pfrac, ef=ef, ef_mlp=ef_mlp, steps=steps, batch_size=batch, lr=lr,
-                                 optimizer=Optimizer(optimizer).value, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every)
+                                 optimizer=Optimizer(optimizer).value, seed=seed, eval_every=eval_every, ckpt_every=ckpt_every,
+                                 milestones=milestones)
     if lr is None:
         typer.echo(cfg.lr_rule())
+    if cost := train_job.milestone_cost(cfg):
+        typer.echo(cost)
     if cfg.model.afrac and not gpus:
         from sparsity import abstopk
 

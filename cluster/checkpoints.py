@@ -7,7 +7,8 @@
     RUN/checkpoints/latest.json     {"step": 500, "path": "step-00000500"}, written after the files
 
 A reader follows latest.json, so it never sees a half-written checkpoint; older ones are
-deleted after a newer one is complete (``keep_last``).
+deleted after a newer one is complete (``keep_last``), except the run's milestones
+(``TrainConfig.milestones``), which stay for analysis over training.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ def step_dir(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save(run_uri: str, files: dict[str, bytes], step: int, keep_last: int = 2) -> str:
-    """Write one checkpoint, then point latest.json at it, then drop old ones.
+def save(run_uri: str, files: dict[str, bytes], step: int, keep_last: int = 2, keep: tuple[int, ...] = ()) -> str:
+    """Write one checkpoint, then point latest.json at it, then drop old ones. The milestones
+    (``keep``: steps kept for good) stay, without their optimizer state once they are not
+    among the last ``keep_last``: their weights and config are what analysis over training
+    reads, at a third of a full checkpoint's bytes under Adam.
 
     latest.json only moves forward: a writer whose step is behind it (a second writer the
     lease did not stop, or a stale one) is refused before it writes anything."""
@@ -43,9 +47,19 @@ def save(run_uri: str, files: dict[str, bytes], step: int, keep_last: int = 2) -
     storage.write_json(root.join(LATEST), {"step": step, "path": step_dir(step)})
     if keep_last > 0:
         for old in _steps(root)[:-keep_last]:
-            if old != step:
+            if old == step:
+                continue
+            if old in keep:  # a milestone keeps what analysis reads (weights, config), not the optimizer state
+                if storage.exists(root.join(step_dir(old), ckpt_lib.STATE_FILE)):
+                    storage.remove(root.join(step_dir(old), ckpt_lib.STATE_FILE))
+            else:
                 storage.remove(root.join(step_dir(old)), recursive=True)
     return d.uri
+
+
+def steps(run_uri: str) -> list[int]:
+    """The steps of a run's checkpoints on storage (milestones and the last ones), ascending."""
+    return _steps(storage.resolve(run_uri).join(CHECKPOINTS))
 
 
 def _steps(root: storage.Location) -> list[int]:
@@ -138,6 +152,17 @@ def run_name(ckpt_uri: str) -> str:
     d = _checkpoint_dir(ckpt_uri)
     run = d.parent.parent if d.parent.name == CHECKPOINTS else d
     return run.name or "model"
+
+
+def kept(ckpt_uri: str, milestones: tuple[int, ...] = ()) -> dict | None:
+    """What the run of a checkpoint keeps on storage: every step, which of them are
+    ``milestones``, and their bytes (None: a checkpoint outside a run directory)."""
+    d = _checkpoint_dir(ckpt_uri)
+    if d.parent.name != CHECKPOINTS:
+        return None
+    root = d.parent
+    steps = _steps(root)
+    return {"steps": steps, "milestones": [m for m in steps if m in milestones], "bytes": sum(storage.sizes(root).values())}
 
 
 def _checkpoint_dir(uri: str) -> storage.Location:

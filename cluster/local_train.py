@@ -138,7 +138,7 @@ def train_local(
 
         def save(files: dict[str, bytes], step: int) -> None:
             held.check()
-            checkpoints.save(out.uri, files, step)
+            checkpoints.save(out.uri, files, step, keep=cfg.train.milestones)
             checkpoints.write_metrics(out.uri, history, since)
 
         if marks is not None:

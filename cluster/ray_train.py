@@ -147,7 +147,7 @@ def _worker(config: dict) -> None:
         ckpt = None
         if rank == 0:
             lease.check_owner(storage.resolve(out).join(checkpoints.LEASE_FILE), config["owner"])  # the driver still owns the run
-            checkpoints.save(out, files, step)
+            checkpoints.save(out, files, step, keep=cfg.train.milestones)
             checkpoints.write_metrics(out, history, state.step if state is not None else 0)  # keeps what earlier attempts stored
             tmp = tempfile.mkdtemp()
             with open(os.path.join(tmp, "csp_checkpoint.json"), "w") as f:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from cluster import data, storage
-from sparsity.config import LR_DENSE, ModelConfig, RunConfig, SparsityConfig, TrainConfig
+from sparsity.config import LR_DENSE, ModelConfig, RunConfig, SparsityConfig, TrainConfig, milestone_steps
 from sparsity.errors import ConfigError, CspError
 
 AXES = {"pfrac": float, "ef": float, "afrac": float, "lr": float, "seed": int}
@@ -52,6 +52,7 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("tokens_seen", pa.int64()),
     pa.field("wall_seconds", pa.float64()),
     pa.field("checkpoint_uri", pa.string()),
+    pa.field("milestones", pa.list_(pa.int64())),  # milestone steps whose checkpoints the run keeps (absent in sweeps before them)
 ])
 
 METRICS_SCHEMA = pa.schema([
@@ -153,17 +154,18 @@ def trial_config(base: ModelConfig, train: TrainConfig, point: dict, density_lr:
 def build_configs(data_uri: str, grid: dict[str, list], *, n_ctx: int | None = None, n_layer: int = ModelConfig.n_layer,
                   d_model: int = ModelConfig.d_model, n_head: int = ModelConfig.n_head, steps: int = TrainConfig.steps,
                   batch_size: int = TrainConfig.batch_size, lr: float | None = None,
-                  optimizer: str = TrainConfig.optimizer) -> tuple[ModelConfig, TrainConfig]:
+                  optimizer: str = TrainConfig.optimizer, milestones: str | None = None) -> tuple[ModelConfig, TrainConfig]:
     """The base model and training config of `csp sweep` on ``data_uri`` (its context unless
     ``n_ctx``), with every point of ``grid`` checked to make a valid run first (a bad point
     is refused naming it, before Ray starts). ``lr`` None: each trial takes csp's density
     rule (pass ``density_lr=lr is None`` to :func:`run_sweep`); 4 evaluations and 4
-    checkpoints per trial."""
+    checkpoints per trial, and the ``milestones`` kept (``--milestones``, see
+    sparsity.config.milestone_steps)."""
     ctx = n_ctx or data.read_manifest(data_uri)["n_ctx"]
     base = ModelConfig.gpt(d_model, block_size=ctx, n_layer=n_layer, n_head=n_head)
     every = max(1, steps // 4)
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr or LR_DENSE[optimizer], optimizer=optimizer, ckpt_every=every,
-                        eval_every=every)
+                        eval_every=every, milestones=milestone_steps(milestones, steps) if milestones else ())
     for p in points(grid):
         try:
             trial_config(base, train, p, density_lr=lr is None)
@@ -240,6 +242,7 @@ def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) 
         "lr": cfg.train.lr, "d_model": cfg.model.d_model, "density": cfg.sparsity.l0frac, "steps": ckpt.step, "final_loss": meta.get("loss"), "val_loss": meta.get("val_loss"),
         "nonzeros": meta.get("nonzeros"), "tokens_seen": ckpt.step * cfg.train.batch_size * cfg.model.block_size,
         "wall_seconds": wall, "checkpoint_uri": checkpoints.checkpoint_dir(out.uri),
+        "milestones": [m for m in checkpoints.steps(out.uri) if m in cfg.train.milestones],
     }
     storage.write_json(sweep.join("trials", f"{name}.json"), summary)
     return summary
@@ -275,7 +278,7 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
     cfgs = dict(zip(names, configs, strict=True))
     point_of = dict(zip(names, pts, strict=True))
     data_uri = storage.resolve(data_uri).uri  # absolute: a trial runs in Tune's working directory, not this one
-    record = {"base": dataclasses.asdict(base), "train": dataclasses.asdict(train), "sparsity": sparsity or {}}
+    record = {"base": dataclasses.asdict(base), "train": RunConfig(train=train).to_dict()["train"], "sparsity": sparsity or {}}
     _check_same_sweep(sweep, record)
     need = 1 if workers_per_trial == 1 else workers_per_trial + 1
     cpus = runtime.cluster_cpus()

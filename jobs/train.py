@@ -8,22 +8,42 @@ import os
 from collections.abc import Callable
 
 from cluster import data, storage
-from sparsity.config import ModelConfig, RunConfig, TrainConfig
+from sparsity.config import ModelConfig, RunConfig, TrainConfig, milestone_steps
 
 
 def build_config(data_uri: str, *, n_ctx: int | None = None, n_layer: int = ModelConfig.n_layer, d_model: int = ModelConfig.d_model,
                  n_head: int = ModelConfig.n_head, d_head: int = ModelConfig.d_head, afrac: float | None = ModelConfig.afrac,
                  sink: bool = False, bigram: bool = False, pfrac: float = 0.125, ef: float = 1.0, ef_mlp: float | None = None,
-                 lr: float | None = None, **train) -> RunConfig:
+                 lr: float | None = None, milestones: str | None = None, **train) -> RunConfig:
     """The RunConfig of one run on ``data_uri`` (its context unless ``n_ctx``); ``afrac``
     as :meth:`ModelConfig.afrac_or_off` reads it (1 or None: AbsTopK off); ``lr`` None takes csp's density rule
-    (sparsity.config.density_lr); ``train`` are the other TrainConfig fields."""
+    (sparsity.config.density_lr); ``milestones`` as ``--milestones`` spells it
+    (sparsity.config.milestone_steps); ``train`` are the other TrainConfig fields."""
+    if milestones:
+        train["milestones"] = milestone_steps(milestones, train.get("steps", TrainConfig.steps))
     ctx = n_ctx or data.read_manifest(data_uri)["n_ctx"]
     base = ModelConfig.gpt(d_model, block_size=ctx, n_layer=n_layer, n_head=n_head, d_head=d_head,
                            afrac=ModelConfig.afrac_or_off(afrac), sink=sink,
                            enable_bigram_table=bigram, learnable_bigram_table=bigram)
     cfg = RunConfig.at_width(base, TrainConfig(**train, **({} if lr is None else {"lr": lr})), pfrac=pfrac, ef=ef, ef_mlp=ef_mlp)
     return cfg.with_density_lr() if lr is None else cfg
+
+
+def milestone_cost(cfg: RunConfig) -> str | None:
+    """One line on what a run's milestones keep, and the storage they take (None: none)."""
+    ms = cfg.train.milestones
+    if not ms:
+        return None
+    import torch
+
+    from sparsity.model import GPT
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in GPT(cfg.model).parameters())
+    each = 4 * n  # fp32 weights; the optimizer state is dropped once a milestone is not among the last 2 checkpoints
+    steps = ", ".join(map(str, ms[:8])) + (f", … ({len(ms)} in all)" if len(ms) > 8 else "")
+    return (f"keeping {len(ms)} milestone checkpoint{'s' if len(ms) > 1 else ''} (steps {steps}) beside the last 2: "
+            f"~{each / 1e6:.1f} MB each (weights and config), ~{len(ms) * each / 1e6:.1f} MB in all")
 
 
 def distributed(workers: int = 1, gpus: bool = False, address: str | None = None) -> bool:

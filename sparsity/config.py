@@ -211,6 +211,7 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (0 = only at the end)
     log_every: int = 10
     seed: int = 0
+    milestones: tuple[int, ...] = ()  # steps whose checkpoints are kept for good, beside the last 2 (:func:`milestone_steps`)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "micro_batches", "eval_batches", "log_every"):
@@ -228,6 +229,11 @@ class TrainConfig:
         _check(self.grad_rms_eps > 0, "grad_rms_eps", self.grad_rms_eps, "must be > 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be ≥ 0")
         _check(0 <= self.warmup_frac < 1, "warmup_frac", self.warmup_frac, "must be in [0, 1)")
+        ms = self.milestones
+        _check(isinstance(ms, (tuple, list)) and all(isinstance(m, int) and not isinstance(m, bool) for m in ms), "milestones", ms,
+               "must be a list of integer steps")
+        _check(all(1 <= m <= self.steps for m in ms), "milestones", list(ms), f"must be steps in 1..{self.steps}")
+        object.__setattr__(self, "milestones", tuple(sorted(set(ms))))
 
 
 @dataclass(frozen=True)
@@ -239,7 +245,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.train.milestones:  # a run without milestones keeps the dict (and run.json) it always had
+            del d["train"]["milestones"]
+        else:
+            d["train"]["milestones"] = list(self.train.milestones)
+        return d
 
     @classmethod
     def at_width(cls, base: ModelConfig, train: TrainConfig, pfrac: float = SparsityConfig.pfrac, ef: float = 1.0,
@@ -280,6 +291,25 @@ def _build(cls, d: dict, where: str):
 # The summed two-sided task loss of a model that cannot tell a pair's answers apart (2 ln 2):
 # the scale every task loss, target and verdict is read on (sparsity/tasks/base.py).
 CHANCE_LOSS = 2 * math.log(2)
+
+
+def milestone_steps(spec: str, steps: int) -> tuple[int, ...]:
+    """``--milestones``: a count N (N steps log-spaced from 1% of the run to its end, the
+    early ones dense where a model changes fastest) or explicit steps ``"100,500,2000"``."""
+    spec = str(spec).strip()
+    try:
+        parts = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--milestones {spec!r}: give a count (6) or steps separated by commas (100,500,2000)") from None
+    if len(parts) == 1 and "," not in spec:
+        n = parts[0]
+        _check(1 <= n <= steps, "milestones", n, f"a count must be in 1..{steps} (the run's steps)")
+        lo = max(1, steps // 100)
+        if n == 1:
+            return (steps,)
+        return tuple(sorted({min(steps, max(1, round(lo * (steps / lo) ** (i / (n - 1))))) for i in range(n)}))
+    _check(bool(parts) and all(1 <= m <= steps for m in parts), "milestones", spec, f"must be steps in 1..{steps}")
+    return tuple(sorted(set(parts)))
 ABLATIONS = ("mean", "zero", "resample")
 LATER_FIELDS = {"grad_clip_rms": None, "stop_window": 0}  # PruneConfig fields newer than the first stored keys, and their "unset" value
 

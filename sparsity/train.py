@@ -216,7 +216,7 @@ def train(
         if val is not None and tc.eval_every and step % tc.eval_every == 0 and step > start:
             metrics["val_loss"] = evaluate(model, val, dev, precision)
             report({"step": step, "val_loss": metrics["val_loss"]})
-        if tc.ckpt_every and step % tc.ckpt_every == 0 and step > start:
+        if step > start and ((tc.ckpt_every and step % tc.ckpt_every == 0) or step in tc.milestones):
             checkpoint(step)
         # 3. micro-steps: forward + backward, gradients accumulate
         loss_sum = 0.0

@@ -20,7 +20,7 @@ runner = CliRunner()
 
 
 def _sweep(ray_session, data, out):
-    cfg = tiny_config(t__steps=8, t__ckpt_every=4, t__eval_every=4, t__batch_size=8)
+    cfg = tiny_config(t__steps=8, t__ckpt_every=4, t__eval_every=4, t__batch_size=8, t__milestones=(2,))
     return sweep.run_sweep(data, out, sweep.parse_grid("pfrac=0.25,0.5;ef=1,2"), cfg.model, cfg.train, workers_per_trial=1,
                            density_lr=True)
 
@@ -35,6 +35,12 @@ def test_a_2x2_sweep_on_s3_writes_its_summary_and_a_rerun_trains_nothing(ray_ses
     assert sorted(df["trial"]) == ["d128-p1_16", "d128-p1_8", "d64-p1_2", "d64-p1_4"]
     assert (df["density"] == df["pfrac"] / df["ef"] ** 2).all()
     assert (df["steps"] == 8).all() and df["val_loss"].notna().all()
+    # every trial kept its milestone (step 2) beside the last 2 checkpoints, on S3, without its optimizer state
+    assert all(list(m) == [2] for m in df["milestones"])
+    assert storage.exists(f"{out}/runs/d64-p1_4/checkpoints/step-00000002/model.safetensors")
+    assert not storage.exists(f"{out}/runs/d64-p1_4/checkpoints/step-00000002/train_state.pt")
+    status = runner.invoke(app, ["sweep", "status", out])
+    assert status.exit_code == 0 and "milestones" in status.stdout and "1: 2" in status.stdout, status.output
     # Each trial trains at csp's rule (Adam: LR_DENSE · 64/d_model / sqrt(density)), read back
     # from its run's config.
     from sparsity.config import LR_DENSE, RunConfig, density_lr

@@ -77,6 +77,9 @@ def test_csp_train_then_model_info_export_import(stdlib_data, tmp_path):
     (["--device", "cuda:3"], "CUDA is not available"),
     (["--device", "tpu"], "use auto, cpu, cuda or cuda:N"),
     (["--d-model", "0"], "--d-model 0 out of range"),
+    (["--milestones", "x"], "--milestones 'x': give a count (6) or steps separated by commas"),
+    (["--milestones", "0"], "--milestones 0 out of range: a count must be in 1..2"),
+    (["--milestones", "1,9"], "--milestones '1,9' out of range: must be steps in 1..2"),
 ])
 def test_csp_train_bad_flags_are_one_line_errors(stdlib_data, tmp_path, args, fragment):
     r = runner.invoke(app, ["train", "--data", stdlib_data, "--out", str(tmp_path / "run"), "--steps", "2", *args])
@@ -97,3 +100,36 @@ def test_the_lr_rule_scales_adam_by_width_and_density_and_muon_by_density_only()
     cfg = tiny_config(m__d_model=128, m__n_head=8, m__d_mlp=512, s__pfrac=0.5).with_density_lr()
     assert cfg.train.lr == density_lr(cfg.sparsity.l0frac, "adam", d_model=128)
     assert cfg.lr_rule().startswith(f"lr {cfg.train.lr:.3g} = 0.03 × 64/d_model 128 / sqrt(density 0.5)")
+
+
+def test_milestones_are_kept_without_optimizer_state_listed_and_survive_a_resume(stdlib_data, tmp_path):
+    """`--milestones` keeps those steps' checkpoints beside the last 2 (weights and config:
+    the optimizer state goes once a milestone is not among the last 2), prints their storage
+    cost, and `model info` lists them; an interrupted run resumed keeps its early milestones."""
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--data", stdlib_data, "--out", str(out), "--steps", "24", "--batch", "4", "--ckpt-every", "10",
+                            "--eval-every", "12", "--milestones", "3,7,24", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "keeping 3 milestone checkpoints (steps 3, 7, 24) beside the last 2: ~" in r.stdout and " MB in all" in r.stdout
+    ck = out / "checkpoints"
+    assert checkpoints.steps(str(out)) == [3, 7, 20, 24]  # 10 went when 20 came; the milestones stayed
+    for step, state in ((3, False), (7, False), (20, True), (24, True)):
+        assert (ck / checkpoints.step_dir(step) / "train_state.pt").exists() is state, step
+    early, last = checkpoints.load(str(ck / checkpoints.step_dir(7))), checkpoints.load(str(out))
+    assert early.step == 7 and last.step == 24 and early.train_state is None
+    assert not torch.equal(early.build_model().lm_head.weight, last.build_model().lm_head.weight)
+    info = json.loads(runner.invoke(app, ["model", "info", str(out), "--format", "json"]).stdout)
+    assert info["checkpoints"]["steps"] == [3, 7, 20, 24] and info["checkpoints"]["milestones"] == [3, 7, 24]
+    assert info["checkpoints"]["bytes"] == sum(f.stat().st_size for f in ck.rglob("*") if f.is_file())
+    text = runner.invoke(app, ["model", "info", str(out)]).stdout
+    assert "checkpoints kept  steps 3 (milestone), 7 (milestone), 20, 24 (milestone);" in text
+    # interrupted after the milestones, resumed: they are still there, and the run ends where an uninterrupted one does
+    cfg = tiny_config(t__steps=24, t__ckpt_every=10, t__eval_every=12, t__milestones=(3, 7))
+    part = str(tmp_path / "part")
+    local_train.train_local(stdlib_data, part, cfg, device="cpu", stop_after=15)
+    assert checkpoints.steps(part) == [3, 7, 10, 15]
+    local_train.train_local(stdlib_data, part, cfg, device="cpu")
+    assert checkpoints.steps(part) == [3, 7, 20, 24]
+    full = local_train.train_local(stdlib_data, str(tmp_path / "full"), tiny_config(t__steps=24, t__ckpt_every=10, t__eval_every=12),
+                                   device="cpu")
+    assert torch.equal(full.model.lm_head.weight, checkpoints.load(part).build_model().lm_head.weight)  # milestones change no weight
