@@ -78,11 +78,11 @@ def parse_point(spec: str) -> dict:
     if len(parts) < 3 or not parts[0].startswith("d"):
         raise SystemExit(f"point {spec!r}: expected d<width>:<density>:<tokens>[:knob=value…]")
     p = {"spec": spec, "d_model": int(parts[0][1:]), "density": float(parts[1]), "tokens": parse_tokens(parts[2]),
-         "lr": 1.0, "b": 16, "ctx": 128, "warm": 0.01, "anneal": 0.5, "seed": 0}
+         "lr": 1.0, "b": 16, "ctx": 128, "warm": 0.01, "anneal": 0.5, "seed": 0, "mix": 0.0}
     for kv in parts[3:]:
         k, _, v = kv.partition("=")
         if k not in p or k in ("spec", "d_model", "density", "tokens"):
-            raise SystemExit(f"point {spec!r}: unknown knob {k!r} (lr, b, ctx, warm, anneal, seed)")
+            raise SystemExit(f"point {spec!r}: unknown knob {k!r} (lr, b, ctx, warm, anneal, seed, mix)")
         p[k] = type(p[k])(float(v)) if k != "lr" else float(v)
     return p
 
@@ -121,6 +121,53 @@ def export(cache: Path, data_uri: str | None) -> dict:
     pairs = probe.quote_pairs(tok, n=PROBE_PAIRS, max_tokens=64)
     (cache / "probe.json").write_text(json.dumps([p.__dict__ for p in pairs]))
     return {"cache": str(cache), "train_tokens": int(np.load(cache / "train.npy", mmap_mode="r").size), "probe_pairs": len(pairs)}
+
+
+MIX_SEED = 7_000_001  # task programs mixed into a point's stream (mix=): a seed no held-out stream uses
+
+
+def mixed_stream(cache: Path, frac: float, seed: int = 0) -> np.ndarray:
+    """The stdlib stream with ``frac`` of its tokens replaced by task programs: each task's
+    completed programs (``clean + target`` and ``corrupt + alt`` run through its ``complete``)
+    from a seed of their own, no prompt shared with the pairs pruning selects k on or tests on,
+    inserted as documents at random document boundaries of the stream. An experiment: does the
+    demo's budget, or its corpus, limit which tasks the models learn?"""
+    from sparsity import tasks, tokenizer
+    from sparsity.prune import SELECT_SEED
+    from sparsity.tasks import TEST_SEED
+
+    base = np.load(cache / "train.npy")
+    tok = tokenizer.load(cache / "tokenizer")
+    want = int(frac * len(base))
+    held = {x for t in tasks.REGISTRY.values() for sd in (TEST_SEED, SELECT_SEED) for p in t.pairs(256, sd, at_least=1)
+            for x in (p.clean, p.corrupt)}
+    per_task = {name: [] for name, t in tasks.REGISTRY.items() if t.complete is not None}
+    got, rnd = 0, 0
+    while got < want and rnd < 64:
+        for name in per_task:
+            t = tasks.REGISTRY[name]
+            for p in t.pairs(64, MIX_SEED + rnd, at_least=1):
+                if p.clean in held or p.corrupt in held:
+                    continue
+                for prompt, ans in ((p.clean, p.target), (p.corrupt, p.alt)):
+                    ids = tok.encode(t.complete(prompt + ans)) + [tok.eot_id]
+                    per_task[name].append(np.asarray(ids, dtype=np.uint16))
+                    got += len(ids)
+        rnd += 1
+    progs = [d for docs in per_task.values() for d in docs]
+    rng = np.random.default_rng(seed)
+    rng.shuffle(progs)
+    ends = np.flatnonzero(base == tok.eot_id) + 1
+    cuts = np.sort(rng.choice(ends, size=min(len(ends), len(progs)), replace=False))
+    pieces, start = [], 0
+    groups = np.array_split(np.arange(len(progs)), len(cuts))
+    for c, g in zip(cuts, groups, strict=True):
+        pieces.append(base[start:c])
+        pieces += [progs[i] for i in g]
+        start = c
+    pieces.append(base[start:])
+    out = np.concatenate(pieces)
+    return out[: len(base)]
 
 
 def rows(stream: np.ndarray, ctx: int) -> np.ndarray:
@@ -188,7 +235,8 @@ def train_point(p: dict, cache: str, device: str, out: str, milestones: int, thr
     dev = resolve_device(device)
     cfg = run_config(p)
     ev = Evaluator(Path(cache), p["ctx"], dev, val_rows, task_pairs)
-    batches = TokenRows(rows(np.load(Path(cache) / "train.npy", mmap_mode="r"), p["ctx"]), p["b"], seed=p["seed"])
+    stream = mixed_stream(Path(cache), p["mix"]) if p["mix"] else np.load(Path(cache) / "train.npy", mmap_mode="r")
+    batches = TokenRows(rows(stream, p["ctx"]), p["b"], seed=p["seed"])
     steps = cfg.train.steps
     at = sorted({max(1, round(steps * 0.5 ** k)) for k in range(1, milestones + 1)} - {steps})  # ½, ¼, ⅛ … of the run
     losses: list[float] = []
@@ -200,7 +248,7 @@ def train_point(p: dict, cache: str, device: str, out: str, milestones: int, thr
         t1 = time.perf_counter()
         res = ev(model)
         t_eval += time.perf_counter() - t1
-        line = {**{k: p[k] for k in ("spec", "d_model", "density", "tokens", "lr", "b", "ctx", "warm", "anneal", "seed")},
+        line = {**{k: p[k] for k in ("spec", "d_model", "density", "tokens", "lr", "b", "ctx", "warm", "anneal", "seed", "mix")},
                 "lr_abs": cfg.train.lr, "steps": steps, "step": step, "tokens_seen": step * p["b"] * p["ctx"],
                 "final": step == steps, "train_loss": float(np.mean(losses[-20:])) if losses else None,
                 "train_seconds": round(time.perf_counter() - t0 - t_eval, 2), "device": str(dev), **res}

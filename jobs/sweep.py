@@ -31,7 +31,14 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from cluster import data, storage
-from sparsity.config import LR_DENSE, ModelConfig, RunConfig, SparsityConfig, TrainConfig, milestone_steps
+from sparsity.config import (
+    LR_DENSE,
+    ModelConfig,
+    RunConfig,
+    SparsityConfig,
+    TrainConfig,
+    milestone_steps,
+)
 from sparsity.errors import ConfigError, CspError
 
 AXES = {"pfrac": float, "ef": float, "afrac": float, "lr": float, "seed": int}
