@@ -59,7 +59,7 @@ GRIDS = {
         "d128:1:11.5M", "d128:0.25:11.5M", "d64:1:11.5M", "d128:0.125:11.5M",
         *[f"d128:1:2.9M:{k}" for k in ("lr=0.7", "lr=1.4", "b=32:lr=1.4", "anneal=0.25")],
     ],
-    "smoke": ["d32:1:40K:ctx=64:b=4", "d32:0.25:40K:ctx=32:b=4:lr=2"],
+    "smoke": ["d32:1:40K:ctx=64:b=4", "d32:0.25:40K:ctx=32:b=4:lr=2:mix=0.05"],
 }
 
 
@@ -143,12 +143,14 @@ def mixed_stream(cache: Path, frac: float, seed: int = 0) -> np.ndarray:
             for x in (p.clean, p.corrupt)}
     per_task = {name: [] for name, t in tasks.REGISTRY.items() if t.complete is not None}
     got, rnd = 0, 0
-    while got < want and rnd < 64:
-        for name in per_task:
-            t = tasks.REGISTRY[name]
-            for p in t.pairs(64, MIX_SEED + rnd, at_least=1):
-                if p.clean in held or p.corrupt in held:
+    while got < want and rnd < 64:  # round-robin over the tasks, a pair at a time, so each gets an equal share
+        pools = {name: [p for p in tasks.REGISTRY[name].pairs(64, MIX_SEED + rnd, at_least=1) if p.clean not in held and p.corrupt not in held]
+                 for name in per_task}
+        for i in range(max(map(len, pools.values()))):
+            for name, pool in pools.items():
+                if i >= len(pool) or got >= want:
                     continue
+                p, t = pool[i], tasks.REGISTRY[name]
                 for prompt, ans in ((p.clean, p.target), (p.corrupt, p.alt)):
                     ids = tok.encode(t.complete(prompt + ans)) + [tok.eot_id]
                     per_task[name].append(np.asarray(ids, dtype=np.uint16))

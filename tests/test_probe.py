@@ -81,3 +81,48 @@ def test_learning_curve_smoke_run_evaluates_every_point():
     for p in out["points"]:
         assert p["val_loss"] > 0 and 0 < p["val_se"] < 1
     assert any(p["probe_acc"] is not None for p in out["points"])
+
+
+def test_learning_curve_mix_replaces_a_share_of_the_stream_with_task_programs_held_out_pairs_excluded(tmp_path):
+    """``mix=`` (benchmarks/learning_curve.py:mixed_stream): the stream keeps its length; about
+    that share of it becomes completed task programs, whole documents; none is the completed
+    program of a pair that pruning selects k on or tests on; the stdlib text around them is
+    unchanged."""
+    import importlib.util
+
+    import numpy as np
+
+    from sparsity import tasks, tokenizer
+    from sparsity.prune import SELECT_SEED
+    from sparsity.tasks import TEST_SEED
+
+    spec = importlib.util.spec_from_file_location("learning_curve", ROOT / "benchmarks" / "learning_curve.py")
+    lc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lc)
+    lc._smoke_cache(tmp_path, probe)
+    base = np.load(tmp_path / "train.npy")
+    mixed = lc.mixed_stream(tmp_path, 0.05)
+    assert mixed.shape == base.shape and mixed.dtype == base.dtype
+    tok = tokenizer.load(tmp_path / "tokenizer")
+
+    def docs(stream) -> list[str]:
+        out, cur = [], []
+        for t in stream.tolist():
+            if t == tok.eot_id:
+                out.append(tok.decode(cur))
+                cur = []
+            else:
+                cur.append(t)
+        return out
+
+    before, after = docs(base), docs(mixed)
+    programs = {t.complete(prompt + ans) for t in tasks.REGISTRY.values() if t.complete is not None
+                for rnd in range(4) for p in t.pairs(64, lc.MIX_SEED + rnd, at_least=1) for prompt, ans in ((p.clean, p.target), (p.corrupt, p.alt))}
+    added = [d for d in after if d in programs]
+    share = sum(len(tok.encode(d)) + 1 for d in added) / len(base)
+    assert 0.04 < share < 0.06, share
+    held = {t.complete(prompt + ans) for t in tasks.REGISTRY.values() if t.complete is not None
+            for sd in (TEST_SEED, SELECT_SEED) for p in t.pairs(256, sd, at_least=1) for prompt, ans in ((p.clean, p.target), (p.corrupt, p.alt))}
+    assert not held & set(after)
+    stdlib = [d for d in after if d not in programs and d not in before[len(before) - 1:]]
+    assert set(stdlib) <= set(before)  # the stdlib documents are whole and unchanged (the last one may be cut)
