@@ -13,8 +13,10 @@ Ablation = choice("Ablation", ABLATIONS)
 
 
 def prune(
-    ckpt: Annotated[list[str], typer.Argument(help="Run, checkpoint or sweep directories (path or s3://); a sweep means every trial's final checkpoint.")],
+    ckpt: Annotated[list[str], typer.Argument(help="Run, checkpoint or sweep directories (path or s3://); a sweep means every trial's run.")],
     out: Annotated[str, typer.Option(help="Results URI: circuits, circuit_nodes, circuit_edges go under it.")],
+    checkpoints: Annotated[str, typer.Option(help="Which checkpoints of each run: final, milestones (the kept milestones and the final), "
+                                             "all (every kept step), or steps such as 500,1000 — circuits over training.")] = "final",
     task: Annotated[list[str] | None, typer.Option(help="Task to prune for (repeatable; default: all 20).")] = None,
     target: Annotated[list[float] | None, typer.Option(
         help=f"Largest held-out task loss a circuit may have, on the reference's summed two-sided scale (chance {CHANCE_LOSS:.3f}); "
@@ -52,10 +54,10 @@ def prune(
 
     from jobs import sweep
 
-    if len(ckpt) == 1 and address is None and not sweep.is_sweep(ckpt[0]):
+    if len(ckpt) == 1 and address is None and not sweep.is_sweep(ckpt[0]) and checkpoints == "final":
         _prune_one(ckpt[0], task, out, cfg, data, device, controls)
     else:
-        _prune_many(ckpt, task, out, cfg, data, controls, address, shared_fs)
+        _prune_many(ckpt, task, out, cfg, data, controls, address, shared_fs, checkpoints)
 
 
 def _prune_one(ckpt: str, task: list[str] | None, out: str, cfg: PruneConfig, data: str | None, device: str, controls: bool) -> None:
@@ -100,19 +102,25 @@ def _show_row(name: str, r: dict) -> None:
 
 
 def _prune_many(ckpt: list[str], task: list[str] | None, out: str, cfg: PruneConfig, data: str | None, controls: bool,
-                address: str | None, shared_fs: bool) -> None:
-    """Several checkpoints, a sweep or a named cluster: the Ray fan-out, a line per pair as it is done."""
+                address: str | None, shared_fs: bool, which: str = "final") -> None:
+    """Several checkpoints, a sweep, a run's checkpoints over training or a named cluster: the
+    Ray fan-out, a line per pair as it is done."""
     from cluster import runtime
     from jobs import fanout
 
-    fanout.expand_checkpoints(ckpt)  # a missing checkpoint or sweep fails before Ray starts
+    n = len(fanout.expand_checkpoints(ckpt, which))  # a missing checkpoint, sweep or step fails before Ray starts
+    if which != "final":
+        from sparsity import tasks as task_lib
+
+        typer.echo(f"{n} checkpoints ({which}) × {len(task or task_lib.REGISTRY)} tasks")
     runtime.init(address=address, storage={"--out": out, "--data": data, "CKPT": next((u for u in ckpt if not u.startswith("s3://")), ckpt[0])},
                  shared_fs=shared_fs)
 
     def tick(done: int, total: int, row: dict) -> None:
-        typer.echo(f"[{done}/{total}] {row['task']}{' [' + row['control'] + ']' if row.get('control') else ''}: {row['status']}")
+        at = f" @ step {row['step']}" if which != "final" and row.get("step") is not None else ""
+        typer.echo(f"[{done}/{total}] {row['task']}{at}{' [' + row['control'] + ']' if row.get('control') else ''}: {row['status']}")
 
-    counts = fanout.fanout(ckpt, task, out, cfg, data_uri=data, progress=tick, controls=controls)
+    counts = fanout.fanout(ckpt, task, out, cfg, data_uri=data, progress=tick, controls=controls, which=which)
     elsewhere = f", {counts['elsewhere']} being pruned by another process" if counts["elsewhere"] else ""
     typer.echo(f"{counts['pairs']} pairs: {counts['pruned']} pruned, {counts['skipped']} already stored{elsewhere}, "
                f"{counts['failed']} failed → {out}")

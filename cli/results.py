@@ -82,3 +82,21 @@ def frontier(
 
     results_lib.check_store(uri)
     emit(results_lib.frontier(uri, target), fmt)
+
+
+@app.command("over-training")
+def over_training(
+    uri: Annotated[str, typer.Argument(help="Results URI of `csp prune --checkpoints milestones|all|STEPS`.")],
+    task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this run: its trial name, or a model id (or unique prefix) of one of its checkpoints.")] = None,
+    target: Annotated[float | None, typer.Option(help="Only circuits pruned to this target (default: all).")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = "table",
+) -> None:
+    """Circuits over training: per run, task and checkpoint step, the full model's task loss,
+    the verdict, the circuit's nodes and edges, and the Jaccard overlap of its nodes with the
+    run's circuit at the previous step."""
+    from jobs import results as results_lib
+
+    results_lib.check_store(uri, task=task)
+    df = results_lib.over_training(uri, task=task, model=model, target=target)
+    emit(df.drop(columns=["model_id", "prune_key"]) if getattr(fmt, "value", fmt) == "table" else df, fmt)

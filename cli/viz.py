@@ -8,7 +8,7 @@ import typer
 
 from cli._app import group
 
-app = group("Figures from stored circuits: the frontier plot, circuit diagrams.")
+app = group("Figures from stored circuits: the frontier plot, circuits over training, circuit diagrams.")
 
 
 @app.command()
@@ -22,6 +22,22 @@ def frontier(
 
     _check_out(out)
     for path in viz.plot_frontier(uri, out, target):
+        typer.echo(path)
+
+
+@app.command("over-training")
+def over_training(
+    uri: Annotated[str, typer.Argument(help="Results URI of `csp prune --checkpoints milestones|all|STEPS`.")],
+    out: Annotated[str | None, typer.Option(help="Directory for over-training.png and .svg (default: URI/figures).")] = None,
+    target: Annotated[float | None, typer.Option(help="Circuits at this target (default: the strictest stored).")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this run: its trial name, or a model id (or prefix) of one of its checkpoints.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only this task.")] = None,
+) -> None:
+    """Circuit size and the full model's task loss against the training step, a panel per task."""
+    from jobs import viz
+
+    _check_out(out)
+    for path in viz.plot_over_training(uri, out, target, model, task):
         typer.echo(path)
 
 

@@ -28,6 +28,12 @@ def step_dir(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_of(ckpt_dir_uri: str) -> int | None:
+    """The step of a checkpoint directory named by :func:`step_dir` (None for another name)."""
+    tail = str(ckpt_dir_uri).rstrip("/").rsplit("/", 1)[-1]
+    return int(tail[5:]) if tail.startswith("step-") and tail[5:].isdigit() else None
+
+
 def save(run_uri: str, files: dict[str, bytes], step: int, keep_last: int = 2, keep: tuple[int, ...] = ()) -> str:
     """Write one checkpoint, then point latest.json at it, then drop old ones. The milestones
     (``keep``: steps kept for good) stay, without their optimizer state once they are not
@@ -163,6 +169,40 @@ def kept(ckpt_uri: str, milestones: tuple[int, ...] = ()) -> dict | None:
     root = d.parent
     steps = _steps(root)
     return {"steps": steps, "milestones": [m for m in steps if m in milestones], "bytes": sum(storage.sizes(root).values())}
+
+
+CHECKPOINT_SETS = ("final", "milestones", "all")
+
+
+def select(uri: str, which: str = "final") -> list[str]:
+    """Checkpoint directories of the run at ``uri`` (a run, its checkpoints/ or one step
+    directory): ``final`` the latest; ``milestones`` the run's kept milestones and its latest;
+    ``all`` every step on storage; or steps ``"500,1000"``, each of which must be kept.
+    Ascending by step."""
+    d = _checkpoint_dir(uri)
+    if which == "final":
+        return [d.uri]
+    if d.parent.name != CHECKPOINTS:
+        raise ckpt_lib.CheckpointError(f"--checkpoints {which}: {storage.resolve(uri).uri} is a lone checkpoint, not a run; "
+                                       "give the run directory, or --checkpoints final")
+    root = d.parent
+    kept = _steps(root)
+    if which == "all":
+        steps = kept
+    elif which == "milestones":
+        run = root.parent.join(RUN_FILE)
+        marked = set(storage.read_json(run).get("config", {}).get("train", {}).get("milestones", [])) if storage.exists(run) else set()
+        steps = sorted({s for s in kept if s in marked} | {step_of(d.uri)})
+    else:
+        try:
+            steps = sorted({int(x) for x in which.split(",") if x.strip()})
+        except ValueError:
+            raise ckpt_lib.CheckpointError(f"--checkpoints {which!r}: give final, milestones, all or steps such as 500,1000") from None
+        missing = [s for s in steps if s not in kept]
+        if missing or not steps:
+            raise ckpt_lib.CheckpointError(f"--checkpoints {which}: step {missing[0] if missing else '?'} is not kept in {root.parent.uri} "
+                                           f"(it keeps {', '.join(map(str, kept))})")
+    return [root.join(step_dir(s)).uri for s in steps]
 
 
 def _checkpoint_dir(uri: str) -> storage.Location:

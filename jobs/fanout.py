@@ -46,15 +46,15 @@ def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data
     return prune_pair(loader.cached(ckpt_uri, data_uri, Loaded), task_lib.get(task_name), cfg, out_uri, control=control, owner=owner)
 
 
-def expand_checkpoints(uris: list[str]) -> list[str]:
-    """Sweep directories become the final checkpoint of each trial; others stay as given."""
+def expand_checkpoints(uris: list[str], which: str = "final") -> list[str]:
+    """The checkpoint directories to prune: of every run given, and of every trial of a sweep
+    given, those ``which`` names (cluster.checkpoints.select: final, milestones, all or steps)."""
     out = []
     for uri in uris:
-        if sweep.is_sweep(uri):
-            out += [str(u) for u in sweep.read_summary(uri)["checkpoint_uri"]]
-        else:
-            out.append(checkpoints.checkpoint_dir(uri))
-    return out
+        runs = [str(u) for u in sweep.read_summary(uri)["checkpoint_uri"]] if sweep.is_sweep(uri) else [uri]
+        for run in runs:
+            out += checkpoints.select(run, which)
+    return list(dict.fromkeys(out))
 
 
 def fanout(
@@ -70,10 +70,12 @@ def fanout(
     task_env: dict[str, str] | None = None,
     controls: bool | list[str] = False,
     control_ckpts: list[str] | None = None,
+    which: str = "final",
 ) -> dict:
     """Prune every (checkpoint, task) pair not yet stored under ``cfg``; with ``controls``
     (True, or a list of task names) also every control of the solved pairs (of the
-    checkpoints in ``control_ckpts`` only, when given). Returns counts."""
+    checkpoints in ``control_ckpts`` only, when given). ``which``: the checkpoints of each run
+    (:func:`expand_checkpoints`). Returns counts."""
     import ray
 
     cfg = cfg or prune_lib.PruneConfig()
@@ -81,7 +83,7 @@ def fanout(
     for n in names:
         task_lib.get(n)
     storage.resolve(out_uri)
-    ckpts = expand_checkpoints(ckpt_uris)
+    ckpts = expand_checkpoints(ckpt_uris, which)
     fps = {u: checkpoints.load(u, with_train_state=False).fingerprint for u in ckpts}
     if not ray.is_initialized():
         runtime.init()
@@ -119,7 +121,7 @@ def fanout(
                 row = _store_failure(out_uri, cfg, u, n, c, e)
                 counts["failed"] += 1
             if progress:
-                progress(finished, len(todo), row)
+                progress(finished, len(todo), {**row, "checkpoint_uri": u, "step": checkpoints.step_of(u)})
 
     wave([(u, n, None) for u in ckpts for n in names])
     if controls:

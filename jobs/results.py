@@ -239,3 +239,37 @@ def controls(results_uri: str, task: str | None = None):
                      "real_status": None if base is None else base["status"],
                      "real_n_nodes": None if base is None else base["n_nodes"], "jaccard": jac, "passes": passes})
     return pd.DataFrame(rows).sort_values(["model_id", "task", "target", "control"]).reset_index(drop=True)
+
+
+OVER_TRAINING_COLUMNS = ["trial", "task", "target", "step", "status", "full_loss", "n_nodes", "n_edges", "sufficiency_loss",
+                         "jaccard_prev", "model_id", "prune_key"]
+
+
+def over_training(results_uri: str, task: str | None = None, model: str | None = None, target: float | None = None):
+    """Circuits over training: per run (``trial``), task, pruning config and checkpoint step,
+    the full model's task loss, the verdict, the circuit's size, and ``jaccard_prev``, the
+    node-set overlap with the same run's circuit at its previous pruned step (None at the
+    first step, or where either has no nodes). ``model``: a trial name, else a model id or a
+    unique prefix of one (its trial). Real circuits only, no controls."""
+    import pandas as pd
+
+    df = at_target(circuits(results_uri, task=task), target)
+    df = df[df["control"].isna()]
+    if model is not None:
+        trials = set(df["trial"])
+        df = df[df["trial"] == (model if model in trials else str(df.loc[df["model_id"] == find_model(results_uri, model, task), "trial"].iloc[0]))]
+    if not len(df):
+        return pd.DataFrame(columns=OVER_TRAINING_COLUMNS)
+    nd = nodes(results_uri, task=task)
+    nd = nd[nd["control"].isna()]
+    sets = {k: set(zip(g["layer"], g["location"], g["node_index"], strict=True)) for k, g in nd.groupby(["model_id", "task", "prune_key"])}
+    df = df.sort_values(["trial", "task", "prune_key", "step"]).copy()
+    jac = []
+    for _, g in df.groupby(["trial", "task", "prune_key"], sort=False):
+        prev = None
+        for r in g.itertuples():
+            mine = sets.get((r.model_id, r.task, r.prune_key), set())
+            jac.append(None if prev is None else jaccard(prev, mine))
+            prev = mine
+    df["jaccard_prev"] = pd.array(jac, dtype="Float64")
+    return df[OVER_TRAINING_COLUMNS].sort_values(["trial", "task", "target", "step"]).reset_index(drop=True)

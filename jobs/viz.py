@@ -96,16 +96,80 @@ def plot_frontier(results_uri: str, out_uri: str | None = None, target: float | 
     else:
         ax.text(0.5, 0.5, "no model met the target on any task", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    out = storage.resolve(out_uri) if out_uri else storage.resolve(results_uri).join("figures")
+    return _save(fig, storage.resolve(out_uri) if out_uri else storage.resolve(results_uri).join("figures"), "frontier")
+
+
+def _save(fig, out: storage.Location, stem: str) -> list[str]:
+    """``fig`` as OUT/STEM.png and OUT/STEM.svg (no timestamp in the SVG); their URIs."""
+    import matplotlib.pyplot as plt
+
     written = []
     for fmt in ("png", "svg"):
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
-        loc = out.join(f"frontier.{fmt}")
+        loc = out.join(f"{stem}.{fmt}")
         storage.write_bytes(loc, buf.getvalue())
         written.append(loc.uri)
     plt.close(fig)
     return written
+
+
+def plot_over_training(results_uri: str, out_uri: str | None = None, target: float | None = None, model: str | None = None,
+                       task: str | None = None) -> list[str]:
+    """Write over-training.png and .svg under ``out_uri`` (default RESULTS/figures): one panel
+    per task, circuit edges (filled: verified, hollow: not) and the full model's task loss
+    against the checkpoint step, a line per run; circuits at ``target`` (default: the
+    strictest stored)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = results.over_training(results_uri, task=task, model=model)
+    if target is None and len(df):
+        target = float(df["target"].min())
+    df = df[df["target"] == target] if len(df) else df
+    if df.empty or df["step"].nunique() < 2:
+        raise VizError(f"no run under {storage.resolve(results_uri).uri} has circuits at two or more steps; "
+                       "prune with `csp prune RUN --checkpoints milestones` (train with --milestones) first")
+    tasks_ = sorted(df["task"].unique())
+    cols = min(3, len(tasks_))
+    rows_ = -(-len(tasks_) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.4 * rows_), dpi=120, squeeze=False)
+    colors = plt.get_cmap("tab10")
+    trials = sorted(df["trial"].unique())
+    for ax, t in zip(axes.flat, tasks_, strict=False):
+        loss_ax = ax.twinx()
+        for i, trial in enumerate(trials):
+            g = df[(df["task"] == t) & (df["trial"] == trial)].sort_values("step")
+            if g.empty:
+                continue
+            c = colors(i % 10)
+            drawn = g[g["n_edges"].notna()]
+            ax.plot(drawn["step"], drawn["n_edges"], "-", color=c, lw=1, label=trial)
+            ok = drawn["status"] == "ok"
+            ax.scatter(drawn.loc[ok, "step"], drawn.loc[ok, "n_edges"], color=c, s=22, zorder=3)
+            ax.scatter(drawn.loc[~ok, "step"], drawn.loc[~ok, "n_edges"], facecolor="white", edgecolor=c, s=22, zorder=3)
+            loss_ax.plot(g["step"], g["full_loss"], "--", color=c, lw=1, alpha=0.7)
+        loss_ax.axhline(target, color="grey", lw=0.8, ls=":")
+        loss_ax.set_yscale("log")
+        loss_ax.set_ylabel("full model's task loss (dashed)", fontsize=7)
+        ax.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, not 2×10¹
+        for axis in (ax.xaxis, loss_ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain)
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel("circuit edges (solid; hollow: not verified)", fontsize=7)
+        ax.grid(True, which="both", alpha=0.25)
+    for ax in list(axes.flat)[len(tasks_):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Circuits over training (target {target:g}; dotted: the target)", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, storage.resolve(out_uri) if out_uri else storage.resolve(results_uri).join("figures"), "over-training")
 
 
 # ---------------------------------------------------------------- top-activating tokens

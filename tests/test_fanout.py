@@ -154,3 +154,51 @@ def test_concurrent_fanouts_into_one_store_prune_each_pair_once_in_total(ray_ses
         held.release()
     counts = fanout.fanout(two_runs, ["with_as"], out, cfg)
     assert counts == {"pairs": 2, "skipped": 1, "pruned": 1, "failed": 0, "elsewhere": 0}
+
+
+@pytest.mark.slow
+def test_circuits_over_training_one_row_per_checkpoint_and_task_with_overlap_and_a_plot(ray_session, stdlib_data, stdlib_tokenizer, tmp_path):
+    """A run with milestones 10 and 20 and its final step 30 (the planted model, nudged per
+    step so each checkpoint is its own model; step 5 was dropped): `csp prune --checkpoints
+    milestones` prunes each (checkpoint, task) once, each row carries its step, a re-run adds
+    nothing; `results over-training` gives the circuits in step order with their node-set
+    overlap with the previous step; `viz over-training` draws them; a step the run does not
+    keep is a one-line usage error naming those it does."""
+    import dataclasses
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from sparsity.config import TrainConfig
+
+    run = tmp_path / "run"
+    for step in (5, 10, 20, 30):
+        model = planted_model(stdlib_tokenizer)
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.bias[0] += 0.001 * step
+        cfg = dataclasses.replace(RunConfig(model=model.config, sparsity=SparsityConfig(pfrac=1.0)), train=TrainConfig(steps=30, milestones=(10, 20)))
+        checkpoints.save(str(run), ckpt_lib.to_files(model, cfg, step), step, keep=cfg.train.milestones)
+        storage.write_json(str(run / "run.json"), {"config": cfg.to_dict(), "data": stdlib_data})
+    assert checkpoints.steps(str(run)) == [10, 20, 30]
+    runner = CliRunner()
+    out = str(tmp_path / "res")
+    args = ["prune", str(run), "--checkpoints", "milestones", "--task", "single_double_quote", "--out", out, "--target", "0.15", "--steps", "100"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "3 checkpoints (milestones) × 1 tasks" in r.stdout and "3 pairs: 3 pruned" in r.stdout and "@ step 20" in r.stdout
+    again = runner.invoke(app, args)
+    assert "3 pairs: 0 pruned, 3 already stored" in again.stdout
+    circ = pd.read_parquet(f"{out}/circuits")
+    assert sorted(circ["step"]) == [10, 20, 30] and circ["model_id"].nunique() == 3 and (circ["status"] == "ok").all()
+    ot = json.loads(runner.invoke(app, ["results", "over-training", out, "--format", "json"]).stdout)
+    assert [row["step"] for row in ot] == [10, 20, 30] and {row["trial"] for row in ot} == {"run"}
+    assert ot[0]["jaccard_prev"] is None and all(0.5 < row["jaccard_prev"] <= 1 for row in ot[1:])  # the same model, barely nudged
+    table = runner.invoke(app, ["results", "over-training", out, "--model", "run"])
+    assert table.exit_code == 0 and "jaccard_prev" in table.stdout and "single_double_quote" in table.stdout
+    figs = runner.invoke(app, ["viz", "over-training", out, "--out", str(tmp_path / "figs")])
+    assert figs.exit_code == 0, figs.output
+    assert (tmp_path / "figs" / "over-training.png").stat().st_size > 10_000 and (tmp_path / "figs" / "over-training.svg").exists()
+    bad = runner.invoke(app, ["prune", str(run), "--checkpoints", "5", "--out", out])
+    assert bad.exit_code == 2 and "step 5 is not kept" in bad.stderr and "it keeps 10, 20, 30" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
