@@ -148,6 +148,8 @@ def test_prune_on_cuda_without_cuda_is_a_usage_error(planted_run, tmp_path):
     (["prune", "RUN", "--out", "OUT", "--device", "gpu0"], "--device 'gpu0' out of range"),
     (["tasks", "eval", "RUN", "--task", "else_elif", "--n", "0"], "--n must be ≥ 1, got 0"),
     (["prune", "/no/such/run", "--out", "OUT"], "no checkpoint at /no/such/run"),
+    (["prune", "RUN", "--out", "OUT", "--checkpoints", "latest"], "--checkpoints 'latest': give final, milestones, all or steps"),
+    (["prune", "RUN", "--out", "OUT", "--checkpoints", "3"], "--checkpoints 3: step 3 is not kept in"),
 ])
 def test_prune_and_tasks_bad_input(planted_run, tmp_path, args, fragment):
     args = [a.replace("RUN", planted_run).replace("OUT", str(tmp_path / "out")) for a in args]
