@@ -107,22 +107,25 @@ def test_milestones_are_kept_without_optimizer_state_listed_and_survive_a_resume
     the optimizer state goes once a milestone is not among the last 2), prints their storage
     cost, and `model info` lists them; an interrupted run resumed keeps its early milestones."""
     out = tmp_path / "run"
+    from sparsity.config import milestone_steps
+
+    assert milestone_steps("3", 24) == (1, 5, 24) and milestone_steps("3,7,24", 24) == (3, 7, 24)  # a count (log-spaced), or steps
     r = runner.invoke(app, ["train", "--data", stdlib_data, "--out", str(out), "--steps", "24", "--batch", "4", "--ckpt-every", "10",
-                            "--eval-every", "12", "--milestones", "3,7,24", "--device", "cpu"])
+                            "--eval-every", "12", "--milestones", "3", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert "keeping 3 milestone checkpoints (steps 3, 7, 24) beside the last 2: ~" in r.stdout and " MB in all" in r.stdout
+    assert "keeping 3 milestone checkpoints (steps 1, 5, 24) beside the last 2: ~" in r.stdout and " MB in all" in r.stdout
     ck = out / "checkpoints"
-    assert checkpoints.steps(str(out)) == [3, 7, 20, 24]  # 10 went when 20 came; the milestones stayed
-    for step, state in ((3, False), (7, False), (20, True), (24, True)):
+    assert checkpoints.steps(str(out)) == [1, 5, 20, 24]  # exactly the milestones and the last 2 (10 went when 20 came)
+    for step, state in ((1, False), (5, False), (20, True), (24, True)):
         assert (ck / checkpoints.step_dir(step) / "train_state.pt").exists() is state, step
-    early, last = checkpoints.load(str(ck / checkpoints.step_dir(7))), checkpoints.load(str(out))
-    assert early.step == 7 and last.step == 24 and early.train_state is None
+    early, last = checkpoints.load(str(ck / checkpoints.step_dir(5))), checkpoints.load(str(out))
+    assert early.step == 5 and last.step == 24 and early.train_state is None
     assert not torch.equal(early.build_model().lm_head.weight, last.build_model().lm_head.weight)
     info = json.loads(runner.invoke(app, ["model", "info", str(out), "--format", "json"]).stdout)
-    assert info["checkpoints"]["steps"] == [3, 7, 20, 24] and info["checkpoints"]["milestones"] == [3, 7, 24]
+    assert info["checkpoints"]["steps"] == [1, 5, 20, 24] and info["checkpoints"]["milestones"] == [1, 5, 24]
     assert info["checkpoints"]["bytes"] == sum(f.stat().st_size for f in ck.rglob("*") if f.is_file())
     text = runner.invoke(app, ["model", "info", str(out)]).stdout
-    assert "checkpoints kept  steps 3 (milestone), 7 (milestone), 20, 24 (milestone);" in text
+    assert "checkpoints kept  steps 1 (milestone), 5 (milestone), 20, 24 (milestone);" in text
     # interrupted after the milestones, resumed: they are still there, and the run ends where an uninterrupted one does
     cfg = tiny_config(t__steps=24, t__ckpt_every=10, t__eval_every=12, t__milestones=(3, 7))
     part = str(tmp_path / "part")
