@@ -17,6 +17,7 @@ def prune(
     out: Annotated[str, typer.Option(help="Results URI: circuits, circuit_nodes, circuit_edges go under it.")],
     checkpoints: Annotated[str, typer.Option(help="Which checkpoints of each run: final, milestones (the kept milestones and the final), "
                                              "all (every kept step), or steps such as 500,1000 — circuits over training.")] = "final",
+    include_stopped: Annotated[bool, typer.Option("--include-stopped", help="Also prune sweep trials that --scheduler asha stopped early.")] = False,
     task: Annotated[list[str] | None, typer.Option(help="Task to prune for (repeatable; default: all 20).")] = None,
     target: Annotated[list[float] | None, typer.Option(
         help=f"Largest held-out task loss a circuit may have, on the reference's summed two-sided scale (chance {CHANCE_LOSS:.3f}); "
@@ -57,7 +58,7 @@ def prune(
     if len(ckpt) == 1 and address is None and not sweep.is_sweep(ckpt[0]) and checkpoints == "final":
         _prune_one(ckpt[0], task, out, cfg, data, device, controls)
     else:
-        _prune_many(ckpt, task, out, cfg, data, controls, address, shared_fs, checkpoints)
+        _prune_many(ckpt, task, out, cfg, data, controls, address, shared_fs, checkpoints, include_stopped)
 
 
 def _prune_one(ckpt: str, task: list[str] | None, out: str, cfg: PruneConfig, data: str | None, device: str, controls: bool) -> None:
@@ -102,13 +103,13 @@ def _show_row(name: str, r: dict) -> None:
 
 
 def _prune_many(ckpt: list[str], task: list[str] | None, out: str, cfg: PruneConfig, data: str | None, controls: bool,
-                address: str | None, shared_fs: bool, which: str = "final") -> None:
+                address: str | None, shared_fs: bool, which: str = "final", include_stopped: bool = False) -> None:
     """Several checkpoints, a sweep, a run's checkpoints over training or a named cluster: the
     Ray fan-out, a line per pair as it is done."""
     from cluster import runtime
     from jobs import fanout
 
-    n = len(fanout.expand_checkpoints(ckpt, which))  # a missing checkpoint, sweep or step fails before Ray starts
+    n = len(fanout.expand_checkpoints(ckpt, which, include_stopped))  # a missing checkpoint, sweep or step fails before Ray starts
     if which != "final":
         from sparsity import tasks as task_lib
 
@@ -120,7 +121,8 @@ def _prune_many(ckpt: list[str], task: list[str] | None, out: str, cfg: PruneCon
         at = f" @ step {row['step']}" if which != "final" and row.get("step") is not None else ""
         typer.echo(f"[{done}/{total}] {row['task']}{at}{' [' + row['control'] + ']' if row.get('control') else ''}: {row['status']}")
 
-    counts = fanout.fanout(ckpt, task, out, cfg, data_uri=data, progress=tick, controls=controls, which=which)
+    counts = fanout.fanout(ckpt, task, out, cfg, data_uri=data, progress=tick, controls=controls, which=which,
+                           include_stopped=include_stopped)
     elsewhere = f", {counts['elsewhere']} being pruned by another process" if counts["elsewhere"] else ""
     typer.echo(f"{counts['pairs']} pairs: {counts['pruned']} pruned, {counts['skipped']} already stored{elsewhere}, "
                f"{counts['failed']} failed → {out}")

@@ -34,6 +34,10 @@ def run(
     n_ctx: Annotated[int | None, typer.Option(help="Context (default: the data's).")] = None,
     milestones: Annotated[str | None, typer.Option(help="Checkpoints every trial keeps for good beside the last 2: a count "
                                                    "(log-spaced from 1% of the run to its end) or steps, e.g. 100,500,2000.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="asha: stop trials whose val loss trails the others' part-way (Tune's ASHA); "
+                                                  "stopped trials are marked in the summary and skipped by `csp prune`.")] = None,
+    grace_period: Annotated[int | None, typer.Option(help="With --scheduler asha: steps before a trial can be stopped (default: a quarter of --steps).")] = None,
+    reduction_factor: Annotated[int, typer.Option(help="With --scheduler asha: each rung keeps 1 in this many trials.")] = 2,
     workers_per_trial: Annotated[int, typer.Option(help="Ray Train workers per trial.")] = 1,
     gpus: Annotated[bool, typer.Option("--gpus", help="One GPU per worker.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: in-process Ray).")] = None,
@@ -53,7 +57,9 @@ def run(
     parsed = sweep_job.parse_grid(grid)
     storage.check_writable(out)  # a read-only or unreachable --out fails before Ray starts
     base, train = sweep_job.build_configs(data, parsed, n_ctx=n_ctx, n_layer=n_layer, d_model=d_model, n_head=n_head, steps=steps,
-                                          batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value, milestones=milestones)
+                                          batch_size=batch, lr=lr, optimizer=Optimizer(optimizer).value, milestones=milestones,
+                                          evals=8 if scheduler else 4)
+    sweep_job.check_scheduler(scheduler, workers_per_trial, train, grace_period, reduction_factor)  # before Ray starts
     if train.milestones:
         from jobs import train as train_job
         from sparsity.config import RunConfig
@@ -64,7 +70,7 @@ def run(
                  storage={"--data": data, "--out": out}, shared_fs=shared_fs, state_api=True,
                  log_to_driver=False)  # no line per report from every trial's workers; failures still raise here
     df = sweep_job.run_sweep(data, out, parsed, base, train, workers_per_trial=workers_per_trial, gpus=gpus, take_over=take_over,
-                             density_lr=lr is None)
+                             density_lr=lr is None, scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor)
     _print(df)
 
 
@@ -84,6 +90,8 @@ def _print(df, fmt="table") -> None:
     shown = df[cols].copy()
     if "milestones" in df and df["milestones"].map(lambda m: m is not None and len(m) > 0).any():
         shown["milestones"] = df["milestones"].map(_milestones)
+    if "stopped_at" in df and df["stopped_at"].notna().any():
+        shown["stopped_at"] = df["stopped_at"]
     emit(df, fmt, table=table_text(shown, float_format=lambda v: f"{v:.4g}"))
 
 

@@ -46,12 +46,18 @@ def prune_task(ckpt_uri: str, task_name: str, out_uri: str, cfg_dict: dict, data
     return prune_pair(loader.cached(ckpt_uri, data_uri, Loaded), task_lib.get(task_name), cfg, out_uri, control=control, owner=owner)
 
 
-def expand_checkpoints(uris: list[str], which: str = "final") -> list[str]:
+def expand_checkpoints(uris: list[str], which: str = "final", include_stopped: bool = False) -> list[str]:
     """The checkpoint directories to prune: of every run given, and of every trial of a sweep
-    given, those ``which`` names (cluster.checkpoints.select: final, milestones, all or steps)."""
+    given, those ``which`` names (cluster.checkpoints.select: final, milestones, all or steps).
+    A sweep's trials that its scheduler stopped early are left out unless ``include_stopped``."""
     out = []
     for uri in uris:
-        runs = [str(u) for u in sweep.read_summary(uri)["checkpoint_uri"]] if sweep.is_sweep(uri) else [uri]
+        runs = [uri]
+        if sweep.is_sweep(uri):
+            df = sweep.read_summary(uri)
+            if "stopped_at" in df and not include_stopped:
+                df = df[df["stopped_at"].isna()]
+            runs = [str(u) for u in df["checkpoint_uri"] if u is not None and u == u]
         for run in runs:
             out += checkpoints.select(run, which)
     return list(dict.fromkeys(out))
@@ -71,11 +77,12 @@ def fanout(
     controls: bool | list[str] = False,
     control_ckpts: list[str] | None = None,
     which: str = "final",
+    include_stopped: bool = False,
 ) -> dict:
     """Prune every (checkpoint, task) pair not yet stored under ``cfg``; with ``controls``
     (True, or a list of task names) also every control of the solved pairs (of the
-    checkpoints in ``control_ckpts`` only, when given). ``which``: the checkpoints of each run
-    (:func:`expand_checkpoints`). Returns counts."""
+    checkpoints in ``control_ckpts`` only, when given). ``which``, ``include_stopped``: the
+    checkpoints of each run (:func:`expand_checkpoints`). Returns counts."""
     import ray
 
     cfg = cfg or prune_lib.PruneConfig()
@@ -83,7 +90,7 @@ def fanout(
     for n in names:
         task_lib.get(n)
     storage.resolve(out_uri)
-    ckpts = expand_checkpoints(ckpt_uris, which)
+    ckpts = expand_checkpoints(ckpt_uris, which, include_stopped)
     fps = {u: checkpoints.load(u, with_train_state=False).fingerprint for u in ckpts}
     if not ray.is_initialized():
         runtime.init()

@@ -23,25 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import threading
 import time
 from collections.abc import Callable
 
 import pyarrow as pa
 
-from cluster import data, storage
-from sparsity.config import (
-    LR_DENSE,
-    ModelConfig,
-    RunConfig,
-    SparsityConfig,
-    TrainConfig,
-    milestone_steps,
+from cluster import storage
+from jobs.sweep_grid import (  # noqa: F401  (the grid's names, re-exported: sweep.parse_grid, sweep.points, …)
+    AXES,
+    RUNS,
+    SweepError,
+    build_configs,
+    legacy_trial_name,
+    parse_grid,
+    points,
+    run_loc,
+    trial_config,
+    trial_name,
+    trial_names,
 )
-from sparsity.errors import ConfigError, CspError
-
-AXES = {"pfrac": float, "ef": float, "afrac": float, "lr": float, "seed": int}
+from sparsity.config import ModelConfig, RunConfig, TrainConfig
 
 SUMMARY_SCHEMA = pa.schema([
     pa.field("trial", pa.string(), nullable=False),
@@ -60,6 +62,7 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("wall_seconds", pa.float64()),
     pa.field("checkpoint_uri", pa.string()),
     pa.field("milestones", pa.list_(pa.int64())),  # milestone steps whose checkpoints the run keeps (absent in sweeps before them)
+    pa.field("stopped_at", pa.int64()),  # the step at which --scheduler asha stopped the trial (null: it ran to the end)
 ])
 
 METRICS_SCHEMA = pa.schema([
@@ -74,126 +77,8 @@ METRICS_SCHEMA = pa.schema([
 ])
 
 
-class SweepError(CspError):
-    pass
-
-
-def parse_grid(text: str) -> dict[str, list]:
-    """'pfrac=0.25,0.5;ef=1,2' → {'pfrac': [0.25, 0.5], 'ef': [1.0, 2.0]}."""
-    grid: dict[str, list] = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        key, sep, values = part.partition("=")
-        key = key.strip()
-        if not sep:
-            raise SweepError(f"bad grid axis {part!r}: write key=v1,v2 (axes separated by ';')")
-        if key not in AXES:
-            raise SweepError(f"unknown grid key {key!r}; choose from {', '.join(AXES)}")
-        if key in grid:
-            raise SweepError(f"grid key {key!r} appears twice")
-        items = [v.strip() for v in values.split(",") if v.strip()]
-        if not items:
-            raise SweepError(f"grid key {key!r} has no values")
-        try:
-            grid[key] = [AXES[key](v) for v in items]
-        except ValueError:
-            raise SweepError(f"grid key {key!r}: {values!r} are not all {AXES[key].__name__}s") from None
-    if not grid:
-        raise SweepError("empty grid: give at least one axis, e.g. 'pfrac=0.25,0.5;ef=1,2'")
-    return grid
-
-
-def trial_name(point: dict, cfg: RunConfig) -> str:
-    """A trial's name, from what its run is: ``d<width>-<density>`` then the point's other
-    axes — ``-a<afrac>`` (``-aoff``), ``-lr<lr>``, ``-s<seed>`` — when the point sets them.
-    Density is ``dense`` or ``p1_<n>`` for 1/n (else ``p<fraction>``). E.g. ``d128-dense``,
-    ``d128-p1_8``, ``d64-dense-lr0.03-s1``. ``cfg`` is the point's :func:`trial_config`."""
-    d = cfg.sparsity.l0frac
-    inv = 1 / d
-    density = "dense" if cfg.sparsity.dense else f"p1_{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"p{d:.4g}"
-    parts = [f"d{cfg.model.d_model}", density]
-    if "afrac" in point:
-        parts.append("aoff" if cfg.model.afrac is None else f"a{cfg.model.afrac:g}")
-    if "lr" in point:
-        parts.append(f"lr{point['lr']:g}")
-    if "seed" in point:
-        parts.append(f"s{point['seed']}")
-    return "-".join(parts)
-
-
-def legacy_trial_name(point: dict) -> str:
-    """The name sweeps before readable names gave a trial (``pfrac=0.5_ef=2_lr=0.0424``):
-    resuming such a sweep keeps its trials under their names."""
-    return "_".join(f"{k}={point[k]:g}" for k in AXES if k in point)
-
-
-def trial_names(sweep_uri: str, pts: list[dict], cfgs: list[RunConfig]) -> list[str]:
-    """Each point's trial name in the sweep at ``sweep_uri``: :func:`trial_name`, or the
-    :func:`legacy_trial_name` its run already has there. Two points that would share a name
-    (the same run twice) are refused naming both."""
-    from cluster import checkpoints
-
-    sweep = storage.resolve(sweep_uri)
-    names, seen = [], {}
-    for p, cfg in zip(pts, cfgs, strict=True):
-        old = legacy_trial_name(p)
-        name = old if storage.exists(sweep.join("trials", f"{old}.json")) or storage.exists(run_loc(sweep, old).join(checkpoints.RUN_FILE)) \
-            else trial_name(p, cfg)
-        if name in seen:
-            raise SweepError(f"grid points {seen[name]} and {p} are the same run ({name}); drop one of them")
-        seen[name] = p
-        names.append(name)
-    return names
-
-
-def trial_config(base: ModelConfig, train: TrainConfig, point: dict, density_lr: bool = False,
-                 sparsity: dict | None = None) -> RunConfig:
-    """The RunConfig of one grid point: width scaled by ef, density pfrac/ef², and the
-    sweep-wide ``sparsity`` settings (other SparsityConfig fields, e.g. ``anneal_end``). Its
-    lr: the point's own, else with ``density_lr`` csp's density rule
-    (sparsity.config.density_lr, from ``train.optimizer``), else ``train.lr``."""
-    if "afrac" in point:
-        base = dataclasses.replace(base, afrac=ModelConfig.afrac_or_off(point["afrac"]))
-    tc = dataclasses.replace(train, seed=point.get("seed", train.seed), lr=point.get("lr", train.lr))
-    cfg = RunConfig.at_width(base, tc, pfrac=point.get("pfrac", SparsityConfig.pfrac), ef=point.get("ef", 1.0), **(sparsity or {}))
-    return cfg.with_density_lr() if density_lr and "lr" not in point else cfg
-
-
-def build_configs(data_uri: str, grid: dict[str, list], *, n_ctx: int | None = None, n_layer: int = ModelConfig.n_layer,
-                  d_model: int = ModelConfig.d_model, n_head: int = ModelConfig.n_head, steps: int = TrainConfig.steps,
-                  batch_size: int = TrainConfig.batch_size, lr: float | None = None,
-                  optimizer: str = TrainConfig.optimizer, milestones: str | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """The base model and training config of `csp sweep` on ``data_uri`` (its context unless
-    ``n_ctx``), with every point of ``grid`` checked to make a valid run first (a bad point
-    is refused naming it, before Ray starts). ``lr`` None: each trial takes csp's density
-    rule (pass ``density_lr=lr is None`` to :func:`run_sweep`); 4 evaluations and 4
-    checkpoints per trial, and the ``milestones`` kept (``--milestones``, see
-    sparsity.config.milestone_steps)."""
-    ctx = n_ctx or data.read_manifest(data_uri)["n_ctx"]
-    base = ModelConfig.gpt(d_model, block_size=ctx, n_layer=n_layer, n_head=n_head)
-    every = max(1, steps // 4)
-    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr or LR_DENSE[optimizer], optimizer=optimizer, ckpt_every=every,
-                        eval_every=every, milestones=milestone_steps(milestones, steps) if milestones else ())
-    for p in points(grid):
-        try:
-            trial_config(base, train, p, density_lr=lr is None)
-        except ConfigError as e:
-            raise ConfigError(f"--grid point {';'.join(f'{k}={v}' for k, v in p.items())}: {e}") from None
-    return base, train
-
-
-def points(grid: dict[str, list]) -> list[dict]:
-    keys = list(grid)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
-
-
 SUMMARY = "summary.parquet"  # SWEEP/summary.parquet: one row per trial
-RUNS = "runs"  # SWEEP/runs/<trial>/: each trial's run directory
 TIMINGS_FILE = "timings.json"  # SWEEP/runs/<trial>/timings.json: wall-clock marks of the trial (start, fit end, summary end)
-
-
-def run_loc(sweep, trial: str) -> storage.Location:
-    """A trial's run directory inside a sweep."""
-    return storage.resolve(sweep).join(RUNS, trial)
 
 
 def is_sweep(uri: str) -> bool:
@@ -222,8 +107,21 @@ def _run_trial(config: dict) -> None:
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
-        local_train.train_local(config["data"], out.uri, cfg, device="cuda" if config["gpus"] else "cpu", owner=owner,
-                                keep_rows=True, marks=marks)
+        last: dict = {}
+
+        def progress(m: dict) -> None:
+            # A scheduler (ASHA) judges a trial by its val loss part-way; stopping it raises
+            # SystemExit from this report (Tune's way with a function trainable).
+            if config.get("scheduler") and "val_loss" in m and m["step"] < cfg.train.steps:
+                last.update(step=m["step"], val_loss=m["val_loss"])
+                tune.report({"step": m["step"], "val_loss": m["val_loss"]})
+
+        try:
+            local_train.train_local(config["data"], out.uri, cfg, device="cuda" if config["gpus"] else "cpu", owner=owner,
+                                    keep_rows=True, marks=marks, progress=progress)
+        except SystemExit:  # stopped by the scheduler: recorded as such, so a re-run does not train it on
+            summarize_trial(sweep, name, config["point"], cfg, time.perf_counter() - t0, stopped=last)
+            raise
     else:
         ray_train.train_distributed(config["data"], out.uri, cfg, workers=config["workers"], use_gpu=config["gpus"], owner=owner)
     t_fit = time.time()
@@ -233,32 +131,44 @@ def _run_trial(config: dict) -> None:
     tune.report({k: v for k, v in row.items() if isinstance(v, int | float) and v is not None})
 
 
-def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float) -> dict:
+def summarize_trial(sweep, name: str, point: dict, cfg: RunConfig, wall: float, stopped: dict | None = None) -> dict:
+    """A trial's summary row (SWEEP/trials/NAME.json) and its metrics table. ``stopped``: the
+    step and val loss at which a scheduler stopped it (its last checkpoint may be earlier)."""
     from cluster import checkpoints
 
     out = run_loc(sweep, name)
-    ckpt = checkpoints.load(out.uri, with_train_state=False)
+    # A trial stopped before its first checkpoint has none: its row keeps the stop's numbers only.
+    ckpt = checkpoints.load(out.uri, with_train_state=False) if not stopped or checkpoints.latest_step(out.uri) else None
     history = checkpoints.read_metrics(out.uri)
     rows = [{"trial": name, **{f.name: m.get(f.name) for f in METRICS_SCHEMA if f.name != "trial"}} for m in history]
     storage.write_parquet(sweep.join("metrics", f"trial={name}", "metrics.parquet"),
                           pa.Table.from_pylist([{k: v for k, v in r.items() if k != "trial"} for r in rows],
                                                schema=pa.schema([f for f in METRICS_SCHEMA if f.name != "trial"])))
-    meta = ckpt.meta.get("metrics", {})
+    meta = ckpt.meta.get("metrics", {}) if ckpt else {}
+    step = ckpt.step if ckpt else 0
     summary = {
         "trial": name, "pfrac": cfg.sparsity.pfrac, "ef": cfg.sparsity.ef, "afrac": cfg.model.afrac, "seed": cfg.train.seed,
-        "lr": cfg.train.lr, "d_model": cfg.model.d_model, "density": cfg.sparsity.l0frac, "steps": ckpt.step, "final_loss": meta.get("loss"), "val_loss": meta.get("val_loss"),
-        "nonzeros": meta.get("nonzeros"), "tokens_seen": ckpt.step * cfg.train.batch_size * cfg.model.block_size,
-        "wall_seconds": wall, "checkpoint_uri": checkpoints.checkpoint_dir(out.uri),
+        "lr": cfg.train.lr, "d_model": cfg.model.d_model, "density": cfg.sparsity.l0frac, "steps": step, "final_loss": meta.get("loss"), "val_loss": meta.get("val_loss"),
+        "nonzeros": meta.get("nonzeros"), "tokens_seen": step * cfg.train.batch_size * cfg.model.block_size,
+        "wall_seconds": wall, "checkpoint_uri": checkpoints.checkpoint_dir(out.uri) if ckpt else None,
         "milestones": [m for m in checkpoints.steps(out.uri) if m in cfg.train.milestones],
+        "stopped_at": None,
     }
+    if stopped:
+        summary.update(stopped_at=stopped["step"], val_loss=stopped["val_loss"])
     storage.write_json(sweep.join("trials", f"{name}.json"), summary)
     return summary
 
 
 def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base: ModelConfig, train: TrainConfig,
               workers_per_trial: int = 1, gpus: bool = False, extra_points: list[dict] | None = None, take_over: bool = False,
-              density_lr: bool = False, sparsity: dict | None = None):
+              density_lr: bool = False, sparsity: dict | None = None, scheduler: str | None = None, grace_period: int | None = None,
+              reduction_factor: int = 2):
     """Run (or resume) a sweep; returns the summary as a pandas DataFrame.
+
+    ``scheduler="asha"``: Tune's ASHA stops trials whose val loss trails the others' at
+    the same step (rungs from ``grace_period`` steps, default a quarter of the run, growing
+    by ``reduction_factor``); a stopped trial's row records ``stopped_at``.
 
     The sweep directory has one writer at a time (SWEEP/lease.json, held while this runs;
     ``take_over`` displaces a writer whose heartbeat stopped); each trial's run directory
@@ -291,6 +201,7 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
     cpus = runtime.cluster_cpus()
     if cpus < need:
         raise SweepError(f"each trial needs {need} CPUs ({workers_per_trial} workers + a controller); the cluster declares {cpus:g}")
+    check_scheduler(scheduler, workers_per_trial, train, grace_period, reduction_factor)
     if gpus and workers_per_trial == 1 and runtime.cluster_gpus() < 1:
         raise SweepError("--gpus: each trial needs a GPU and the cluster declares none")
     with local_train.run_lease(sweep, "csp sweep", take_over) as held:
@@ -304,7 +215,7 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
             def trial_fn(config: dict) -> None:
                 name = config["trial"]
                 _run_trial({"trial": name, "point": point_of[name], "cfg": cfgs[name].to_dict(), "data": data_uri,
-                            "sweep": sweep.uri, "workers": workers_per_trial, "gpus": gpus, "owner": owner})
+                            "sweep": sweep.uri, "workers": workers_per_trial, "gpus": gpus, "owner": owner, "scheduler": scheduler})
 
             tune_store = sweep.join("tune")
             tuner = tune.Tuner(
@@ -312,7 +223,8 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
                 tune.with_resources(trial_fn, {"CPU": 1, "GPU": int(gpus)} if workers_per_trial == 1 else {"CPU": 0.01}),
                 param_space=space,
                 # the next trial runs in a finished trial's process: no process start, no imports, rows kept
-                tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // need)), reuse_actors=True),
+                tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // need)), reuse_actors=True,
+                                            scheduler=_asha(train, grace_period, reduction_factor) if scheduler else None),
                 run_config=tune.RunConfig(
                     name="tune",
                     storage_path=tune_store.uri if not sweep.is_s3 else tune_store.path,
@@ -326,6 +238,34 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
             if errors:
                 raise SweepError(f"{len(errors)} trial(s) failed; first: {type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]}")
         return write_summary(sweep_uri)
+
+
+def check_scheduler(scheduler: str | None, workers_per_trial: int, train: TrainConfig, grace_period: int | None,
+                    reduction_factor: int) -> None:
+    """Refuse, before Ray starts, a scheduler csp cannot run as asked."""
+    if scheduler is None:
+        return
+    if scheduler != "asha":
+        raise SweepError(f"--scheduler {scheduler!r}: the one scheduler is asha (or leave it out)")
+    if workers_per_trial > 1:
+        raise SweepError("--scheduler asha judges one-worker trials by their val loss part-way; use --workers-per-trial 1 with it")
+    if not train.eval_every:
+        raise SweepError("--scheduler asha needs evaluations part-way (eval_every > 0)")
+    grace = grace_period or max(1, train.steps // 4)
+    if not 1 <= grace < train.steps:
+        raise SweepError(f"--grace-period {grace} must be in 1..{train.steps - 1} (the trials' steps)")
+    if reduction_factor < 2:
+        raise SweepError(f"--reduction-factor {reduction_factor} must be ≥ 2")
+
+
+def _asha(train: TrainConfig, grace_period: int | None, reduction_factor: int):
+    """Tune's ASHA on the trials' part-way val loss, in training steps. ``max_t`` lies past the
+    last step: a trial that reaches its end is never stopped at its final report."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    grace = grace_period or max(1, train.steps // 4)
+    return ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=train.steps + 1, grace_period=grace,
+                         reduction_factor=reduction_factor)
 
 
 def _check_same_sweep(sweep: storage.Location, record: dict) -> None:

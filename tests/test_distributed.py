@@ -97,6 +97,38 @@ def test_bad_grids_fail_before_anything_runs(stdlib_data, tmp_path, grid, fragme
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
+def test_asha_stops_a_trial_with_a_100x_learning_rate_and_the_summary_and_fanout_know(ray_session, stdlib_data, tmp_path):
+    """`--scheduler asha` on five trials, the last at 100× the lr rule's rate: ASHA stops that
+    one part-way (its row records the step), the best trial is a sane one, a re-run trains
+    nothing, and the fan-out leaves the stopped trial out unless asked. (ASHA is
+    asynchronous: the first trial to reach a rung always goes on. With 4 CPUs the fifth trial
+    starts when another has finished, so it meets its rungs after others have.)"""
+    from jobs import fanout
+
+    out = str(tmp_path / "s")
+    args = ["sweep", "--data", stdlib_data, "--out", out, "--grid", "lr=0.03,0.01,0.02,0.015,3", "--steps", "40", "--batch", "4",
+            "--scheduler", "asha", "--grace-period", "10"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    df = sweep.read_summary(out).set_index("trial")
+    bad = df[df["lr"] == 3].iloc[0]
+    assert 10 <= bad["stopped_at"] < 40, df[["lr", "stopped_at", "val_loss"]]
+    finished = df[df["stopped_at"].isna()]
+    assert len(finished) >= 1 and (finished["steps"] == 40).all() and finished["val_loss"].min() < bad["val_loss"]
+    assert "stopped_at" in r.stdout
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and sweep.read_summary(out).set_index("trial")["wall_seconds"].equals(df["wall_seconds"])  # nothing retrained
+    assert len(fanout.expand_checkpoints([out])) == len(finished)  # the stopped trial is not pruned ...
+    assert len(fanout.expand_checkpoints([out], include_stopped=True)) >= len(finished)  # ... unless asked (when it checkpointed)
+    for bad_args, fragment in ((["--scheduler", "hyperband"], "the one scheduler is asha"),
+                               (["--scheduler", "asha", "--grace-period", "40"], "--grace-period 40 must be in 1..39"),
+                               (["--scheduler", "asha", "--reduction-factor", "1"], "--reduction-factor 1 must be ≥ 2")):
+        bad_run = runner.invoke(app, ["sweep", "--data", stdlib_data, "--out", str(tmp_path / "t"), "--steps", "40", *bad_args])
+        assert bad_run.exit_code == 2 and fragment in bad_run.stderr and len(bad_run.stderr.strip().splitlines()) == 1, bad_run.output
+        assert not (tmp_path / "t").exists()
+
+
 def test_unreachable_address_is_a_clear_error(tmp_path):
     import socket
 
@@ -226,3 +258,20 @@ def test_a_sweep_from_before_readable_names_resumes_under_its_own_trial_names(tm
     storage.write_json(out.join("trials", "pfrac=0.5_ef=2.json"), {"trial": "pfrac=0.5_ef=2"})
     pts = [done, {"pfrac": 0.25, "ef": 1.0}]
     assert sweep.trial_names(out.uri, pts, [sweep.trial_config(cfg.model, cfg.train, p) for p in pts]) == ["pfrac=0.5_ef=2", "d64-p1_4"]
+
+
+@pytest.mark.slow
+def test_the_asha_benchmark_runs_both_sweeps_and_prints_json(stdlib_data):
+    """`benchmarks/sweep_asha.py --smoke`: the same grid with and without ASHA, one JSON object."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "benchmarks/sweep_asha.py", "--smoke", "--data", stdlib_data, "--cpus", "2"], cwd=root,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["full"]["trials"] == out["asha"]["trials"] == 3 and out["full"]["stopped"] == 0
+    assert out["wall_ratio"] > 0 and isinstance(out["same_best"], bool)
