@@ -117,7 +117,7 @@ def _save(fig, out: storage.Location, stem: str) -> list[str]:
 def plot_over_training(results_uri: str, out_uri: str | None = None, target: float | None = None, model: str | None = None,
                        task: str | None = None) -> list[str]:
     """Write over-training.png and .svg under ``out_uri`` (default RESULTS/figures): one panel
-    per task, circuit edges (filled: verified, hollow: not) and the full model's task loss
+    per task that has a circuit at some step, circuit edges (filled: verified, hollow: not) and the full model's task loss
     against the checkpoint step, a line per run; circuits at ``target`` (default: the
     strictest stored)."""
     import matplotlib
@@ -133,7 +133,8 @@ def plot_over_training(results_uri: str, out_uri: str | None = None, target: flo
     if df.empty or df["step"].nunique() < 2:
         raise VizError(f"no run under {storage.resolve(results_uri).uri} has circuits at two or more steps; "
                        "prune with `csp prune RUN --checkpoints milestones` (train with --milestones) first")
-    tasks_ = sorted(df["task"].unique())
+    tasks_ = sorted(df.loc[df["n_edges"].notna(), "task"].unique()) or sorted(df["task"].unique())  # tasks with a circuit somewhere
+    left_out = df["task"].nunique() - len(tasks_)
     cols = min(3, len(tasks_))
     rows_ = -(-len(tasks_) // cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.4 * rows_), dpi=120, squeeze=False)
@@ -156,10 +157,10 @@ def plot_over_training(results_uri: str, out_uri: str | None = None, target: flo
         loss_ax.set_yscale("log")
         loss_ax.set_ylabel("full model's task loss (dashed)", fontsize=7)
         ax.set_xscale("log")
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, not 2×10¹
-        for axis in (ax.xaxis, loss_ax.yaxis):
-            axis.set_major_formatter(plain)
-            axis.set_minor_formatter(plain)
+        for axis in (ax.xaxis, loss_ax.yaxis):  # ticks at 1, 2, 5 × 10^k, written 20, not 2×10¹
+            axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("training step", fontsize=8)
         ax.set_ylabel("circuit edges (solid; hollow: not verified)", fontsize=7)
@@ -167,7 +168,8 @@ def plot_over_training(results_uri: str, out_uri: str | None = None, target: flo
     for ax in list(axes.flat)[len(tasks_):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Circuits over training (target {target:g}; dotted: the target)", fontsize=11)
+    fig.suptitle(f"Circuits over training (target {target:g}; dotted: the target)"
+                 + (f"; {left_out} task(s) with no circuit at any step not shown" if left_out else ""), fontsize=11)
     fig.tight_layout()
     return _save(fig, storage.resolve(out_uri) if out_uri else storage.resolve(results_uri).join("figures"), "over-training")
 
