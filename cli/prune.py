@@ -18,6 +18,9 @@ def prune(
     checkpoints: Annotated[str, typer.Option(help="Which checkpoints of each run: final, milestones (the kept milestones and the final), "
                                              "all (every kept step), or steps such as 500,1000 — circuits over training.")] = "final",
     include_stopped: Annotated[bool, typer.Option("--include-stopped", help="Also prune sweep trials that --scheduler asha stopped early.")] = False,
+    search: Annotated[int | None, typer.Option(help="Search the pruning settings (k_coef, mask lr, steps) of each pair with N runs "
+                                               "(Optuna's TPE through Ray Tune) at the first --target; every run is stored, and "
+                                               "`csp results circuits` shows the best verified one per search.")] = None,
     task: Annotated[list[str] | None, typer.Option(help="Task to prune for (repeatable; default: all 20).")] = None,
     target: Annotated[list[float] | None, typer.Option(
         help=f"Largest held-out task loss a circuit may have, on the reference's summed two-sided scale (chance {CHANCE_LOSS:.3f}); "
@@ -55,6 +58,9 @@ def prune(
 
     from jobs import sweep
 
+    if search is not None:
+        _search(ckpt, task, out, cfg, data, search, checkpoints, include_stopped, address, shared_fs)
+        return
     if len(ckpt) == 1 and address is None and not sweep.is_sweep(ckpt[0]) and checkpoints == "final":
         _prune_one(ckpt[0], task, out, cfg, data, device, controls)
     else:
@@ -75,6 +81,33 @@ def _prune_one(ckpt: str, task: list[str] | None, out: str, cfg: PruneConfig, da
     n_rows = sum(len(r.get("by_target", {0: r})) for r in real)
     typer.echo(f"{done} verified circuits, {n_rows - done} other verdicts"
                + (f", {len(rows) - len(real)} control runs" if controls else "") + f" → {out}")
+
+
+def _search(ckpt: list[str], task: list[str] | None, out: str, cfg: PruneConfig, data: str | None, n: int, which: str,
+            include_stopped: bool, address: str | None, shared_fs: bool) -> None:
+    """`--search N`: one search per (checkpoint, task), a line each with its best run."""
+    from cluster import runtime
+    from jobs import fanout, prune_search, results
+    from sparsity import tasks as task_lib
+
+    if n < 2:
+        raise typer.BadParameter(f"--search must be ≥ 2 (runs per pair), got {n}")
+    names = task or list(task_lib.REGISTRY)
+    for name in names:
+        task_lib.get(name)
+    ckpts = fanout.expand_checkpoints(ckpt, which, include_stopped)
+    runtime.init(address=address, storage={"--out": out, "--data": data}, shared_fs=shared_fs, log_to_driver=False)
+    default_key = cfg.for_target(cfg.target).key()
+    for u in ckpts:
+        for name in names:
+            row = prune_search.search_pair(u, name, out, cfg, n, data_uri=data, seed=cfg.seed)
+            stored = results.circuits(out, task=name, model=row["model_id"], searches="all")
+            base = stored[(stored["prune_key"] == default_key) & stored["control"].isna()]
+            was = f"; default settings: {int(base['n_edges'].iloc[0])} edges" if len(base) and base["status"].iloc[0] == "ok" else ""
+            done = " (already searched)" if row.get("already_stored") else f" in {row['seconds']:.0f} s"
+            best = (f"best {row['best_n_edges']} edges at {row['best_config']}" if row["best_prune_key"]
+                    else "no run verified")
+            typer.echo(f"{row['model_id']} {name}: {best}; {row['n_verified']}/{row['n_trials']} runs verified{was}{done}")
 
 
 def _show_row(name: str, r: dict) -> None:

@@ -18,7 +18,8 @@ def circuits(
     where: Annotated[str | None, typer.Option(help="A pandas query on the rows, e.g. 'n_edges < 100 and status == \"ok\"'.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = "table",
     all_columns: Annotated[bool, typer.Option("--all-columns", help="Every column, not the summary ones.")] = False,
-    all_rows: Annotated[bool, typer.Option("--all", help="Every row: unverified circuits, verdicts and controls too (default: verified circuits only).")] = False,
+    all_rows: Annotated[bool, typer.Option("--all", help="Every row: unverified circuits, verdicts, controls and every run of a --search "
+                                           "too (default: verified circuits only, the best run of each search).")] = False,
 ) -> None:
     """Verified circuits, one row per (checkpoint, task, pruning config); --all for every row."""
     from jobs import results as results_lib
@@ -26,7 +27,7 @@ def circuits(
     results_lib.check_store(uri, task=task)
     if model is not None:
         model = results_lib.find_model(uri, model, task)
-    df = results_lib.at_target(results_lib.circuits(uri, task=task, model=model), target)
+    df = results_lib.at_target(results_lib.circuits(uri, task=task, model=model, searches="all" if all_rows else "best"), target)
     stored = len(df)
     if not all_rows:
         df = results_lib.verified(df)

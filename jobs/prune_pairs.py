@@ -220,12 +220,13 @@ def _ray_node_id() -> str | None:
 
 
 def prune_pair(loaded: Loaded, task, cfg: prune_lib.PruneConfig, out_uri: str, control: str | None = None,
-               owner: str | None = None) -> dict:
+               owner: str | None = None, extra: dict | None = None) -> dict:
     """Claim the pair, then evaluate, prune (unless the model misses) and store one result.
 
     The claim (a lease under RESULTS/_claims/) makes concurrent fan-outs into one store
     split the pairs: a pair claimed by a live process, or stored meanwhile, is left to it.
-    ``owner`` lets a retry of the same Ray task re-take its own claim at once."""
+    ``owner`` lets a retry of the same Ray task re-take its own claim at once; ``extra``:
+    more columns for its rows (a search's ``search_id`` and ``search_trial``)."""
     run_cfg = control_config(cfg, control)
     where = store.claim_uri(out_uri, task.name, loaded.meta["model_id"], run_cfg.key(), control)
     claim, holder = lease.try_acquire(where, owner or lease.new_owner("prune"), what=f"prune {task.name}", take_over=True)
@@ -234,15 +235,15 @@ def prune_pair(loaded: Loaded, task, cfg: prune_lib.PruneConfig, out_uri: str, c
     with claim.start():
         if all(store.is_stored(out_uri, task.name, loaded.meta["model_id"], k, control) for k in row_keys(run_cfg)):
             return {"task": task.name, "control": control, "status": "already_stored", "already_stored": True}
-        return _prune_and_store(loaded, task, cfg, run_cfg, out_uri, control)
+        return _prune_and_store(loaded, task, cfg, run_cfg, out_uri, control, extra)
 
 
 def _prune_and_store(loaded: Loaded, task, cfg: prune_lib.PruneConfig, run_cfg: prune_lib.PruneConfig, out_uri: str,
-                     control: str | None) -> dict:
+                     control: str | None, more: dict | None = None) -> dict:
     """Prune one pair at every target of ``run_cfg`` and store a row per target; returns the
     first target's summary with ``by_target`` {target: summary} for all of them."""
     model, ablate, batches = loaded.inputs(run_cfg.ablation, control)
-    extra = {"ablation": run_cfg.ablation, "control": control, "ray_node_id": _ray_node_id()}
+    extra = {"ablation": run_cfg.ablation, "control": control, "ray_node_id": _ray_node_id(), **(more or {})}
     try:
         ptask = task_lib.nonsense(task, control.split("_", 1)[1], loaded.tok) if control and control.startswith("nonsense_") else task
         found = prune_lib.prune_targets(model, ptask, loaded.tok, run_cfg, batches, device=loaded.device, ablate=ablate,

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from cluster import storage
 from cluster.storage_errors import CorruptFileError, one_line
-from jobs.store import CIRCUITS, EDGES, NODES, SCHEMAS, arrow_table, pandas_metadata
+from jobs.store import CIRCUITS, EDGES, NODES, SCHEMAS, arrow_table, pandas_metadata, read_searches
 from sparsity.circuit import SOLVED, TESTED
 from sparsity.errors import CspError
 
@@ -121,9 +121,18 @@ def find_model(results_uri: str, model: str, task: str | None = None) -> str:
     raise ResultsError(f"no model {model!r} under {where}; stored: {', '.join(ids[:6])}{'…' if len(ids) > 6 else ''}")
 
 
-def circuits(results_uri: str, task: str | None = None, model: str | None = None, filters=None):
-    """One row per (checkpoint, task) as a DataFrame; ``filters`` is a pyarrow expression."""
-    return _query(results_uri, CIRCUITS, task, model, filters)
+def circuits(results_uri: str, task: str | None = None, model: str | None = None, filters=None, searches: str = "best"):
+    """One row per (checkpoint, task, pruning config, control) as a DataFrame; ``filters`` is
+    a pyarrow expression. Rows of `csp prune --search` runs carry ``search_best`` (True for
+    the best run of its search); ``searches="best"`` keeps only those of them, ``"all"``
+    every run."""
+    df = _query(results_uri, CIRCUITS, task, model, filters)
+    if not len(df) or not df["search_id"].notna().any():
+        return df
+    best = set(read_searches(results_uri)["best_prune_key"].dropna())
+    df["search_best"] = pd.array([None if sid is None or sid != sid else key in best
+                                  for sid, key in zip(df["search_id"], df["prune_key"], strict=True)], dtype="boolean")
+    return df[df["search_best"].fillna(True)].reset_index(drop=True) if searches == "best" else df
 
 
 def nodes(results_uri: str, task: str | None = None, model: str | None = None, filters=None):

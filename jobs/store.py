@@ -39,6 +39,7 @@ from sparsity.circuit import (
 from sparsity.version import code_version
 
 CIRCUITS, NODES, EDGES = "circuits", "circuit_nodes", "circuit_edges"
+SEARCHES = "searches"  # RESULTS/searches/task=<task>/<search_id>.parquet: one row per `--search` (jobs/prune_search.py)
 
 _MODEL_FIELDS = [
     pa.field("schema_version", pa.int32(), nullable=False),
@@ -113,6 +114,8 @@ CIRCUITS_SCHEMA = pa.schema(
         pa.field("code_version", pa.string()),  # package version + git commit (+ .dirty) that made the row
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
         pa.field("provenance", pa.string()),  # JSON: prune config, seeds, model config
+        pa.field("search_id", pa.string()),  # a `csp prune --search` trial: its search (jobs/prune_search.py); null otherwise
+        pa.field("search_trial", pa.int32()),  # ... and its trial number in that search
     ]
 )
 
@@ -144,6 +147,39 @@ EDGES_SCHEMA = pa.schema([
 ])
 
 SCHEMAS = {CIRCUITS: CIRCUITS_SCHEMA, NODES: NODES_SCHEMA, EDGES: EDGES_SCHEMA}
+
+SEARCHES_SCHEMA = pa.schema([  # one row per finished `csp prune --search` of a pair (jobs/prune_search.py)
+    pa.field("search_id", pa.string(), nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("algorithm", pa.string()),
+    pa.field("n_trials", pa.int32()),
+    pa.field("n_verified", pa.int32()),
+    pa.field("best_prune_key", pa.string()),  # null: no run verified
+    pa.field("best_n_edges", pa.int64()),
+    pa.field("best_config", pa.string()),  # JSON {k_coef, lr, steps} of the best run
+    pa.field("space", pa.string()),  # JSON of SPACE
+    pa.field("seed", pa.int64()),
+    pa.field("seconds", pa.float64()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+
+def read_searches(results_uri: str):
+    """Every finished search of a results store, one row each, with its task (pandas; empty when none)."""
+    import pandas as pd
+
+    root = storage.resolve(results_uri).join(SEARCHES)
+    files = storage.ls(root, suffix=".parquet") if storage.exists(root) else []
+    frames = []
+    for f in files:
+        df = storage.read_parquet(f).to_pandas()
+        df["task"] = f.rsplit("/task=", 1)[-1].split("/", 1)[0]
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=[f.name for f in SEARCHES_SCHEMA] + ["task"])
+    return pd.concat(frames, ignore_index=True)
+
 
 
 def pandas_metadata(schema: pa.Schema) -> dict:

@@ -252,3 +252,43 @@ def test_the_pruning_benchmark_times_each_path_and_says_where_a_step_goes():
         assert sum(step["share"].values()) == pytest.approx(1.0, abs=0.01) and min(step["share"].values()) > 0
         assert step["matmul_attention_gflop"] > 0
     assert out["mask_step"]["exact"]["matmul_attention_gflop"] < out["mask_step"]["plain"]["matmul_attention_gflop"]
+
+
+@pytest.mark.slow
+def test_search_stores_every_run_marks_the_best_verified_one_and_a_rerun_adds_nothing(ray_session, planted_run, tmp_path):
+    """`csp prune --search 4` on the planted model: 4 runs of one search stored as rows (their
+    search_id and trial numbers), one search row naming the best, which is verified and the
+    smallest verified; `results circuits` shows that one by default and every run with
+    --all; a repeat searches nothing."""
+    import json
+
+    import pandas as pd
+
+    from jobs import results
+    from jobs.store import read_searches
+
+    out = str(tmp_path / "res")
+    args = ["prune", planted_run, "--task", "single_double_quote", "--out", out, "--target", "0.15", "--search", "4"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    rows = pd.read_parquet(f"{out}/circuits")  # plain pandas: every run is a row
+    assert len(rows) == 4 and rows["search_id"].nunique() == 1 and sorted(rows["search_trial"]) == [0, 1, 2, 3]
+    assert rows["prune_key"].nunique() == 4 and (rows["target"] == 0.15).all()
+    s = read_searches(out)
+    assert len(s) == 1 and s["n_trials"].iloc[0] == 4 and s["task"].iloc[0] == "single_double_quote"
+    ok = rows[rows["status"] == "ok"]
+    assert len(ok) >= 1 and s["best_prune_key"].iloc[0] in set(ok["prune_key"])
+    best = ok[ok["prune_key"] == s["best_prune_key"].iloc[0]].iloc[0]
+    assert best["n_edges"] == ok["n_edges"].min() and best["sufficiency_loss"] <= 0.15  # the best is verified and the smallest
+    assert set(json.loads(s["best_config"].iloc[0])) == {"k_coef", "lr", "steps"}
+    shown = results.circuits(out)
+    assert len(shown) == 1 and shown["search_best"].iloc[0] and shown["prune_key"].iloc[0] == best["prune_key"]
+    assert len(results.circuits(out, searches="all")) == 4
+    listed = json.loads(runner.invoke(app, ["results", "circuits", out, "--format", "json"]).stdout)
+    assert [x["prune_key"] for x in listed] == [best["prune_key"]]
+    assert len(json.loads(runner.invoke(app, ["results", "circuits", out, "--all", "--format", "json"]).stdout)) == 4
+    assert f"best {int(best['n_edges'])} edges" in r.stdout
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "already searched" in again.stdout and len(pd.read_parquet(f"{out}/circuits")) == 4
+    bad = runner.invoke(app, ["prune", planted_run, "--out", out, "--search", "1"])
+    assert bad.exit_code == 2 and "--search must be ≥ 2" in bad.stderr
