@@ -14,6 +14,7 @@ the stored results each time (seconds).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from cluster import checkpoints as checkpoints_lib
 from cluster import data, runtime, storage
 from jobs import claims as claims_lib
 from jobs import fanout as fanout_lib
@@ -62,6 +64,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     reseeded: tuple[tuple[float, float, int], ...] = ()  # (pfrac, ef, seed): models trained again at another seed
     sparsity: tuple[tuple[str, float], ...] = ()  # SparsityConfig fields for every model besides pfrac and ef
+    over_training: int = 3  # circuits over training: the milestones of one model pruned for up to this many of its tasks (0: none)
 
     def lr(self, pfrac: float, ef: float) -> float:
         return density_lr(SparsityConfig(pfrac=pfrac, ef=ef).l0frac, self.train.optimizer, self.lr_dense,
@@ -117,7 +120,7 @@ def full_plan(optimizer: str = "adam", paper: bool = True) -> Plan:
     return Plan(
         name="demo", n_ctx=128, base=base, models=((4.0, 2.0), (1.0, 2.0), (0.5, 2.0), (1.0, 1.0)),
         train=TrainConfig(steps=steps, batch_size=16, optimizer=optimizer, eval_every=steps // 2, ckpt_every=steps // 4,
-                          eval_batches=64),
+                          eval_batches=64, milestones=tuple(steps * i // 4 for i in range(1, 5))),  # kept for circuits over training
         prune=PruneConfig(),  # the library's defaults: the paper's settings, 400 steps, k_coef 1e-3
         lr_dense=LR_DENSE[optimizer],
         reseeded=((1.0, 1.0, 1),),
@@ -141,7 +144,7 @@ def paper_plan(optimizer: str = "adam") -> Plan:
     return Plan(
         name="paper", n_ctx=128, base=base, models=models,
         train=TrainConfig(steps=steps, batch_size=16, optimizer=optimizer, eval_every=steps // 4, ckpt_every=steps // 8,
-                          eval_batches=64),
+                          eval_batches=64, milestones=tuple(steps * i // 8 for i in range(1, 9))),
         prune=PruneConfig(),
         lr_dense=LR_DENSE[optimizer],
         reseeded=tuple((p, e, 1) for p, e in models),
@@ -157,7 +160,7 @@ def quick_plan() -> Plan:
     base = ModelConfig(block_size=64, n_layer=2, d_model=32, n_head=2, d_head=16, d_mlp=128, afrac=0.25)
     return Plan(
         name="quick", n_ctx=64, base=base, models=((0.5, 2.0), (1.0, 1.0)),
-        train=TrainConfig(steps=40, batch_size=8, optimizer="muon", eval_every=20, ckpt_every=20, eval_batches=2),
+        train=TrainConfig(steps=40, batch_size=8, optimizer="muon", eval_every=20, ckpt_every=20, eval_batches=2, milestones=(20, 40)),
         prune=PruneConfig(target=3.0, steps=10, batch_pairs=8, n_train=16, n_select=8, n_test=16, prune_anyway=True),
         lr_dense=1e-2,
         control_models=2,
@@ -225,6 +228,7 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     ds = _prepare_data(plan, root, log, shard_progress, timings)
     sw, trials = _train_models(plan, root, ds, log, train_progress, timings)
     res, counts = _prune_models(plan, root, sw, trials, cores if not address else None, log, prune_progress, timings)
+    over = _over_training(plan, root, trials, res, cores if not address else None, log, prune_progress, timings)
     frontier_files, real, diagrams = _draw_figures(plan, root, res, log, timings)
 
     summary = report_lib.model_summary(sw.uri, res.uri, plan.prune.target, (plan.prune.also_targets or (None,))[0])
@@ -232,7 +236,7 @@ def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs
     timings["total"] = time.monotonic() - t_all
     report = root.join("report.html")
     ctl = results.controls(res.uri)
-    storage.write_text(report, report_lib.render(plan, summary, real, root, diagrams, timings, quick, ctl))
+    storage.write_text(report, report_lib.render(plan, summary, real, root, diagrams, timings, quick, ctl, over))
     log(f"[5/5] report → {report.uri}")
     _log_findings(plan, summary, real, ctl, log)
     return {"out": root.uri, "report": report.uri, "frontier": frontier_files, "diagrams": diagrams,
@@ -291,6 +295,47 @@ def _prune_models(plan: Plan, root: storage.Location, sw: storage.Location, tria
         log("      no model solves any task: no controls to run")
     timings["prune"] = time.monotonic() - t0
     return res, counts
+
+
+OVER_TRAINING = "over_training"  # OUT/over_training/: the circuits of one model's milestones (a store of its own, beside OUT/results)
+
+
+def over_training_pick(plan: Plan, circ, trials) -> tuple[str | None, list[str]]:
+    """The model whose milestones are pruned, and its tasks: the model with the most verified
+    circuits at the plan's first target (then the sparsest, then the widest), and up to
+    ``plan.over_training`` of the tasks it verifies, lowest full-model loss first. (None, [])
+    when the plan keeps no milestones or no model verifies a task."""
+    real = real_rows(circ, plan)
+    ok = real[real["status"] == "ok"]
+    if not plan.train.milestones or not plan.over_training or ok.empty:
+        return None, []
+    n_ok = ok.groupby("checkpoint_uri")["task"].nunique()
+    ranked = sorted((-n_ok.get(str(t.checkpoint_uri), 0), viz.density(t.pfrac, float(t.ef), getattr(t, "density", None)), -float(t.ef),
+                     str(t.checkpoint_uri)) for t in trials.itertuples() if n_ok.get(str(t.checkpoint_uri), 0))
+    uri = ranked[0][-1]
+    mine = ok[ok["checkpoint_uri"] == uri].sort_values("full_loss")
+    return uri, list(dict.fromkeys(mine["task"].astype(str)))[: plan.over_training]
+
+
+def _over_training(plan: Plan, root: storage.Location, trials, res: storage.Location, inflight: int | None,
+                   log: Callable[[str], None], prune_progress: Callable[[int, int, dict], None] | None, timings: dict[str, float]):
+    """Stage 3b: the milestones of one model (:func:`over_training_pick`) pruned for its
+    verified tasks into OUT/over_training, and their plot; the over-training rows (None: skipped)."""
+    uri, tasks = over_training_pick(plan, results.circuits(res.uri), trials)
+    if uri is None:
+        if plan.over_training:
+            log("      circuits over training: no model has a verified circuit to follow")
+        return None
+    t0 = time.monotonic()
+    ot = root.join(OVER_TRAINING)
+    steps = ", ".join(map(str, plan.train.milestones))
+    log(f"      circuits over training: {checkpoints_lib.run_name(uri)} at steps {steps}, for {', '.join(tasks)} → {ot.uri}")
+    fanout_lib.fanout([uri], tasks, ot.uri, cfg=plan.prune, max_in_flight=inflight, progress=prune_progress, which="milestones")
+    rows = results.over_training(ot.uri)
+    with contextlib.suppress(viz.VizError):  # fewer than two steps with a circuit: no plot, the table says why
+        viz.plot_over_training(ot.uri, root.join("figures").uri, target=plan.prune.target)
+    timings["over_training"] = time.monotonic() - t0
+    return rows
 
 
 def _draw_figures(plan: Plan, root: storage.Location, res: storage.Location, log: Callable[[str], None],

@@ -257,10 +257,11 @@ def _cell(r, d: dict | None, root) -> dict:
     return {"kind": "other", "status": r.status, "title": "", "full": full}
 
 
-def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick: bool, ctl=None) -> str:
+def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick: bool, ctl=None, over=None) -> str:
     """The report page. ``summary``: the demo's models table; ``circ``: the real circuits
     rows of its pruning config; ``diagrams``: the drawn circuits ({model_id, task, svg,
-    html}); ``ctl``: ``results.controls()`` or None."""
+    html}); ``ctl``: ``results.controls()`` or None; ``over``: ``results.over_training()``
+    of the demo's over-training store, or None."""
     import jinja2
     import pandas as pd
 
@@ -288,6 +289,10 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
               for r in circuit_checks(circ, label_of).itertuples()]
     featured = [d for d in diagrams if d["task"] == "single_double_quote"] or diagrams[:2]
     front_svg = root.join("figures", "frontier.svg")
+    over_rows = [] if over is None else [
+        {"trial": r.trial, "task": r.task, "target": _num(r.target, "g"), "step": int(r.step), "status": r.status,
+         "full_loss": _num(r.full_loss, ".3f"), "n_nodes": _num(r.n_nodes, "d"), "n_edges": _num(r.n_edges, "d"),
+         "jaccard": _num(r.jaccard_prev, ".2f")} for r in over.itertuples()]
     claims = frontier_claims(summary, circ)
     env = jinja2.Environment(autoescape=True, trim_blocks=False, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     template = env.from_string(resources.files("jobs").joinpath("templates", "report.html.j2").read_text(encoding="utf-8"))
@@ -300,5 +305,6 @@ def render(plan, summary, circ, root, diagrams: list[dict], timings: dict, quick
         frontier_svg=_inline_svg(storage.read_text(front_svg)) if storage.exists(front_svg) else None,
         featured=[{"task": d["task"], "label": label_of.get(d["model_id"], d["model_id"]), "svg": _inline_svg(storage.read_text(d["svg"]))}
                   for d in featured],
-        page_js=diagram.PAGE_JS, claims=claims, verdict=verdicts(summary, circ, claims, ctl),
+        page_js=diagram.PAGE_JS, claims=claims, verdict=verdicts(summary, circ, claims, ctl), over=over_rows,
+        over_png="figures/over-training.png" if over_rows and storage.exists(root.join("figures", "over-training.png")) else None,
     )

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from jobs import demo as demo_lib
-from jobs import diagram
+from jobs import diagram, results
 from jobs import prune_pairs as prune_job
 from sparsity import tasks as task_lib
 
@@ -106,13 +106,34 @@ def test_quick_demo_writes_the_frontier_plot_diagrams_and_a_report_that_links_th
     assert report.count("<small>full ") == len(circ)  # every grid cell shows the full model's loss
 
 
+def test_quick_demo_follows_one_models_circuits_over_its_milestones(quick_demo):
+    """Stage 3b: the model with the most verified circuits has its milestones pruned for (up
+    to 3 of) the tasks it verifies, into a store of their own (the frontier's store holds final
+    checkpoints only); the report's section tabulates every (task, target, step)."""
+    out, stdout = quick_demo
+    plan = demo_lib.quick_plan()
+    main = pd.read_parquet(out / "results" / "circuits")
+    assert set(main["step"]) == {plan.train.steps}  # milestones never reach the frontier's store
+    ot = pd.read_parquet(out / "over_training" / "circuits")
+    trials = pd.read_parquet(out / "sweep" / "summary.parquet")
+    uri, tasks = demo_lib.over_training_pick(plan, results.circuits(str(out / "results")), trials)
+    assert uri is not None and 1 <= len(tasks) <= plan.over_training
+    assert ot["trial"].nunique() == 1 and set(ot["checkpoint_uri"].map(lambda u: u.rsplit("/", 1)[0])) == {uri.rsplit("/", 1)[0]}
+    assert set(ot["step"]) == set(plan.train.milestones) and set(ot["task"].astype(str)) == set(tasks)
+    assert len(ot) == len(plan.train.milestones) * len(tasks) * len(plan.prune.targets)  # each (step, task, target) once
+    report = (out / "report.html").read_text()
+    section = report[report.index("<h2>Circuits over training</h2>"):]
+    assert section.count("<tr><td class=l>") >= len(ot) and (out / "figures" / "over-training.png").exists()
+    assert 'src="figures/over-training.png"' in section and "circuits over training:" in stdout
+
+
 def test_re_running_the_demo_repeats_no_finished_work(quick_demo):
     out, _ = quick_demo
-    before = _files(out / "results") | _files(out / "sweep" / "runs")
+    before = _files(out / "results") | _files(out / "sweep" / "runs") | _files(out / "over_training")
     r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "0 shards written" in r.stdout and "0 pairs pruned or judged" in r.stdout
-    after = _files(out / "results") | _files(out / "sweep" / "runs")
+    after = _files(out / "results") | _files(out / "sweep" / "runs") | _files(out / "over_training")
     changed = sorted(k for k in before if after.get(k) != before[k])
     assert not changed and set(after) == set(before)
 
