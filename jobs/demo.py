@@ -3,6 +3,7 @@
     OUT/data/                 token shards of this Python's stdlib (cluster.data)
     OUT/sweep/                the plan's models, one Ray Tune trial each (jobs.sweep)
     OUT/results/              circuits, circuit_nodes, circuit_edges (jobs.store)
+    OUT/over_training/        the same tables for one model's milestone checkpoints (circuits over training)
     OUT/figures/frontier.{png,svg}, OUT/figures/circuits/<model>--<task>.{svg,html}
     OUT/summary.parquet       one row per model: the table printed at the end
     OUT/report.html           links everything; opens from disk, no server
