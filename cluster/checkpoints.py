@@ -171,9 +171,6 @@ def kept(ckpt_uri: str, milestones: tuple[int, ...] = ()) -> dict | None:
     return {"steps": steps, "milestones": [m for m in steps if m in milestones], "bytes": sum(storage.sizes(root).values())}
 
 
-CHECKPOINT_SETS = ("final", "milestones", "all")
-
-
 def select(uri: str, which: str = "final") -> list[str]:
     """Checkpoint directories of the run at ``uri`` (a run, its checkpoints/ or one step
     directory): ``final`` the latest; ``milestones`` the run's kept milestones and its latest;
@@ -186,22 +183,22 @@ def select(uri: str, which: str = "final") -> list[str]:
         raise ckpt_lib.CheckpointError(f"--checkpoints {which}: {storage.resolve(uri).uri} is a lone checkpoint, not a run; "
                                        "give the run directory, or --checkpoints final")
     root = d.parent
-    kept = _steps(root)
+    on_disk = _steps(root)
     if which == "all":
-        steps = kept
+        steps = on_disk
     elif which == "milestones":
         run = root.parent.join(RUN_FILE)
         marked = set(storage.read_json(run).get("config", {}).get("train", {}).get("milestones", [])) if storage.exists(run) else set()
-        steps = sorted({s for s in kept if s in marked} | {step_of(d.uri)})
+        steps = sorted({s for s in on_disk if s in marked} | {step_of(d.uri)})
     else:
         try:
             steps = sorted({int(x) for x in which.split(",") if x.strip()})
         except ValueError:
             raise ckpt_lib.CheckpointError(f"--checkpoints {which!r}: give final, milestones, all or steps such as 500,1000") from None
-        missing = [s for s in steps if s not in kept]
+        missing = [s for s in steps if s not in on_disk]
         if missing or not steps:
             raise ckpt_lib.CheckpointError(f"--checkpoints {which}: step {missing[0] if missing else '?'} is not kept in {root.parent.uri} "
-                                           f"(it keeps {', '.join(map(str, kept))})")
+                                           f"(it keeps {', '.join(map(str, on_disk))})")
     return [root.join(step_dir(s)).uri for s in steps]
 
 

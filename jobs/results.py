@@ -129,8 +129,9 @@ def circuits(results_uri: str, task: str | None = None, model: str | None = None
     df = _query(results_uri, CIRCUITS, task, model, filters)
     if not len(df) or not df["search_id"].notna().any():
         return df
-    best = set(read_searches(results_uri)["best_prune_key"].dropna())
-    df["search_best"] = pd.array([None if sid is None or sid != sid else key in best
+    found = read_searches(results_uri)
+    best = set(zip(found["search_id"], found["best_prune_key"], strict=True))  # per search: two searches may sample the same settings
+    df["search_best"] = pd.array([None if sid is None or sid != sid else (sid, key) in best
                                   for sid, key in zip(df["search_id"], df["prune_key"], strict=True)], dtype="boolean")
     return df[df["search_best"].fillna(True)].reset_index(drop=True) if searches == "best" else df
 
