@@ -330,3 +330,18 @@ def test_listing_and_info_commands_share_one_format_option(stdlib_data):
     assert r.exit_code == 0 and json.loads(r.stdout)["n_ctx"] == 64
     r = _run("data", "info", stdlib_data, "--format", "csv")
     assert r.exit_code == 2 and "Invalid value for '--format'" in r.stderr  # a nested record has no csv form
+
+
+def test_tables_print_one_marker_for_every_missing_value(quick_demo):
+    """A table shows each missing value as `—`, whatever its column's type (a float's NaN, a
+    nullable integer's <NA>, an object's None), on a demo store whose rows have them."""
+    import re
+
+    out, _ = quick_demo
+    for args in (["results", "circuits", f"{out}/results", "--all"], ["results", "controls", f"{out}/results"],
+                 ["results", "over-training", f"{out}/over_training"], ["sweep", "status", f"{out}/sweep"]):
+        r = _run(*args)
+        assert r.exit_code == 0, (args, r.output)
+        cells = re.split(r"\s+", r.stdout)
+        assert not {"None", "<NA>", "NaN", "nan", "NaT"} & set(cells), (args, r.stdout[:2000])
+    assert "—" in _run("results", "circuits", f"{out}/results", "--all").stdout  # the store has missing values to show
