@@ -333,8 +333,10 @@ def _over_training(plan: Plan, root: storage.Location, trials, res: storage.Loca
     log(f"      circuits over training: {checkpoints_lib.run_name(uri)} at steps {steps}, for {', '.join(tasks)} → {ot.uri}")
     fanout_lib.fanout([uri], tasks, ot.uri, cfg=plan.prune, max_in_flight=inflight, progress=prune_progress, which="milestones")
     rows = results.over_training(ot.uri)
+    drawn = rows[rows["n_edges"].notna()].groupby("target").size()  # the plot shows the target with the most circuits
+    target = max(plan.prune.targets, key=lambda t: (drawn.get(t, 0), t == plan.prune.target))
     with contextlib.suppress(viz.VizError):  # fewer than two steps with a circuit: no plot, the table says why
-        viz.plot_over_training(ot.uri, root.join("figures").uri, target=plan.prune.target)
+        viz.plot_over_training(ot.uri, root.join("figures").uri, target=target)
     timings["over_training"] = time.monotonic() - t0
     return rows
 
