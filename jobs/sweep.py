@@ -237,7 +237,18 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
             errors = [r.error for r in results if r.error is not None]
             if errors:
                 raise SweepError(f"{len(errors)} trial(s) failed; first: {type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]}")
+            _rows_of_stopped(sweep, results, cfgs, point_of)
         return write_summary(sweep_uri)
+
+
+def _rows_of_stopped(sweep: storage.Location, results, cfgs: dict, point_of: dict) -> None:
+    """The summary row of each trial the scheduler stopped whose own row went unwritten
+    (Tune ended its process rather than its report raising), from its last report."""
+    for r in results:
+        name, m = (r.config or {}).get("trial"), r.metrics or {}
+        if name in cfgs and "step" in m and not storage.exists(sweep.join("trials", f"{name}.json")):
+            summarize_trial(sweep, name, point_of[name], cfgs[name], float(m.get("time_total_s") or 0.0),
+                            stopped={"step": int(m["step"]), "val_loss": m.get("val_loss")})
 
 
 def check_scheduler(scheduler: str | None, workers_per_trial: int, train: TrainConfig, grace_period: int | None,
@@ -277,6 +288,8 @@ def _check_same_sweep(sweep: storage.Location, record: dict) -> None:
     for part in ("base", "train", "sparsity"):
         before, now = old.get(part, {}), record[part]
         for key in sorted(set(before) | set(now)):
+            if key == "milestones" and not before.get(key) and not now.get(key):  # none, written as [] or left out
+                continue
             if before.get(key) != now.get(key):
                 raise SweepError(f"{sweep.uri} holds a sweep with {part}.{key}={before.get(key)!r}, not {now.get(key)!r}; "
                                  "resume it with its own settings, or give another --out")

@@ -222,7 +222,11 @@ def test_cluster_up_and_down_under_a_ray_tmpdir_too_long_for_rays_sockets(ray_se
                 assert os.path.dirname(n.real_dir) == tmpdir and os.path.islink(n.temp_dir)
                 assert os.path.realpath(n.temp_dir) == n.real_dir and local.socket_room(n.temp_dir, head=True) >= 0
                 assert any(name.startswith("session_") for name in os.listdir(n.real_dir))  # Ray's files went under RAY_TMPDIR
-            st = csp("cluster", "status", "--address", c.address, timeout=60)
+            for _ in range(20):  # the autoscaler's view lists the worker's CPU a few seconds after it joined
+                st = csp("cluster", "status", "--address", c.address, timeout=60)
+                if st.returncode != 0 or "0.0/1.0 CPU" in st.stdout:
+                    break
+                time.sleep(2)
             assert st.returncode == 0 and "0.0/1.0 CPU" in st.stdout, st.stdout + st.stderr
             job = csp("submit", "--address", c.dashboard, "--working-dir", str(tmp_path), "--wait", "--", "python", "-c", "print(6 * 7)",
                       timeout=120)  # the Jobs API: the head's dashboard and its module sockets
