@@ -69,7 +69,7 @@ def table_text(df, **kw) -> str:
     out = df.copy()
     for c in out.columns:
         dtype = out[c].dtype
-        if dtype == object or (isinstance(dtype, pd.api.extensions.ExtensionDtype) and not isinstance(dtype, pd.CategoricalDtype | pd.StringDtype)):
+        if pd.api.types.is_object_dtype(dtype) or (isinstance(dtype, pd.api.extensions.ExtensionDtype) and not isinstance(dtype, pd.CategoricalDtype | pd.StringDtype)):
             # the marker itself in place of <NA> and None: pandas prints an object column's None as "None", not na_rep
             out[c] = out[c].astype(object).where(out[c].notna(), MISSING)
     return out.to_string(index=False, na_rep=MISSING, **kw)

@@ -59,7 +59,7 @@ def prune(
     from jobs import sweep
 
     if search is not None:
-        _search(ckpt, task, out, cfg, data, search, checkpoints, include_stopped, address, shared_fs)
+        _search(ckpt, task, out, cfg, data, search, checkpoints, include_stopped, address, shared_fs, controls)
         return
     if len(ckpt) == 1 and address is None and not sweep.is_sweep(ckpt[0]) and checkpoints == "final":
         _prune_one(ckpt[0], task, out, cfg, data, device, controls)
@@ -84,7 +84,7 @@ def _prune_one(ckpt: str, task: list[str] | None, out: str, cfg: PruneConfig, da
 
 
 def _search(ckpt: list[str], task: list[str] | None, out: str, cfg: PruneConfig, data: str | None, n: int, which: str,
-            include_stopped: bool, address: str | None, shared_fs: bool) -> None:
+            include_stopped: bool, address: str | None, shared_fs: bool, controls: bool = False) -> None:
     """`--search N`: one search per (checkpoint, task), a line each with its best run."""
     from cluster import runtime
     from jobs import fanout, prune_search, results
@@ -92,6 +92,8 @@ def _search(ckpt: list[str], task: list[str] | None, out: str, cfg: PruneConfig,
 
     if n < 2:
         raise typer.BadParameter(f"--search must be ≥ 2 (runs per pair), got {n}")
+    if controls:
+        raise typer.BadParameter("--search and --controls: search the settings first, then run the controls without --search")
     names = task or list(task_lib.REGISTRY)
     for name in names:
         task_lib.get(name)

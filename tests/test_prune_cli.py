@@ -150,6 +150,8 @@ def test_prune_on_cuda_without_cuda_is_a_usage_error(planted_run, tmp_path):
     (["prune", "/no/such/run", "--out", "OUT"], "no checkpoint at /no/such/run"),
     (["prune", "RUN", "--out", "OUT", "--checkpoints", "latest"], "--checkpoints 'latest': give final, milestones, all or steps"),
     (["prune", "RUN", "--out", "OUT", "--checkpoints", "3"], "--checkpoints 3: step 3 is not kept in"),
+    (["prune", "RUN", "--out", "OUT", "--search", "4", "--controls"], "--search and --controls"),
+    (["prune", "RUN", "--out", "OUT", "--search", "1"], "--search must be ≥ 2"),
 ])
 def test_prune_and_tasks_bad_input(planted_run, tmp_path, args, fragment):
     args = [a.replace("RUN", planted_run).replace("OUT", str(tmp_path / "out")) for a in args]
