@@ -199,10 +199,15 @@ def control_targets(plan: Plan, circ, trials) -> tuple[list[str], list[str]]:
     mine = ok[ok["task"].isin(tasks)]
     uris = set(mine["checkpoint_uri"])
     good = set(mine[mine["status"] == "ok"]["checkpoint_uri"])
-    ranked = sorted((str(t.checkpoint_uri) not in good, viz.density(t.pfrac, float(t.ef), getattr(t, "density", None)), -float(t.ef),
-                     str(t.checkpoint_uri))
-                    for t in trials.itertuples() if str(t.checkpoint_uri) in uris)
-    return tasks, [r[-1] for r in ranked[: plan.control_models]]
+    return tasks, _sparsest_first(trials, uris, first=lambda u: u not in good)[: plan.control_models]
+
+
+def _sparsest_first(trials, uris: set, first) -> list[str]:
+    """The checkpoint URIs of ``trials`` that are in ``uris``, ordered by ``first(uri)``, then
+    the sparsest, then the widest (then by URI, so the order is fixed)."""
+    ranked = sorted((first(u), viz.density(t.pfrac, float(t.ef), getattr(t, "density", None)), -float(t.ef), u)
+                    for t in trials.itertuples() if (u := str(t.checkpoint_uri)) in uris)
+    return [r[-1] for r in ranked]
 
 
 def run(out_uri: str, quick: bool = False, address: str | None = None, shared_fs: bool = False, preset: str | None = None,
@@ -311,9 +316,7 @@ def over_training_pick(plan: Plan, circ, trials) -> tuple[str | None, list[str]]
     if not plan.train.milestones or not plan.over_training or ok.empty:
         return None, []
     n_ok = ok.groupby("checkpoint_uri")["task"].nunique()
-    ranked = sorted((-n_ok.get(str(t.checkpoint_uri), 0), viz.density(t.pfrac, float(t.ef), getattr(t, "density", None)), -float(t.ef),
-                     str(t.checkpoint_uri)) for t in trials.itertuples() if n_ok.get(str(t.checkpoint_uri), 0))
-    uri = ranked[0][-1]
+    uri = _sparsest_first(trials, set(n_ok.index.astype(str)), first=lambda u: -n_ok[u])[0]
     mine = ok[ok["checkpoint_uri"] == uri].sort_values("full_loss")
     return uri, list(dict.fromkeys(mine["task"].astype(str)))[: plan.over_training]
 
