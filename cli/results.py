@@ -27,10 +27,11 @@ def circuits(
     results_lib.check_store(uri, task=task)
     if model is not None:
         model = results_lib.find_model(uri, model, task)
-    df = results_lib.at_target(results_lib.circuits(uri, task=task, model=model, searches="all" if all_rows else "best"), target)
-    stored = len(df)
-    if not all_rows:
-        df = results_lib.verified(df)
+    # Verified real circuits only, unless --all: that filter is pushed down to the row groups.
+    only_ok = None if all_rows else results_lib.VERIFIED_FILTER
+    df = results_lib.at_target(results_lib.circuits(uri, task=task, model=model, filters=only_ok,
+                                                    searches="all" if all_rows else "best"), target)
+    stored = len(df) if all_rows or len(df) else len(results_lib.at_target(results_lib.circuits(uri, task=task, model=model), target))
     if where:
         df = _where(df, where)
     if not all_columns:
@@ -83,6 +84,28 @@ def frontier(
 
     results_lib.check_store(uri)
     emit(results_lib.frontier(uri, target), fmt)
+
+
+@app.command()
+def compact(
+    uri: Annotated[str, typer.Argument(help="Results URI.")],
+    task: Annotated[list[str] | None, typer.Option(help="Only this task's partition (repeatable; default: every partition).")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = "table",
+) -> None:
+    """Merge each task partition's one-result files into a few large ones (a fan-out does this
+    when it ends). Safe while fan-outs write and readers read: each row stays readable once."""
+    from jobs import compact as compact_lib
+    from jobs import results as results_lib
+    from sparsity import tasks as task_lib
+
+    for name in task or []:
+        task_lib.get(name)
+    results_lib.check_store(uri)
+    got = compact_lib.compact(uri, tasks=task)
+    rows = [{"table": t, "files_before": got["files_before"][t], "files_after": got["files_after"][t]} for t in got["files_before"]]
+    emit(rows, fmt)
+    busy = f"; {len(got['busy'])} being compacted by another process: {', '.join(got['busy'])}" if got["busy"] else ""
+    typer.echo(f"compacted {got['partitions']} partition(s){busy}", err=True)
 
 
 @app.command("over-training")

@@ -28,7 +28,8 @@ from cluster.storage_errors import (
     CorruptFileError,
     MalformedURIError,
     StorageError,
-    one_line,
+    corrupt_parquet,
+    is_corrupt_parquet,
     translate,
     translated,
 )
@@ -269,6 +270,12 @@ def ls(uri: str | Location, suffix: str = "", recursive: bool = True) -> list[st
 
 def sizes(uri: str | Location, suffix: str = "") -> dict[str, int]:
     """``{uri: bytes}`` of every file under a prefix (recursive), in one listing; {} if none."""
+    return {u: size for u, (size, _) in versions(uri, suffix).items()}
+
+
+def versions(uri: str | Location, suffix: str = "") -> dict[str, tuple[int, str]]:
+    """``{uri: (bytes, version)}`` of every file under a prefix (recursive), in one listing;
+    the version changes whenever the file is written again (mtime in ns locally, the ETag on S3)."""
     loc = resolve(uri)
     with translated(loc, "list"):
         if loc.is_s3:
@@ -276,21 +283,26 @@ def sizes(uri: str | Location, suffix: str = "") -> dict[str, int]:
             fs = loc.fs
             if not fs.exists(loc.path):
                 return {}
-            return {f"s3://{p}": size for p, size in sorted(_s3_files(fs, loc).items()) if p.endswith(suffix)}
+            return {f"s3://{p}": v for p, v in sorted(_s3_files(fs, loc).items()) if p.endswith(suffix)}
         out = {}
         for dirpath, _dirs, files in os.walk(loc.path):  # nothing when the directory is missing
             for f in files:
                 if f.endswith(suffix) and ".tmp-" not in f:
                     with contextlib.suppress(FileNotFoundError):  # removed while we listed
-                        out[os.path.join(dirpath, f)] = os.path.getsize(os.path.join(dirpath, f))
+                        st = os.stat(os.path.join(dirpath, f))
+                        out[os.path.join(dirpath, f)] = (st.st_size, str(st.st_mtime_ns))
         return out
 
 
-def _s3_files(fs, loc: Location) -> dict[str, int]:
-    """``{path: size}`` of the objects under a prefix. s3fs answers a prefix with no objects
-    left but a directory entry (SeaweedFS keeps one after its last object is deleted) with
-    that entry itself: it is no file."""
-    return {p: int(info.get("size", 0)) for p, info in fs.find(loc.path, detail=True).items() if info.get("type") != "directory"}
+def _s3_version(info: dict) -> str:
+    return str(info.get("ETag") or info.get("LastModified") or "")
+
+
+def _s3_files(fs, loc: Location) -> dict[str, tuple[int, str]]:
+    """``{path: (size, ETag)}`` of the objects under a prefix (a directory entry SeaweedFS
+    keeps after a prefix's last object is deleted is no file)."""
+    return {p: (int(info.get("size", 0)), _s3_version(info)) for p, info in fs.find(loc.path, detail=True).items()
+            if info.get("type") != "directory"}
 
 
 def remove(uri: str | Location, recursive: bool = False) -> None:
@@ -332,29 +344,6 @@ def read_parquet(uri: str | Location, columns: list[str] | None = None):
         if type(err) is StorageError and is_corrupt_parquet(exc):
             raise corrupt_parquet(_corrupt_member(loc, exc), exc) from None
         raise err from None
-
-
-# What pyarrow says about a Parquet file whose bytes are wrong (footer, thrift headers,
-# compressed pages, checksums, the embedded Arrow schema), as opposed to a missing file,
-# a refused credential or an unreachable endpoint (those storage_errors.translate names).
-_CORRUPT = (
-    "magic bytes", "Parquet file size", "base64", "thrift", "Unexpected end of stream", "decompression failed",
-    "flatbuffers", "schema message", "page header", "checksum", "Destination buffer", "know what type",
-    "Negative size", "corrupt",
-)
-
-
-def is_corrupt_parquet(exc: BaseException) -> bool:
-    """True when a pyarrow error says a Parquet file's bytes are damaged."""
-    return any(m in str(exc) for m in _CORRUPT)
-
-
-def corrupt_parquet(uri: str, exc: BaseException) -> CorruptFileError:
-    """The one-line error for an unreadable Parquet file."""
-    return CorruptFileError(
-        f"{uri} is not a readable Parquet file (corrupt or truncated: {one_line(str(exc), 160)}); "
-        "delete it and re-run the command that wrote it"
-    )
 
 
 def _corrupt_member(loc: Location, exc: BaseException) -> str:

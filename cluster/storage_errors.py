@@ -123,3 +123,26 @@ def translated(loc: Location, op: str) -> Iterator[None]:
         raise
     except Exception as exc:  # every backend error becomes one StorageError, once, here
         raise translate(loc, op, exc) from None
+
+
+# What pyarrow says about a Parquet file whose bytes are wrong (footer, thrift headers,
+# compressed pages, checksums, the embedded Arrow schema), as opposed to a missing file,
+# a refused credential or an unreachable endpoint (those storage_errors.translate names).
+_CORRUPT = (
+    "magic bytes", "Parquet file size", "base64", "thrift", "Unexpected end of stream", "decompression failed",
+    "flatbuffers", "schema message", "page header", "checksum", "Destination buffer", "know what type",
+    "Negative size", "corrupt",
+)
+
+
+def is_corrupt_parquet(exc: BaseException) -> bool:
+    """True when a pyarrow error says a Parquet file's bytes are damaged."""
+    return any(m in str(exc) for m in _CORRUPT)
+
+
+def corrupt_parquet(uri: str, exc: BaseException) -> CorruptFileError:
+    """The one-line error for an unreadable Parquet file."""
+    return CorruptFileError(
+        f"{uri} is not a readable Parquet file (corrupt or truncated: {one_line(str(exc), 160)}); "
+        "delete it and re-run the command that wrote it"
+    )

@@ -78,11 +78,13 @@ def fanout(
     control_ckpts: list[str] | None = None,
     which: str = "final",
     include_stopped: bool = False,
+    compact: bool = True,
 ) -> dict:
     """Prune every (checkpoint, task) pair not yet stored under ``cfg``; with ``controls``
     (True, or a list of task names) also every control of the solved pairs (of the
     checkpoints in ``control_ckpts`` only, when given). ``which``, ``include_stopped``: the
-    checkpoints of each run (:func:`expand_checkpoints`). Returns counts."""
+    checkpoints of each run (:func:`expand_checkpoints`). With ``compact``, the task
+    partitions are compacted at the end (jobs/compact.py). Returns counts."""
     import ray
 
     cfg = cfg or prune_lib.PruneConfig()
@@ -133,7 +135,24 @@ def fanout(
     wave([(u, n, None) for u in ckpts for n in names])
     if controls:
         wave(_control_items(out_uri, cfg, ckpts, fps, names, controls, control_ckpts))
+    counts["compacted"] = _compact(out_uri, names) if compact else 0
     return counts
+
+
+def _compact(out_uri: str, names: list[str]) -> int:
+    """Compact the partitions of this fan-out's tasks; partitions merged. Every result is
+    stored already, so a failure here loses nothing: it is a warning naming the command
+    that finishes the job."""
+    import sys
+
+    from jobs import compact
+
+    try:
+        return compact.compact(out_uri, tasks=names)["partitions"]
+    except Exception as e:  # noqa: BLE001 - the results are stored; only their layout is left as it was
+        print(f"csp: warning: compacting {out_uri} failed ({' '.join(str(e).split())[:200]}); "
+              f"every result is stored; `csp results compact {out_uri}` merges its files later", file=sys.stderr)
+        return 0
 
 
 def _store_failure(out_uri: str, cfg: prune_lib.PruneConfig, u: str, n: str, c: str | None, e: BaseException) -> dict:

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from cluster import storage
 from cluster.storage_errors import CorruptFileError, one_line
+from jobs import compact
 from jobs.store import CIRCUITS, EDGES, NODES, SCHEMAS, arrow_table, pandas_metadata, read_searches
 from sparsity.circuit import SOLVED, TESTED
 from sparsity.errors import CspError
@@ -31,33 +32,75 @@ def stored_pairs(results_uri: str) -> set[tuple[str, str, str, str]]:
 
 
 def _query(results_uri: str, table: str, task: str | None, model: str | None, filters=None):
-    """A table as pandas with the task partition pruned and extra pyarrow filters pushed down."""
-    import pyarrow.dataset as ds
-
-    schema = SCHEMAS[table]
+    """A table as pandas: only the task's partition is listed and read, the model and
+    ``filters`` (a pyarrow expression) are pushed down to row groups, and where compaction
+    left a result in two files (jobs/compact.py) each of its rows is read once."""
     loc = storage.resolve(results_uri).join(table)
-    files = _table_files(loc)
-    if not files:
-        df = arrow_table([], schema).to_pandas()
+    for attempt in range(3):
+        files = _table_files(loc.join(f"task={task}") if task else loc)
+        try:
+            t = _read_files(loc, table, files, task, model, filters)
+            break
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:  # a truncated or foreign .parquet file in the store
+            if attempt < 2 and _table_files(loc.join(f"task={task}") if task else loc) != files:
+                continue  # a compaction replaced files while we read: read the new ones
+            raise CorruptFileError(f"cannot read the {table} table under {loc.uri}: {one_line(str(e), 240)}; "
+                                   "remove the damaged file and prune its pair again") from None
+    if t is None:
+        df = arrow_table([], SCHEMAS[table]).to_pandas()
         df["task"] = pd.Categorical([])
         return df
-    part = ds.partitioning(pa.schema([pa.field("task", pa.string())]), flavor="hive")
-    paths = [storage.resolve(f).path for f in files]
-    d = ds.dataset(paths, filesystem=loc.pa_fs, format="parquet", partitioning=part, partition_base_dir=loc.path, schema=schema)
-    expr = None
-    for e in ([ds.field("task") == task] if task else []) + ([ds.field("model_id") == model] if model else []) + ([filters] if filters is not None else []):
-        expr = e if expr is None else expr & e
-    try:
-        t = d.to_table(filter=expr)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:  # a truncated or foreign .parquet file in the store
-        raise CorruptFileError(f"cannot read the {table} table under {loc.uri}: {one_line(str(e), 240)}; "
-                               "remove the damaged file and prune its pair again") from None
     # As plain `pd.read_parquet` reads the table: nullable integers and booleans, the task
     # partition last, as a category.
     body = t.drop(["task"])
     df = body.replace_schema_metadata(pandas_metadata(body.schema)).to_pandas()
     df["task"] = t.column("task").combine_chunks().dictionary_encode().to_pandas().astype("category")
     return df
+
+
+def _read_files(loc: storage.Location, table: str, files: list[str], task: str | None, model: str | None, filters):
+    import pyarrow.dataset as ds
+
+    if not files:
+        return None
+    schema = SCHEMAS[table]
+    part = ds.partitioning(pa.schema([pa.field("task", pa.string())]), flavor="hive")
+    paths = [storage.resolve(f).path for f in files]
+    d = ds.dataset(paths, filesystem=loc.pa_fs, format="parquet", partitioning=part, partition_base_dir=loc.path, schema=schema)
+    keys = None
+    for e in ([ds.field("task") == task] if task else []) + ([ds.field("model_id") == model] if model else []):
+        keys = e if keys is None else keys & e
+    if not compact.may_overlap(files):
+        return d.to_table(filter=keys if filters is None else filters if keys is None else keys & filters)
+    # A result in two files: pick its rows by file first, then apply the filters, so that a
+    # filter on a value that changed between the copies cannot bring back the older one.
+    t = compact.dedupe(d.to_table(filter=keys, columns=schema.names + ["__filename"]))
+    return t if filters is None else t.filter(filters)
+
+
+_GEN_KEYS: dict[str, tuple[list[str], set]] = {}  # partition → (its generation files, their result keys)
+
+
+def has_result(results_uri: str, task: str, model_id: str, prune_key: str, control: str | None) -> bool:
+    """Whether this result's circuits row is in a compacted file of its partition (its own
+    file is one existence check: jobs.store.is_stored). One listing of the generation files
+    per call; their keys are read once per process and generation."""
+    part = storage.resolve(results_uri).join(CIRCUITS, f"task={task}")
+    for attempt in range(3):
+        gens = compact.gen_files(part)
+        if not gens:
+            return False
+        cached = _GEN_KEYS.get(part.uri)
+        if cached is None or cached[0] != gens:
+            try:
+                t = _read_files(part.parent, CIRCUITS, gens, task, None, None)
+            except OSError:  # a compaction replaced them while we read
+                if attempt == 2:
+                    raise
+                continue
+            cached = _GEN_KEYS[part.uri] = (gens, set(zip(*(t.column(k).to_pylist() for k in compact.KEYS), strict=True)))
+        return (model_id, prune_key, control) in cached[1]
+    return False
 
 
 class ResultsError(CspError):
@@ -142,6 +185,15 @@ def nodes(results_uri: str, task: str | None = None, model: str | None = None, f
 
 def edges(results_uri: str, task: str | None = None, model: str | None = None, filters=None):
     return _query(results_uri, EDGES, task, model, filters)
+
+
+def _verified_filter():
+    import pyarrow.dataset as ds
+
+    return (ds.field("status") == "ok") & ds.field("control").is_null()
+
+
+VERIFIED_FILTER = _verified_filter()  # verified(), as a filter pushed down to the Parquet row groups
 
 
 def verified(df):

@@ -15,6 +15,9 @@ explicit module constants, never inferred; each result owns one file name per ta
 written atomically (PUT or rename), nodes and edges before the circuits row — so readers
 never see a partial row set, and a retried result replaces rather than duplicates.
 
+A fan-out ends by merging each partition's one-result files into ``compacted-*.parquet``
+generations (jobs/compact.py); readers resolve a result stored in two files there.
+
 Only ``ok`` rows are verified circuits: the full model met the target on held-out test
 pairs and so did the circuit (sufficiency); :func:`write_result` refuses any other ``ok``.
 Reading and analysing the tables: jobs/results.py.
@@ -234,8 +237,13 @@ def claim_uri(results_uri: str, task: str, model_id: str, prune_key: str, contro
 
 
 def is_stored(results_uri: str, task: str, model_id: str, prune_key: str, control: str | None) -> bool:
-    """Whether this result's circuits row exists (it is written last, after nodes and edges)."""
-    return storage.exists(storage.resolve(results_uri).join(CIRCUITS, f"task={task}", result_uid(model_id, prune_key, control)))
+    """Whether this result's circuits row exists (it is written last, after nodes and edges):
+    its own file, or a row in a compacted one (jobs/compact.py)."""
+    if storage.exists(storage.resolve(results_uri).join(CIRCUITS, f"task={task}", result_uid(model_id, prune_key, control))):
+        return True
+    from jobs import results  # reads the store; results imports this module
+
+    return results.has_result(results_uri, task, model_id, prune_key, control)
 
 
 def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | None, status: str | None = None,

@@ -35,7 +35,8 @@ def test_fanout_stores_each_pair_once_retries_failures_and_reruns_do_nothing(ray
     adds no row."""
     cfg = PruneConfig(steps=100)  # two targets: 0.15 and 0.30
     counts = fanout.fanout(two_runs, TASKS, s3_prefix, cfg, inject_failure={"task": "if_equals"})
-    assert counts == {"pairs": 6, "skipped": 0, "pruned": 6, "failed": 0, "elsewhere": 0}
+    assert counts == {"pairs": 6, "skipped": 0, "pruned": 6, "failed": 0, "elsewhere": 0, "compacted": 3}
+    assert all(len(storage.ls(f"{s3_prefix}/{t}", suffix=".parquet")) == 3 for t in ("circuits", "circuit_nodes", "circuit_edges"))
     opts = storage.storage_options(s3_prefix)
     circuits = pd.read_parquet(f"{s3_prefix}/circuits", storage_options=opts)
     assert len(circuits) == 12 and sorted(set(circuits["target"])) == [0.15, 0.30]
@@ -48,7 +49,7 @@ def test_fanout_stores_each_pair_once_retries_failures_and_reruns_do_nothing(ray
     assert len(nodes) == circuits["n_nodes"].sum() and len(edges) >= circuits["n_edges"].sum()
 
     again = fanout.fanout(two_runs, TASKS, s3_prefix, cfg)
-    assert again == {"pairs": 6, "skipped": 6, "pruned": 0, "failed": 0, "elsewhere": 0}
+    assert again == {"pairs": 6, "skipped": 6, "pruned": 0, "failed": 0, "elsewhere": 0, "compacted": 0}
     assert len(results.read_table(s3_prefix)) == 12
 
 
@@ -117,30 +118,48 @@ def test_s3_going_down_mid_fanout_is_a_clear_error_and_leaves_no_partial_pair(ra
 
 @pytest.mark.slow
 def test_concurrent_fanouts_into_one_store_prune_each_pair_once_in_total(ray_session, two_runs, tmp_path):
-    """Two fan-outs at once into one store: each pair is pruned by one of them; a pair whose
-    claim another live process holds is left to it (and pruned once the claim is gone)."""
+    """Two fan-outs and a compaction loop at once into one store: each pair is pruned by one
+    fan-out, every read meanwhile sees each row once, nothing is lost; a pair whose claim
+    another live process holds is left to it (and pruned once the claim is gone)."""
     import threading
 
     from cluster import lease
+    from jobs import compact
     from jobs.prune_pairs import model_meta
 
     out = str(tmp_path / "res")
     cfg = PruneConfig(steps=20, also_targets=())
     tasks = ["var_swap", "if_equals"]
-    got = [None, None]
+    got, most, errors = [None, None], [], []
+    done = threading.Event()
 
     def run(i):
         got[i] = fanout.fanout(two_runs, tasks if i == 0 else tasks[::-1], out, cfg)
 
+    def compact_and_read():  # the third writer: compaction (and a reader) while both fan-outs write
+        while not done.is_set():
+            try:
+                compact.compact(out)
+                c = results.read_table(out)
+                most.append(int(c.groupby(["checkpoint_fingerprint", "task"], observed=True).size().max()) if len(c) else 0)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    side = threading.Thread(target=compact_and_read)
+    side.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    done.set()
+    side.join()
+    assert not errors and most and max(most) <= 1, (errors[:2], most)
     assert sum(c["pruned"] for c in got) == 4, got
     assert all(c["pruned"] + c["skipped"] + c["elsewhere"] == 4 and c["failed"] == 0 for c in got), got
     c = results.read_table(out)
-    assert len(c) == 4 and c.groupby(["checkpoint_fingerprint", "task"]).size().max() == 1
+    assert len(c) == 4 and c.groupby(["checkpoint_fingerprint", "task"], observed=True).size().max() == 1
+    assert len(results.nodes(out)) == c["n_nodes"].fillna(0).sum()  # every stored pair's nodes, once
     assert not [u for u in storage.ls(f"{out}/_claims") if u.endswith(".json")]  # every claim released
 
     # A live claim held elsewhere: this fan-out leaves that pair alone.
@@ -149,11 +168,11 @@ def test_concurrent_fanouts_into_one_store_prune_each_pair_once_in_total(ray_ses
     held = lease.acquire(where, owner="someone-else", what="prune with_as").start()
     try:
         counts = fanout.fanout(two_runs, ["with_as"], out, cfg)
-        assert counts == {"pairs": 2, "skipped": 0, "pruned": 1, "failed": 0, "elsewhere": 1}
+        assert counts == {"pairs": 2, "skipped": 0, "pruned": 1, "failed": 0, "elsewhere": 1, "compacted": 0}  # one file: nothing to merge
     finally:
         held.release()
     counts = fanout.fanout(two_runs, ["with_as"], out, cfg)
-    assert counts == {"pairs": 2, "skipped": 1, "pruned": 1, "failed": 0, "elsewhere": 0}
+    assert counts == {"pairs": 2, "skipped": 1, "pruned": 1, "failed": 0, "elsewhere": 0, "compacted": 1}
 
 
 @pytest.mark.slow
