@@ -154,11 +154,14 @@ def _compact_partition(root: storage.Location, task: str, target_bytes: int) -> 
 
 
 def _stored_uids(root: storage.Location, task: str, circ_files: dict) -> set[str]:
-    """File names (jobs.store.result_uid) of the results whose circuits row is stored."""
-    if not circ_files:
-        return set()
-    t = _read(root.join(CIRCUITS, f"task={task}"), CIRCUITS, list(circ_files), columns=KEYS)
-    return {result_uid(m, k, c) for m, k, c in zip(*(t.column(k).to_pylist() for k in KEYS), strict=True)}
+    """File names (jobs.store.result_uid) of the results whose circuits row is stored: a
+    one-result file's own name, and the keys of the generations."""
+    out = {u.rsplit("/", 1)[-1] for u in circ_files if not gen_of(u)}
+    gens = [u for u in circ_files if gen_of(u)]
+    if gens:
+        t = _read(root.join(CIRCUITS, f"task={task}"), CIRCUITS, gens, columns=KEYS)
+        out |= {result_uid(m, k, c) for m, k, c in zip(*(t.column(k).to_pylist() for k in KEYS), strict=True)}
+    return out
 
 
 def _read(loc: storage.Location, table: str, uris: list[str], columns: list[str] | None = None) -> pa.Table:
