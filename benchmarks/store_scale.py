@@ -8,9 +8,9 @@ Per storage (a local directory, and a SeaweedFS S3 server this script starts on 
    verified circuits: median 60 nodes and 300 edges, a 2 KB convergence record) written
    through the real write path (jobs.store.write_result), ``--writers`` threads at once
    as a fan-out's workers would. ``write_s_per_pair``: one writer's seconds per result,
-   timed on ``--sample`` results alone, each stored as a fan-out task stores it (claim,
+   timed on ``--sample`` results alone each way, stored as a fan-out task stores it (claim,
    existence check, files, release), beside ``…_before_change``, the same with the check
-   as it was before compaction existed — at N results, and again once the store is
+   as it was before compaction existed, alternating — at N results, and again once the store is
    compacted (after ``first_check_s_per_partition_compacted``: a process's first check
    of a partition reads its new generation's keys once);
 2. queries before and after compaction (jobs/compact.py): the whole circuits table, one
@@ -71,11 +71,18 @@ def write_one(uri: str, item, cfg, check: str = "now") -> None:
         store.write_result(uri, meta, task, circuit, cfg=cfg)
 
 
-def per_pair(uri: str, items, cfg, check: str) -> float:
-    t0 = time.perf_counter()
-    for it in items:
+def per_pair(uri: str, items, cfg) -> tuple[float, float]:
+    """Seconds per result stored as a fan-out task stores it, with the check as it is now and
+    as it was before compaction: the two alternate, result by result, so both see the same
+    machine."""
+    spent = {"now": 0.0, "before": 0.0}
+    for i, it in enumerate(items):
+        check = "now" if i % 2 == 0 else "before"
+        t0 = time.perf_counter()
         write_one(uri, it, cfg, check)
-    return round((time.perf_counter() - t0) / len(items), 4)
+        spent[check] += time.perf_counter() - t0
+    half = len(items) / 2
+    return round(spent["now"] / half, 4), round(spent["before"] / half, 4)
 
 
 def first_checks(uri: str, cfg, tasks: list[str]) -> float:
@@ -118,23 +125,21 @@ def queries(uri: str, task: str, model: str) -> dict:
 def run(uri: str, pairs: int, writers: int, sample: int) -> dict:
     import random
 
-    from jobs import compact, results
+    from jobs import compact, results, store
     from sparsity.prune import PruneConfig
     from sparsity.tasks import REGISTRY
 
     cfg = PruneConfig()
     tasks = sorted(REGISTRY)
     rng = random.Random(0)
-    items = [synthetic(i, tasks, rng) for i in range(pairs + 4 * sample)]
+    items = [synthetic(i, tasks, rng) for i in range(pairs + 2 * sample)]
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(writers) as pool:
-        list(pool.map(lambda it: write_one(uri, it, cfg), items[:pairs - 2 * sample]))
+    with ThreadPoolExecutor(writers) as pool:  # the bulk: the store's write path alone, as fast as it goes
+        list(pool.map(lambda it: store.write_result(uri, *it, cfg=cfg), items[:pairs - 2 * sample]))
     bulk = time.perf_counter() - t0
-    samples = [items[pairs - 2 * sample + j * sample:pairs - sample + j * sample] for j in range(4)]
-    out = {"pairs": pairs, "writers": writers, "write_wall_s": round(bulk, 1),
-           # one writer's seconds per result at this size, with the check as it is now and as it was
-           "write_s_per_pair": per_pair(uri, samples[0], cfg, "now"),
-           "write_s_per_pair_before_change": per_pair(uri, samples[1], cfg, "before")}
+    out = {"pairs": pairs, "writers": writers, "write_wall_s": round(bulk, 1)}
+    # one writer's seconds per result at this size, with the check as it is now and as it was
+    out["write_s_per_pair"], out["write_s_per_pair_before_change"] = per_pair(uri, items[pairs - 2 * sample:pairs], cfg)
     task, model = items[0][1], items[0][0]["model_id"]
     out["before"] = queries(uri, task, model)
     t0 = time.perf_counter()
@@ -143,8 +148,7 @@ def run(uri: str, pairs: int, writers: int, sample: int) -> dict:
     out["compacted_partitions"] = got["partitions"]
     out["after"] = queries(uri, task, model)
     out["first_check_s_per_partition_compacted"] = first_checks(uri, cfg, tasks)
-    out["write_s_per_pair_compacted"] = per_pair(uri, samples[2], cfg, "now")
-    out["write_s_per_pair_compacted_before_change"] = per_pair(uri, samples[3], cfg, "before")
+    out["write_s_per_pair_compacted"], out["write_s_per_pair_compacted_before_change"] = per_pair(uri, items[pairs:], cfg)
     out["after"]["read_circuits_with_new_files_s"] = timed(lambda: results.read_table(uri), 2)
     return out
 
