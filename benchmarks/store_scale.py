@@ -131,16 +131,21 @@ def run(uri: str, pairs: int, writers: int, sample: int) -> dict:
 
     cfg = PruneConfig()
     tasks = sorted(REGISTRY)
-    rng = random.Random(0)
-    items = [synthetic(i, tasks, rng) for i in range(pairs + 2 * sample)]
+    class Items:  # result i, made when asked for (100,000 circuits would not fit in memory at once)
+        def __getitem__(self, sl: slice):
+            return (synthetic(i, tasks, random.Random(i)) for i in range(*sl.indices(pairs + 2 * sample)))
+
+    items = Items()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(writers) as pool:  # the bulk: the store's write path alone, as fast as it goes
-        list(pool.map(lambda it: store.write_result(uri, *it, cfg=cfg), items[:pairs - 2 * sample]))
+        for start in range(0, pairs - 2 * sample, 2000):  # in batches: pool.map takes its whole input at once
+            list(pool.map(lambda it: store.write_result(uri, *it, cfg=cfg), items[start:min(start + 2000, pairs - 2 * sample)]))
     bulk = time.perf_counter() - t0
     out = {"pairs": pairs, "writers": writers, "write_wall_s": round(bulk, 1)}
     # one writer's seconds per result at this size, with the check as it is now and as it was
-    out["write_s_per_pair"], out["write_s_per_pair_before_change"] = per_pair(uri, items[pairs - 2 * sample:pairs], cfg)
-    task, model = items[0][1], items[0][0]["model_id"]
+    out["write_s_per_pair"], out["write_s_per_pair_before_change"] = per_pair(uri, list(items[pairs - 2 * sample:pairs]), cfg)
+    meta0, task, _ = next(items[0:1])
+    model = meta0["model_id"]
     out["before"] = queries(uri, task, model)
     t0 = time.perf_counter()
     got = compact.compact(uri)
@@ -148,7 +153,7 @@ def run(uri: str, pairs: int, writers: int, sample: int) -> dict:
     out["compacted_partitions"] = got["partitions"]
     out["after"] = queries(uri, task, model)
     out["first_check_s_per_partition_compacted"] = first_checks(uri, cfg, tasks)
-    out["write_s_per_pair_compacted"], out["write_s_per_pair_compacted_before_change"] = per_pair(uri, items[pairs:], cfg)
+    out["write_s_per_pair_compacted"], out["write_s_per_pair_compacted_before_change"] = per_pair(uri, list(items[pairs:]), cfg)
     out["after"]["read_circuits_with_new_files_s"] = timed(lambda: results.read_table(uri), 2)
     return out
 
