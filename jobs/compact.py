@@ -160,7 +160,7 @@ def _stored_uids(root: storage.Location, task: str, circ_files: dict) -> set[str
     gens = [u for u in circ_files if gen_of(u)]
     if gens:
         t = _read(root.join(CIRCUITS, f"task={task}"), CIRCUITS, gens, columns=KEYS)
-        out |= {result_uid(m, k, c) for m, k, c in zip(*(t.column(k).to_pylist() for k in KEYS), strict=True)}
+        out |= {result_uid(*key) for key in result_keys(t)}
     return out
 
 
@@ -185,11 +185,11 @@ def _compact_table(loc: storage.Location, table: str, files: dict, stored: set[s
     inputs = smalls + [u for g, us in gens.items() if size[g] < target_bytes // 2 for u in us]
     big = [u for g, us in gens.items() if size[g] >= target_bytes // 2 for u in us]
     if big and smalls:  # a big generation is rewritten only when it holds a result a newer file holds too
-        newer = _keys(_read(loc, table, inputs, KEYS))
+        newer = result_keys(_read(loc, table, inputs, KEYS))
         big_keys = _read(loc, table, big, KEYS)
         for g in {gen_of(u) for u in big}:
             mine = [u for u in big if gen_of(u) == g]
-            if _keys(big_keys.filter(_in(big_keys, mine))) & newer:
+            if result_keys(big_keys.filter(_in(big_keys, mine))) & newer:
                 inputs += mine
     if len(inputs) < 2:
         return False
@@ -230,7 +230,8 @@ def _remove(loc: storage.Location, uris: list[str]) -> None:
                 os.unlink(u)
 
 
-def _keys(t: pa.Table) -> set[tuple]:
+def result_keys(t: pa.Table) -> set[tuple]:
+    """The (model_id, prune_key, control) of every result with a row in ``t``."""
     return set(zip(*(t.column(k).to_pylist() for k in KEYS), strict=True))
 
 

@@ -98,7 +98,7 @@ def has_result(results_uri: str, task: str, model_id: str, prune_key: str, contr
                 if attempt == 2:
                     raise
                 continue
-            cached = _GEN_KEYS[part.uri] = (gens, set(zip(*(t.column(k).to_pylist() for k in compact.KEYS), strict=True)))
+            cached = _GEN_KEYS[part.uri] = (gens, compact.result_keys(t))
         return (model_id, prune_key, control) in cached[1]
     return False
 
