@@ -14,7 +14,9 @@ no log and no coordinator, only atomic file writes (rename locally, one PUT on S
    circuit_edges, only results whose circuits row exists: an in-flight pair is left alone)
    and every generation smaller than half the target size, or that holds a result a small
    file holds too;
-3. write the merged rows as a new generation, file by file;
+3. write the merged rows as a new generation, file by file, then (circuits) the partition's
+   pointer ``_generations.json``: the generation files it holds once the inputs are gone,
+   which the fan-out's existence check reads instead of listing the partition;
 4. delete the inputs, a small file only if its version is still the one that was read.
 
 Until step 4 ends, a result can be in a small file and in a generation, or in two
@@ -47,6 +49,7 @@ KEYS = ["model_id", "prune_key", "control"]  # with the task partition: one resu
 LOCKS = "_compaction"
 TARGET_BYTES = 128 << 20  # a generation file's size, about
 ROW_GROUP_ROWS = {CIRCUITS: 4096, NODES: 131072, EDGES: 131072}
+POINTER = "_generations.json"  # in circuits/task=T/: the partition's generation files, written before any input is deleted
 GEN_RE = re.compile(r"^compacted-(\d{8}T\d{12}Z-[0-9a-f]{8})-\d+\.parquet$")
 _HOOK = None  # tests: called with a stage name ("part_written", "deleting") to stop a compaction there
 
@@ -57,21 +60,22 @@ def gen_of(uri: str) -> str | None:
     return m.group(1) if m else None
 
 
-def gen_files(part: storage.Location) -> list[str]:
-    """The generation files of one partition, listed by name prefix: one small request on S3
-    however many one-result files the partition holds."""
-    import os
+def pointed_gens(part: storage.Location) -> list[str]:
+    """The generation files of one circuits partition, as its pointer (:data:`POINTER`) names
+    them: one small read, local or on S3, however many one-result files the partition
+    holds. No pointer: no compaction got as far as deleting anything there, so every result
+    still has its own file."""
+    from cluster.storage_errors import NotFoundError
 
-    from cluster.storage_errors import translated
+    try:
+        names = storage.read_json(part.join(POINTER))["generations"]
+    except NotFoundError:
+        return []
+    return [part.join(n).uri for n in names]
 
-    with translated(part, "list"):
-        if part.is_s3:
-            return sorted(f"s3://{p}" for p in part.fs.find(part.path, prefix="compacted-") if gen_of(p))
-        try:
-            names = os.listdir(part.path)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-    return sorted(os.path.join(part.path, n) for n in names if gen_of(n))
+
+def _point(loc: storage.Location, gens: list[str]) -> None:
+    storage.write_json(loc.join(POINTER), {"generations": sorted(u.rsplit("/", 1)[-1] for u in gens)})
 
 
 def task_of(uri: str) -> str:
@@ -119,7 +123,7 @@ def compact(results_uri: str, tasks: list[str] | None = None, owner: str | None 
     root = storage.resolve(results_uri)
     found = {t: storage.versions(root.join(t), ".parquet") for t in TABLES}
     parts = sorted({task_of(u) for files in found.values() for u in files})
-    todo = [p for p in parts if (tasks is None or p in tasks) and _worth(p, found)]
+    todo = [p for p in parts if (tasks is None or p in tasks) and (_worth(p, found) or _unpointed(root, p, found))]
     out = {"partitions": 0, "busy": [], "files_before": {t: len(found[t]) for t in TABLES}}
     me = owner or lease_lib.new_owner("compact")
     for task in todo:
@@ -142,6 +146,13 @@ def _worth(task: str, found: dict) -> bool:
     return False
 
 
+def _unpointed(root: storage.Location, task: str, found: dict) -> bool:
+    """A circuits partition with generations and no pointer: compacted by csp before it wrote
+    one. Compacting it writes the pointer."""
+    has_gens = any(gen_of(u) and task_of(u) == task for u in found[CIRCUITS])
+    return has_gens and not storage.exists(root.join(CIRCUITS, f"task={task}", POINTER))
+
+
 def _compact_partition(root: storage.Location, task: str, target_bytes: int) -> bool:
     """Whether some table of the partition was merged."""
     gen = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:8]
@@ -150,6 +161,10 @@ def _compact_partition(root: storage.Location, task: str, target_bytes: int) -> 
     merged = False
     for table in TABLES:  # a circuits file always; a node or edge file once its result's row is stored
         merged |= _compact_table(root.join(table, f"task={task}"), table, files[table], None if table == CIRCUITS else stored, gen, target_bytes)
+    circ = root.join(CIRCUITS, f"task={task}")
+    if not merged and not storage.exists(circ.join(POINTER)):
+        _point(circ, [u for u in files[CIRCUITS] if gen_of(u)])
+        return True
     return merged
 
 
@@ -202,11 +217,14 @@ def _compact_table(loc: storage.Location, table: str, files: dict, stored: set[s
     t = t.replace_schema_metadata(pandas_metadata(t.schema))
     in_bytes = sum(files[u][0] for u in inputs)
     per_file = max(1, int(len(t) * target_bytes / max(in_bytes, 1)))
+    written = []
     for i, start in enumerate(range(0, max(len(t), 1), per_file)):
-        storage.write_parquet(loc.join(f"compacted-{gen}-{i}.parquet"), t.slice(start, per_file),
-                              row_group_size=ROW_GROUP_ROWS[table], compression="zstd")
+        written.append(storage.write_parquet(loc.join(f"compacted-{gen}-{i}.parquet"), t.slice(start, per_file),
+                                             row_group_size=ROW_GROUP_ROWS[table], compression="zstd").uri)
         if _HOOK:
             _HOOK("part_written")
+    if table == CIRCUITS:  # what the existence check reads (jobs.results.has_result): the generations once the inputs are gone
+        _point(loc, [*(u for u in files if gen_of(u) and u not in inputs), *written])
     if _HOOK:
         _HOOK("deleting")
     now = storage.versions(loc, ".parquet")  # a small file written again since it was read stays

@@ -83,11 +83,12 @@ _GEN_KEYS: dict[str, tuple[list[str], set]] = {}  # partition → (its generatio
 
 def has_result(results_uri: str, task: str, model_id: str, prune_key: str, control: str | None) -> bool:
     """Whether this result's circuits row is in a compacted file of its partition (its own
-    file is one existence check: jobs.store.is_stored). One listing of the generation files
-    per call; their keys are read once per process and generation."""
+    file is one existence check: jobs.store.is_stored). One small read per call, the
+    partition's pointer to its generations (jobs/compact.py), never a listing of the
+    partition; the generations' keys are read once per process."""
     part = storage.resolve(results_uri).join(CIRCUITS, f"task={task}")
     for attempt in range(3):
-        gens = compact.gen_files(part)
+        gens = compact.pointed_gens(part)
         if not gens:
             return False
         cached = _GEN_KEYS.get(part.uri)
@@ -113,7 +114,7 @@ _WARNED: set[str] = set()
 def _table_files(loc: storage.Location) -> list[str]:
     """The table's Parquet files (the store writes nothing else there). Any other file —
     notes, an editor's backup — is skipped with a warning, once per table and process."""
-    every = storage.ls(loc)
+    every = [u for u in storage.ls(loc) if not u.rsplit("/", 1)[-1].startswith("_")]  # _name: the store's own, as pyarrow skips
     files = [u for u in every if u.endswith(".parquet")]
     stray = [u for u in every if not u.endswith(".parquet")]
     if stray and loc.uri not in _WARNED:

@@ -51,6 +51,12 @@ def _files(uri: str) -> dict[str, list[str]]:
     return {t: storage.ls(root.join(t), suffix=".parquet") for t in compact.TABLES}
 
 
+def _assert_all_stored(uri: str, circuits: pd.DataFrame) -> None:
+    """The fan-out's existence check finds every result of ``circuits`` (a snapshot's rows)."""
+    for task, model, key, control in circuits[["task", "model_id", "prune_key", "control"]].itertuples(index=False):
+        assert store.is_stored(uri, task, model, key, None if pd.isna(control) or control in ("None", "<NA>", "nan") else control), (task, model, key, control)
+
+
 def test_compaction_keeps_every_row_once_in_one_file_per_partition(tmp_path):
     uri = str(tmp_path / "res")
     _fill(uri)
@@ -125,6 +131,7 @@ def test_large_generations_are_split_and_kept_until_a_newer_file_overlaps(tmp_pa
     compact.compact(uri, target_bytes=4000)
     assert set(edges) <= set(_files(uri)["circuit_edges"])  # the large generation was not rewritten
     assert len(results.read_table(uri)) == 28
+    _assert_all_stored(uri, results.read_table(uri).astype(str))  # the pointer names the kept generations and the new one
 
 
 KILLER = """
@@ -157,7 +164,7 @@ def _compact_killed_at(uri: str, stage: str, n: int, target: int) -> None:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-@pytest.mark.parametrize("stage,n", [("part_written", 2), ("deleting", 1), ("deleting", 4)])
+@pytest.mark.parametrize("stage,n", [("part_written", 2), ("deleting", 1), ("deleting", 3), ("deleting", 4)])
 def test_a_compaction_killed_at_any_point_loses_nothing_and_a_rerun_finishes_it(where, stage, n, tmp_path, request):
     """kill -9 after a generation's first files are written, after one is whole but before
     its inputs are deleted, and after some partitions are done: every read returns each row
@@ -169,12 +176,38 @@ def test_a_compaction_killed_at_any_point_loses_nothing_and_a_rerun_finishes_it(
     killed = _files(uri)
     assert any(compact.gen_of(f) for fs in killed.values() for f in fs)  # it got as far as writing
     _assert_same(before, _snapshot(uri))
-    assert store.is_stored(uri, "if_equals", "m2", PruneConfig(steps=10).key(), None)
+    _assert_all_stored(uri, before["circuits"])
     got = compact.compact(uri, target_bytes=4000)  # the dead owner's partition lease is taken over
     assert got["busy"] == []
     _assert_same(before, _snapshot(uri))
+    _assert_all_stored(uri, before["circuits"])
     assert not [f for fs in _files(uri).values() for f in fs if not compact.gen_of(f)]
     assert not [f for f in storage.ls(storage.resolve(uri).join(compact.LOCKS)) if f.endswith(".json")]
+
+
+def test_the_existence_check_reads_the_pointer_not_a_listing(tmp_path, monkeypatch):
+    """After compaction the fan-out's check costs one small read per partition however many
+    files it holds; a store compacted before the pointer existed gets one from a compaction."""
+    uri = str(tmp_path / "res")
+    _fill(uri)
+    before = _snapshot(uri)
+    compact.compact(uri)
+    pointers = [tmp_path / "res" / "circuits" / f"task={t}" / compact.POINTER for t in TASKS]
+    for p in pointers:  # the partition's generations, by name
+        names = json.loads(p.read_text())["generations"]
+        assert names and sorted(names) == sorted(os.path.basename(f) for f in _files(uri)["circuits"] if f"task={p.parent.name[5:]}/" in f)
+    assert "_generations" not in " ".join(_files(uri)["circuits"]) and len(pd.read_parquet(f"{uri}/circuits")) == 24
+    with monkeypatch.context() as m:  # no listing at all
+        m.setattr(storage, "ls", lambda *a, **k: pytest.fail("listed"))
+        m.setattr(storage, "versions", lambda *a, **k: pytest.fail("listed"))
+        _assert_all_stored(uri, before["circuits"])
+    for p in pointers:  # as compacted before the pointer existed
+        p.unlink()
+    results._GEN_KEYS.clear()
+    assert not store.is_stored(uri, "if_equals", "m1", PruneConfig(steps=10).key(), None)
+    assert compact.compact(uri)["partitions"] == 3 and all(p.exists() for p in pointers)
+    _assert_all_stored(uri, before["circuits"])
+    _assert_same(before, _snapshot(uri))
 
 
 def test_a_partition_another_process_compacts_is_skipped(tmp_path):
