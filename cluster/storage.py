@@ -201,6 +201,21 @@ def exists(uri: str | Location) -> bool:
         return os.path.exists(loc.path)
 
 
+def is_file(uri: str | Location) -> bool:
+    """True when a file/object is at the location: on S3 one HEAD request (``exists`` also
+    lists, to find a "directory", when the object is missing)."""
+    loc = resolve(uri)
+    with translated(loc, "check"):
+        if loc.is_s3:
+            bucket, _, key = loc.path.partition("/")
+            try:
+                loc.fs.call_s3("head_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return False
+            return True
+        return os.path.isfile(loc.path)
+
+
 def probe(uri: str | Location) -> Location:
     """Check, before any long work starts, that an output location can be reached: for
     S3, that the endpoint answers, the credentials are accepted and the bucket exists (one

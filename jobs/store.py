@@ -238,12 +238,31 @@ def claim_uri(results_uri: str, task: str, model_id: str, prune_key: str, contro
 
 def is_stored(results_uri: str, task: str, model_id: str, prune_key: str, control: str | None) -> bool:
     """Whether this result's circuits row exists (it is written last, after nodes and edges):
-    its own file, or a row in a compacted one (jobs/compact.py)."""
-    if storage.exists(storage.resolve(results_uri).join(CIRCUITS, f"task={task}", result_uid(model_id, prune_key, control))):
-        return True
+    its own file, or a row in a compacted one (jobs/compact.py). On S3 that is two requests,
+    as many as the old check (its own file) took, sent at once: one round trip."""
     from jobs import results  # reads the store; results imports this module
 
-    return results.has_result(results_uri, task, model_id, prune_key, control)
+    root = storage.resolve(results_uri)
+    own = root.join(CIRCUITS, f"task={task}", result_uid(model_id, prune_key, control))
+    if not root.is_s3:
+        return storage.is_file(own) or results.has_result(results_uri, task, model_id, prune_key, control)
+    compacted = _lookups().submit(results.has_result, results_uri, task, model_id, prune_key, control)
+    if storage.is_file(own):
+        return True
+    return compacted.result()
+
+
+_LOOKUPS = None
+
+
+def _lookups():
+    """The threads is_stored sends its second S3 lookup from (one pool per process)."""
+    global _LOOKUPS
+    if _LOOKUPS is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _LOOKUPS = ThreadPoolExecutor(4, thread_name_prefix="csp-is-stored")
+    return _LOOKUPS
 
 
 def write_result(results_uri: str, model: dict, task: str, circuit: Circuit | None, status: str | None = None,

@@ -18,6 +18,7 @@ def test_local_round_trip_is_atomic_and_leaves_no_temp_files(tmp_path):
     storage.write_bytes(uri, b"two, longer")
     assert storage.read_bytes(uri) == b"two, longer"
     assert storage.exists(uri) and not storage.exists(str(tmp_path / "nope"))
+    assert storage.is_file(uri) and not storage.is_file(str(tmp_path / "nope")) and not storage.is_file(str(tmp_path / "a"))
     assert storage.ls(str(tmp_path)) == [uri]
     assert sorted(os.listdir(tmp_path / "a" / "b")) == ["x.bin"]
     assert storage.read_bytes("file://" + uri) == b"two, longer"
@@ -79,6 +80,7 @@ def test_s3_round_trip_through_s3fs_pyarrow_and_boto3(s3_prefix):
     storage.write_bytes(loc.join("raw/x.bin"), b"\x00payload")
     assert storage.read_bytes(loc.join("raw/x.bin")) == b"\x00payload"
     assert storage.exists(loc.join("raw/x.bin")) and not storage.exists(loc.join("raw/y.bin"))
+    assert storage.is_file(loc.join("raw/x.bin")) and not storage.is_file(loc.join("raw/y.bin")) and not storage.is_file(loc.join("raw"))
     assert storage.ls(loc) == [loc.join("raw/x.bin").uri]
 
     # pyarrow's own S3 filesystem on the same location
