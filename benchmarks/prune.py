@@ -1,7 +1,7 @@
 """Pruning cost for the demo-size model on this machine, and where it goes; prints one JSON object.
 
     python benchmarks/prune.py [--task single_double_quote] [--checkpoint CKPT] [--device cpu]
-                               [--no-abstopk] [--variants plain,exact,exact+stop] [--profile-steps 10] [--smoke]
+                               [--no-abstopk] [--variants plain,positions,exact,exact+stop] [--profile-steps 10] [--smoke]
 
 Model: the demo's d_model-128 model (``demo.full_plan()`` at ef 2: 2 layers, ctx 128, AbsTopK
 at afrac 0.25), random init, on the stdlib tokenizer; ``--checkpoint``: a trained checkpoint
@@ -12,13 +12,15 @@ model is at chance (``prune_anyway``).
 Variants, each one whole (task, checkpoint) pair, timed in this one run:
   plain        the earlier path: every block at every position, gates as x·g + μ·(1 − g)
                with H(τ) per hook call, all 400 mask steps;
-  exact        the last block at the read positions only (keys and values excepted), gates as
-               one lerp with H(τ) once per step: the same masks, losses and k;
+  positions    the last block at the read positions only (keys and values excepted), gates as
+               one lerp with H(τ) once per step;
+  exact        also each corrupt prompt run only from where it departs from its clean twin
+               (GPT.read_pairs): with ``positions``, the same masks, losses and k as plain;
   exact+stop   also stop mask training once it has converged (PruneConfig.stop_window).
 Per variant: seconds per pair, its phases (setup, mask training, choosing k, verification,
 the sufficiency controls, edges), mask steps run and the circuit; ratios against plain.
 
-Per mask step (plain and exact): forward and backward milliseconds; the share of the step in
+Per mask step (plain, positions and exact): forward and backward milliseconds; the share of the step in
 gates, AbsTopK, attention and the MLP (torch.profiler, backward ops attributed to the forward
 op that made them); the step's matmul and attention FLOPs (torch.utils.flop_counter) against
 what this CPU does on a plain matmul of the MLP's shape.
@@ -41,7 +43,7 @@ from sparsity import prune as prune_lib  # noqa: E402
 from sparsity.config import PruneConfig  # noqa: E402
 from sparsity.tasks import REGISTRY, TRAIN_SEED, encode, pair_loss  # noqa: E402
 
-VARIANTS = ("plain", "exact", "exact+stop")
+VARIANTS = ("plain", "positions", "exact", "exact+stop")
 LABELS = ("gates", "abstopk", "attention", "mlp")
 
 
@@ -50,10 +52,11 @@ def _variant(model, name: str):
     """The model and gates as the variant runs them."""
     model.read_positions_only = name != "plain"
     prune_lib.Gates.fused = name != "plain"
+    model.share_prefixes = name not in ("plain", "positions")
     try:
         yield
     finally:
-        model.read_positions_only, prune_lib.Gates.fused = True, True
+        model.read_positions_only, prune_lib.Gates.fused, model.share_prefixes = True, True, True
 
 
 def _load(args):
@@ -109,6 +112,7 @@ def _labelled(model):
     wrap(model_mod, "abs_topk_parts_", "abstopk")
     wrap(model_mod.CausalSelfAttention, "forward", "attention")
     wrap(model_mod.CausalSelfAttention, "forward_at", "attention")
+    wrap(model_mod.CausalSelfAttention, "forward_suffix", "attention")
     wrap(model_mod.MLP, "forward", "mlp")
     wrap(prune_lib.Gates, "masks", "gates")
     orig_fn = prune_lib.Gates._fn
@@ -239,7 +243,7 @@ def main() -> None:
     tokens, last = prune_lib._joint(b)
     step_args = (tokens.to(dev), last.to(dev), b.target.to(dev), b.alt.to(dev), base, args.profile_steps)
     steps = {}
-    for v in ("plain", "exact"):
+    for v in ("plain", "positions", "exact"):
         with _variant(model, v):
             steps[v] = _step_profile(model, prune_lib.Gates(model, mu, base.surrogate_temp, base.init), *step_args)
     cfg = model.config

@@ -78,7 +78,9 @@ class CausalSelfAttention(nn.Module):
         p = f"{layer}.attn."
         self.h_in, self.h_q, self.h_k, self.h_v, self.h_y = p + "act_in", p + "q", p + "k", p + "v", p + "y"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: list | None = None) -> torch.Tensor:
+        """(B, T, d_model) → (B, T, d_model); ``kv``: a list that gets this layer's keys and
+        values, (B, H, T, D) each as attention used them (after AbsTopK and hooks)."""
         B, T, _ = x.shape
         hooks, sp = self.hooks, self.sparsify
         x = sp("attn_in", x)
@@ -87,49 +89,100 @@ class CausalSelfAttention(nn.Module):
         q, k, v = sp.qkv(self.c_attn(x))  # each (B, T, n_head·d_head)
         if hooks.active:
             q, k, v = hooks(self.h_q, q), hooks(self.h_k, k), hooks(self.h_v, v)
-        q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        scale = 1.0 / math.sqrt(self.d_head)
-        if self.attn_imp is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
-            y = self.attn_imp(q, k, v, scale)
+        q, k, v = (self._heads(t) for t in (q, k, v))  # (B, H, T, D)
+        if kv is not None:
+            kv.append((k, v))
+        y = self._attend(q, k, v, None)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head)  # (B, T, n_head·d_head)
         if hooks.active:
             y = hooks(self.h_y, y)
         return sp("attn_out", self.c_proj(y))
 
-    def forward_at(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], self.n_head, self.d_head).transpose(1, 2)
+
+    def _attend(self, q, k, v, visible: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q (B, H, Tq, D) over k, v (B, H, T, D); ``visible`` (B, 1, Tq, T):
+        the keys each query sees (None: causal, Tq = T)."""
+        scale = 1.0 / math.sqrt(self.d_head)
+        if self.attn_imp is not None:
+            return self.attn_imp(q, k, v, scale, visible)
+        if visible is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+
+    def _kv_q_at(self, x: torch.Tensor, at_rows: torch.Tensor):
+        """Keys and values at every position of x (B, T, d_model) and the query at position
+        ``at_rows[b]`` of row b alone (hooked inside the caller's at_positions)."""
+        a = self.n_head * self.d_head
+        w, b = self.c_attn.weight, self.c_attn.bias
+        k, v = self.sparsify.kv(F.linear(x, w[a:], None if b is None else b[a:]))  # each (B, T, a)
+        x_at = x[torch.arange(x.shape[0], device=x.device), at_rows].unsqueeze(1)  # (B, 1, d_model)
+        q = self.sparsify("attn_q", F.linear(x_at, w[:a], None if b is None else b[:a]))  # (B, 1, a)
+        if self.hooks.active:
+            k, v = self.hooks(self.h_k, k), self.hooks(self.h_v, v)
+        return k, v, q
+
+    def _out_at(self, q: torch.Tensor, k, v, visible: torch.Tensor) -> torch.Tensor:
+        """q (B, 1, a) at the read positions, hooked; the attention output there (B, 1, d_model)."""
+        hooks = self.hooks
+        if hooks.active:
+            q = hooks(self.h_q, q)
+        y = self._attend(self._heads(q), k, v, visible)
+        y = y.transpose(1, 2).reshape(q.shape[0], 1, self.n_head * self.d_head)
+        if hooks.active:
+            y = hooks(self.h_y, y)
+        return self.sparsify("attn_out", self.c_proj(y))
+
+    def forward_at(self, x: torch.Tensor, at: torch.Tensor, kv: list | None = None) -> torch.Tensor:
         """The attention output at one position per row, ``at`` (B,): (B, 1, d_model) from
         x (B, T, d_model). Keys and values at every position (the read position attends to
         them), the query, the mixing and c_proj at the read position alone; hook points past
         the keys see (B, 1, width) tensors with ``hooks.positions`` = at."""
         B, T, _ = x.shape
+        x = self.sparsify("attn_in", x)
+        if self.hooks.active:
+            x = self.hooks(self.h_in, x)
+        k, v, q = self._kv_q_at(x, at)
+        k, v = self._heads(k), self._heads(v)  # (B, H, T, D)
+        if kv is not None:
+            kv.append((k, v))
+        visible = (torch.arange(T, device=x.device) <= at[:, None]).view(B, 1, 1, T)
+        with self.hooks.at_positions(at):
+            return self._out_at(q, k, v, visible)
+
+    def forward_suffix(self, x: torch.Tensor, pos: torch.Tensor, prefix: tuple, start: torch.Tensor,
+                       at: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention for rows whose first ``start[r]`` positions are those of another row,
+        whose keys and values ``prefix`` holds ((R, H, Tp, D) each, row r's partner in row
+        r). x (R, S, d_model): the rest, at positions ``pos`` = start + (0 … S-1). Returns
+        (R, S, d_model); with ``at`` (R,), only there: (R, 1, d_model) (the last block)."""
+        R, S, _ = x.shape
         hooks, sp = self.hooks, self.sparsify
         x = sp("attn_in", x)
         if hooks.active:
             x = hooks(self.h_in, x)
-        a = self.n_head * self.d_head
-        w, b = self.c_attn.weight, self.c_attn.bias
-        k, v = sp.kv(F.linear(x, w[a:], None if b is None else b[a:]))  # each (B, T, a)
-        x_at = x[torch.arange(B, device=x.device), at].unsqueeze(1)  # (B, 1, d_model)
-        q = sp("attn_q", F.linear(x_at, w[:a], None if b is None else b[:a]))  # (B, 1, a)
+        if at is None:
+            q, k, v = sp.qkv(self.c_attn(x))
+            if hooks.active:
+                q, k, v = hooks(self.h_q, q), hooks(self.h_k, k), hooks(self.h_v, v)
+            q_pos = pos
+        else:
+            k, v, q = self._kv_q_at(x, at - start)
+            q_pos = at[:, None]
+        # keys and values at every position: the partner's before start, the row's own from there
+        k, v = self._heads(k), self._heads(v)
+        Tk = max(prefix[0].shape[2], int(pos[:, -1].max()) + 1)
+        into = pos.view(R, 1, S, 1).expand(R, self.n_head, S, self.d_head)
+        K, V = (F.pad(p, (0, 0, 0, Tk - p.shape[2])).scatter(2, into, own) for p, own in zip(prefix, (k, v), strict=True))
+        visible = (torch.arange(Tk, device=x.device) <= q_pos[:, :, None]).unsqueeze(1)  # (R, 1, Sq, Tk)
+        if at is not None:
+            with hooks.at_positions(at):
+                return self._out_at(q, K, V, visible)
+        y = self._attend(self._heads(q), K, V, visible).transpose(1, 2).reshape(R, S, self.n_head * self.d_head)
         if hooks.active:
-            k, v = hooks(self.h_k, k), hooks(self.h_v, v)
-        with hooks.at_positions(at):
-            if hooks.active:
-                q = hooks(self.h_q, q)
-            q = q.view(B, 1, self.n_head, self.d_head).transpose(1, 2)  # (B, H, 1, D)
-            k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (k, v))  # (B, H, T, D)
-            visible = (torch.arange(T, device=x.device) <= at[:, None]).view(B, 1, 1, T)
-            scale = 1.0 / math.sqrt(self.d_head)
-            if self.attn_imp is None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
-            else:
-                y = self.attn_imp(q, k, v, scale, visible)
-            y = y.transpose(1, 2).reshape(B, 1, a)
-            if hooks.active:
-                y = hooks(self.h_y, y)
-            return sp("attn_out", self.c_proj(y))
+            y = hooks(self.h_y, y)
+        return sp("attn_out", self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -165,26 +218,29 @@ class Block(nn.Module):
         self.hooks = hooks
         self.h = {n: f"{layer}.{n}" for n in ("resid_in", "attn.resid_delta", "resid_mid", "mlp.resid_delta")}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: list | None = None) -> torch.Tensor:
         hooks, h = self.hooks, self.h
         if not hooks.active:
-            x = x + self.attn(self.ln_1(x))
+            x = x + self.attn(self.ln_1(x), kv)
             return x + self.mlp(self.ln_2(x))
         x = hooks(h["resid_in"], x)
-        x = x + hooks(h["attn.resid_delta"], self.attn(self.ln_1(x)))
+        x = x + hooks(h["attn.resid_delta"], self.attn(self.ln_1(x), kv))
         x = hooks(h["resid_mid"], x)
         return x + hooks(h["mlp.resid_delta"], self.mlp(self.ln_2(x)))
 
-    def forward_at(self, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    def forward_at(self, x: torch.Tensor, at: torch.Tensor, kv: list | None = None) -> torch.Tensor:
         """The block's output at one position per row, ``at`` (B,): (B, 1, d_model) from x
         (B, T, d_model) — what a last block owes a reader of those positions. Only the keys
         and values of attention need every position; the rest runs at the read positions,
         with ``hooks.positions`` = at while it does."""
+        if self.hooks.active:
+            x = self.hooks(self.h["resid_in"], x)
+        a = self.attn.forward_at(self.ln_1(x), at, kv)
+        return self._rest_at(x[torch.arange(x.shape[0], device=x.device), at].unsqueeze(1), a, at)
+
+    def _rest_at(self, x: torch.Tensor, a: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """The residual x (B, 1, d_model) at the read positions plus attention's output a there, then the MLP."""
         hooks, h = self.hooks, self.h
-        if hooks.active:
-            x = hooks(h["resid_in"], x)
-        a = self.attn.forward_at(self.ln_1(x), at)
-        x = x[torch.arange(x.shape[0], device=x.device), at].unsqueeze(1)  # (B, 1, d_model)
         with hooks.at_positions(at):
             if not hooks.active:
                 x = x + a
@@ -192,6 +248,23 @@ class Block(nn.Module):
             x = x + hooks(h["attn.resid_delta"], a)
             x = hooks(h["resid_mid"], x)
             return x + hooks(h["mlp.resid_delta"], self.mlp(self.ln_2(x)))
+
+    def forward_suffix(self, x: torch.Tensor, pos: torch.Tensor, prefix: tuple, start: torch.Tensor,
+                       at: torch.Tensor | None = None) -> torch.Tensor:
+        """The block on rows whose positions before ``start`` are another row's (whose keys
+        and values at this layer are ``prefix``): x (R, S, d_model) at positions ``pos``.
+        With ``at`` (R,), the output at that position alone, (R, 1, d_model)."""
+        hooks, h = self.hooks, self.h
+        if hooks.active:
+            x = hooks(h["resid_in"], x)
+        a = self.attn.forward_suffix(self.ln_1(x), pos, prefix, start, at)
+        if at is not None:
+            return self._rest_at(x[torch.arange(x.shape[0], device=x.device), at - start].unsqueeze(1), a, at)
+        x = x + (hooks(h["attn.resid_delta"], a) if hooks.active else a)
+        if hooks.active:
+            x = hooks(h["resid_mid"], x)
+        m = self.mlp(self.ln_2(x))
+        return x + (hooks(h["mlp.resid_delta"], m) if hooks.active else m)
 
 
 class GPT(nn.Module):
@@ -203,6 +276,9 @@ class GPT(nn.Module):
     path, kept to measure against)."""
 
     read_positions_only = True
+    # With read_positions_only: GPT.read_pairs may be used by callers that read prompt pairs
+    # (sparsity/prune.py); False keeps them on model(idx, at=…) (benchmarks measure against it)
+    share_prefixes = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -258,11 +334,7 @@ class GPT(nn.Module):
             x = block(x)
         rows = torch.arange(B, device=idx.device)
         if tail:
-            x, idx = t.h[-1].forward_at(x, at), idx[rows, at]  # (B, 1, d_model), (B,)
-            if self.hooks.active:
-                with self.hooks.at_positions(at):
-                    x = self.hooks("final_resid", x)
-            x = x[:, 0]  # (B, d_model)
+            return self._logits_at(t.h[-1].forward_at(x, at), idx[rows, at], at)
         else:
             if self.hooks.active:
                 x = self.hooks("final_resid", x)
@@ -274,6 +346,46 @@ class GPT(nn.Module):
         if self.bigram_table is not None:
             logits = logits + F.embedding(idx, self.bigram_table).to(logits.dtype)
         return logits
+
+    def _logits_at(self, x: torch.Tensor, idx: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) from the last block's output x (B, 1, d_model) at positions ``at``
+        holding tokens ``idx`` (B,)."""
+        t = self.transformer
+        if self.hooks.active:
+            with self.hooks.at_positions(at):
+                x = self.hooks("final_resid", x)
+        logits = self.lm_head(t.ln_f(x[:, 0])) + self.final_logits_bias
+        if self.bigram_table is not None:
+            logits = logits + F.embedding(idx, self.bigram_table).to(logits.dtype)
+        return logits
+
+    def read_pairs(self, a: torch.Tensor, at_a: torch.Tensor, b: torch.Tensor, at_b: torch.Tensor,
+                   start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(model(a, at=at_a), model(b, at=at_b))`` for rows b that begin as rows a do:
+        b[r, :start[r]] == a[r, :start[r]], and start[r] ≤ at_b[r]. Causal attention makes
+        those positions' activations row a's, so row b runs from start[r] on only, its
+        attention reading row a's keys and values before it. Exact wherever every hook
+        replacement treats each position alike (not for position-dependent ones, nor while
+        recording). Tasks' clean and corrupt prompts share most of their tokens: this
+        spares about a third of a pruning step."""
+        Ta = a.shape[1]
+        S = int((at_b - start).max()) + 1
+        for T in (Ta, int(at_b.max()) + 1):
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        t = self.transformer
+        pos = start[:, None] + torch.arange(S, device=b.device)  # (R, S): b's own positions (past a row's end: never read)
+        xa = t.wte(a) + t.wpe.weight[:Ta]
+        xb = t.wte(b.gather(1, pos.clamp(max=b.shape[1] - 1))) + t.wpe(pos.clamp(max=self.config.block_size - 1))
+        for block in t.h[:-1]:
+            kv: list = []
+            xa = block(xa, kv)
+            xb = block.forward_suffix(xb, pos, kv[0], start)
+        kv = []
+        ya = t.h[-1].forward_at(xa, at_a, kv)
+        yb = t.h[-1].forward_suffix(xb, pos, kv[0], start, at_b)
+        rows = torch.arange(a.shape[0], device=a.device)
+        return self._logits_at(ya, a[rows, at_a], at_a), self._logits_at(yb, b[rows, at_b], at_b)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of a (B, T+1) batch of token rows."""

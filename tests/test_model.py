@@ -191,6 +191,52 @@ def test_reading_positions_runs_the_last_block_there_alone_with_the_same_logits_
     assert cache["final_resid"].shape[1] == 16
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(afrac=0.25), dict(sink=True, afrac=0.25), dict(enable_bigram_table=True, n_layer=1),
+                                dict(n_layer=3, afrac=0.5)])
+def test_a_pair_sharing_a_prefix_gives_the_logits_and_gradients_of_two_separate_reads(kw):
+    """GPT.read_pairs runs row b only from where it departs from row a, reading a's keys and
+    values before that: the logits of both rows and the gradients reaching every hook point
+    are those of model(a, at=…) and model(b, at=…), for departures anywhere from the first
+    token to b's read position, and b rows shorter or longer than a's."""
+    model = _model(**kw).double()
+    if model.bigram_table is not None:
+        with torch.no_grad():
+            model.bigram_table.normal_()
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(0, 128, (6, 12), generator=g)
+    b = torch.cat([a, torch.randint(0, 128, (6, 4), generator=g)], 1)  # b may run past a's end
+    start = torch.tensor([3, 0, 10, 11, 5, 12])
+    for r, j in enumerate(start.tolist()):
+        b[r, j:] = torch.randint(0, 128, (16 - j,), generator=g)
+        b[r, j] = (a[r, j] + 1) % 128 if j < 12 else b[r, j]
+    at_a, at_b = torch.tensor([11, 4, 10, 11, 9, 11]), torch.tensor([15, 3, 10, 14, 5, 12])
+    names = model.hooks.names
+    gains = {n: torch.ones((), dtype=torch.double, requires_grad=True) for n in names}
+
+    def run(fn):
+        for gain in gains.values():
+            gain.grad = None
+        def scaled(n):
+            return lambda x: x * gains[n]
+
+        with model.hooks.replace({n: scaled(n) for n in names}):
+            la, lb = fn()
+        (la.pow(2).sum() + lb.sin().sum()).backward()
+        return la, lb, {n: gain.grad.clone() for n, gain in gains.items()}
+
+    apart = run(lambda: (model(a, at=at_a), model(b, at=at_b)))
+    shared = run(lambda: model.read_pairs(a, at_a, b, at_b, start))
+    for x, y in zip(shared[:2], apart[:2], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    for n in names:
+        torch.testing.assert_close(shared[2][n], apart[2][n], rtol=1e-9, atol=1e-11)
+    from sparsity.prune import shared_prefix
+
+    assert shared_prefix(a, b[:, :12], at_a, at_b).tolist() == start.tolist()
+    assert shared_prefix(a, a, at_a, at_a - 2).tolist() == (at_a - 2).tolist()  # never past b's read position
+    assert shared_prefix(a, a, at_a - 3, at_a).tolist() == (at_a - 2).tolist()  # nor a's end
+
+
 def test_afrac_as_users_give_it_one_means_off_and_out_of_range_is_refused():
     """`ModelConfig.afrac_or_off` is the one reading of --afrac and a sweep's afrac axis: a
     fraction keeps that share, 1 turns AbsTopK off (no k at any location), 0 or above 1 is

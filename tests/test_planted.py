@@ -236,9 +236,10 @@ def _same_circuits(plain, fast):
 
 @pytest.mark.slow
 def test_reading_positions_only_changes_no_mask_loss_or_k_on_any_task(stdlib_tokenizer, stdlib_rows):
-    """Pruning with the last block at the read positions alone (the default) trains the same
-    masks, scores the same losses and chooses the same k as the plain path, on every task
-    (pruned anyway where the planted model is at chance)."""
+    """Pruning with the last block at the read positions alone and each corrupt prompt run
+    from where it departs from its clean twin (the defaults) trains the same masks, scores
+    the same losses and chooses the same k as the plain path, on every task (pruned anyway
+    where the planted model is at chance)."""
     tok, model, pretrain = stdlib_tokenizer, planted_model(stdlib_tokenizer), _pretrain(stdlib_rows)
     cfg = prune_lib.PruneConfig(steps=40, n_train=64, n_select=32, n_test=32, batch_pairs=16, prune_anyway=True)
     pruned = 0
