@@ -66,15 +66,18 @@ def _read_files(loc: storage.Location, table: str, files: list[str], task: str |
     schema = SCHEMAS[table]
     part = ds.partitioning(pa.schema([pa.field("task", pa.string())]), flavor="hive")
     paths = [storage.resolve(f).path for f in files]
-    d = ds.dataset(paths, filesystem=loc.pa_fs, format="parquet", partitioning=part, partition_base_dir=loc.path, schema=schema)
     keys = None
     for e in ([ds.field("task") == task] if task else []) + ([ds.field("model_id") == model] if model else []):
         keys = e if keys is None else keys & e
+
+    def read(**kw):
+        return compact.scan(loc, paths, schema, partitioning=part, base_dir=loc.path, **kw)
+
     if not compact.may_overlap(files):
-        return d.to_table(filter=keys if filters is None else filters if keys is None else keys & filters)
+        return read(filter=keys if filters is None else filters if keys is None else keys & filters)
     # A result in two files: pick its rows by file first, then apply the filters, so that a
     # filter on a value that changed between the copies cannot bring back the older one.
-    t = compact.dedupe(d.to_table(filter=keys, columns=schema.names + ["__filename"]))
+    t = compact.dedupe(read(filter=keys, columns=schema.names + ["__filename"]))
     return t if filters is None else t.filter(filters)
 
 

@@ -210,6 +210,21 @@ def test_the_existence_check_reads_the_pointer_not_a_listing(tmp_path, monkeypat
     _assert_same(before, _snapshot(uri))
 
 
+def test_a_read_of_many_files_in_batches_returns_the_same_rows(tmp_path, monkeypatch):
+    """Queries read one-result files SCAN_FILES at a time (memory stays bounded at 100,000
+    files): the same rows, in one file's batch or many, with or without the read rule."""
+    uri = str(tmp_path / "res")
+    _fill(uri)
+    whole = _snapshot(uri)
+    compact.compact(uri, tasks=["if_equals"])
+    _fill(uri, models=2, start=6)  # small files beside a generation: the read rule at work
+    mixed = _snapshot(uri)
+    monkeypatch.setattr(compact, "SCAN_FILES", 3)
+    _assert_same(mixed, _snapshot(uri))
+    assert len(mixed["circuits"]) == len(whole["circuits"]) + 8
+    assert len(results.edges(uri, task="if_equals", model="m1")) == len(whole["edges"].query("task == 'if_equals' and model_id == 'm1'"))
+
+
 def test_a_partition_another_process_compacts_is_skipped(tmp_path):
     from cluster import lease
 
