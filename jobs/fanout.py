@@ -79,12 +79,15 @@ def fanout(
     which: str = "final",
     include_stopped: bool = False,
     compact: bool = True,
+    compact_every: int = 2000,
 ) -> dict:
     """Prune every (checkpoint, task) pair not yet stored under ``cfg``; with ``controls``
     (True, or a list of task names) also every control of the solved pairs (of the
     checkpoints in ``control_ckpts`` only, when given). ``which``, ``include_stopped``: the
     checkpoints of each run (:func:`expand_checkpoints`). With ``compact``, the task
-    partitions are compacted at the end (jobs/compact.py). Returns counts."""
+    partitions are compacted at the end (jobs/compact.py), and every ``compact_every``
+    stored results while it runs (0: at the end only). Returns counts ("compacted":
+    partitions merged, summed over those compactions)."""
     import ray
 
     cfg = cfg or prune_lib.PruneConfig()
@@ -102,6 +105,7 @@ def fanout(
         remote = remote.options(runtime_env={"env_vars": task_env})
     counts = {"pairs": 0, "skipped": 0, "pruned": 0, "failed": 0, "elsewhere": 0}
     me = lease.new_owner("fanout")  # each pair's claim: owner me:pair, so Ray's retry of a task re-takes it
+    compactor = _Compactor(out_uri, names, compact_every if compact else 0)
 
     def wave(items: list[tuple[str, str, str | None]]) -> None:
         done = results.stored_pairs(out_uri)
@@ -126,6 +130,7 @@ def fanout(
                     counts["skipped"] += 1
                 else:
                     counts["pruned"] += 1
+                    compactor.stored()
             except (ray.exceptions.RayError, Exception) as e:  # retries exhausted: store the failure
                 row = _store_failure(out_uri, cfg, u, n, c, e)
                 counts["failed"] += 1
@@ -135,8 +140,40 @@ def fanout(
     wave([(u, n, None) for u in ckpts for n in names])
     if controls:
         wave(_control_items(out_uri, cfg, ckpts, fps, names, controls, control_ckpts))
-    counts["compacted"] = _compact(out_uri, names) if compact else 0
+    counts["compacted"] = compactor.finish(final=compact)
     return counts
+
+
+class _Compactor:
+    """Compaction while a long fan-out runs: once every ``every`` results it stores, the
+    fan-out's task partitions are compacted in a thread of the driver, one compaction at a
+    time, so that queries and a re-run's scan of the stored pairs stay fast however many
+    pairs it prunes (a compaction is safe beside the tasks still writing)."""
+
+    def __init__(self, out_uri: str, names: list[str], every: int):
+        self.out_uri, self.names, self.every = out_uri, names, every
+        self.since, self.partitions, self.thread = 0, 0, None
+
+    def stored(self) -> None:
+        import threading
+
+        self.since += 1
+        if not self.every or self.since < self.every or (self.thread is not None and self.thread.is_alive()):
+            return
+        self.since = 0
+        self.thread = threading.Thread(target=self._run, name="csp-compact", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.partitions += _compact(self.out_uri, self.names)
+
+    def finish(self, final: bool) -> int:
+        """Partitions merged: the running compaction's (waited for) and, if ``final``, one more."""
+        if self.thread is not None:
+            self.thread.join()
+        if final:
+            self._run()
+        return self.partitions
 
 
 def _compact(out_uri: str, names: list[str]) -> int:

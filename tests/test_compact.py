@@ -225,6 +225,30 @@ def test_a_read_of_many_files_in_batches_returns_the_same_rows(tmp_path, monkeyp
     assert len(results.edges(uri, task="if_equals", model="m1")) == len(whole["edges"].query("task == 'if_equals' and model_id == 'm1'"))
 
 
+def test_a_long_fanout_compacts_as_it_goes(tmp_path):
+    """A fan-out compacts its partitions every `compact_every` stored results, in a thread,
+    one compaction at a time, and once more at its end: the files stay few while it runs."""
+    from jobs import fanout
+
+    uri = str(tmp_path / "res")
+    every = fanout._Compactor(uri, TASKS, every=8)
+    for m in range(3):
+        _fill(uri, models=2, start=2 * m)  # 8 results of two models
+        for _ in range(8):
+            every.stored()
+        every.thread.join()
+        files = _files(uri)["circuits"]
+        assert files and all(compact.gen_of(f) for f in files), m  # every result so far merged
+    before = _snapshot(uri)
+    _fill(uri, models=2, start=6)
+    every.stored()  # 1 of 8: no compaction now
+    assert any(not compact.gen_of(f) for f in _files(uri)["circuits"])
+    assert every.finish(final=True) == 4 * 3
+    assert all(compact.gen_of(f) for f in _files(uri)["circuits"])
+    assert len(_snapshot(uri)["circuits"]) == len(before["circuits"]) + 8
+    assert fanout._Compactor(uri, TASKS, every=0).finish(final=False) == 0
+
+
 def test_a_partition_another_process_compacts_is_skipped(tmp_path):
     from cluster import lease
 

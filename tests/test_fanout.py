@@ -4,7 +4,7 @@ import torch
 from test_planted import planted_model
 
 from cluster import checkpoints, storage, storage_errors
-from jobs import fanout, results, store
+from jobs import compact, fanout, results, store
 from sparsity import checkpoint_format as ckpt_lib
 from sparsity.config import RunConfig, SparsityConfig
 from sparsity.prune import PruneConfig
@@ -73,10 +73,12 @@ def test_a_worker_process_dying_mid_fanout_still_stores_every_pair_once(ray_sess
     """The worker running one pair dies (os._exit) → Ray retries the task; every pair is stored exactly once."""
     out = str(tmp_path / "res")
     counts = fanout.fanout(two_runs, ["var_swap", "if_equals"], out, PruneConfig(steps=20, also_targets=()),
-                           inject_failure={"task": "var_swap", "kill": True})
+                           inject_failure={"task": "var_swap", "kill": True}, compact_every=1)
     assert counts["pruned"] == 4 and counts["failed"] == 0
     c = results.read_table(out)
     assert len(c) == 4 and c.groupby(["checkpoint_fingerprint", "task"]).size().max() == 1
+    # compacted while it ran (every stored result, one compaction at a time) and at the end
+    assert counts["compacted"] >= 2 and all(compact.gen_of(f) for f in storage.ls(f"{out}/circuits", suffix=".parquet"))
     assert len(storage.ls(f"{out}/_debug")) == 2  # both var_swap pairs lost their first worker
 
 
