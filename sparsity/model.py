@@ -347,27 +347,33 @@ class GPT(nn.Module):
             logits = logits + F.embedding(idx, self.bigram_table).to(logits.dtype)
         return logits
 
-    def _logits_at(self, x: torch.Tensor, idx: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    def _logits_at(self, x: torch.Tensor, idx: torch.Tensor, at: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, V) from the last block's output x (B, 1, d_model) at positions ``at``
-        holding tokens ``idx`` (B,)."""
+        holding tokens ``idx`` (B,); with ``cols`` (B, K) token ids, only those: (B, K)."""
         t = self.transformer
         if self.hooks.active:
             with self.hooks.at_positions(at):
                 x = self.hooks("final_resid", x)
-        logits = self.lm_head(t.ln_f(x[:, 0])) + self.final_logits_bias
+        h = t.ln_f(x[:, 0])
+        if cols is None:
+            logits = self.lm_head(h) + self.final_logits_bias
+        else:  # K rows of the unembedding per row instead of all V
+            logits = torch.einsum("bd,bkd->bk", h, self.lm_head.weight[cols]) + self.final_logits_bias[cols]
         if self.bigram_table is not None:
-            logits = logits + F.embedding(idx, self.bigram_table).to(logits.dtype)
+            bigram = F.embedding(idx, self.bigram_table) if cols is None else self.bigram_table[idx[:, None], cols]
+            logits = logits + bigram.to(logits.dtype)
         return logits
 
     def read_pairs(self, a: torch.Tensor, at_a: torch.Tensor, b: torch.Tensor, at_b: torch.Tensor,
-                   start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   start: torch.Tensor, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(model(a, at=at_a), model(b, at=at_b))`` for rows b that begin as rows a do:
         b[r, :start[r]] == a[r, :start[r]], and start[r] ≤ at_b[r]. Causal attention makes
         those positions' activations row a's, so row b runs from start[r] on only, its
         attention reading row a's keys and values before it. Exact wherever every hook
         replacement treats each position alike (not for position-dependent ones, nor while
         recording). Tasks' clean and corrupt prompts share most of their tokens: this
-        spares about a third of a pruning step."""
+        spares about a third of a pruning step. ``cols`` (R, K): only these logits of
+        each pair, (R, K) each (a task reads two: its answer and the alternative)."""
         Ta = a.shape[1]
         S = int((at_b - start).max()) + 1
         for T in (Ta, int(at_b.max()) + 1):
@@ -385,7 +391,7 @@ class GPT(nn.Module):
         ya = t.h[-1].forward_at(xa, at_a, kv)
         yb = t.h[-1].forward_suffix(xb, pos, kv[0], start, at_b)
         rows = torch.arange(a.shape[0], device=a.device)
-        return self._logits_at(ya, a[rows, at_a], at_a), self._logits_at(yb, b[rows, at_b], at_b)
+        return self._logits_at(ya, a[rows, at_a], at_a, cols), self._logits_at(yb, b[rows, at_b], at_b, cols)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of a (B, T+1) batch of token rows."""

@@ -238,9 +238,11 @@ BUCKETS = 4  # a batch runs as this many length buckets, each trimmed to its own
 
 
 def _answer_logits(model, gates: Gates | None, tokens: torch.Tensor, last: torch.Tensor, fixed=None,
-                   draw: torch.Tensor | None = None, masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                   draw: torch.Tensor | None = None, masks: dict[str, torch.Tensor] | None = None,
+                   cols: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits at each row's answer position, with gates applied (``gates`` None: the
-    full model; ``masks``: this training step's H(τ)). Rows run in length buckets, each
+    full model; ``masks``: this training step's H(τ)); with ``cols`` (B/2, K), the token ids
+    each pair reads (its answer and the alternative), only those: (B, K). Rows run in length buckets, each
     trimmed to its own longest prompt, so short prompts do not pay for the long ones' padding
     (~30% of a step on the demo tasks); causal attention makes the result the same as one
     padded forward. The gates' masks are computed once for all buckets.
@@ -253,7 +255,7 @@ def _answer_logits(model, gates: Gates | None, tokens: torch.Tensor, last: torch
     n = tokens.shape[0] // 2
     with ctx:
         if draw is None and getattr(model, "share_prefixes", False) and model.read_positions_only and not model.hooks.recording and n:
-            return _paired_logits(model, tokens[:n], last[:n], tokens[n:], last[n:])
+            return _paired_logits(model, tokens[:n], last[:n], tokens[n:], last[n:], cols)
         order = torch.argsort(last, stable=True)
         pieces = []
         for idx in order.chunk(min(BUCKETS, len(order))):
@@ -261,8 +263,8 @@ def _answer_logits(model, gates: Gates | None, tokens: torch.Tensor, last: torch
             if gates is not None and draw is not None:
                 gates.draw = draw[idx]
             pieces.append(model(tokens[idx, :T], at=last[idx]))
-    out = torch.cat(pieces)
-    return out[torch.argsort(order)]
+    out = torch.cat(pieces)[torch.argsort(order)]
+    return out if cols is None else out.gather(1, torch.cat([cols, cols]))
 
 
 def shared_prefix(a: torch.Tensor, b: torch.Tensor, last_a: torch.Tensor, last_b: torch.Tensor) -> torch.Tensor:
@@ -272,19 +274,24 @@ def shared_prefix(a: torch.Tensor, b: torch.Tensor, last_a: torch.Tensor, last_b
     return torch.minimum(torch.minimum(same, torch.minimum(last_a, last_b) + 1), last_b)
 
 
-def _paired_logits(model, a, last_a, b, last_b) -> torch.Tensor:
+def _paired_logits(model, a, last_a, b, last_b, cols=None) -> torch.Tensor:
     """Logits of the joint batch (a; b) with each b row sharing its prefix with its a row,
-    in length buckets of the pairs."""
+    in length buckets of the pairs (``cols``: only those, as the unembedding of just the
+    answer and the alternative)."""
     start = shared_prefix(a, b, last_a, last_b)
     order = torch.argsort(last_a, stable=True)
     pa, pb = [], []
     for idx in order.chunk(min(BUCKETS, len(order))):
         ya, yb = model.read_pairs(a[idx, : int(last_a[idx].max()) + 1], last_a[idx],
-                                  b[idx, : int(last_b[idx].max()) + 1], last_b[idx], start[idx])
+                                  b[idx, : int(last_b[idx].max()) + 1], last_b[idx], start[idx],
+                                  None if cols is None else cols[idx])
         pa.append(ya)
         pb.append(yb)
     back = torch.argsort(order)
     return torch.cat([torch.cat(pa)[back], torch.cat(pb)[back]])
+
+
+_TWO = (torch.tensor([0]), torch.tensor([1]))  # the answer's and the alternative's column in logits read with ``cols``
 
 
 def _split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,13 +306,15 @@ class _Evaluator:
         self.model, self.gates, self.batch = model, gates, batch
         tokens, last = _joint(batch)
         self.tokens, self.last = tokens.to(device), last.to(device)
-        self.target, self.alt = batch.target.to(device), batch.alt.to(device)
+        # the logits it scores are each pair's answer and alternative only: columns 0 and 1
+        self.cols = torch.stack([batch.target, batch.alt], 1).to(device)
+        self.target, self.alt = _TWO[0].expand(len(batch.target)).to(device), _TWO[1].expand(len(batch.target)).to(device)
         self.draw = draw
 
     @torch.no_grad()
     def logits(self, fixed=None) -> tuple[torch.Tensor, torch.Tensor]:
         gates = self.gates if fixed is not None else None
-        return _split(_answer_logits(self.model, gates, self.tokens, self.last, fixed, self.draw))
+        return _split(_answer_logits(self.model, gates, self.tokens, self.last, fixed, self.draw, cols=self.cols))
 
     def losses(self, fixed=None, calib=None) -> torch.Tensor:
         lc, lx = self.logits(fixed)
@@ -499,8 +508,9 @@ def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen
         b = train_b.subset(idx)
         tokens, last = _joint(b)
         masks = gates.masks()
-        lc, lx = _split(_answer_logits(model, gates, tokens.to(dev), last.to(dev), draw=draw(tokens.shape[0], gen), masks=masks))
-        task_loss = pair_loss(lc, lx, b.target.to(dev), b.alt.to(dev)).mean()
+        cols = torch.stack([b.target, b.alt], 1).to(dev)
+        lc, lx = _split(_answer_logits(model, gates, tokens.to(dev), last.to(dev), draw=draw(tokens.shape[0], gen), masks=masks, cols=cols))
+        task_loss = pair_loss(lc, lx, *(t.expand(len(cols)).to(dev) for t in _TWO)).mean()
         loss = task_loss + cfg.k_coef * gates.l0(masks)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -230,6 +230,11 @@ def test_a_pair_sharing_a_prefix_gives_the_logits_and_gradients_of_two_separate_
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     for n in names:
         torch.testing.assert_close(shared[2][n], apart[2][n], rtol=1e-9, atol=1e-11)
+    # only some logits of each pair (a task reads its answer and the alternative)
+    cols = torch.randint(0, 128, (6, 2), generator=g)
+    rows = torch.arange(6)[:, None]
+    for x, y in zip(model.read_pairs(a, at_a, b, at_b, start, cols), apart[:2], strict=True):
+        torch.testing.assert_close(x, y.detach()[rows, cols], rtol=1e-12, atol=1e-12)
     from sparsity.prune import shared_prefix
 
     assert shared_prefix(a, b[:, :12], at_a, at_b).tolist() == start.tolist()
