@@ -232,8 +232,10 @@ def _compact_table(loc: storage.Location, table: str, files: dict, stored: set[s
     t = t.drop_columns(["task"])
     t = t.take(pc.sort_indices(t, sort_keys=[(k, "ascending") for k in KEYS]))
     t = t.replace_schema_metadata(pandas_metadata(t.schema))
-    in_bytes = sum(files[u][0] for u in inputs)
-    per_file = max(1, int(len(t) * target_bytes / max(in_bytes, 1)))
+    # the output's size, over-estimated both ways: one-result files are mostly footer, and
+    # Arrow's in-memory size is before compression
+    size = min(sum(files[u][0] for u in inputs), t.nbytes)
+    per_file = max(1, int(len(t) * target_bytes / max(size, 1)))
     written = []
     for i, start in enumerate(range(0, max(len(t), 1), per_file)):
         written.append(storage.write_parquet(loc.join(f"compacted-{gen}-{i}.parquet"), t.slice(start, per_file),
