@@ -235,6 +235,11 @@ def _joint(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 BUCKETS = 4  # a batch runs as this many length buckets, each trimmed to its own longest prompt
+# ... and as this many when corrupt prompts share their clean twin's prefix: each bucket is
+# then two passes (clean, then corrupt suffixes), and at these sizes a pass costs more in
+# op overhead than padding does (a mask step on the demo's d128 model, 2 cores: 2 buckets
+# 68-73 ms against 77-83 ms with 3 and 93-97 ms with 4; 4 unshared buckets: 87-93 ms)
+PAIRED_BUCKETS = 2
 
 
 def _answer_logits(model, gates: Gates | None, tokens: torch.Tensor, last: torch.Tensor, fixed=None,
@@ -281,7 +286,7 @@ def _paired_logits(model, a, last_a, b, last_b, cols=None) -> torch.Tensor:
     start = shared_prefix(a, b, last_a, last_b)
     order = torch.argsort(last_a, stable=True)
     pa, pb = [], []
-    for idx in order.chunk(min(BUCKETS, len(order))):
+    for idx in order.chunk(min(PAIRED_BUCKETS, len(order))):
         ya, yb = model.read_pairs(a[idx, : int(last_a[idx].max()) + 1], last_a[idx],
                                   b[idx, : int(last_b[idx].max()) + 1], last_b[idx], start[idx],
                                   None if cols is None else cols[idx])
