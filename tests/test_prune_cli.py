@@ -230,9 +230,10 @@ def test_the_early_stop_study_reads_every_rule_from_one_run_per_seed(planted_run
 
 @pytest.mark.slow
 def test_the_pruning_benchmark_times_each_path_and_says_where_a_step_goes():
-    """`benchmarks/prune.py --smoke`: the plain path, the exact savings and early stopping on
-    one pair, with their phases, the same circuit from the two exact-equivalent paths, and a
-    mask step split into gates / AbsTopK / attention / MLP / other that adds up."""
+    """`benchmarks/prune.py --smoke`: the plain path, the read positions alone, all the exact
+    savings and early stopping on one pair, with their phases, the same circuit from the three
+    exact-equivalent paths, and a mask step split into gates / AbsTopK / attention / MLP /
+    other that adds up, with fewer FLOPs at each saving."""
     import json
     import os
     import subprocess
@@ -244,16 +245,18 @@ def test_the_pruning_benchmark_times_each_path_and_says_where_a_step_goes():
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout)
     pairs = out["pairs"]
-    assert set(pairs) == {"plain", "exact", "exact+stop"} and out["ratio_to_plain"]["plain"] == 1.0
-    assert {k: pairs["plain"][k] for k in ("status", "n_nodes", "n_edges", "mask_steps")} == \
-        {k: pairs["exact"][k] for k in ("status", "n_nodes", "n_edges", "mask_steps")}
+    assert set(pairs) == {"plain", "positions", "exact", "exact+stop"} and out["ratio_to_plain"]["plain"] == 1.0
+    for v in ("positions", "exact"):
+        assert {k: pairs["plain"][k] for k in ("status", "n_nodes", "n_edges", "mask_steps")} == \
+            {k: pairs[v][k] for k in ("status", "n_nodes", "n_edges", "mask_steps")}
     assert pairs["plain"]["stop_reason"] == "max_steps" and pairs["exact+stop"]["mask_steps"] <= pairs["plain"]["mask_steps"]
     assert {"setup", "masks", "choose_k", "verify"} <= set(pairs["exact"]["phase_seconds"])
     for step in out["mask_step"].values():
         assert set(step["share"]) == {"gates", "abstopk", "attention", "mlp", "other"}
         assert sum(step["share"].values()) == pytest.approx(1.0, abs=0.01) and min(step["share"].values()) > 0
         assert step["matmul_attention_gflop"] > 0
-    assert out["mask_step"]["exact"]["matmul_attention_gflop"] < out["mask_step"]["plain"]["matmul_attention_gflop"]
+    gflop = {v: out["mask_step"][v]["matmul_attention_gflop"] for v in ("plain", "positions", "exact")}
+    assert gflop["exact"] < gflop["positions"] < gflop["plain"]
 
 
 @pytest.mark.slow
