@@ -371,8 +371,8 @@ class GPT(nn.Module):
         those positions' activations row a's, so row b runs from start[r] on only, its
         attention reading row a's keys and values before it. Exact wherever every hook
         replacement treats each position alike (not for position-dependent ones, nor while
-        recording). Tasks' clean and corrupt prompts share most of their tokens: this
-        spares about a third of a pruning step. ``cols`` (R, K): only these logits of
+        recording). A task's clean and corrupt prompts share most of their tokens: this
+        spares about a quarter of a pruning step's FLOPs. ``cols`` (R, K): only these logits of
         each pair, (R, K) each (a task reads two: its answer and the alternative)."""
         Ta = a.shape[1]
         S = int((at_b - start).max()) + 1

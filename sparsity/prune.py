@@ -255,7 +255,7 @@ def _answer_logits(model, gates: Gates | None, tokens: torch.Tensor, last: torch
     ``tokens`` is a joint batch (clean prompts, then their corrupt twins: :func:`_joint`).
     Under a fixed ablation (no ``draw``) each corrupt prompt runs only from where it departs
     from its clean twin, reading the twin's keys and values before that
-    (``GPT.read_pairs``): the same logits for about a third less work."""
+    (``GPT.read_pairs``): the same logits for about a quarter fewer FLOPs (docs/pruning-speed.md)."""
     ctx = gates.active(fixed, draw, masks) if gates is not None else contextlib.nullcontext()
     n = tokens.shape[0] // 2
     with ctx:
