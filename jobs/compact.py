@@ -150,7 +150,11 @@ def _unpointed(root: storage.Location, task: str, found: dict) -> bool:
     """A circuits partition with generations and no pointer: compacted by csp before it wrote
     one. Compacting it writes the pointer."""
     has_gens = any(gen_of(u) and task_of(u) == task for u in found[CIRCUITS])
-    return has_gens and not storage.exists(root.join(CIRCUITS, f"task={task}", POINTER))
+    return has_gens and not _has_pointer(root, task)
+
+
+def _has_pointer(root: storage.Location, task: str) -> bool:
+    return storage.exists(root.join(CIRCUITS, f"task={task}", POINTER))
 
 
 def _compact_partition(root: storage.Location, task: str, target_bytes: int) -> bool:
@@ -161,9 +165,8 @@ def _compact_partition(root: storage.Location, task: str, target_bytes: int) -> 
     merged = False
     for table in TABLES:  # a circuits file always; a node or edge file once its result's row is stored
         merged |= _compact_table(root.join(table, f"task={task}"), table, files[table], None if table == CIRCUITS else stored, gen, target_bytes)
-    circ = root.join(CIRCUITS, f"task={task}")
-    if not merged and not storage.exists(circ.join(POINTER)):
-        _point(circ, [u for u in files[CIRCUITS] if gen_of(u)])
+    if not merged and not _has_pointer(root, task):
+        _point(root.join(CIRCUITS, f"task={task}"), [u for u in files[CIRCUITS] if gen_of(u)])
         return True
     return merged
 
