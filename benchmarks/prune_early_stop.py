@@ -1,7 +1,7 @@
 """Early stopping of mask training, measured on a store's pairs; prints JSON lines.
 
     python benchmarks/prune_early_stop.py RESULTS [--pairs 15] [--seeds 0,1] [--steps 400] [--long 2000]
-                                          [--long-pairs 8] [--jobs 2] [--out FILE]
+                                          [--long-pairs 8] [--jobs 2] [--out FILE] [--checkpoints CKPT ...]
 
 RESULTS: a store from ``csp demo`` or ``csp prune``. Its pairs are the (checkpoint, task)
 pairs whose full model meets the looser target (0.30), the models that know the task. Each
@@ -11,6 +11,8 @@ open-gate tolerance × loss tolerance, see ``RULES``) would first stop, the circ
 stopping there gives are built and verified as a real run's would be (training then goes on
 unchanged, so one run serves every rule: stopping early changes nothing before the stop).
 ``--long``: the first ``--long-pairs`` pairs are also pruned with that many steps (seed 0).
+``--checkpoints``: more checkpoints (e.g. a run's earlier ones, which the store has no rows
+for); their pairs are those whose full model meets 0.30 on the test pairs, scored here.
 
 Lines: ``{"kind": "run", ...}`` per (pair, seed) with its record, the seconds its mask
 training took to each point, and the circuits at 400 steps and at each rule's stop;
@@ -42,6 +44,26 @@ def _pairs(results_uri: str, n: int) -> list[tuple[str, str]]:
     df = results.circuits(results_uri)
     df = df[df.control.isna() & (df.target == 0.15) & (df.full_loss <= 0.30)].sort_values(["full_loss", "task"])
     return [(str(r.checkpoint_uri), str(r.task)) for r in df.drop_duplicates(["checkpoint_uri", "task"]).itertuples()][:n]
+
+
+def _scored_pairs(ckpts: list[str]) -> list[tuple[str, str]]:
+    """(checkpoint, task) of ``ckpts`` whose full model meets 0.30 on the test pairs, best first."""
+    from jobs import prune_pairs as pp
+    from sparsity import prune as prune_lib
+    from sparsity import tasks as task_lib
+    from sparsity.config import PruneConfig
+    from sparsity.tasks.base import TEST_SEED
+
+    n_test, found = PruneConfig().n_test, []
+    for ckpt in ckpts:
+        loaded = pp.Loaded(ckpt)
+        model = loaded.model.eval()
+        for name in sorted(task_lib.REGISTRY):
+            b = task_lib.encode(task_lib.get(name), loaded.tok, n_test, TEST_SEED, model.config.block_size)
+            loss = prune_lib._Evaluator(model, None, b, "cpu", None).loss()
+            if loss <= 0.30:
+                found.append((loss, ckpt, name))
+    return [(c, t) for _, c, t in sorted(found)]
 
 
 def _summary(c) -> dict:
@@ -97,7 +119,7 @@ def _summarise(runs: list[dict]) -> list[dict]:
     """Per rule: circuits at its stop against the full run's, pair by pair and target by target."""
     by_pair: dict[tuple, dict[int, dict]] = {}
     for r in runs:
-        by_pair.setdefault((r["model"], r["task"]), {})[r["seed"]] = r
+        by_pair.setdefault((r["checkpoint"], r["task"]), {})[r["seed"]] = r
     out = []
     for rule in RULES:
         name = "w{}_o{}_l{}".format(*rule)
@@ -146,8 +168,9 @@ def main() -> None:
     ap.add_argument("--long-pairs", type=int, default=8)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out")
+    ap.add_argument("--checkpoints", nargs="*", default=[], help="more checkpoints, their pairs scored here")
     args = ap.parse_args()
-    pairs = _pairs(args.results, args.pairs)
+    pairs = _pairs(args.results, args.pairs) + _scored_pairs(args.checkpoints)
     if not pairs:
         raise SystemExit(f"no pair in {args.results} whose full model meets 0.30; run `csp demo` first")
     seeds = [int(s) for s in args.seeds.split(",")]
