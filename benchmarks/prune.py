@@ -11,9 +11,9 @@ model is at chance (``prune_anyway``).
 
 Variants, each one whole (task, checkpoint) pair, timed in this one run:
   plain        the earlier path: every block at every position, gates as x·g + μ·(1 − g)
-               with H(τ) per hook call, all 400 mask steps;
+               with H(τ) per hook call, one τ parameter per location, all 400 mask steps;
   positions    the last block at the read positions only (keys and values excepted), gates as
-               one lerp with H(τ) once per step;
+               one lerp with H(τ) once per step, all τ in one tensor;
   exact        also each corrupt prompt run only from where it departs from its clean twin
                (GPT.read_pairs): with ``positions``, the same masks, losses and k as plain;
   exact+stop   also stop mask training once it has converged (PruneConfig.stop_window).

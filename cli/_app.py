@@ -125,7 +125,7 @@ FIELD_FLAGS = {
     "n_layer": "--n-layer", "d_model": "--d-model", "n_head": "--n-head", "d_head": "--d-head", "seed": "--seed",
     "eval_every": "--eval-every", "ckpt_every": "--ckpt-every", "milestones": "--milestones", "target": "--target", "ablation": "--ablation",
     "k_coef": "--k-coef", "warmup_frac": "--warmup-frac", "grad_clip_rms": "--grad-clip-rms", "device": "--device", "vocab_size": "--vocab-size", "val_fraction": "--val-fraction",
-    "workers": "--workers", "placement": "--placement", "stop_window": "--stop-window",
+    "workers": "--workers", "placement": "--placement", "stop_window": "--stop-window", "stop_open_tol": "--stop-open-tol",
 }
 _FIELD_RE = re.compile(r"^(\w+)=(\S+)(?= )")
 

@@ -33,6 +33,7 @@ def prune(
     warmup_frac: Annotated[float, typer.Option(help="Share of the mask steps with a linear lr warmup (the replication: 0).")] = PruneConfig.warmup_frac,
     grad_clip_rms: Annotated[float | None, typer.Option(help="Clip the gates' gradient to this RMS (the replication: 1.0; default: no clipping).")] = None,
     stop_window: Annotated[int, typer.Option(help="Stop mask training once the open gates and the smoothed task loss have been flat for this many steps (0: run every step).")] = PruneConfig.stop_window,
+    stop_open_tol: Annotated[float, typer.Option(help="With --stop-window: how far (a fraction) the open-gate count may move over the window and still count as flat.")] = PruneConfig.stop_open_tol,
     calibrate: Annotated[bool, typer.Option(help="Fit a scale and shift of the answer logits per circuit.")] = False,
     prune_anyway: Annotated[bool, typer.Option(help="Prune even where the full model misses the target (the row keeps its verdict in full_misses_target).")] = False,
     controls: Annotated[bool, typer.Option(help="Also run the faithfulness controls of every solved task: random-init model, nonsense tasks (answers swapped; mapped to fixed unrelated tokens), other ablations, two more seeds.")] = False,
@@ -53,6 +54,7 @@ def prune(
             raise ConfigError(f"target={t} out of range: must be > 0")
     cfg = PruneConfig(target=targets[0], also_targets=tuple(targets[1:]), ablation=Ablation(ablation).value, seed=seed, steps=steps, k_coef=k_coef, calibrate=calibrate,
                       warmup_frac=warmup_frac, grad_clip_rms=grad_clip_rms, stop_window=stop_window,
+                      stop_open_tol=stop_open_tol,
                       prune_anyway=prune_anyway)
     storage.check_writable(out)  # a read-only or unreachable --out fails before any pruning
 

@@ -311,7 +311,9 @@ def milestone_steps(spec: str, steps: int) -> tuple[int, ...]:
     _check(bool(parts) and all(1 <= m <= steps for m in parts), "milestones", spec, f"must be steps in 1..{steps}")
     return tuple(sorted(set(parts)))
 ABLATIONS = ("mean", "zero", "resample")
-LATER_FIELDS = {"grad_clip_rms": None, "stop_window": 0}  # PruneConfig fields newer than the first stored keys, and their "unset" value
+# PruneConfig fields newer than the first stored keys, and their "unset" value. stop_open_tol:
+# rows stored before it existed stopped with 0.05.
+LATER_FIELDS = {"grad_clip_rms": None, "stop_window": 0, "stop_open_tol": 0.05}
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,10 @@ class PruneConfig:
     # this many steps (sparsity.prune.converged; measured in docs/pruning-speed.md); 0: always
     # run every step.
     stop_window: int = 40
+    # ... the open-gate count staying within this fraction of itself over the window (and the
+    # smoothed loss within sparsity.prune.STOP_LOSS_TOL). 0.02: the fastest rule that kept
+    # circuits within their seed spread on 24 pairs (docs/pruning-speed.md; 0.05 did on 15).
+    stop_open_tol: float = 0.02
     lr: float = 3e-3  # paper (replication's Table 2 centre)
     weight_decay: float = 1e-3  # paper (same source)
     warmup_frac: float = 0.05  # then linear decay to 0 (same source)
@@ -375,6 +381,8 @@ class PruneConfig:
             bad("k_coef", "must be ≥ 0")
         if not (isinstance(self.stop_window, int) and self.stop_window >= 0):
             bad("stop_window", "must be an integer ≥ 0 (0: no early stop)")
+        if not 0 <= self.stop_open_tol < 1:
+            bad("stop_open_tol", "must be in [0, 1)")
         for name in ("steps", "n_train", "n_select", "n_test", "batch_pairs"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 bad(name, "must be an integer ≥ 1")
@@ -411,6 +419,6 @@ class PruneConfig:
         # Fields added after results were first stored enter the key only when set, so the
         # keys of earlier rows (and re-runs of their configs) stay what they were.
         for name, unset in LATER_FIELDS.items():
-            if fields[name] == unset:
+            if fields[name] == unset or (name == "stop_open_tol" and not self.stop_window):  # no early stop: no tolerance
                 fields.pop(name)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]

@@ -106,6 +106,14 @@ def resample_pool(model, batches: Iterable[torch.Tensor], length: int, device="c
     return {n: cache[n] for n in names}
 
 
+class _Masks(dict):
+    """{location: H(τ)} as views of one tensor, ``flat``."""
+
+    def __init__(self, items, flat: torch.Tensor):
+        super().__init__(items)
+        self.flat = flat
+
+
 class Gates:
     """The τ parameters of one model and the hook replacements that apply them.
 
@@ -118,30 +126,57 @@ class Gates:
         self.names = node_names(model.config)
         dev = next(model.parameters()).device
         sizes = node_sizes(model.config)
-        self.tau = {}
-        for n in self.names:
-            t = torch.full((sizes[n.split(".", 1)[1]],), float(init))
+        self.widths = [sizes[n.split(".", 1)[1]] for n in self.names]
+        parts = []
+        for w in self.widths:
+            t = torch.full((w,), float(init))
             if noise:
                 t += noise * torch.randn(t.shape, generator=generator)
-            self.tau[n] = t.clamp_(-1.0, 1.0).to(dev).requires_grad_(True)
+            parts.append(t.clamp_(-1.0, 1.0))
+        # Every location's τ lives in one tensor, the only parameter: H(τ), its gradient, the
+        # clamp and the optimizer are one op each per step instead of one per location.
+        # ``tau`` holds read-only views of it, one per location. Unfused (the earlier path,
+        # for benchmarks/prune.py): one parameter per location, as before.
+        self.flat: torch.Tensor | None = None
+        if self.fused:
+            self.flat = torch.cat(parts).to(dev).requires_grad_(True)
+            with torch.no_grad():
+                self.tau = dict(zip(self.names, self.flat.split(self.widths), strict=True))
+        else:
+            self.tau = {n: t.to(dev).requires_grad_(True) for n, t in zip(self.names, parts, strict=True)}
         self.ablate = ablate
         self.draw: torch.Tensor | None = None  # resample: the pool row of each batch row
         self._masks: dict[str, torch.Tensor] = {}  # what the active gates apply: H(τ) or a fixed 0/1 mask
         # Running sum of τ over training: breaks ties between nodes clamped at the same τ
         # (a node that held on longer ranks higher).
-        self.tau_sum = {n: torch.zeros_like(t, requires_grad=False) for n, t in self.tau.items()}
+        self.flat_sum = torch.zeros(sum(self.widths), device=dev)
+        self.tau_sum = dict(zip(self.names, self.flat_sum.split(self.widths), strict=True))
 
     @property
     def resample(self) -> bool:
         return next(iter(self.ablate.values())).dim() == 3
 
     def parameters(self) -> list[torch.Tensor]:
-        return list(self.tau.values())
+        return [self.flat] if self.flat is not None else list(self.tau.values())
 
     def masks(self) -> dict[str, torch.Tensor]:
         """H(τ) of every location: computed once per training step and shared by every
         forward of that step (the gradients of all of them meet in one backward of H)."""
-        return {n: heaviside(t, self.temp) for n, t in self.tau.items()}
+        if self.flat is None:
+            return {n: heaviside(t, self.temp) for n, t in self.tau.items()}
+        h = heaviside(self.flat, self.temp)
+        return _Masks(zip(self.names, h.split(self.widths), strict=True), flat=h)
+
+    @torch.no_grad()
+    def clamp_and_sum(self) -> None:
+        """After an optimizer step: τ back into [−1, 1], and added to its running sum."""
+        if self.flat is not None:
+            self.flat.clamp_(-1.0, 1.0)
+            self.flat_sum += self.flat
+            return
+        for n, t in self.tau.items():
+            t.clamp_(-1.0, 1.0)
+            self.tau_sum[n] += t
 
     # False: the earlier formulation, x·g + μ·(1 − g) with H(τ) at every hook call (kept so
     # that benchmarks/prune.py measures against it)
@@ -186,9 +221,13 @@ class Gates:
 
     def l0(self, masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Σ H(τ): the open gates, differentiable (pass the step's ``masks`` to share them)."""
-        return sum(m.sum() for m in (masks or self.masks()).values())
+        masks = masks or self.masks()
+        flat = getattr(masks, "flat", None)
+        return flat.sum() if flat is not None else sum(m.sum() for m in masks.values())
 
     def n_open(self) -> int:
+        if self.flat is not None:
+            return int((self.flat.detach() > 0).sum())
         return sum(int((t.detach() > 0).sum()) for t in self.tau.values())
 
     def all_nodes(self) -> list[tuple[str, int]]:
@@ -321,20 +360,21 @@ class _Evaluator:
         gates = self.gates if fixed is not None else None
         return _split(_answer_logits(self.model, gates, self.tokens, self.last, fixed, self.draw, cols=self.cols))
 
-    def losses(self, fixed=None, calib=None) -> torch.Tensor:
-        lc, lx = self.logits(fixed)
+    def scores(self, logits: tuple[torch.Tensor, torch.Tensor], calib=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-pair losses, per-pair accuracy) of logits from :meth:`logits`."""
+        lc, lx = logits
         if calib is not None:
             lc, lx = _calibrated(lc, lx, self.target, *calib)
-        return pair_loss(lc, lx, self.target, self.alt)
+        return pair_loss(lc, lx, self.target, self.alt), pair_accuracy(lc, lx, self.target, self.alt)
+
+    def losses(self, fixed=None, calib=None) -> torch.Tensor:
+        return self.scores(self.logits(fixed), calib)[0]
 
     def loss(self, fixed=None, calib=None) -> float:
         return float(self.losses(fixed, calib).mean())
 
     def accuracy(self, fixed=None, calib=None) -> float:
-        lc, lx = self.logits(fixed)
-        if calib is not None:
-            lc, lx = _calibrated(lc, lx, self.target, *calib)
-        return float(pair_accuracy(lc, lx, self.target, self.alt).mean())
+        return float(self.scores(self.logits(fixed), calib)[1].mean())
 
 
 def _calibrated(lc, lx, target, scale, shift):
@@ -406,6 +446,9 @@ class _Selector:
         self.mean: dict[int, float] = {}  # k → mean selection loss
         self._bound: dict[int, float] = {}
         self._calib: dict[int, tuple[float, float]] = {}
+        # The test-pair measurements of the top-k circuit (verification, controls): a second
+        # target that lands on the same k (often: the circuit meets both) reuses them.
+        self.measured: dict[tuple[str, int], object] = {}
 
     def rank(self, ranking: list) -> None:
         """Score along ``ranking`` from now on (k = 0, every node ablated, needs none)."""
@@ -413,6 +456,7 @@ class _Selector:
         for d in (self.mean, self._bound, self._calib):
             for k in [k for k in d if k]:
                 del d[k]
+        self.measured.clear()
 
     def calib(self, k: int, fixed) -> tuple[float, float] | None:
         if not self.cfg.calibrate:
@@ -437,18 +481,18 @@ class _Selector:
 # Stopping when the mask has converged (PruneConfig.stop_window > 0), judged at the points of
 # the convergence record (every steps/20), never before the floor (2 points, the warmup, the
 # window): over the last ``stop_window`` steps the open-gate count must stay within
-# STOP_OPEN_TOL of itself (at least one gate either way) and the smoothed task loss must move
-# by at most STOP_LOSS_TOL (summed-loss units: a tenth of the 0.15 target). Chosen from 18
-# rules by benchmarks/prune_early_stop.py on the demo's 15 pairs whose model meets 0.30, two
-# seeds each (docs/pruning-speed.md): the fewest steps (0.69 of 400 on average) with no
-# verified circuit lost and circuits larger on average by less than two seeds differ (+2.1
-# nodes and +29 edges against a seed gap of 2.6 nodes and 44 edges).
-STOP_OPEN_TOL = 0.05
+# ``stop_open_tol`` of itself (at least one gate either way) and the smoothed task loss must
+# move by at most STOP_LOSS_TOL (summed-loss units: a tenth of the 0.15 target). Chosen from 18
+# rules by benchmarks/prune_early_stop.py on 24 (checkpoint, task) pairs of the demo's models
+# whose full model meets 0.30, two seeds each (docs/pruning-speed.md): the fewest steps (0.78
+# of 400 on average) with no verified circuit lost and circuits larger on average by less
+# than two seeds differ (+0.9 nodes and +14 edges against a seed gap of 3.6 nodes and 68
+# edges). A 5% tolerance, chosen on the first 15 pairs, grew them by +4.7 / +125.
 STOP_LOSS_TOL = 0.015
 STOP_SMOOTHING = 0.05  # the task loss's exponential moving average (each step's batch is fresh)
 
 
-def converged(curve: list[list[float]], window: int, floor: int = 0, open_tol: float = STOP_OPEN_TOL,
+def converged(curve: list[list[float]], window: int, floor: int = 0, open_tol: float = PruneConfig.stop_open_tol,
               loss_tol: float = STOP_LOSS_TOL) -> bool:
     """Whether the masks have stopped moving, from the convergence record so far ([step, task
     loss, open gates, smoothed task loss], …): flat over the last ``window`` steps."""
@@ -523,17 +567,14 @@ def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen
             _clip_rms(gates.parameters(), cfg.grad_clip_rms)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            for n, t in gates.tau.items():
-                t.clamp_(-1.0, 1.0)
-                gates.tau_sum[n] += t
+        gates.clamp_and_sum()
         value = float(task_loss.detach())
         smooth = value if smooth is None else smooth + STOP_SMOOTHING * (value - smooth)
         if (step + 1) % every == 0 or step + 1 == cfg.steps:
             curve.append([step + 1, round(value, 5), gates.n_open(), round(smooth, 5)])
             if observe is not None:
                 observe(step + 1, curve)
-            if converged(curve, cfg.stop_window, floor, STOP_OPEN_TOL, STOP_LOSS_TOL):
+            if converged(curve, cfg.stop_window, floor, cfg.stop_open_tol, STOP_LOSS_TOL):
                 return curve, "converged"
     return curve, "max_steps"
 
@@ -592,17 +633,44 @@ def _mask_of(gates: Gates, picks: dict[str, list[int]]) -> dict[str, torch.Tenso
 
 
 def _sufficiency_controls(gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, kept, cfg: PruneConfig,
-                          calib, ablated_loss: float) -> dict:
-    """Random-keep baselines and partial ablation of one circuit, on the test pairs.
+                          calib, ablated_loss: float, circ: torch.Tensor, measured: dict | None = None) -> dict:
+    """Random-keep baselines and partial ablation of one circuit, on the test pairs
+    (``circ``: the circuit's own per-pair losses there; ``measured``: losses already taken
+    for this circuit, keyed by its size, reused and added to).
 
     random_keep: the circuit's nodes swapped for as many random ones (uniform over all nodes,
     and with the circuit's count at every location), everything else ablated as for the
     circuit; partial ablation: the circuit kept and each other node ablated with probability
     ½ (complete ablation of the complement could reach a low loss through effects that
     cancel out; the circuit should still work when only some of them are ablated)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
-    circ = test_ev.losses(kept, calib)
     counts = {n: int(m.sum()) for n, m in kept.items()}
+    k = sum(counts.values())
+    measured = {} if measured is None else measured
+    if ("controls", k) not in measured:
+        measured[("controls", k)] = _control_losses(gates, test_ev, select_ev, kept, cfg, calib, counts)
+    scored, partial = measured[("controls", k)]
+    means = {kind: [float(v.mean()) for kd, v in scored if kd == kind] for kind in ("any", "loc")}
+    best = min(scored, key=lambda kv: float(kv[1].mean()))[1]
+    diff = best - circ
+    se = float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
+    suff, best_mean = float(circ.mean()), float(best.mean())
+    recovered = (ablated_loss - best_mean) / (ablated_loss - suff) if ablated_loss > suff else None
+    return {
+        "random_keep_loss": sum(means["any"]) / len(means["any"]),
+        "random_keep_loc_loss": sum(means["loc"]) / len(means["loc"]),
+        "random_keep_best": best_mean,
+        "random_keep_recovered": recovered,
+        "beats_random_keep": bool(float(diff.mean()) >= cfg.target and float(diff.mean()) > 2 * se),
+        "partial_ablation_loss": sum(partial) / len(partial),
+        "partial_ablation_worst": max(partial),
+    }
+
+
+def _control_losses(gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, kept, cfg: PruneConfig, calib,
+                    counts: dict[str, int]) -> tuple[list[tuple[str, torch.Tensor]], list[float]]:
+    """The controls' draws scored: ([(kind, per-pair losses)] of the random node sets,
+    [mean loss] of the partial ablations)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
     everything = gates.all_nodes()
     k = sum(counts.values())
     draws: list[tuple[str, torch.Tensor]] = []
@@ -619,46 +687,29 @@ def _sufficiency_controls(gates: Gates, test_ev: _Evaluator, select_ev: _Evaluat
     for kind, m in draws:
         cal = _fit_calibration(select_ev, m) if cfg.calibrate else None
         scored.append((kind, test_ev.losses(m, cal)))
-    means = {kind: [float(v.mean()) for kd, v in scored if kd == kind] for kind in ("any", "loc")}
-    best = min(scored, key=lambda kv: float(kv[1].mean()))[1]
-    diff = best - circ
-    se = float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
-    suff, best_mean = float(circ.mean()), float(best.mean())
-    recovered = (ablated_loss - best_mean) / (ablated_loss - suff) if ablated_loss > suff else None
     partial = []
     for _ in range(PARTIAL_DRAWS):
         m = {n: torch.maximum(v, (torch.rand(v.shape, generator=gen) < 0.5).float().to(v.device)) for n, v in kept.items()}
         partial.append(test_ev.loss(m, calib))
-    return {
-        "random_keep_loss": sum(means["any"]) / len(means["any"]),
-        "random_keep_loc_loss": sum(means["loc"]) / len(means["loc"]),
-        "random_keep_best": best_mean,
-        "random_keep_recovered": recovered,
-        "beats_random_keep": bool(float(diff.mean()) >= cfg.target and float(diff.mean()) > 2 * se),
-        "partial_ablation_loss": sum(partial) / len(partial),
-        "partial_ablation_worst": max(partial),
-    }
+    return scored, partial
 
 
 def _verify(model, gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, ranking, k: int, status: str,
-            cfg: PruneConfig, calib, n_nodes: int, ablated_loss: float, clock: _Clock | None = None) -> tuple[str, dict, dict]:
+            cfg: PruneConfig, calib, n_nodes: int, ablated_loss: float, clock: _Clock | None = None,
+            measured: dict | None = None) -> tuple[str, dict, dict]:
     """Score the top-k circuit on the test pairs: sufficiency (only the circuit; its loss must
     meet the target for ``ok``), necessity (only the circuit ablated) beside as many random
     nodes ablated, and for a verified circuit its random-keep and partial-ablation controls.
-    Returns (status, kept mask, metrics)."""
+    ``measured`` (:attr:`_Selector.measured`): what was already measured for this ranking's
+    top-k circuit, for another target; reused and added to. Returns (status, kept mask, metrics)."""
     kept = gates.top_k_mask(ranking, k)
-    suff = test_ev.loss(kept, calib)
-    suff_acc = test_ev.accuracy(kept, calib)
+    measured = {} if measured is None else measured
+    if ("verify", k) not in measured:
+        measured[("verify", k)] = _verify_losses(gates, test_ev, kept, k, cfg, calib, n_nodes)
+    circ, suff_acc, nec, rand = measured[("verify", k)]
+    suff = float(circ.mean())
     if status == "ok" and suff > cfg.target:
         status = "not_verified"  # chosen on selection pairs, but misses the target on test pairs
-    nec = test_ev.loss({n: 1.0 - m for n, m in kept.items()})
-    everything = gates.all_nodes()
-    base_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    rand = []
-    for _ in range(RANDOM_BASELINE_DRAWS if 0 < k < n_nodes else 0):
-        pick = [everything[i] for i in torch.randperm(n_nodes, generator=base_gen)[:k].tolist()]
-        m = gates.top_k_mask(pick, k)
-        rand.append(test_ev.loss({n: 1.0 - v for n, v in m.items()}))
     metrics = {
         "sufficiency_loss": suff,
         "sufficiency_accuracy": suff_acc,
@@ -668,8 +719,24 @@ def _verify(model, gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, ran
     }
     if status == "ok" and 0 < k < n_nodes:
         with (clock or _Clock()).phase("controls"):
-            metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated_loss))
+            metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated_loss, circ, measured))
     return status, kept, metrics
+
+
+def _verify_losses(gates: Gates, test_ev: _Evaluator, kept, k: int, cfg: PruneConfig, calib,
+                   n_nodes: int) -> tuple[torch.Tensor, float, float, list[float]]:
+    """(the circuit's per-pair losses, its accuracy, the loss with it ablated, the losses with
+    as many random nodes ablated) on the test pairs."""
+    circ, acc = test_ev.scores(test_ev.logits(kept), calib)
+    nec = test_ev.loss({n: 1.0 - m for n, m in kept.items()})
+    everything = gates.all_nodes()
+    base_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    rand = []
+    for _ in range(RANDOM_BASELINE_DRAWS if 0 < k < n_nodes else 0):
+        pick = [everything[i] for i in torch.randperm(n_nodes, generator=base_gen)[:k].tolist()]
+        m = gates.top_k_mask(pick, k)
+        rand.append(test_ev.loss({n: 1.0 - v for n, v in m.items()}))
+    return circ, float(acc.mean()), nec, rand
 
 
 def score_nodes(model, task: Task, tokenizer, nodes: Iterable[tuple[int, str, int]], cfg: PruneConfig | None = None,
@@ -714,9 +781,11 @@ def score_nodes(model, task: Task, tokenizer, nodes: Iterable[tuple[int, str, in
     zero = gates.top_k_mask([], 0)
     ablated = test_ev.loss(zero, _fit_calibration(select_ev, zero) if cfg.calibrate else None)
     ranking = [(n, i) for n, idx in picks.items() for i in idx]
-    _, _, metrics = _verify(model, gates, test_ev, select_ev, ranking, k, "scored", cfg, calib, n_nodes, ablated)
+    measured: dict = {}
+    _, _, metrics = _verify(model, gates, test_ev, select_ev, ranking, k, "scored", cfg, calib, n_nodes, ablated, measured=measured)
     if 0 < k < n_nodes:
-        metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated))
+        circ = measured[("verify", k)][0]
+        metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated, circ, measured))
     return {"k": k, **metrics}
 
 
@@ -746,7 +815,8 @@ def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
     sizes = node_sizes(model.config)
     n_nodes = model.config.n_layer * sum(sizes.values())
     full_ev = _Evaluator(model, None, test_b, dev, None)
-    full_loss, full_acc = full_ev.loss(), full_ev.accuracy()
+    full_losses, full_accs = full_ev.scores(full_ev.logits())
+    full_loss, full_acc = float(full_losses.mean()), float(full_accs.mean())
 
     def prov(t: float) -> dict:
         c = cfg.for_target(t)
@@ -808,7 +878,7 @@ def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
                 calib = sel.calib(k, kept_f)
             with clock.phase("verify"):
                 status, kept, checks = _verify(model, gates, test_ev, select_ev, ranking, k, status, tcfg, calib, n_nodes,
-                                               ablated_loss, clock)
+                                               ablated_loss, clock, sel.measured)
             with clock.phase("edges"):
                 kept_bool = {n: m.bool().cpu() for n, m in kept.items()}
                 nodes = [(int(n.split(".", 1)[0]), n.split(".", 1)[1], i) for n in gates.names for i in kept_bool[n].nonzero()[:, 0].tolist()]

@@ -129,6 +129,7 @@ def test_every_command_has_help():
         (["prune", "/no/such/run", "--out", "OUT", "--k-coef", "-1"], "--k-coef -1.0 out of range"),
         (["prune", "/no/such/run", "--out", "OUT", "--warmup-frac", "2"], "--warmup-frac 2.0 out of range"),
         (["prune", "/no/such/run", "--out", "OUT", "--stop-window", "-1"], "--stop-window -1 out of range"),
+        (["prune", "/no/such/run", "--out", "OUT", "--stop-open-tol", "1.5"], "--stop-open-tol 1.5 out of range"),
         (["prune", "/no/such/run", "--out", "OUT", "--grad-clip-rms", "0"], "--grad-clip-rms 0.0 out of range"),
         (["prune", "/no/such/run", "--out", "OUT", "--task", "nope"], "unknown task 'nope'"),
         (["results", "circuits", "EMPTY", "--target", "abc"], "Invalid value for '--target'"),

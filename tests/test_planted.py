@@ -197,16 +197,34 @@ def test_the_planted_circuit_beats_random_node_sets_and_a_random_circuit_does_no
 
 
 @pytest.mark.slow
-def test_two_targets_from_one_mask_training_equal_two_single_target_runs(stdlib_tokenizer, stdlib_rows):
+def test_two_targets_from_one_mask_training_equal_two_single_target_runs(stdlib_tokenizer, stdlib_rows, monkeypatch):
     """prune_targets bisects each target from the same masks; each row is what a run at that
     target alone returns (so it is stored under that run's key), and the looser target's
-    circuit is no larger."""
+    circuit is no larger. Where both targets land on one circuit, its test-pair measurements
+    (verification, controls) are taken once and serve both rows."""
     tok, task = stdlib_tokenizer, _quote_task()
     model, pretrain = planted_model(tok), _pretrain(stdlib_rows)
     cfg = prune_lib.PruneConfig(steps=120, also_targets=(0.30,))
+    calls = {"_verify_losses": 0, "_control_losses": 0}  # the real functions, counted
+
+    def counting(name, fn):
+        def counted(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(prune_lib, name, counting(name, getattr(prune_lib, name)))
     strict, loose = prune_lib.prune_targets(model, task, tok, cfg, pretrain)
+    assert strict.metrics["k"] == loose.metrics["k"]  # the planted circuit meets both targets
+    assert calls == {"_verify_losses": 1, "_control_losses": 1}
     alone = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(steps=120, target=0.30), pretrain)
-    assert loose.nodes == alone.nodes and loose.metrics["sufficiency_loss"] == alone.metrics["sufficiency_loss"]
+    assert calls == {"_verify_losses": 2, "_control_losses": 2}
+    assert loose.nodes == alone.nodes
+    for key in ("sufficiency_loss", "sufficiency_accuracy", "necessity_loss", "necessity_random_loss", "random_keep_loss",
+                "random_keep_loc_loss", "random_keep_best", "random_keep_recovered", "beats_random_keep",
+                "partial_ablation_loss", "partial_ablation_worst"):
+        assert loose.metrics[key] == alone.metrics[key], key
     assert loose.provenance["prune_key"] == prune_lib.PruneConfig(steps=120, target=0.30).key() != strict.provenance["prune_key"]
     assert strict.provenance["prune_key"] == prune_lib.PruneConfig(steps=120).key()
     assert strict.metrics["target"] == 0.15 and loose.metrics["target"] == 0.30

@@ -186,7 +186,7 @@ def test_prune_key_covers_every_field():
     base = prune_lib.PruneConfig()
     assert base.key() == prune_lib.PruneConfig().key()
     changed = {"ablation": "zero", "target": 0.2, "steps": 7, "k_coef": 1e-2, "seed": 3, "lr": 1e-2, "prune_anyway": True,
-               "grad_clip_rms": 1.0, "warmup_frac": 0.0, "stop_window": 17}
+               "grad_clip_rms": 1.0, "warmup_frac": 0.0, "stop_window": 17, "stop_open_tol": 0.1}
     keys = {dataclasses.replace(base, **{k: v}).key() for k, v in changed.items()}
     assert len(keys) == len(changed) and base.key() not in keys
 
@@ -200,15 +200,24 @@ def test_prune_keys_of_earlier_stores_stay_valid():
 
     base = prune_lib.PruneConfig(stop_window=0)  # what a default run was before early stopping
     fields = dataclasses.asdict(base)
-    for later in ("also_targets", "grad_clip_rms", "stop_window"):
+    for later in ("also_targets", "grad_clip_rms", "stop_window", "stop_open_tol"):
         fields.pop(later)
     assert base.key() == hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    assert prune_lib.PruneConfig(stop_window=0, stop_open_tol=0.3).key() == base.key()  # no early stop: the tolerance is moot
+    # rows stored by early stopping before the tolerance was a field stopped at 5%: they key as that config does
+    early = dataclasses.asdict(prune_lib.PruneConfig())
+    for later in ("also_targets", "grad_clip_rms", "stop_open_tol"):
+        early.pop(later)
+    old_key = hashlib.sha256(json.dumps(early, sort_keys=True).encode()).hexdigest()[:10]
+    assert prune_lib.PruneConfig(stop_open_tol=0.05).key() == old_key != prune_lib.PruneConfig().key()
     assert prune_lib.PruneConfig(also_targets=(), stop_window=0).key() == base.key() == base.for_target(0.15).key()
     assert prune_lib.PruneConfig(target=0.3).also_targets == ()  # the default second target is the target itself
     with pytest.raises(ValueError, match="grad_clip_rms"):
         prune_lib.PruneConfig(grad_clip_rms=0)
     with pytest.raises(ValueError, match="stop_window"):
         prune_lib.PruneConfig(stop_window=-1)
+    with pytest.raises(ValueError, match="stop_open_tol"):
+        prune_lib.PruneConfig(stop_open_tol=1.5)
 
 
 @pytest.mark.parametrize("kw, fragment", [({"ablation": "median"}, "ablation"), ({"target": 0}, "target"), ({"steps": 0}, "steps"),

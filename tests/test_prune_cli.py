@@ -216,13 +216,14 @@ def test_the_early_stop_study_reads_every_rule_from_one_run_per_seed(planted_run
     window, open_tol, loss_tol = (float(x[1:]) for x in name.split("_"))
     loaded = pp.Loaded(str(pd.read_parquet(f"{out}/circuits")["checkpoint_uri"].iloc[0]))
     model, ablate, batches = loaded.inputs("mean")
-    saved = prune_lib.STOP_OPEN_TOL, prune_lib.STOP_LOSS_TOL
-    prune_lib.STOP_OPEN_TOL, prune_lib.STOP_LOSS_TOL = open_tol, loss_tol
+    saved = prune_lib.STOP_LOSS_TOL
+    prune_lib.STOP_LOSS_TOL = loss_tol
     try:
         real = prune_lib.prune_targets(model, task_lib.get("single_double_quote"), loaded.tok,
-                                       prune_lib.PruneConfig(steps=100, stop_window=int(window)), batches, ablate=ablate)
+                                       prune_lib.PruneConfig(steps=100, stop_window=int(window), stop_open_tol=open_tol), batches,
+                                       ablate=ablate)
     finally:
-        prune_lib.STOP_OPEN_TOL, prune_lib.STOP_LOSS_TOL = saved
+        prune_lib.STOP_LOSS_TOL = saved
     assert real[0].metrics["mask_steps"] == step
     stopped = run["at_stop"][str(step)] if step < 100 else run["final"]
     assert [(c.metrics["status"], len(c.nodes), c.n_edges) for c in real] == [(s["status"], s["n_nodes"], s["n_edges"]) for s in stopped]
