@@ -170,12 +170,13 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v, q = self._kv_q_at(x, at - start)
             q_pos = at[:, None]
-        # keys and values at every position: the partner's before start, the row's own from there
+        # keys: the partner's (visible before start), then the row's own (up to each query's
+        # position): attention does not depend on the keys' order
         k, v = self._heads(k), self._heads(v)
-        Tk = max(prefix[0].shape[2], int(pos[:, -1].max()) + 1)
-        into = pos.view(R, 1, S, 1).expand(R, self.n_head, S, self.d_head)
-        K, V = (F.pad(p, (0, 0, 0, Tk - p.shape[2])).scatter(2, into, own) for p, own in zip(prefix, (k, v), strict=True))
-        visible = (torch.arange(Tk, device=x.device) <= q_pos[:, :, None]).unsqueeze(1)  # (R, 1, Sq, Tk)
+        K, V = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
+        Tp, Sq = prefix[0].shape[2], q_pos.shape[1]
+        partner = (torch.arange(Tp, device=x.device) < start[:, None])[:, None, :].expand(R, Sq, Tp)
+        visible = torch.cat([partner, pos[:, None, :] <= q_pos[:, :, None]], 2).unsqueeze(1)  # (R, 1, Sq, Tp + S)
         if at is not None:
             with hooks.at_positions(at):
                 return self._out_at(q, K, V, visible)
