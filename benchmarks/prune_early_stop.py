@@ -49,18 +49,15 @@ def _pairs(results_uri: str, n: int) -> list[tuple[str, str]]:
 def _scored_pairs(ckpts: list[str]) -> list[tuple[str, str]]:
     """(checkpoint, task) of ``ckpts`` whose full model meets 0.30 on the test pairs, best first."""
     from jobs import prune_pairs as pp
-    from sparsity import prune as prune_lib
     from sparsity import tasks as task_lib
     from sparsity.config import PruneConfig
-    from sparsity.tasks.base import TEST_SEED
 
     n_test, found = PruneConfig().n_test, []
     for ckpt in ckpts:
         loaded = pp.Loaded(ckpt)
         model = loaded.model.eval()
         for name in sorted(task_lib.REGISTRY):
-            b = task_lib.encode(task_lib.get(name), loaded.tok, n_test, TEST_SEED, model.config.block_size)
-            loss = prune_lib._Evaluator(model, None, b, "cpu", None).loss()
+            loss = task_lib.evaluate(model, task_lib.get(name), loaded.tok, n=n_test)["loss"]  # the test pairs pruning scores
             if loss <= 0.30:
                 found.append((loss, ckpt, name))
     return [(c, t) for _, c, t in sorted(found)]
