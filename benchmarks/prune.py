@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sparsity import prune as prune_lib  # noqa: E402
+from sparsity import scoring  # noqa: E402
 from sparsity.config import PruneConfig  # noqa: E402
 from sparsity.tasks import REGISTRY, TRAIN_SEED, encode, pair_loss  # noqa: E402
 
@@ -172,7 +173,7 @@ def _step_profile(model, gates, tokens, last, target, alt, cfg, n: int) -> dict:
     def step(timing=None):
         t0 = time.perf_counter()
         masks = gates.masks()
-        lc, lx = prune_lib._split(prune_lib._answer_logits(model, gates, tokens, last, masks=masks))
+        lc, lx = scoring.split_pairs(scoring.answer_logits(model, gates, tokens, last, masks=masks))
         loss = pair_loss(lc, lx, target, alt).mean() + cfg.k_coef * gates.l0(masks)
         t1 = time.perf_counter()
         opt.zero_grad()
@@ -240,7 +241,7 @@ def main() -> None:
 
     # one mask step, profiled
     b = encode(task, tok, base.batch_pairs, TRAIN_SEED, model.config.block_size)
-    tokens, last = prune_lib._joint(b)
+    tokens, last = scoring.joint(b)
     step_args = (tokens.to(dev), last.to(dev), b.target.to(dev), b.alt.to(dev), base, args.profile_steps)
     steps = {}
     for v in ("plain", "positions", "exact"):

@@ -95,7 +95,7 @@ CIRCUITS_SCHEMA = pa.schema(
         pa.field("necessity_loss", pa.float64()),
         pa.field("necessity_random_loss", pa.float64()),  # as many random nodes ablated (mean of 5 draws)
         pa.field("ablated_loss", pa.float64()),  # every node ablated: what the direct (embedding → unembedding) path alone does
-        # A verified circuit's sufficiency controls (sparsity/prune.py): as many random nodes kept
+        # A verified circuit's sufficiency controls (sparsity/scoring.py): as many random nodes kept
         # instead (mean of 8 uniform draws; of 8 with its per-location counts; best of the 16), the
         # share of the circuit's gain over `ablated_loss` that the best one gets, and the verdict.
         pa.field("random_keep_loss", pa.float64()),

@@ -278,7 +278,7 @@ class GPT(nn.Module):
 
     read_positions_only = True
     # With read_positions_only: GPT.read_pairs may be used by callers that read prompt pairs
-    # (sparsity/prune.py); False keeps them on model(idx, at=…) (benchmarks measure against it)
+    # (sparsity/scoring.py); False keeps them on model(idx, at=…) (benchmarks measure against it)
     share_prefixes = True
 
     def __init__(self, cfg: ModelConfig):

@@ -21,11 +21,14 @@ community replication jacobcd52/sparse_pretrain_public (τ init N(0.1, 0.01), su
 temperature 1, AdamW lr 3e-3 with β (0.9, 0.95), 5% warmup then linear decay, 64 task
 datapoints per step, target 0.15 on the reference's summed two-sided loss); the step count
 and k_coef are csp's, chosen from a measured curve (docs/circuits.md, "Pruning").
+
+This module trains the masks and runs a pair end to end; the gates are in
+sparsity/gates.py, and the scoring of fixed masks on held-out pairs (choosing k,
+verification, controls) in sparsity/scoring.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Iterable
@@ -33,377 +36,38 @@ from dataclasses import asdict
 
 import torch
 
-from sparsity.circuit import NODE_LOCATIONS, Circuit, edges_between, extra_edge_counts, node_sizes
+from sparsity.circuit import Circuit, edges_between, extra_edge_counts, node_sizes
 from sparsity.config import ABLATIONS, PruneConfig  # noqa: F401  (re-exported: the pruning config lives with the others)
 from sparsity.errors import ConfigError
+from sparsity.gates import (  # noqa: F401  (heaviside, node_means, node_names, resample_pool: re-exported)
+    Gates,
+    ablation_values,
+    heaviside,
+    node_means,
+    node_names,
+    resample_pool,
+)
+from sparsity.scoring import (
+    ANSWER_COLS,
+    Clock,
+    Evaluator,
+    Selector,
+    answer_logits,
+    choose_k,
+    fit_calibration,
+    joint,
+    mask_of,
+    split_pairs,
+    sufficiency_controls,
+    verify,
+)
 from sparsity.tasks.base import CHANCE_LOSS, TEST_SEED, TRAIN_SEED, Task
-from sparsity.tasks.tensors import Batch, encode, pair_accuracy, pair_loss
+from sparsity.tasks.tensors import Batch, encode, pair_loss
 
 SELECT_SEED = TRAIN_SEED + 1  # held-out pairs for choosing k: neither train nor test
-RANDOM_BASELINE_DRAWS = 5  # random node sets ablated for the necessity baseline
 # Below this held-out accuracy a model is at chance on a task (64 pairs × 2 prompts: one
 # standard error of a coin is ~0.044, so 0.6 is > 2 SE above 0.5).
 CHANCE_ACCURACY = 0.6
-
-
-class _Heaviside(torch.autograd.Function):
-    """H(τ) forward; σ'(τ/temp)/temp backward (a sigmoid surrogate)."""
-
-    @staticmethod
-    def forward(ctx, tau, temp):
-        ctx.save_for_backward(tau)
-        ctx.temp = temp
-        return (tau > 0).to(tau.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (tau,) = ctx.saved_tensors
-        s = torch.sigmoid(tau / ctx.temp)
-        return grad * s * (1 - s) / ctx.temp, None
-
-
-def heaviside(tau: torch.Tensor, temp: float) -> torch.Tensor:
-    return _Heaviside.apply(tau, temp)
-
-
-def node_names(cfg) -> list[str]:
-    """Hook names of every node location, in forward order."""
-    return [f"{layer}.{loc}" for layer in range(cfg.n_layer) for loc in NODE_LOCATIONS]
-
-
-@torch.no_grad()
-def node_means(model, batches: Iterable[torch.Tensor], device="cpu") -> dict[str, torch.Tensor]:
-    """Each node's mean activation over pretraining data: {hook name: (width,)}.
-
-    ``batches``: (B, T) token rows with no padding, so every position is a real one."""
-    names = node_names(model.config)
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    for x in batches:
-        x = x.to(device)[:, : model.config.block_size]
-        with model.hooks.record(names) as cache:
-            model(x)
-        for n in names:
-            s = cache[n].double().sum(dim=(0, 1))
-            sums[n] = sums[n] + s if n in sums else s
-        count += x.shape[0] * x.shape[1]
-    if count == 0:
-        raise ConfigError("node_means needs at least one batch of pretraining data")
-    return {n: (s / count).float() for n, s in sums.items()}
-
-
-@torch.no_grad()
-def resample_pool(model, batches: Iterable[torch.Tensor], length: int, device="cpu") -> dict[str, torch.Tensor]:
-    """Activations of pretraining sequences at their first ``length`` positions:
-    {name: (P, length, width)}. Resample ablation gives each prompt one of these sequences,
-    position by position."""
-    names = node_names(model.config)
-    x = torch.cat([b[:, :length] for b in batches]).to(device)
-    if x.shape[1] < length:
-        raise ConfigError(f"resample ablation needs pretraining rows of at least {length} tokens (got {x.shape[1]})")
-    with model.hooks.record(names) as cache:
-        model(x)
-    return {n: cache[n] for n in names}
-
-
-class _Masks(dict):
-    """{location: H(τ)} as views of one tensor, ``flat``."""
-
-    def __init__(self, items, flat: torch.Tensor):
-        super().__init__(items)
-        self.flat = flat
-
-
-class Gates:
-    """The τ parameters of one model and the hook replacements that apply them.
-
-    ``ablate``: {name: (width,)} fixed values (mean, zero), or {name: (P, T, width)} a
-    resample pool, from which :attr:`draw` ((B,) sequence indices) picks each row's values."""
-
-    def __init__(self, model, ablate: dict[str, torch.Tensor], temp: float, init: float = 0.1, noise: float = 0.0,
-                 generator: torch.Generator | None = None):
-        self.model, self.temp = model, temp
-        self.names = node_names(model.config)
-        dev = next(model.parameters()).device
-        sizes = node_sizes(model.config)
-        self.widths = [sizes[n.split(".", 1)[1]] for n in self.names]
-        parts = []
-        for w in self.widths:
-            t = torch.full((w,), float(init))
-            if noise:
-                t += noise * torch.randn(t.shape, generator=generator)
-            parts.append(t.clamp_(-1.0, 1.0))
-        # Every location's τ lives in one tensor, the only parameter: H(τ), its gradient, the
-        # clamp and the optimizer are one op each per step instead of one per location.
-        # ``tau`` holds read-only views of it, one per location. Unfused (the earlier path,
-        # for benchmarks/prune.py): one parameter per location, as before.
-        self.flat: torch.Tensor | None = None
-        if self.fused:
-            self.flat = torch.cat(parts).to(dev).requires_grad_(True)
-            with torch.no_grad():
-                self.tau = dict(zip(self.names, self.flat.split(self.widths), strict=True))
-        else:
-            self.tau = {n: t.to(dev).requires_grad_(True) for n, t in zip(self.names, parts, strict=True)}
-        self.ablate = ablate
-        self.draw: torch.Tensor | None = None  # resample: the pool row of each batch row
-        self._masks: dict[str, torch.Tensor] = {}  # what the active gates apply: H(τ) or a fixed 0/1 mask
-        # Running sum of τ over training: breaks ties between nodes clamped at the same τ
-        # (a node that held on longer ranks higher).
-        self.flat_sum = torch.zeros(sum(self.widths), device=dev)
-        self.tau_sum = dict(zip(self.names, self.flat_sum.split(self.widths), strict=True))
-
-    @property
-    def resample(self) -> bool:
-        return next(iter(self.ablate.values())).dim() == 3
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.flat] if self.flat is not None else list(self.tau.values())
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        """H(τ) of every location: computed once per training step and shared by every
-        forward of that step (the gradients of all of them meet in one backward of H)."""
-        if self.flat is None:
-            return {n: heaviside(t, self.temp) for n, t in self.tau.items()}
-        h = heaviside(self.flat, self.temp)
-        return _Masks(zip(self.names, h.split(self.widths), strict=True), flat=h)
-
-    @torch.no_grad()
-    def clamp_and_sum(self) -> None:
-        """After an optimizer step: τ back into [−1, 1], and added to its running sum."""
-        if self.flat is not None:
-            self.flat.clamp_(-1.0, 1.0)
-            self.flat_sum += self.flat
-            return
-        for n, t in self.tau.items():
-            t.clamp_(-1.0, 1.0)
-            self.tau_sum[n] += t
-
-    # False: the earlier formulation, x·g + μ·(1 − g) with H(τ) at every hook call (kept so
-    # that benchmarks/prune.py measures against it)
-    fused = True
-
-    def _fn(self, name: str):
-        def apply(x: torch.Tensor) -> torch.Tensor:  # x: (B, T, width)
-            g = self._masks.get(name)
-            if g is None:  # unfused: H(τ) at each hook call
-                g = heaviside(self.tau[name], self.temp)
-            mu = self.ablate[name]
-            if mu.dim() == 3:  # resample: row b takes pool sequence draw[b], position by position
-                pos = self.model.hooks.positions  # set where x holds one read position per row
-                mu = mu[self.draw][:, : x.shape[1]] if pos is None else mu[self.draw, pos].unsqueeze(1)  # (B, T or 1, width)
-            if not self.fused:
-                return x * g + mu * (1 - g)
-            # x·g + μ·(1 − g) in one op: lerp is exact at g ∈ {0, 1} and its gradient in g is x − μ
-            return torch.lerp(mu.to(x.dtype), x, g.to(x.dtype))
-
-        return apply
-
-    @contextlib.contextmanager
-    def active(self, fixed: dict[str, torch.Tensor] | None = None, draw: torch.Tensor | None = None,
-               masks: dict[str, torch.Tensor] | None = None):
-        """Run the model with gates applied: a fixed 0/1 mask, else ``masks`` (this step's
-        :meth:`masks`), else H(τ) computed now. ``draw``: each batch row's resample pool row
-        (reassign :attr:`draw` between forwards to score other rows under the same masks)."""
-        if self.resample and draw is None:
-            raise ValueError("resample ablation needs a draw of pool rows for the batch")
-        if fixed is not None:
-            self._masks = fixed
-        elif self.fused:
-            self._masks = masks if masks is not None else self.masks()
-        else:
-            self._masks = {}  # unfused: H(τ) at each hook call
-        self.draw = draw
-        try:
-            with self.model.hooks.replace({n: self._fn(n) for n in self.names}):
-                yield
-        finally:
-            self._masks, self.draw = {}, None
-
-    def l0(self, masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Σ H(τ): the open gates, differentiable (pass the step's ``masks`` to share them)."""
-        masks = masks or self.masks()
-        flat = getattr(masks, "flat", None)
-        return flat.sum() if flat is not None else sum(m.sum() for m in masks.values())
-
-    def n_open(self) -> int:
-        if self.flat is not None:
-            return int((self.flat.detach() > 0).sum())
-        return sum(int((t.detach() > 0).sum()) for t in self.tau.values())
-
-    def all_nodes(self) -> list[tuple[str, int]]:
-        return [(n, i) for n, t in self.tau.items() for i in range(t.numel())]
-
-    def ranking(self) -> list[tuple[str, int]]:
-        """Every node, highest τ first; ties by τ summed over training, then name and index."""
-        items = []
-        for n, t in self.tau.items():
-            for i, (v, acc) in enumerate(zip(t.detach().cpu().tolist(), self.tau_sum[n].cpu().tolist(), strict=True)):
-                items.append((v, acc, n, i))
-        items.sort(key=lambda r: (-r[0], -r[1], r[2], r[3]))
-        return [(n, i) for _, _, n, i in items]
-
-    def top_k_mask(self, ranking: list[tuple[str, int]], k: int) -> dict[str, torch.Tensor]:
-        dev = next(iter(self.tau.values())).device
-        m = {n: torch.zeros_like(t, dtype=torch.float32, device=dev) for n, t in self.tau.items()}
-        for n, i in ranking[:k]:
-            m[n][i] = 1.0
-        return m
-
-
-def ablation_values(model, ablation: str, batches: list[torch.Tensor] | None, length: int, device="cpu") -> dict[str, torch.Tensor]:
-    """μ for every node location under the chosen ablation: (width,) each, or for resample
-    a pool of pretraining sequences' activations (P, length, width)."""
-    sizes = node_sizes(model.config)
-    if ablation == "zero":
-        return {n: torch.zeros(sizes[n.split(".", 1)[1]], device=device) for n in node_names(model.config)}
-    if not batches:
-        raise ConfigError(f"ablation={ablation!r} needs pretraining batches (mean/resample are taken over pretraining data)")
-    if ablation == "mean":
-        return node_means(model, batches, device)
-    return resample_pool(model, batches, length, device)
-
-
-def _joint(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clean and corrupt prompts as one (2n, T) batch and their answer positions (2n,)."""
-    T = max(b.clean.shape[1], b.corrupt.shape[1])
-
-    def pad(t):  # after each prompt's last token, where causal attention never looks back
-        return torch.nn.functional.pad(t, (0, T - t.shape[1]))
-
-    return torch.cat([pad(b.clean), pad(b.corrupt)]), torch.cat([b.clean_last, b.corrupt_last])
-
-
-BUCKETS = 4  # a batch runs as this many length buckets, each trimmed to its own longest prompt
-# ... and as this many when corrupt prompts share their clean twin's prefix: each bucket is
-# then two passes (clean, then corrupt suffixes), and at these sizes a pass costs more in
-# op overhead than padding does (a mask step on the demo's d128 model, 2 cores: 2 buckets
-# 68-73 ms against 77-83 ms with 3 and 93-97 ms with 4; 4 unshared buckets: 87-93 ms)
-PAIRED_BUCKETS = 2
-
-
-def _answer_logits(model, gates: Gates | None, tokens: torch.Tensor, last: torch.Tensor, fixed=None,
-                   draw: torch.Tensor | None = None, masks: dict[str, torch.Tensor] | None = None,
-                   cols: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, V) logits at each row's answer position, with gates applied (``gates`` None: the
-    full model; ``masks``: this training step's H(τ)); with ``cols`` (B/2, K), the token ids
-    each pair reads (its answer and the alternative), only those: (B, K). Rows run in length buckets, each
-    trimmed to its own longest prompt, so short prompts do not pay for the long ones' padding
-    (~30% of a step on the demo tasks); causal attention makes the result the same as one
-    padded forward. The gates' masks are computed once for all buckets.
-
-    ``tokens`` is a joint batch (clean prompts, then their corrupt twins: :func:`_joint`).
-    Under a fixed ablation (no ``draw``) each corrupt prompt runs only from where it departs
-    from its clean twin, reading the twin's keys and values before that
-    (``GPT.read_pairs``): the same logits for about a quarter fewer FLOPs (docs/pruning-speed.md)."""
-    ctx = gates.active(fixed, draw, masks) if gates is not None else contextlib.nullcontext()
-    n = tokens.shape[0] // 2
-    with ctx:
-        if draw is None and getattr(model, "share_prefixes", False) and model.read_positions_only and not model.hooks.recording and n:
-            return _paired_logits(model, tokens[:n], last[:n], tokens[n:], last[n:], cols)
-        order = torch.argsort(last, stable=True)
-        pieces = []
-        for idx in order.chunk(min(BUCKETS, len(order))):
-            T = int(last[idx].max()) + 1
-            if gates is not None and draw is not None:
-                gates.draw = draw[idx]
-            pieces.append(model(tokens[idx, :T], at=last[idx]))
-    out = torch.cat(pieces)[torch.argsort(order)]
-    return out if cols is None else out.gather(1, torch.cat([cols, cols]))
-
-
-def shared_prefix(a: torch.Tensor, b: torch.Tensor, last_a: torch.Tensor, last_b: torch.Tensor) -> torch.Tensor:
-    """(n,) how many first tokens row b shares with row a, at most up to b's answer
-    position (which b computes itself) and within both prompts."""
-    same = (a == b).long().cumprod(1).sum(1)
-    return torch.minimum(torch.minimum(same, torch.minimum(last_a, last_b) + 1), last_b)
-
-
-def _paired_logits(model, a, last_a, b, last_b, cols=None) -> torch.Tensor:
-    """Logits of the joint batch (a; b) with each b row sharing its prefix with its a row,
-    in length buckets of the pairs (``cols``: only those, as the unembedding of just the
-    answer and the alternative)."""
-    start = shared_prefix(a, b, last_a, last_b)
-    order = torch.argsort(last_a, stable=True)
-    pa, pb = [], []
-    for idx in order.chunk(min(PAIRED_BUCKETS, len(order))):
-        ya, yb = model.read_pairs(a[idx, : int(last_a[idx].max()) + 1], last_a[idx],
-                                  b[idx, : int(last_b[idx].max()) + 1], last_b[idx], start[idx],
-                                  None if cols is None else cols[idx])
-        pa.append(ya)
-        pb.append(yb)
-    back = torch.argsort(order)
-    return torch.cat([torch.cat(pa)[back], torch.cat(pb)[back]])
-
-
-_TWO = (torch.tensor([0]), torch.tensor([1]))  # the answer's and the alternative's column in logits read with ``cols``
-
-
-def _split(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    n = logits.shape[0] // 2
-    return logits[:n], logits[n:]
-
-
-class _Evaluator:
-    """One fixed set of pairs, scored under fixed masks (or no gates: the full model)."""
-
-    def __init__(self, model, gates: Gates | None, batch: Batch, device, draw: torch.Tensor | None):
-        self.model, self.gates, self.batch = model, gates, batch
-        tokens, last = _joint(batch)
-        self.tokens, self.last = tokens.to(device), last.to(device)
-        # the logits it scores are each pair's answer and alternative only: columns 0 and 1
-        self.cols = torch.stack([batch.target, batch.alt], 1).to(device)
-        self.target, self.alt = _TWO[0].expand(len(batch.target)).to(device), _TWO[1].expand(len(batch.target)).to(device)
-        self.draw = draw
-
-    @torch.no_grad()
-    def logits(self, fixed=None) -> tuple[torch.Tensor, torch.Tensor]:
-        gates = self.gates if fixed is not None else None
-        return _split(_answer_logits(self.model, gates, self.tokens, self.last, fixed, self.draw, cols=self.cols))
-
-    def scores(self, logits: tuple[torch.Tensor, torch.Tensor], calib=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-pair losses, per-pair accuracy) of logits from :meth:`logits`."""
-        lc, lx = logits
-        if calib is not None:
-            lc, lx = _calibrated(lc, lx, self.target, *calib)
-        return pair_loss(lc, lx, self.target, self.alt), pair_accuracy(lc, lx, self.target, self.alt)
-
-    def losses(self, fixed=None, calib=None) -> torch.Tensor:
-        return self.scores(self.logits(fixed), calib)[0]
-
-    def loss(self, fixed=None, calib=None) -> float:
-        return float(self.losses(fixed, calib).mean())
-
-    def accuracy(self, fixed=None, calib=None) -> float:
-        return float(self.scores(self.logits(fixed), calib)[1].mean())
-
-
-def _calibrated(lc, lx, target, scale, shift):
-    """Scale the answer logits and shift the target's (the binary choice sees a·d + b)."""
-    out = []
-    for lg in (lc, lx):
-        lg = lg * scale
-        lg = lg.scatter_add(1, target[:, None], torch.zeros_like(lg[:, :1]) + shift)
-        out.append(lg)
-    return out
-
-
-def _fit_calibration(ev: _Evaluator, fixed) -> tuple[float, float]:
-    """Scale and shift of the final logits by 16 LBFGS steps (the paper's mask-discretization
-    calibration)."""
-    lc, lx = (t.detach().float() for t in ev.logits(fixed))
-    a = torch.zeros((), requires_grad=True, device=lc.device)  # scale = exp(a) > 0
-    b = torch.zeros((), requires_grad=True, device=lc.device)
-    opt = torch.optim.LBFGS([a, b], lr=1.0, max_iter=16, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        c2, x2 = _calibrated(lc, lx, ev.target, a.exp(), b)
-        loss = pair_loss(c2, x2, ev.target, ev.alt).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(a.detach().exp()), float(b.detach())
 
 
 def _held_out_and_train(task: Task, tokenizer, cfg: PruneConfig, ctx: int, test_b: Batch) -> tuple[Batch, Batch]:
@@ -436,48 +100,6 @@ def prune(model, task: Task, tokenizer, cfg: PruneConfig | None = None, pretrain
     return prune_targets(model, task, tokenizer, cfg.for_target(cfg.target), pretrain_batches, device, provenance, ablate)[0]
 
 
-class _Selector:
-    """Scores top-k circuits along a ranking on the held-out selection pairs (mean loss plus
-    ``select_se`` standard errors), with each k's calibration fitted once."""
-
-    def __init__(self, gates: Gates, select_ev: _Evaluator, cfg: PruneConfig):
-        self.gates, self.ev, self.cfg = gates, select_ev, cfg
-        self.ranking: list = []
-        self.mean: dict[int, float] = {}  # k → mean selection loss
-        self._bound: dict[int, float] = {}
-        self._calib: dict[int, tuple[float, float]] = {}
-        # The test-pair measurements of the top-k circuit (verification, controls): a second
-        # target that lands on the same k (often: the circuit meets both) reuses them.
-        self.measured: dict[tuple[str, int], object] = {}
-
-    def rank(self, ranking: list) -> None:
-        """Score along ``ranking`` from now on (k = 0, every node ablated, needs none)."""
-        self.ranking = ranking
-        for d in (self.mean, self._bound, self._calib):
-            for k in [k for k in d if k]:
-                del d[k]
-        self.measured.clear()
-
-    def calib(self, k: int, fixed) -> tuple[float, float] | None:
-        if not self.cfg.calibrate:
-            return None
-        if k not in self._calib:
-            self._calib[k] = _fit_calibration(self.ev, fixed)
-        return self._calib[k]
-
-    def bound(self, k: int) -> float:
-        """Selection loss of the top-k circuit plus ``select_se`` standard errors: k must meet
-        the target with that margin, since the smallest k that just meets it on these pairs
-        is the one their noise favours most (a winner's curse on the test pairs)."""
-        if k not in self._bound:
-            fixed = self.gates.top_k_mask(self.ranking, k)
-            losses = self.ev.losses(fixed, self.calib(k, fixed))
-            self.mean[k] = float(losses.mean())
-            se = float(losses.std()) / len(losses) ** 0.5 if len(losses) > 1 else 0.0
-            self._bound[k] = self.mean[k] + self.cfg.select_se * se
-        return self._bound[k]
-
-
 # Stopping when the mask has converged (PruneConfig.stop_window > 0), judged at the points of
 # the convergence record (every steps/20), never before the floor (2 points, the warmup, the
 # window): over the last ``stop_window`` steps the open-gate count must stay within
@@ -508,30 +130,6 @@ def converged(curve: list[list[float]], window: int, floor: int = 0, open_tol: f
     return abs(span[-1][3] - span[0][3]) <= loss_tol
 
 
-class _Clock:
-    """Seconds spent in each named phase of one pruning run; a phase inside another is
-    counted in its own name only."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._inner: list[float] = []  # per open phase: seconds taken by phases inside it
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        t = time.perf_counter()
-        self._inner.append(0.0)
-        try:
-            yield
-        finally:
-            spent = time.perf_counter() - t
-            inner = self._inner.pop()
-            self.seconds[name] = self.seconds.get(name, 0.0) + spent - inner
-            if self._inner:
-                self._inner[-1] += spent
-
-    def json(self) -> str:
-        return json.dumps({k: round(v, 3) for k, v in self.seconds.items()})
-
 
 def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen: torch.Generator, draw,
                  observe=None) -> tuple[list[list[float]], str]:
@@ -555,11 +153,11 @@ def _train_masks(model, gates: Gates, train_b: Batch, cfg: PruneConfig, dev, gen
         else:
             idx = torch.randint(0, len(train_b), (cfg.batch_pairs,), generator=gen)
         b = train_b.subset(idx)
-        tokens, last = _joint(b)
+        tokens, last = joint(b)
         masks = gates.masks()
         cols = torch.stack([b.target, b.alt], 1).to(dev)
-        lc, lx = _split(_answer_logits(model, gates, tokens.to(dev), last.to(dev), draw=draw(tokens.shape[0], gen), masks=masks, cols=cols))
-        task_loss = pair_loss(lc, lx, *(t.expand(len(cols)).to(dev) for t in _TWO)).mean()
+        lc, lx = split_pairs(answer_logits(model, gates, tokens.to(dev), last.to(dev), draw=draw(tokens.shape[0], gen), masks=masks, cols=cols))
+        task_loss = pair_loss(lc, lx, *(t.expand(len(cols)).to(dev) for t in ANSWER_COLS)).mean()
         loss = task_loss + cfg.k_coef * gates.l0(masks)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -592,153 +190,6 @@ def _clip_rms(params: list[torch.Tensor], limit: float) -> None:
             g.mul_(limit / (rms + 1e-6))
 
 
-def _choose_k(sel: _Selector, target: float, n_nodes: int, n_open: int) -> tuple[str, int]:
-    """(status, k): the smallest k along the ranking whose selection bound meets ``target``.
-
-    The loss along the ranking is not monotone (ablating a harmful node can help, so the
-    trained mask may beat the whole model): probe a doubling grid plus the trained mask's
-    own size, then bisect below the smallest probe that meets the target."""
-    grid = sorted({0, n_open, n_nodes} | {2**i for i in range(n_nodes.bit_length()) if 2**i < n_nodes})
-    probes = {k: sel.bound(k) for k in grid}
-    meeting = [k for k in grid if probes[k] <= target]  # k = 0 is not among them: not trivial
-    if not meeting:
-        return "target_not_reached", min(grid, key=lambda k: (probes[k], k))  # the best circuit found, with its verdict
-    lo = max(g for g in grid if g < meeting[0])  # fails the target
-    hi = meeting[0]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if sel.bound(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return "ok", hi
-
-
-# Controls of a verified circuit's sufficiency, on the test pairs (issue: a circuit barely
-# better than any node set of its size explains little):
-RANDOM_KEEP_DRAWS = 8  # random node sets of the circuit's size kept instead (and 8 more with its per-location counts)
-# A circuit beats its random sets when the best of them is worse than the circuit by at
-# least the target itself (the scale on which the run calls a loss good: a random set within
-# one target of the circuit does nearly as well, as on a task the direct path mostly solves),
-# and by more than two standard errors of the paired per-pair difference (not the pairs' noise).
-PARTIAL_DRAWS = 16  # draws of partial ablation: each non-circuit node ablated with probability ½
-
-
-def _mask_of(gates: Gates, picks: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    m = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in gates.tau.items()}
-    for n, idx in picks.items():
-        if idx:
-            m[n][torch.tensor(idx, device=m[n].device)] = 1.0
-    return m
-
-
-def _sufficiency_controls(gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, kept, cfg: PruneConfig,
-                          calib, ablated_loss: float, circ: torch.Tensor, measured: dict | None = None) -> dict:
-    """Random-keep baselines and partial ablation of one circuit, on the test pairs
-    (``circ``: the circuit's own per-pair losses there; ``measured``: losses already taken
-    for this circuit, keyed by its size, reused and added to).
-
-    random_keep: the circuit's nodes swapped for as many random ones (uniform over all nodes,
-    and with the circuit's count at every location), everything else ablated as for the
-    circuit; partial ablation: the circuit kept and each other node ablated with probability
-    ½ (complete ablation of the complement could reach a low loss through effects that
-    cancel out; the circuit should still work when only some of them are ablated)."""
-    counts = {n: int(m.sum()) for n, m in kept.items()}
-    k = sum(counts.values())
-    measured = {} if measured is None else measured
-    if ("controls", k) not in measured:
-        measured[("controls", k)] = _control_losses(gates, test_ev, select_ev, kept, cfg, calib, counts)
-    scored, partial = measured[("controls", k)]
-    means = {kind: [float(v.mean()) for kd, v in scored if kd == kind] for kind in ("any", "loc")}
-    best = min(scored, key=lambda kv: float(kv[1].mean()))[1]
-    diff = best - circ
-    se = float(diff.std()) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
-    suff, best_mean = float(circ.mean()), float(best.mean())
-    recovered = (ablated_loss - best_mean) / (ablated_loss - suff) if ablated_loss > suff else None
-    return {
-        "random_keep_loss": sum(means["any"]) / len(means["any"]),
-        "random_keep_loc_loss": sum(means["loc"]) / len(means["loc"]),
-        "random_keep_best": best_mean,
-        "random_keep_recovered": recovered,
-        "beats_random_keep": bool(float(diff.mean()) >= cfg.target and float(diff.mean()) > 2 * se),
-        "partial_ablation_loss": sum(partial) / len(partial),
-        "partial_ablation_worst": max(partial),
-    }
-
-
-def _control_losses(gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, kept, cfg: PruneConfig, calib,
-                    counts: dict[str, int]) -> tuple[list[tuple[str, torch.Tensor]], list[float]]:
-    """The controls' draws scored: ([(kind, per-pair losses)] of the random node sets,
-    [mean loss] of the partial ablations)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 3)
-    everything = gates.all_nodes()
-    k = sum(counts.values())
-    draws: list[tuple[str, torch.Tensor]] = []
-    for _ in range(RANDOM_KEEP_DRAWS):
-        pick: dict[str, list[int]] = {}
-        for i in torch.randperm(len(everything), generator=gen)[:k].tolist():
-            n, j = everything[i]
-            pick.setdefault(n, []).append(j)
-        draws.append(("any", _mask_of(gates, pick)))
-    for _ in range(RANDOM_KEEP_DRAWS):
-        pick = {n: torch.randperm(len(gates.tau[n]), generator=gen)[:c].tolist() for n, c in counts.items()}
-        draws.append(("loc", _mask_of(gates, pick)))
-    scored = []
-    for kind, m in draws:
-        cal = _fit_calibration(select_ev, m) if cfg.calibrate else None
-        scored.append((kind, test_ev.losses(m, cal)))
-    partial = []
-    for _ in range(PARTIAL_DRAWS):
-        m = {n: torch.maximum(v, (torch.rand(v.shape, generator=gen) < 0.5).float().to(v.device)) for n, v in kept.items()}
-        partial.append(test_ev.loss(m, calib))
-    return scored, partial
-
-
-def _verify(model, gates: Gates, test_ev: _Evaluator, select_ev: _Evaluator, ranking, k: int, status: str,
-            cfg: PruneConfig, calib, n_nodes: int, ablated_loss: float, clock: _Clock | None = None,
-            measured: dict | None = None) -> tuple[str, dict, dict]:
-    """Score the top-k circuit on the test pairs: sufficiency (only the circuit; its loss must
-    meet the target for ``ok``), necessity (only the circuit ablated) beside as many random
-    nodes ablated, and for a verified circuit its random-keep and partial-ablation controls.
-    ``measured`` (:attr:`_Selector.measured`): what was already measured for this ranking's
-    top-k circuit, for another target; reused and added to. Returns (status, kept mask, metrics)."""
-    kept = gates.top_k_mask(ranking, k)
-    measured = {} if measured is None else measured
-    if ("verify", k) not in measured:
-        measured[("verify", k)] = _verify_losses(gates, test_ev, kept, k, cfg, calib, n_nodes)
-    circ, suff_acc, nec, rand = measured[("verify", k)]
-    suff = float(circ.mean())
-    if status == "ok" and suff > cfg.target:
-        status = "not_verified"  # chosen on selection pairs, but misses the target on test pairs
-    metrics = {
-        "sufficiency_loss": suff,
-        "sufficiency_accuracy": suff_acc,
-        "necessity_loss": nec,
-        "necessity_random_loss": float(sum(rand) / len(rand)) if rand else None,
-        "ablated_loss": ablated_loss,
-    }
-    if status == "ok" and 0 < k < n_nodes:
-        with (clock or _Clock()).phase("controls"):
-            metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated_loss, circ, measured))
-    return status, kept, metrics
-
-
-def _verify_losses(gates: Gates, test_ev: _Evaluator, kept, k: int, cfg: PruneConfig, calib,
-                   n_nodes: int) -> tuple[torch.Tensor, float, float, list[float]]:
-    """(the circuit's per-pair losses, its accuracy, the loss with it ablated, the losses with
-    as many random nodes ablated) on the test pairs."""
-    circ, acc = test_ev.scores(test_ev.logits(kept), calib)
-    nec = test_ev.loss({n: 1.0 - m for n, m in kept.items()})
-    everything = gates.all_nodes()
-    base_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    rand = []
-    for _ in range(RANDOM_BASELINE_DRAWS if 0 < k < n_nodes else 0):
-        pick = [everything[i] for i in torch.randperm(n_nodes, generator=base_gen)[:k].tolist()]
-        m = gates.top_k_mask(pick, k)
-        rand.append(test_ev.loss({n: 1.0 - v for n, v in m.items()}))
-    return circ, float(acc.mean()), nec, rand
-
-
 def score_nodes(model, task: Task, tokenizer, nodes: Iterable[tuple[int, str, int]], cfg: PruneConfig | None = None,
                 pretrain_batches: list[torch.Tensor] | None = None, device="cpu",
                 ablate: dict[str, torch.Tensor] | None = None) -> dict:
@@ -762,8 +213,8 @@ def score_nodes(model, task: Task, tokenizer, nodes: Iterable[tuple[int, str, in
     def draw(n: int):
         return torch.randint(0, pool_n, (n,), generator=eval_gen).to(dev) if gates.resample else None
 
-    test_ev = _Evaluator(model, gates, test_b, dev, draw(2 * len(test_b)))
-    select_ev = _Evaluator(model, gates, select_b, dev, draw(2 * len(select_b)))
+    test_ev = Evaluator(model, gates, test_b, dev, draw(2 * len(test_b)))
+    select_ev = Evaluator(model, gates, select_b, dev, draw(2 * len(select_b)))
     picks: dict[str, list[int]] = {}
     for layer, loc, i in nodes:
         picks.setdefault(f"{layer}.{loc}", []).append(int(i))
@@ -774,18 +225,18 @@ def score_nodes(model, task: Task, tokenizer, nodes: Iterable[tuple[int, str, in
     for n, idx in picks.items():
         if idx[0] < 0 or idx[-1] >= len(gates.tau[n]):
             raise ConfigError(f"node index {idx[0] if idx[0] < 0 else idx[-1]} at {n}: out of range 0..{len(gates.tau[n]) - 1}")
-    kept = _mask_of(gates, picks)
+    kept = mask_of(gates, picks)
     k = int(sum(m.sum() for m in kept.values()))
     n_nodes = sum(t.numel() for t in gates.tau.values())
-    calib = _fit_calibration(select_ev, kept) if cfg.calibrate else None
+    calib = fit_calibration(select_ev, kept) if cfg.calibrate else None
     zero = gates.top_k_mask([], 0)
-    ablated = test_ev.loss(zero, _fit_calibration(select_ev, zero) if cfg.calibrate else None)
+    ablated = test_ev.loss(zero, fit_calibration(select_ev, zero) if cfg.calibrate else None)
     ranking = [(n, i) for n, idx in picks.items() for i in idx]
     measured: dict = {}
-    _, _, metrics = _verify(model, gates, test_ev, select_ev, ranking, k, "scored", cfg, calib, n_nodes, ablated, measured=measured)
+    _, _, metrics = verify(model, gates, test_ev, select_ev, ranking, k, "scored", cfg, calib, n_nodes, ablated, measured=measured)
     if 0 < k < n_nodes:
         circ = measured[("verify", k)][0]
-        metrics.update(_sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated, circ, measured))
+        metrics.update(sufficiency_controls(gates, test_ev, select_ev, kept, cfg, calib, ablated, circ, measured))
     return {"k": k, **metrics}
 
 
@@ -804,7 +255,7 @@ def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
     point of the convergence record (the record so far); ``circuits_now()`` returns, for the targets pruned, the circuits
     that stopping at that step would give (training then goes on unchanged)."""
     t0 = time.perf_counter()
-    clock = _Clock()
+    clock = Clock()
     cfg = cfg or PruneConfig()
     dev = torch.device(device)
     model = model.to(dev).eval()
@@ -814,7 +265,7 @@ def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
     test_b = encode(task, tokenizer, cfg.n_test, TEST_SEED, ctx)
     sizes = node_sizes(model.config)
     n_nodes = model.config.n_layer * sum(sizes.values())
-    full_ev = _Evaluator(model, None, test_b, dev, None)
+    full_ev = Evaluator(model, None, test_b, dev, None)
     full_losses, full_accs = full_ev.scores(full_ev.logits())
     full_loss, full_acc = float(full_losses.mean()), float(full_accs.mean())
 
@@ -850,9 +301,9 @@ def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
         return torch.randint(0, pool_n, (n,), generator=g).to(dev) if gates.resample else None
 
     eval_gen = torch.Generator().manual_seed(cfg.seed + 1)  # fixed draws for held-out scoring
-    test_ev = _Evaluator(model, gates, test_b, dev, draw(2 * len(test_b), eval_gen))
-    select_ev = _Evaluator(model, gates, select_b, dev, draw(2 * len(select_b), eval_gen))
-    sel = _Selector(gates, select_ev, cfg)
+    test_ev = Evaluator(model, gates, test_b, dev, draw(2 * len(test_b), eval_gen))
+    select_ev = Evaluator(model, gates, select_b, dev, draw(2 * len(select_b), eval_gen))
+    sel = Selector(gates, select_ev, cfg)
     # A target the fully ablated model already meets needs no circuit ("trivial"): that does
     # not depend on the masks, so it is checked first and no mask is trained unless another
     # target needs one.
@@ -873,11 +324,11 @@ def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
             tcfg = cfg.for_target(t)
             # 3. bisect k on held-out selection pairs, then 4. verify on test pairs
             with clock.phase("choose_k"):
-                status, k = ("trivial", 0) if trivial[t] else _choose_k(sel, t, n_nodes, n_open)
+                status, k = ("trivial", 0) if trivial[t] else choose_k(sel, t, n_nodes, n_open)
                 kept_f = gates.top_k_mask(ranking, k)
                 calib = sel.calib(k, kept_f)
             with clock.phase("verify"):
-                status, kept, checks = _verify(model, gates, test_ev, select_ev, ranking, k, status, tcfg, calib, n_nodes,
+                status, kept, checks = verify(model, gates, test_ev, select_ev, ranking, k, status, tcfg, calib, n_nodes,
                                                ablated_loss, clock, sel.measured)
             with clock.phase("edges"):
                 kept_bool = {n: m.bool().cpu() for n, m in kept.items()}

@@ -235,7 +235,7 @@ def test_a_pair_sharing_a_prefix_gives_the_logits_and_gradients_of_two_separate_
     rows = torch.arange(6)[:, None]
     for x, y in zip(model.read_pairs(a, at_a, b, at_b, start, cols), apart[:2], strict=True):
         torch.testing.assert_close(x, y.detach()[rows, cols], rtol=1e-12, atol=1e-12)
-    from sparsity.prune import shared_prefix
+    from sparsity.scoring import shared_prefix
 
     assert shared_prefix(a, b[:, :12], at_a, at_b).tolist() == start.tolist()
     assert shared_prefix(a, a, at_a, at_a - 2).tolist() == (at_a - 2).tolist()  # never past b's read position

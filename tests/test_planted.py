@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparsity import prune as prune_lib
+from sparsity import scoring
 from sparsity import tasks as task_lib
 from sparsity.config import ModelConfig
 from sparsity.model import GPT
@@ -205,7 +206,7 @@ def test_two_targets_from_one_mask_training_equal_two_single_target_runs(stdlib_
     tok, task = stdlib_tokenizer, _quote_task()
     model, pretrain = planted_model(tok), _pretrain(stdlib_rows)
     cfg = prune_lib.PruneConfig(steps=120, also_targets=(0.30,))
-    calls = {"_verify_losses": 0, "_control_losses": 0}  # the real functions, counted
+    calls = {"verify_losses": 0, "control_losses": 0}  # the real functions, counted
 
     def counting(name, fn):
         def counted(*a, **kw):
@@ -214,12 +215,12 @@ def test_two_targets_from_one_mask_training_equal_two_single_target_runs(stdlib_
         return counted
 
     for name in calls:
-        monkeypatch.setattr(prune_lib, name, counting(name, getattr(prune_lib, name)))
+        monkeypatch.setattr(scoring, name, counting(name, getattr(scoring, name)))
     strict, loose = prune_lib.prune_targets(model, task, tok, cfg, pretrain)
     assert strict.metrics["k"] == loose.metrics["k"]  # the planted circuit meets both targets
-    assert calls == {"_verify_losses": 1, "_control_losses": 1}
+    assert calls == {"verify_losses": 1, "control_losses": 1}
     alone = prune_lib.prune(model, task, tok, prune_lib.PruneConfig(steps=120, target=0.30), pretrain)
-    assert calls == {"_verify_losses": 2, "_control_losses": 2}
+    assert calls == {"verify_losses": 2, "control_losses": 2}
     assert loose.nodes == alone.nodes
     for key in ("sufficiency_loss", "sufficiency_accuracy", "necessity_loss", "necessity_random_loss", "random_keep_loss",
                 "random_keep_loc_loss", "random_keep_best", "random_keep_recovered", "beats_random_keep",
