@@ -237,14 +237,18 @@ def choose_k(sel: Selector, target: float, n_nodes: int, n_open: int) -> tuple[s
 
     The loss along the ranking is not monotone (ablating a harmful node can help, so the
     trained mask may beat the whole model): probe a doubling grid plus the trained mask's
-    own size, then bisect below the smallest probe that meets the target."""
+    own size, then bisect below the smallest probe that meets the target. The probes run
+    smallest first and stop at the first that meets it: the larger ones cannot change k."""
     grid = sorted({0, n_open, n_nodes} | {2**i for i in range(n_nodes.bit_length()) if 2**i < n_nodes})
-    probes = {k: sel.bound(k) for k in grid}
-    meeting = [k for k in grid if probes[k] <= target]  # k = 0 is not among them: not trivial
-    if not meeting:
+    probes: dict[int, float] = {}
+    for k in grid:
+        probes[k] = sel.bound(k)
+        if k and probes[k] <= target:  # k = 0 meeting it is a trivial target, decided before
+            break
+    else:
         return "target_not_reached", min(grid, key=lambda k: (probes[k], k))  # the best circuit found, with its verdict
-    lo = max(g for g in grid if g < meeting[0])  # fails the target
-    hi = meeting[0]
+    hi = k
+    lo = max(g for g in grid if g < hi)  # fails the target
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if sel.bound(mid) <= target:

@@ -257,3 +257,36 @@ def test_converged_needs_a_flat_window_of_open_gates_and_smoothed_loss():
     assert prune_lib.converged(drifting[:6], 60, loss_tol=0.05)
     uneven = [[s, 0.05, 100, 0.05] for s in (25, 50, 75, 100, 125)]  # a window between record points
     assert prune_lib.converged(uneven, 60) and not prune_lib.converged(uneven[:3], 60)
+
+
+class _Bounds:
+    """A stand-in for the selection scorer: a given bound per k, and which k were asked."""
+
+    def __init__(self, fn):
+        self.fn, self.asked = fn, []
+
+    def bound(self, k: int) -> float:
+        self.asked.append(k)
+        return self.fn(k)
+
+
+@pytest.mark.parametrize("fn, want, never", [
+    # the trained mask's size (50) is the first probe to meet it: bisect 32..50, never probe 64 or 100
+    (lambda k: 1.0 if k < 37 else 0.1, ("ok", 37), {64, 100}),
+    # not monotone: a dip at 5-6 between probes is not seen; above 40 it meets
+    (lambda k: 0.1 if k in (5, 6) or k >= 41 else 1.0, ("ok", 41), {64, 100}),
+    # a doubling probe meets first (k = 8): the probes past it are never scored
+    (lambda k: 0.1 if k >= 7 else 1.0, ("ok", 7), {16, 32, 50, 64, 100}),
+    # nothing meets: every probe scored, the best one returned with its verdict
+    (lambda k: 0.5 - k / 1000, ("target_not_reached", 100), set()),
+])
+def test_choose_k_is_the_smallest_meeting_k_and_scores_no_probe_past_it(fn, want, never):
+    from sparsity.scoring import choose_k
+
+    sel = _Bounds(fn)
+    assert choose_k(sel, 0.15, n_nodes=100, n_open=50) == want
+    assert not never & set(sel.asked)
+    if want[0] == "target_not_reached":
+        assert {0, 1, 2, 4, 8, 16, 32, 50, 64, 100} <= set(sel.asked)
+    else:  # the answer is pinned from both sides: k meets, k − 1 was scored and fails
+        assert {want[1], want[1] - 1} <= set(sel.asked) and fn(want[1] - 1) > 0.15
