@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -15,6 +17,23 @@ T = TypeVar("T")
 
 class RayConnectError(CspRuntimeError):
     pass
+
+
+def fit_keeping_signals(fit: Callable[[], T]) -> T:
+    """``fit()`` (a Ray Tune ``Tuner.fit`` or a Train ``fit``) with the SIGINT and SIGUSR1
+    handlers restored afterwards. Tune installs its own to stop a run on Ctrl-C and leaves it
+    installed when the run ends, so a Ctrl-C in whatever follows (the demo's pruning stage)
+    would only print Tune's warning and be swallowed."""
+    if threading.current_thread() is not threading.main_thread():
+        return fit()
+    names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    try:
+        return fit()
+    finally:
+        for n, h in saved.items():
+            if h is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(getattr(signal, n), h)
 
 
 def quiet_env() -> None:

@@ -90,7 +90,7 @@ def search_pair(ckpt_uri: str, task_name: str, out_uri: str, cfg: prune_lib.Prun
                                     trial_name_creator=lambda t: f"search-{int(t.experiment_tag.split('_', 1)[0]) - 1}"),
         run_config=tune.RunConfig(name=sid, storage_path=_tune_store(out_uri, sid), verbose=0),
     )
-    grid = tuner.fit()
+    grid = runtime.fit_keeping_signals(tuner.fit)
     results = [(r.config, r.metrics) for r in grid if r.error is None and r.metrics]
     if not results:
         first = next((r.error for r in grid if r.error is not None), None)

@@ -233,7 +233,7 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
                     verbose=0,
                 ),
             )
-            results = tuner.fit()
+            results = runtime.fit_keeping_signals(tuner.fit)
             errors = [r.error for r in results if r.error is not None]
             if errors:
                 raise SweepError(f"{len(errors)} trial(s) failed; first: {type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import uuid
 
 import pytest
@@ -178,8 +179,11 @@ def quick_demo(ray_session, tmp_path_factory):
     from cli.main import app
 
     out = tmp_path_factory.mktemp("demo") / "csp-runs"
+    before = signal.getsignal(signal.SIGINT)
     r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert r.exit_code == 0, r.output + repr(r.exception)
+    # Tune's Ctrl-C handler must not outlive the sweep (cluster.runtime.fit_keeping_signals)
+    assert signal.getsignal(signal.SIGINT) is before, signal.getsignal(signal.SIGINT)
     return out, r.stdout
 
 
