@@ -74,6 +74,11 @@ def main() -> int:
         with _stdout_to_stderr():  # Tune's tables (written to the stdout file descriptor): stdout carries the JSON alone
             full = run(args.data, args.grid, args.steps, args.batch, args.d_model, None, os.path.join(tmp, "full"))
             asha = run(args.data, args.grid, args.steps, args.batch, args.d_model, "asha", os.path.join(tmp, "asha"))
+        # A trial ASHA stopped can still be finishing its last write when the sweep returns:
+        # end Ray's workers before the directory goes (under load, rmtree met new files there).
+        import ray
+
+        ray.shutdown()
     print(json.dumps({"grid": args.grid, "steps": args.steps, "batch": args.batch, "d_model": args.d_model, "cpus": args.cpus,
                       "full": full, "asha": asha, "wall_ratio": round(asha["wall_seconds"] / full["wall_seconds"], 3),
                       "same_best": full["best_trial"] == asha["best_trial"]}, indent=1))
