@@ -20,7 +20,7 @@ class RayConnectError(CspRuntimeError):
 
 
 def fit_keeping_signals(fit: Callable[[], T]) -> T:
-    """``fit()`` (a Ray Tune ``Tuner.fit`` or a Train ``fit``) with the SIGINT and SIGUSR1
+    """``fit()`` (a Ray Tune ``Tuner.fit``: the sweep, the pruning search) with the SIGINT and SIGUSR1
     handlers restored afterwards. Tune installs its own to stop a run on Ctrl-C and leaves it
     installed when the run ends, so a Ctrl-C in whatever follows (the demo's pruning stage)
     would only print Tune's warning and be swallowed."""
