@@ -138,8 +138,22 @@ def flag_message(message: str) -> str:
     return message
 
 
+# Commands that keep finished work and pick up after it when run again with the same arguments.
+RESUMABLE = ("demo", "train", "sweep", "prune", "data prepare")
+
+
+def _resume_hint(args: list[str]) -> str:
+    """What a user interrupted in ``csp ARGS`` can do next: run it again where that resumes."""
+    words = [a for a in args if not a.startswith("-")][:2]
+    command = next((c for c in RESUMABLE if c.split() == words[: len(c.split())]), None)
+    if command is None or words[:2] == ["sweep", "status"]:
+        return ""
+    return f"; run the same command again to resume (csp {command} keeps what it finished)"
+
+
 class CspGroup(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        self._argv = sys.argv[1:] if args is None else list(args)  # what the Ctrl-C line names
         try:
             rv = super().main(args=args, prog_name=prog_name or "csp", complete_var=complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
@@ -162,6 +176,15 @@ class CspGroup(TyperGroup):
             _say(f"csp: error: {flag_message(str(e))}")
             code = e.exit_code
         return self._finish(code, standalone_mode)
+
+    def invoke(self, ctx):
+        """The command; Ctrl-C leaves one line saying what to do next (typer then exits 130)."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if ctx.parent is None:  # the root: subgroups pass it up
+                _say(f"csp: interrupted{_resume_hint(self._argv)}")
+            raise
 
     @staticmethod
     def _finish(code: int, standalone_mode: bool) -> int:

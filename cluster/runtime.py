@@ -19,21 +19,65 @@ class RayConnectError(CspRuntimeError):
     pass
 
 
-def fit_keeping_signals(fit: Callable[[], T]) -> T:
-    """``fit()`` (a Ray Tune ``Tuner.fit``: the sweep, the pruning search) with the SIGINT and SIGUSR1
-    handlers restored afterwards. Tune installs its own to stop a run on Ctrl-C and leaves it
-    installed when the run ends, so a Ctrl-C in whatever follows (the demo's pruning stage)
-    would only print Tune's warning and be swallowed."""
-    if threading.current_thread() is not threading.main_thread():
-        return fit()
-    names = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
-    saved = {n: signal.getsignal(getattr(signal, n)) for n in names}
+def tune_fit(fit: Callable[[Any], T], log: Callable[[str], None] | None = None) -> T:
+    """``fit(stopper)``: a Ray Tune run (the sweep, the pruning search) that Ctrl-C stops like
+    the rest of a command. ``fit`` builds its ``Tuner`` with ``RunConfig(stop=stopper)``.
+
+    The first Ctrl-C asks Tune to end the run (the stopper's ``stop_all``: Tune stops the
+    trials and cleans up), then raises KeyboardInterrupt once ``fit`` returns; a second one
+    raises it at once. What finished is kept: a re-run skips finished trials and trains the
+    others on from their last checkpoint.
+
+    Left to itself, Tune catches the first Ctrl-C, ends the trials and returns their results
+    as if the run were over, so the caller went on (the demo pruned and reported on whichever
+    models had finished) and exited 0; it also left its handler installed after the run. Here
+    Tune's handler is off (``TUNE_DISABLE_SIGINT_HANDLER``) and SIGINT's handler is put back."""
+    from ray import tune
+
+    class CtrlC(tune.Stopper):
+        requested = False
+
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return self.requested
+
+    stopper = CtrlC()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return fit(stopper)
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if stopper.requested or not callable(previous):
+            raise KeyboardInterrupt
+        stopper.requested = True
+        (log or _stderr)("stopping: Tune is ending the running trials (Ctrl-C again to stop at once)")
+
+    env = os.environ.get(_TUNE_SIGINT)
+    os.environ[_TUNE_SIGINT] = "1"
+    signal.signal(signal.SIGINT, on_sigint)
     try:
-        return fit()
+        result = fit(stopper)
     finally:
-        for n, h in saved.items():
-            if h is not None:  # None: a handler not installed from Python, which cannot be put back
-                signal.signal(getattr(signal, n), h)
+        if env is None:
+            os.environ.pop(_TUNE_SIGINT, None)
+        else:
+            os.environ[_TUNE_SIGINT] = env
+        if previous is not None:  # None: a handler not installed from Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
+    if stopper.requested:
+        raise KeyboardInterrupt
+    return result
+
+
+_TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def quiet_env() -> None:

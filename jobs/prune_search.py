@@ -83,14 +83,16 @@ def search_pair(ckpt_uri: str, task_name: str, out_uri: str, cfg: prune_lib.Prun
 
     t0 = time.perf_counter()
     algo = ConcurrencyLimiter(OptunaSearch(metric="objective", mode="min", seed=seed), max_concurrent=max(1, int(runtime.cluster_cpus())))
-    tuner = tune.Tuner(
-        tune.with_resources(trial, {"CPU": 1}), param_space=space,
-        tune_config=tune.TuneConfig(search_alg=algo, num_samples=n, reuse_actors=True,
-                                    # Tune numbers trials from 1 in the order it creates them (experiment_tag "<n>_<settings>")
-                                    trial_name_creator=lambda t: f"search-{int(t.experiment_tag.split('_', 1)[0]) - 1}"),
-        run_config=tune.RunConfig(name=sid, storage_path=_tune_store(out_uri, sid), verbose=0),
-    )
-    grid = runtime.fit_keeping_signals(tuner.fit)
+    def fit(stopper):
+        return tune.Tuner(
+            tune.with_resources(trial, {"CPU": 1}), param_space=space,
+            tune_config=tune.TuneConfig(search_alg=algo, num_samples=n, reuse_actors=True,
+                                        # Tune numbers trials from 1 in the order it creates them (experiment_tag "<n>_<settings>")
+                                        trial_name_creator=lambda t: f"search-{int(t.experiment_tag.split('_', 1)[0]) - 1}"),
+            run_config=tune.RunConfig(name=sid, storage_path=_tune_store(out_uri, sid), verbose=0, stop=stopper),
+        ).fit()
+
+    grid = runtime.tune_fit(fit)
     results = [(r.config, r.metrics) for r in grid if r.error is None and r.metrics]
     if not results:
         first = next((r.error for r in grid if r.error is not None), None)

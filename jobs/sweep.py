@@ -218,22 +218,26 @@ def run_sweep(data_uri: str, sweep_uri: str, grid: dict[str, list] | None, base:
                             "sweep": sweep.uri, "workers": workers_per_trial, "gpus": gpus, "owner": owner, "scheduler": scheduler})
 
             tune_store = sweep.join("tune")
-            tuner = tune.Tuner(
-                # one worker: the trial trains itself; more: it only drives its TorchTrainer
-                tune.with_resources(trial_fn, {"CPU": 1, "GPU": int(gpus)} if workers_per_trial == 1 else {"CPU": 0.01}),
-                param_space=space,
-                # the next trial runs in a finished trial's process: no process start, no imports, rows kept
-                tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // need)), reuse_actors=True,
-                                            scheduler=_asha(train, grace_period, reduction_factor) if scheduler else None),
-                run_config=tune.RunConfig(
-                    name="tune",
-                    storage_path=tune_store.uri if not sweep.is_s3 else tune_store.path,
-                    storage_filesystem=tune_store.pa_fs if sweep.is_s3 else None,
-                    failure_config=tune.FailureConfig(max_failures=1),
-                    verbose=0,
-                ),
-            )
-            results = runtime.fit_keeping_signals(tuner.fit)
+
+            def fit(stopper):
+                return tune.Tuner(
+                    # one worker: the trial trains itself; more: it only drives its TorchTrainer
+                    tune.with_resources(trial_fn, {"CPU": 1, "GPU": int(gpus)} if workers_per_trial == 1 else {"CPU": 0.01}),
+                    param_space=space,
+                    # the next trial runs in a finished trial's process: no process start, no imports, rows kept
+                    tune_config=tune.TuneConfig(max_concurrent_trials=max(1, int(cpus // need)), reuse_actors=True,
+                                                scheduler=_asha(train, grace_period, reduction_factor) if scheduler else None),
+                    run_config=tune.RunConfig(
+                        name="tune",
+                        storage_path=tune_store.uri if not sweep.is_s3 else tune_store.path,
+                        storage_filesystem=tune_store.pa_fs if sweep.is_s3 else None,
+                        failure_config=tune.FailureConfig(max_failures=1),
+                        verbose=0,
+                        stop=stopper,
+                    ),
+                ).fit()
+
+            results = runtime.tune_fit(fit)
             errors = [r.error for r in results if r.error is not None]
             if errors:
                 raise SweepError(f"{len(errors)} trial(s) failed; first: {type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]}")

@@ -182,7 +182,7 @@ def quick_demo(ray_session, tmp_path_factory):
     before = signal.getsignal(signal.SIGINT)
     r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out)])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    # Tune's Ctrl-C handler must not outlive the sweep (cluster.runtime.fit_keeping_signals)
+    # Tune's Ctrl-C handler must not outlive the sweep (cluster.runtime.tune_fit)
     assert signal.getsignal(signal.SIGINT) is before, signal.getsignal(signal.SIGINT)
     return out, r.stdout
 

@@ -1,3 +1,4 @@
+import importlib
 import os
 import signal
 import subprocess
@@ -309,6 +310,33 @@ def test_s3_serve_runs_a_real_server_until_interrupted(tmp_path):
         import socket
 
         socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+def _interrupt(*_, **__):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "args, target, hint",
+    [
+        (["demo", "--out", "OUT"], "jobs.demo.run", "csp demo keeps what it finished"),
+        (["data", "prepare", "--out", "OUT"], "cluster.runtime.init", "csp data prepare keeps what it finished"),
+        (["tasks", "show", "if_equals"], "sparsity.tasks.get", None),
+    ],
+)
+def test_ctrl_c_exits_130_with_one_line_saying_what_to_do_next(args, target, hint, monkeypatch, tmp_path):
+    """Ctrl-C in a command leaves one line, no traceback, exit 130; a command that resumes says to re-run it."""
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, _interrupt)
+    r = _run(*(str(tmp_path / "out") if a == "OUT" else a for a in args))
+    assert r.exit_code == 130, r.output
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("csp: interrupted"), r.stderr
+    assert "Traceback" not in r.output
+    if hint is None:
+        assert "resume" not in lines[0]
+    else:
+        assert "run the same command again to resume" in lines[0] and hint in lines[0]
 
 
 def test_s3_serve_without_credentials_is_a_one_line_error(monkeypatch):

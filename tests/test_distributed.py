@@ -276,3 +276,49 @@ def test_the_asha_benchmark_runs_both_sweeps_and_prints_json(stdlib_data):
     out = json.loads(r.stdout)
     assert out["full"]["trials"] == out["asha"]["trials"] == 3 and out["full"]["stopped"] == 0
     assert out["wall_ratio"] > 0 and isinstance(out["same_best"], bool)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_raises_and_keeps_what_finished_and_a_rerun_resumes(ray_session, stdlib_data, tmp_path):
+    """Ctrl-C during a sweep stops it (KeyboardInterrupt, not a short result taken for a
+    finished one: Tune on its own ends the trials and returns, and the demo went on to prune
+    the models that happened to be done); the unfinished trial is not recorded as done, its
+    checkpoint stays, and the same call again trains it to the end from there."""
+    import signal
+    import threading
+    import time
+
+    cfg = tiny_config(t__steps=400, t__ckpt_every=20, t__eval_every=200, t__batch_size=8)
+    out = str(tmp_path / "sweep")
+    ckpt = storage.resolve(out).join("runs", "d64-p1_4", "checkpoints", "latest.json")
+    late: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda *_: late.append(1))  # a signal after the sweep: recorded, not a session abort
+    sent = threading.Event()
+
+    def ctrl_c():
+        deadline = time.monotonic() + 120
+        while not storage.exists(ckpt) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+        sent.set()
+
+    def run():
+        return sweep.run_sweep(stdlib_data, out, sweep.parse_grid("pfrac=0.25"), cfg.model, cfg.train, workers_per_trial=1)
+
+    try:
+        t = threading.Thread(target=ctrl_c, daemon=True)
+        t.start()
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        t.join(10)
+        assert sent.is_set() and not late
+        assert storage.exists(ckpt)
+        assert not storage.exists(f"{out}/trials/d64-p1_4.json") and not storage.exists(f"{out}/summary.parquet")
+        df = run()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert not late
+    assert df["trial"].tolist() == ["d64-p1_4"] and int(df["steps"].iloc[0]) == 400 and df["val_loss"].notna().all()
+    rows = [json.loads(line) for line in open(tmp_path / "sweep" / "runs" / "d64-p1_4" / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # no step logged twice
