@@ -136,9 +136,9 @@ def paper_plan(optimizer: str = "adam") -> Plan:
     resumable. d_model 128 at densities 1, 1/4, 1/8 and 1/16; d_model 64 dense and at 1/4,
     with the nonzeros of d_model 128 at 1/4 and 1/16.
 
-    Sized, not yet run: from the one-thread rates of benchmarks/learning_curve.py on 2 cores
-    (d_model 128 14.4k–16.5k tokens/s, d_model 64 25.6k–27.9k) its 12 models take about
-    66 minutes to train two at a time, and pruning ~5 solved tasks per model about 50 more."""
+    Measured (docs/demo.md, two runs on two CPUs): on 2 cores its 12 models train in about
+    97 minutes two at a time (d_model 128 ~20 min each, d_model 64 ~9), not the 66 that
+    single-model throughput suggested; with pruning the whole run is about 2 h 20 min."""
     base = ModelConfig(block_size=128, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, afrac=0.25)
     steps = 5600
     models = ((4.0, 2.0), (1.0, 2.0), (0.5, 2.0), (0.25, 2.0), (1.0, 1.0), (0.25, 1.0))
