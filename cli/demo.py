@@ -26,7 +26,7 @@ def demo(
     out: Annotated[str, typer.Option(help="Where every output goes (local path or s3://…).")] = "./csp-runs",
     quick: Annotated[bool, typer.Option(help="A minutes-scale run of every stage on tiny models (checks the plumbing); same as --preset quick.")] = False,
     preset: Annotated[Preset, typer.Option(help="default: five models, about 20–30 min on 2 CPU cores; paper: both frontier directions at two seeds, "
-                                                  "~2 h 20 min on 2 cores (resumable); quick: tiny models, minutes.")] = Preset.default,
+                                                  "~2 h on 2 cores (resumable); quick: tiny models, minutes.")] = Preset.default,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: an in-process Ray).")] = None,
     shared_fs: Annotated[bool, typer.Option("--shared-fs", help=SHARED_FS_HELP)] = False,
 ) -> None:

@@ -138,7 +138,8 @@ def paper_plan(optimizer: str = "adam") -> Plan:
 
     Measured (docs/demo.md, two runs on two CPUs): on 2 cores its 12 models train in about
     97 minutes two at a time (d_model 128 ~20 min each, d_model 64 ~9), not the 66 that
-    single-model throughput suggested; with pruning the whole run is about 2 h 20 min."""
+    single-model throughput suggested; pruning, controls and circuits over training add ~21
+    minutes: about 2 hours in all (145 min measured with the test suite running beside it)."""
     base = ModelConfig(block_size=128, n_layer=2, d_model=64, n_head=4, d_head=16, d_mlp=256, afrac=0.25)
     steps = 5600
     models = ((4.0, 2.0), (1.0, 2.0), (0.5, 2.0), (0.25, 2.0), (1.0, 1.0), (0.25, 1.0))
