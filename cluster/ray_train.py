@@ -257,4 +257,4 @@ def _fit(out: storage.Location, data_uri: str, cfg: RunConfig, workers: int, use
         torch_config=TorchConfig(backend=torch_backend(use_gpu)),
         run_config=run_config,
     )
-    return trainer.fit()
+    return runtime.train_fit(trainer.fit)

@@ -74,6 +74,25 @@ def tune_fit(fit: Callable[[Any], T], log: Callable[[str], None] | None = None) 
 _TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"
 
 
+def train_fit(fit: Callable[[], T]) -> T:
+    """``fit()``, a Ray Train ``TorchTrainer.fit``, that Ctrl-C stops with KeyboardInterrupt.
+
+    Ray Train installs its own SIGINT handler for the run: it aborts the run's controller and
+    then exits the process from inside ``fit`` (SystemExit, status 1 in practice) with nothing
+    said, and it stays installed after the run. Here that exit becomes KeyboardInterrupt (the
+    CLI's one line and exit 130; the run's checkpoints are kept, so the same command resumes)
+    and the previous handler is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return fit()
+    except SystemExit as e:  # only Ray Train's SIGINT handler exits from inside fit
+        raise KeyboardInterrupt from e
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _stderr(line: str) -> None:
     import sys
 

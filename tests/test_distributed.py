@@ -322,3 +322,37 @@ def test_ctrl_c_in_a_sweep_raises_and_keeps_what_finished_and_a_rerun_resumes(ra
     rows = [json.loads(line) for line in open(tmp_path / "sweep" / "runs" / "d64-p1_4" / "metrics.jsonl")]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 400  # no step logged twice
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_distributed_training_raises_keyboard_interrupt_and_keeps_the_checkpoints(ray_session, stdlib_data, tmp_path):
+    """Ray Train's own SIGINT handler aborts the run and exits from inside fit (silently,
+    status 1); csp turns that into KeyboardInterrupt (the CLI's 'interrupted' line, exit 130),
+    keeps the checkpoints written so far, and puts the previous SIGINT handler back."""
+    import signal
+    import threading
+    import time
+
+    cfg = tiny_config(t__steps=4000, t__ckpt_every=20, t__batch_size=8)
+    out = str(tmp_path / "run")
+    ckpt = storage.resolve(out).join("checkpoints", "latest.json")
+    late: list[int] = []
+    handler = lambda *_: late.append(1)  # noqa: E731  (a signal after the run: recorded, not a session abort)
+    before = signal.signal(signal.SIGINT, handler)
+
+    def ctrl_c():
+        deadline = time.monotonic() + 120
+        while not storage.exists(ckpt) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        t = threading.Thread(target=ctrl_c, daemon=True)
+        t.start()
+        with pytest.raises(KeyboardInterrupt):
+            ray_train.train_distributed(stdlib_data, out, cfg, workers=2)
+        t.join(10)
+        assert signal.getsignal(signal.SIGINT) is handler and not late
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert storage.read_json(ckpt)["step"] < 4000
