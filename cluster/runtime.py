@@ -31,7 +31,8 @@ def tune_fit(fit: Callable[[Any], T], log: Callable[[str], None] | None = None) 
     Left to itself, Tune catches the first Ctrl-C, ends the trials and returns their results
     as if the run were over, so the caller went on (the demo pruned and reported on whichever
     models had finished) and exited 0; it also left its handler installed after the run. Here
-    Tune's handler is off (``TUNE_DISABLE_SIGINT_HANDLER``) and SIGINT's handler is put back."""
+    Tune's handler is off (``TUNE_DISABLE_SIGINT_HANDLER``), SIGINT's and SIGUSR1's handlers are
+    put back, and a SIGINT that was ignored stays ignored."""
     from ray import tune
 
     class CtrlC(tune.Stopper):
@@ -47,16 +48,18 @@ def tune_fit(fit: Callable[[Any], T], log: Callable[[str], None] | None = None) 
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         return fit(stopper)
     previous = signal.getsignal(signal.SIGINT)
+    usr1 = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None  # Tune takes it too, for good
 
     def on_sigint(signum, frame):
-        if stopper.requested or not callable(previous):
+        if stopper.requested:
             raise KeyboardInterrupt
         stopper.requested = True
         (log or _stderr)("stopping: Tune is ending the running trials (Ctrl-C again to stop at once)")
 
     env = os.environ.get(_TUNE_SIGINT)
     os.environ[_TUNE_SIGINT] = "1"
-    signal.signal(signal.SIGINT, on_sigint)
+    if callable(previous):  # Python's handler (or a caller's); an ignored SIGINT stays ignored
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         result = fit(stopper)
     finally:
@@ -66,6 +69,8 @@ def tune_fit(fit: Callable[[Any], T], log: Callable[[str], None] | None = None) 
             os.environ[_TUNE_SIGINT] = env
         if previous is not None:  # None: a handler not installed from Python, which cannot be put back
             signal.signal(signal.SIGINT, previous)
+        if usr1 is not None:
+            signal.signal(signal.SIGUSR1, usr1)
     if stopper.requested:
         raise KeyboardInterrupt
     return result
