@@ -19,7 +19,7 @@ class RayConnectError(CspRuntimeError):
     pass
 
 
-def tune_fit(fit: Callable[[Any], T], log: Callable[[str], None] | None = None) -> T:
+def tune_fit(fit: Callable[[Any], T]) -> T:
     """``fit(stopper)``: a Ray Tune run (the sweep, the pruning search) that Ctrl-C stops like
     the rest of a command. ``fit`` builds its ``Tuner`` with ``RunConfig(stop=stopper)``.
 
@@ -54,7 +54,7 @@ def tune_fit(fit: Callable[[Any], T], log: Callable[[str], None] | None = None) 
         if stopper.requested:
             raise KeyboardInterrupt
         stopper.requested = True
-        (log or _stderr)("stopping: Tune is ending the running trials (Ctrl-C again to stop at once)")
+        _stderr("stopping: Tune is ending the running trials (Ctrl-C again to stop at once)")
 
     env = os.environ.get(_TUNE_SIGINT)
     os.environ[_TUNE_SIGINT] = "1"
