@@ -28,18 +28,27 @@ def frontier_claims(summary, circ=None) -> list[str]:
     the claim says so. Without ``circ``, each model's ``geomean_edges`` over its own tasks.
 
     Where the plan trained a point at two seeds, their difference is the noise scale: a
-    difference smaller than it is reported as within noise."""
+    difference smaller than it is reported as within noise. Circuit sizes are compared as
+    ratios (on a log scale, as the geometric mean that summarises them): two seeds' circuits
+    of 300 and 400 edges differ as much as 30 and 40 do, so a difference counts by its factor,
+    not by its edges."""
     df = summary[summary["model_id"].notna()]
     ok = circ[(circ["status"] == "ok") & circ["control"].isna()] if circ is not None else None
     seed0 = df[df["seed"] == 0] if "seed" in df else df
-    noise_loss, noise_edges = _seed_noise(df, ok)
+    noise_loss, noise_size = _seed_noise(df, ok)
     out = []
     if "seed" in df and (df["seed"] != 0).any():
-        edges_txt = f"geomean edges ±{noise_edges:.1f}" if noise_edges else "geomean edges: not both have a verified circuit for a common task"
+        edges_txt = (f"geomean edges {_factor(noise_size)}" if noise_size is not None else
+                     "geomean edges: not both have a verified circuit for a common task")
         out.append(f"Seed noise (one point at two seeds): val loss ±{noise_loss:.3f}, {edges_txt}.")
-    out += _sparser_claims(seed0, ok, noise_edges)
-    out += _wider_claims(seed0, ok, noise_loss, noise_edges)
+    out += _sparser_claims(seed0, ok, noise_size or 0.0)
+    out += _wider_claims(seed0, ok, noise_loss, noise_size or 0.0)
     return out
+
+
+def _factor(log_ratio: float) -> str:
+    """A size difference on the log scale, as the factor it is: '×2.74'."""
+    return f"×{math.exp(abs(log_ratio)):.2f}"
 
 
 def _common_sizes(ok, models) -> tuple[list[float], list[str]] | None:
@@ -62,21 +71,29 @@ def _on(tasks: list[str]) -> str:
     return f" on {', '.join(tasks)}" if tasks else ""
 
 
-def _seed_noise(df, ok) -> tuple[float, float]:
-    """(val loss, geomean edges): the largest difference between two seeds of one point."""
-    noise_loss = noise_edges = 0.0
+def _seed_noise(df, ok) -> tuple[float, float | None]:
+    """(val loss, log of geomean edges): the largest difference between two seeds of one
+    point; the second None when no point has two seeds with a verified circuit for a common task."""
+    noise_loss, noise_size = 0.0, None
     if "seed" in df:
         for _, grp in df.groupby(["pfrac", "ef"]):
             if grp["seed"].nunique() > 1:
                 noise_loss = max(noise_loss, float(grp["val_loss"].max() - grp["val_loss"].min()))
                 e = _common_sizes(ok, [r for _, r in grp.iterrows()])
                 if e:
-                    noise_edges = max(noise_edges, max(e[0]) - min(e[0]))
-    return noise_loss, noise_edges
+                    logs = [math.log(x) for x in e[0]]
+                    noise_size = max(noise_size or 0.0, max(logs) - min(logs))
+    return noise_loss, noise_size
 
 
-def _sparser_claims(seed0, ok, noise_edges: float) -> list[str]:
-    """Claim 1, per width with several densities: sparser → smaller circuits."""
+def _sparser_claims(seed0, ok, noise: float) -> list[str]:
+    """Claim 1, per width with several densities: sparser → smaller circuits. ``noise``: the
+    seed noise of circuit size, as a log ratio.
+
+    Reproduced when the densest model's circuits are larger than the sparsest's by more than
+    the seed noise and no sparser model's are larger than a denser one's by more than it (a
+    monotone trend whose neighbouring steps are each within the noise is still a trend); not
+    reproduced when some sparser model's circuits are larger beyond the noise."""
     out = []
     for d_model, grp in seed0.groupby("d_model"):
         if grp["density"].nunique() < 2:
@@ -90,19 +107,24 @@ def _sparser_claims(seed0, ok, noise_edges: float) -> list[str]:
             continue
         edges, tasks = e
         dens = ", ".join(f"{density_label(d)}: {x:.1f}" for d, x in zip(g["density"], edges, strict=True))
-        steps = [b - a for a, b in zip(edges, edges[1:], strict=False)]  # sparsest first: each step should grow
-        if all(x > noise_edges for x in steps):
-            verdict = "reproduced: sparser → smaller circuits"
-        elif any(x < -noise_edges for x in steps):
-            verdict = "not reproduced: a sparser model has larger circuits, beyond the seed noise"
+        logs = [math.log(max(x, 1.0)) for x in edges]  # sparsest first: sizes should grow along the list
+        worst = max(logs[i] - logs[j] for i in range(len(logs)) for j in range(i + 1, len(logs)))  # a sparser one larger
+        span = logs[-1] - logs[0]
+        if worst > noise:
+            verdict = (f"not reproduced: a sparser model has larger circuits ({_factor(worst)}), beyond the seed noise "
+                       f"({_factor(noise)} between two seeds of one model)")
+        elif span > noise:
+            verdict = (f"reproduced: sparser → smaller circuits ({_factor(span)} from densest to sparsest, beyond the seed "
+                       f"noise of {_factor(noise)}; no sparser model larger beyond it)")
         else:  # every difference within the noise one model shows between its two seeds
-            verdict = f"within seed noise (±{noise_edges:.1f} edges between two seeds of one model): cannot be told apart"
+            verdict = f"within seed noise ({_factor(noise)} between two seeds of one model): cannot be told apart"
         out.append(f"Sparser at equal width (d_model {d_model}; geomean edges of verified circuits{_on(tasks)} — {dens}): {verdict}.")
     return out
 
 
-def _wider_claims(seed0, ok, noise_loss: float, noise_edges: float) -> list[str]:
-    """Claim 2, per pfrac at several widths: the wider model better on both axes."""
+def _wider_claims(seed0, ok, noise_loss: float, noise_size: float) -> list[str]:
+    """Claim 2, per pfrac at several widths: the wider model better on both axes (circuit
+    size against ``noise_size``, the seed noise as a log ratio)."""
     out = []
     for _, grp in seed0.groupby("pfrac"):  # one pfrac: about the same nonzeros at every width
         g = grp.sort_values("d_model")
@@ -117,11 +139,12 @@ def _wider_claims(seed0, ok, noise_loss: float, noise_edges: float) -> list[str]
                        "cannot be judged.")
             continue
         (e_n, e_w), tasks = e
-        de = e_w - e_n
-        better_loss, better_edges = dl < -noise_loss, de < -noise_edges
+        ratio = math.log(max(e_w, 1.0)) - math.log(max(e_n, 1.0))
+        better_loss, better_edges = dl < -noise_loss, ratio < -noise_size
         verdict = ("reproduced: the frontier moves outward" if better_loss and better_edges else
                    "partly: better on one axis" if better_loss or better_edges else "not reproduced")
-        out.append(f"{head} — val loss {dl:+.3f}, geomean edges{_on(tasks)} {de:+.1f}: {verdict}.")
+        out.append(f"{head} — val loss {dl:+.3f}, geomean edges{_on(tasks)} {e_w:.1f} vs {e_n:.1f} "
+                   f"(×{math.exp(ratio):.2f}; seed noise {_factor(noise_size)}): {verdict}.")
     return out
 
 

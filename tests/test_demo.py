@@ -260,9 +260,53 @@ def test_frontier_claims_call_differences_within_the_seed_noise_neither_way():
     def sparser(claims):
         return next(c for c in claims if c.startswith("Sparser at equal width (d_model 128"))
 
-    assert "within seed noise (±100.0 edges" in sparser(models(250))  # 1/4 smaller than 1/8 by 50 < 100
-    assert "not reproduced" in sparser(models(150))  # by 150 > 100
-    assert "reproduced: sparser → smaller" in sparser(models(450))  # larger by 150 > 100
+    # c and d differ by ×1.25: the noise scale of circuit size is that factor
+    assert "within seed noise (×1.25 between two seeds" in sparser(models(250))  # 1/4 smaller than 1/8 by ×1.2
+    assert "not reproduced" in sparser(models(150))  # by ×2
+    assert "reproduced: sparser → smaller" in sparser(models(450))  # larger by ×1.5
+
+
+def _claims_of(edges: dict[str, float], densities: dict[str, float]) -> list[str]:
+    """frontier_claims of d_model-128 models at ``densities`` (seed 0) plus one d_model-64 point
+    at two seeds ("s0", "s1"), each with the verified indent_for circuit of ``edges`` edges."""
+    import pandas as pd
+
+    from jobs import claims
+
+    rows = [{"model_id": m, "pfrac": d, "ef": 2.0, "seed": 0, "d_model": 128, "density": d, "nonzeros": 100,
+             "val_loss": 4.0, "geomean_edges": 1.0} for m, d in densities.items()]
+    rows += [{"model_id": m, "pfrac": 9.0, "ef": 1.0, "seed": i, "d_model": 64, "density": 1.0, "nonzeros": 100,
+              "val_loss": 4.3, "geomean_edges": 1.0} for i, m in enumerate(("s0", "s1"))]
+    circ = pd.DataFrame([{"model_id": m, "task": "indent_for", "n_edges": n, "status": "ok", "control": None}
+                         for m, n in edges.items()])
+    return claims.frontier_claims(pd.DataFrame(rows), circ)
+
+
+def test_frontier_claims_judge_circuit_sizes_by_their_ratio_not_their_difference_in_edges():
+    """Two seeds whose circuits have 1,000 and 1,300 edges differ by ×1.3; densities whose
+    circuits have 40 and 200 edges differ by ×5, far beyond it, though by fewer edges (160 <
+    300). Judged in edges the second would read as noise."""
+    out = _claims_of({"a": 200, "b": 40, "s0": 1000, "s1": 1300}, {"a": 1.0, "b": 0.125})
+    assert out[0].endswith("geomean edges ×1.30.")
+    sparser = next(c for c in out if c.startswith("Sparser at equal width (d_model 128"))
+    assert "reproduced: sparser → smaller circuits (×5.00 from densest to sparsest" in sparser
+
+
+def test_a_monotone_trend_whose_steps_are_each_within_the_seed_noise_is_reproduced():
+    """Four densities whose circuits shrink ×1.8 at each step, against a seed noise of ×2:
+    each neighbouring step is within the noise, the ends differ ×5.8, and no sparser model
+    is larger. A reversal beyond the noise between any two densities, neighbours or not, is
+    'not reproduced'; a span within the noise is 'within seed noise'."""
+    dens = {"a": 1.0, "b": 0.25, "c": 0.125, "d": 0.0625}
+    noise = {"s0": 100, "s1": 200}
+
+    def sparser(edges):
+        return next(c for c in _claims_of({**edges, **noise}, dens) if c.startswith("Sparser at equal width (d_model 128"))
+
+    assert "reproduced: sparser → smaller circuits (×5.83" in sparser({"a": 583.2, "b": 324, "c": 180, "d": 100})
+    # the sparsest larger than the density-1/4 model by ×2.5 (neither is the other's neighbour)
+    assert "not reproduced: a sparser model has larger circuits (×2.50)" in sparser({"a": 2000, "b": 100, "c": 150, "d": 250})
+    assert "within seed noise (×2.00" in sparser({"a": 180, "b": 150, "c": 120, "d": 100})
 
 
 def test_the_verdict_names_each_claims_outcome_and_why_models_have_no_circuit():
@@ -278,8 +322,8 @@ def test_the_verdict_names_each_claims_outcome_and_why_models_have_no_circuit():
         {"model_id": "a-1", "task": "if_ternary", "status": "chance", "full_loss": 4.1},
         {"model_id": "a-1", "task": "indent_for", "status": "not_verified", "full_loss": 0.09},
     ])
-    claims = ["Seed noise (one point at two seeds): val loss ±0.035, geomean edges ±486.0.",
-              "Sparser at equal width (d_model 128; …): within seed noise (±486.0 edges …): cannot be told apart.",
+    claims = ["Seed noise (one point at two seeds): val loss ±0.035, geomean edges ×1.42.",
+              "Sparser at equal width (d_model 128; …): within seed noise (×1.42 between two seeds …): cannot be told apart.",
               "Wider at equal nonzeros (~368,640): d_model 128 vs 64 — val loss -0.185, …: reproduced: the frontier moves outward.",
               "Sparser at equal width (d_model 64): fewer than two of its densities have verified circuits, so it cannot be judged.",
               "Wider … : not reproduced."]
