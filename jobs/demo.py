@@ -72,9 +72,11 @@ class Plan:
                           RunConfig.at_width(self.base, self.train, pfrac=pfrac, ef=ef).model.d_model)
 
     def points(self) -> list[dict]:
-        # Widest and densest first: Tune starts trials in this order, so the slowest do not end up last.
-        pts = sorted(({"pfrac": p, "ef": e} for p, e in self.models), key=lambda q: (-q["ef"], -q["pfrac"]))
-        pts += [{"pfrac": p, "ef": e, "seed": s} for p, e, s in self.reseeded]
+        # Widest and densest first, a point's seeds together: Tune starts trials in this order, so
+        # the slowest do not end up last (with more trials at once than 2, reseeded points
+        # appended after the others put slow d_model-128 seeds behind fast d_model-64 ones).
+        pts = [{"pfrac": p, "ef": e} for p, e in self.models] + [{"pfrac": p, "ef": e, "seed": s} for p, e, s in self.reseeded]
+        pts.sort(key=lambda q: (-q["ef"], -q["pfrac"], q.get("seed", 0)))
         return [{**q, "lr": self.lr(q["pfrac"], q["ef"])} for q in pts]
 
     def run_config(self, point: dict) -> RunConfig:

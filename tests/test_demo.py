@@ -233,6 +233,9 @@ def test_demo_plans_have_two_densities_at_one_width_and_two_widths_at_equal_nonz
     assert pairs, shapes
     assert any(q.get("seed") for q in plan.points())
     assert len({(q["pfrac"], q["ef"], q.get("seed", 0)) for q in plan.points()}) == len(plan.points())
+    # slowest first (Tune starts trials in this order): widths never grow along the list, reseeded points included
+    efs = [q["ef"] for q in plan.points()]
+    assert efs == sorted(efs, reverse=True)
 
 
 def test_the_cli_presets_are_the_plans_jobs_knows():
