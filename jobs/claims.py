@@ -41,8 +41,8 @@ def frontier_claims(summary, circ=None) -> list[str]:
         edges_txt = (f"geomean edges {_factor(noise_size)}" if noise_size is not None else
                      "geomean edges: not both have a verified circuit for a common task")
         out.append(f"Seed noise (one point at two seeds): val loss ±{noise_loss:.3f}, {edges_txt}.")
-    out += _sparser_claims(seed0, ok, noise_size or 0.0)
-    out += _wider_claims(seed0, ok, noise_loss, noise_size or 0.0)
+    out += _sparser_claims(seed0, ok, noise_size)
+    out += _wider_claims(seed0, ok, noise_loss, noise_size)
     return out
 
 
@@ -86,9 +86,10 @@ def _seed_noise(df, ok) -> tuple[float, float | None]:
     return noise_loss, noise_size
 
 
-def _sparser_claims(seed0, ok, noise: float) -> list[str]:
+def _sparser_claims(seed0, ok, noise: float | None) -> list[str]:
     """Claim 1, per width with several densities: sparser → smaller circuits. ``noise``: the
-    seed noise of circuit size, as a log ratio.
+    seed noise of circuit size, as a log ratio (None: no point's two seeds share a verified
+    task, so sizes have no noise scale and the claim cannot be judged).
 
     Reproduced when the densest model's circuits are larger than the sparsest's by more than
     the seed noise and no sparser model's are larger than a denser one's by more than it (a
@@ -110,7 +111,12 @@ def _sparser_claims(seed0, ok, noise: float) -> list[str]:
         logs = [math.log(max(x, 1.0)) for x in edges]  # sparsest first: sizes should grow along the list
         worst = max(logs[i] - logs[j] for i in range(len(logs)) for j in range(i + 1, len(logs)))  # a sparser one larger
         span = logs[-1] - logs[0]
-        if worst > noise:
+        if noise is None:
+            order = (f"no sparser model larger, {_factor(span)} from densest to sparsest" if worst <= 0 else
+                     f"a sparser model larger by {_factor(worst)}")
+            verdict = (f"{order}, but no point's two seeds share a verified task, so there is no noise scale for "
+                       "circuit size: cannot be judged")
+        elif worst > noise:
             verdict = (f"not reproduced: a sparser model has larger circuits ({_factor(worst)}), beyond the seed noise "
                        f"({_factor(noise)} between two seeds of one model)")
         elif span > noise:
@@ -122,9 +128,10 @@ def _sparser_claims(seed0, ok, noise: float) -> list[str]:
     return out
 
 
-def _wider_claims(seed0, ok, noise_loss: float, noise_size: float) -> list[str]:
+def _wider_claims(seed0, ok, noise_loss: float, noise_size: float | None) -> list[str]:
     """Claim 2, per pfrac at several widths: the wider model better on both axes (circuit
-    size against ``noise_size``, the seed noise as a log ratio)."""
+    size against ``noise_size``, the seed noise as a log ratio; None: the circuit side
+    cannot be judged)."""
     out = []
     for _, grp in seed0.groupby("pfrac"):  # one pfrac: about the same nonzeros at every width
         g = grp.sort_values("d_model")
@@ -140,6 +147,10 @@ def _wider_claims(seed0, ok, noise_loss: float, noise_size: float) -> list[str]:
             continue
         (e_n, e_w), tasks = e
         ratio = math.log(max(e_w, 1.0)) - math.log(max(e_n, 1.0))
+        if noise_size is None:
+            out.append(f"{head} — val loss {dl:+.3f}, geomean edges{_on(tasks)} {e_w:.1f} vs {e_n:.1f} (×{math.exp(ratio):.2f}); "
+                       "no point's two seeds share a verified task, so the circuit side cannot be judged.")
+            continue
         better_loss, better_edges = dl < -noise_loss, ratio < -noise_size
         verdict = ("reproduced: the frontier moves outward" if better_loss and better_edges else
                    "partly: better on one axis" if better_loss or better_edges else "not reproduced")

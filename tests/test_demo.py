@@ -193,9 +193,12 @@ def test_frontier_claims_compare_circuit_sizes_on_common_tasks_only():
          "val_loss": 4.1, "geomean_edges": 22.0},
         {"model_id": "b", "pfrac": 0.5, "ef": 2.0, "seed": 0, "d_model": 128, "density": 0.125, "nonzeros": 50,
          "val_loss": 4.2, "geomean_edges": 694.0},
+        *({"model_id": m, "pfrac": 1.0, "ef": 1.0, "seed": i, "d_model": 64, "density": 1.0, "nonzeros": 100,
+           "val_loss": 4.3, "geomean_edges": 10.0} for i, m in enumerate(("s0", "s1"))),
     ])
 
-    def circ(rows):
+    def circ(rows):  # plus one point at two seeds, 10 and 11 edges on else_elif: the noise scale
+        rows = [*rows, ("s0", "else_elif", 10), ("s1", "else_elif", 11)]
         return pd.DataFrame([{"model_id": m, "task": t, "n_edges": e, "status": "ok", "control": None} for m, t, e in rows])
 
     apart = claims.frontier_claims(summary, circ([("a", "else_elif", 22), ("b", "indent_for", 694)]))
@@ -293,6 +296,29 @@ def test_frontier_claims_judge_circuit_sizes_by_their_ratio_not_their_difference
     assert out[0].endswith("geomean edges ×1.30.")
     sparser = next(c for c in out if c.startswith("Sparser at equal width (d_model 128"))
     assert "reproduced: sparser → smaller circuits (×5.00 from densest to sparsest" in sparser
+
+
+def test_without_a_noise_scale_for_circuit_size_the_size_claims_cannot_be_judged():
+    """When no point's two seeds verify a common task there is nothing to judge a size
+    difference against: however large it is, the claim says so instead of calling it
+    reproduced (the default demo on an AMD EPYC: its d_model-64 seeds verified 0 and 1
+    tasks, and sizes ×7.2 apart read 'reproduced … beyond the seed noise of ×1.00')."""
+    import pandas as pd
+
+    from jobs import claims
+
+    out = _claims_of({"a": 1500, "b": 200, "s0": 1000}, {"a": 1.0, "b": 0.125})
+    assert out[0].endswith("geomean edges: not both have a verified circuit for a common task.")
+    sparser = next(c for c in out if c.startswith("Sparser at equal width (d_model 128"))
+    assert "×7.50 from densest to sparsest" in sparser and sparser.endswith("cannot be judged.")
+    assert "reproduced" not in sparser
+    # the same for the circuit side of "wider at equal nonzeros": d_model 128 against 64 at one pfrac
+    summary = pd.DataFrame([{"model_id": m, "pfrac": 1.0, "ef": ef, "seed": 0, "d_model": d, "density": 1 / ef, "nonzeros": 100,
+                             "val_loss": v, "geomean_edges": 1.0} for m, ef, d, v in (("w", 2.0, 128, 4.0), ("n", 1.0, 64, 4.3))])
+    circ = pd.DataFrame([{"model_id": m, "task": "indent_for", "n_edges": n, "status": "ok", "control": None}
+                         for m, n in (("w", 100), ("n", 900))])
+    wider = next(c for c in claims.frontier_claims(summary, circ) if c.startswith("Wider"))
+    assert "(×0.11)" in wider and wider.endswith("so the circuit side cannot be judged.")
 
 
 def test_a_monotone_trend_whose_steps_are_each_within_the_seed_noise_is_reproduced():
