@@ -286,9 +286,12 @@ def test_s3_serve_runs_a_real_server_until_interrupted(tmp_path):
     port = s3server.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_ACCESS_KEY_ID="serve-key", AWS_SECRET_ACCESS_KEY="serve-secret-123")
+    # Ctrl-C reaches the server as at a terminal even where this suite runs as a background
+    # job, whose children inherit SIGINT ignored (nohup, `make test &`)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "s3", "serve", "--dir", str(tmp_path / "s3"), "--port", str(port), "--bucket", "demo"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = proc.stdout.readline()
@@ -302,7 +305,12 @@ def test_s3_serve_runs_a_real_server_until_interrupted(tmp_path):
             bad.list_buckets()
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # stop it (and its server) rather than leave both running
+            proc.terminate()
+            proc.wait(30)
+            raise
     out = proc.stdout.read()
     assert "serve-secret-123" not in out
     time.sleep(0.2)
