@@ -46,6 +46,11 @@ def frontier_claims(summary, circ=None) -> list[str]:
     return out
 
 
+def _log_size(edges: float) -> float:
+    """A circuit size on the log scale its noise and differences are read on (a 0-edge size counts as 1)."""
+    return math.log(max(edges, 1.0))
+
+
 def _factor(log_ratio: float) -> str:
     """A size difference on the log scale, as the factor it is: '×2.74'."""
     return f"×{math.exp(abs(log_ratio)):.2f}"
@@ -81,7 +86,7 @@ def _seed_noise(df, ok) -> tuple[float, float | None]:
                 noise_loss = max(noise_loss, float(grp["val_loss"].max() - grp["val_loss"].min()))
                 e = _common_sizes(ok, [r for _, r in grp.iterrows()])
                 if e:
-                    logs = [math.log(x) for x in e[0]]
+                    logs = [_log_size(x) for x in e[0]]
                     noise_size = max(noise_size or 0.0, max(logs) - min(logs))
     return noise_loss, noise_size
 
@@ -108,7 +113,7 @@ def _sparser_claims(seed0, ok, noise: float | None) -> list[str]:
             continue
         edges, tasks = e
         dens = ", ".join(f"{density_label(d)}: {x:.1f}" for d, x in zip(g["density"], edges, strict=True))
-        logs = [math.log(max(x, 1.0)) for x in edges]  # sparsest first: sizes should grow along the list
+        logs = [_log_size(x) for x in edges]  # sparsest first: sizes should grow along the list
         worst = max(logs[i] - logs[j] for i in range(len(logs)) for j in range(i + 1, len(logs)))  # a sparser one larger
         span = logs[-1] - logs[0]
         if noise is None:
@@ -146,16 +151,15 @@ def _wider_claims(seed0, ok, noise_loss: float, noise_size: float | None) -> lis
                        "cannot be judged.")
             continue
         (e_n, e_w), tasks = e
-        ratio = math.log(max(e_w, 1.0)) - math.log(max(e_n, 1.0))
+        ratio = _log_size(e_w) - _log_size(e_n)
+        sizes = f"{head} — val loss {dl:+.3f}, geomean edges{_on(tasks)} {e_w:.1f} vs {e_n:.1f} (×{math.exp(ratio):.2f}"
         if noise_size is None:
-            out.append(f"{head} — val loss {dl:+.3f}, geomean edges{_on(tasks)} {e_w:.1f} vs {e_n:.1f} (×{math.exp(ratio):.2f}); "
-                       "no point's two seeds share a verified task, so the circuit side cannot be judged.")
+            out.append(f"{sizes}); no point's two seeds share a verified task, so the circuit side cannot be judged.")
             continue
         better_loss, better_edges = dl < -noise_loss, ratio < -noise_size
         verdict = ("reproduced: the frontier moves outward" if better_loss and better_edges else
                    "partly: better on one axis" if better_loss or better_edges else "not reproduced")
-        out.append(f"{head} — val loss {dl:+.3f}, geomean edges{_on(tasks)} {e_w:.1f} vs {e_n:.1f} "
-                   f"(×{math.exp(ratio):.2f}; seed noise {_factor(noise_size)}): {verdict}.")
+        out.append(f"{sizes}; seed noise {_factor(noise_size)}): {verdict}.")
     return out
 
 
