@@ -9,6 +9,7 @@ message is one line naming the URI, what went wrong and what to check — never 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,10 @@ class CorruptFileError(StorageError, CspRuntimeError):
     """A file is there but cannot be read back as what it claims to be (exit 1)."""
 
 
-_DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403", "ACCESS_DENIED", "INVALID_ACCESS_KEY")
+_DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "ACCESS_DENIED", "INVALID_ACCESS_KEY")
+# HTTP 403 as a status, not as digits inside a number: an endpoint on port 54403 that refuses
+# connections was reported as "access denied"
+_STATUS_403 = re.compile(r"(?<![\w.:/-])403(?!\d)")
 _NO_CREDENTIALS = ("NoCredentialsError", "Unable to locate credentials", "PartialCredentialsError", "AWS_CREDENTIALS_NOT_FOUND")
 _NO_BUCKET = ("NoSuchBucket", "bucket does not exist", "NO_SUCH_BUCKET")
 _UNREACHABLE = (
@@ -91,7 +95,7 @@ def translate(loc: Location, op: str, exc: BaseException) -> StorageError:
                                       "(or set AWS_PROFILE / use an instance role) and run it again")
         if any(m in chain for m in _NO_BUCKET):
             return BucketNotFoundError(f"{where}: bucket {loc.bucket!r} does not exist at {s3.endpoint_label}; create it or fix the URI")
-        if isinstance(exc, PermissionError) or any(m in chain for m in _DENIED):
+        if isinstance(exc, PermissionError) or any(m in chain for m in _DENIED) or _STATUS_403.search(chain):
             return AccessDeniedError(
                 f"{where}: access denied by {s3.endpoint_label}; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (key id {s3.key or 'unset'})"
             )

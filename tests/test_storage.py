@@ -323,3 +323,16 @@ def test_an_unwritable_out_fails_before_any_compute(tmp_path, read_only_dir, mon
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and f"cannot write to {out}" in lines[0] and fragment in lines[0], r.stderr
     assert started == [] and os.listdir(read_only_dir) == []
+
+
+def test_a_port_number_with_403_in_it_is_not_an_access_denied(monkeypatch):
+    """The error translation reads HTTP 403 as a status, not as digits inside a port: a refused
+    connection to port 54403 is 'cannot reach', and a real 403 is still 'access denied'."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:54403")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    loc = storage.resolve("s3://csp-test/any")
+    refused = OSError('Could not connect to the endpoint URL: "http://127.0.0.1:54403/csp-test?list-type=2"')
+    assert isinstance(storage_errors.translate(loc, "ls", refused), storage_errors.EndpointUnreachableError)
+    status = OSError("An error occurred (403) when calling the ListObjectsV2 operation: ")
+    assert isinstance(storage_errors.translate(loc, "ls", status), storage_errors.AccessDeniedError)
