@@ -223,9 +223,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-abstopk", action="store_true", help="AbsTopK off (demo.full_plan(paper=False))")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    ap.add_argument("--profile-steps", type=int, default=10, help="mask steps timed per variant for the step profile")
+    ap.add_argument("--profile-steps", type=int, default=10, help="mask steps timed per variant for the step profile (0: no step profile)")
     ap.add_argument("--smoke", action="store_true", help="a d_model-32 model, 60 mask steps: the code path in seconds")
     args = ap.parse_args()
+    if args.profile_steps < 0:
+        ap.error(f"--profile-steps {args.profile_steps}: give a count of mask steps, 0 or more")
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -244,7 +246,7 @@ def main() -> None:
     tokens, last = scoring.joint(b)
     step_args = (tokens.to(dev), last.to(dev), b.target.to(dev), b.alt.to(dev), base, args.profile_steps)
     steps = {}
-    for v in ("plain", "positions", "exact"):
+    for v in ("plain", "positions", "exact") if args.profile_steps else ():
         with _variant(model, v):
             steps[v] = _step_profile(model, prune_lib.Gates(model, mu, base.surrogate_temp, base.init), *step_args)
     cfg = model.config
@@ -267,10 +269,10 @@ def main() -> None:
         "task": task.name, "prompt_tokens": int(tokens.shape[1]), "batch_pairs": base.batch_pairs, "mask_steps": base.steps,
         "stop_window": stop_cfg.stop_window, "pairs": pairs,
         "ratio_to_plain": {v: round(p["seconds_per_pair"] / ref["seconds_per_pair"], 3) for v, p in pairs.items()} if ref else None,
-        "mask_step": steps, "mask_step_ratio": round(steps["exact"]["step_ms"] / steps["plain"]["step_ms"], 3),
+        "mask_step": steps, "mask_step_ratio": round(steps["exact"]["step_ms"] / steps["plain"]["step_ms"], 3) if steps else None,
         "plain_matmul_gflops": round(rate, 2),
         "mlp_matmul_shape": [rows, cfg.d_model, cfg.d_mlp],
-        "step_share_of_matmul_rate": {v: round(s["achieved_gflops"] / rate, 3) for v, s in steps.items()},
+        "step_share_of_matmul_rate": {v: round(s["achieved_gflops"] / rate, 3) for v, s in steps.items()} or None,
     }
     print(json.dumps(out, indent=2))
 

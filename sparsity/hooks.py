@@ -21,6 +21,10 @@ A forward that reads one position per row (``model(idx, at=…)``) runs its last
 those positions alone, past the keys and values: there a hook point holds (B, 1, width), row
 b at position ``hooks.positions[b]`` (None elsewhere). A replacement that depends on the
 position (resample ablation) reads it; such a forward never runs while recording.
+``GPT.read_pairs`` (prompt pairs that share a prefix) runs its rows packed: there a hook
+point before the read positions holds (N, width), the N valid positions of all rows one
+after another; replacements that treat every position alike (the pruning gates under mean
+or zero ablation) see no difference.
 """
 
 from __future__ import annotations

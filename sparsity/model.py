@@ -67,6 +67,33 @@ class AttentionSink(nn.Module):
         return probs @ v
 
 
+class Packed:
+    """R rows of different lengths held as their valid positions alone: (N, width), row
+    after row, N = Σ lengths. Everything in a block but attention's mixing works position by
+    position (norms, projections, AbsTopK, the MLP, every hook point), so on packed rows it
+    skips the padding that a (R, T, width) grid of prompts of mixed lengths carries (a quarter
+    of the positions of a pruning batch, over the 20 tasks); attention gets the grid from
+    :meth:`grid`, zeros at the padding, which no query at a valid position can see."""
+
+    def __init__(self, lengths: torch.Tensor, T: int):
+        self.R, self.T = lengths.shape[0], T
+        valid = torch.arange(T, device=lengths.device) < lengths[:, None]  # (R, T)
+        self.index = valid.reshape(-1).nonzero().squeeze(1)  # (N,): each packed row's place in the R·T grid
+        self.offset = torch.cumsum(lengths, 0) - lengths  # (R,): where each row starts among the packed rows
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, w) → (R, T, w), zeros at the padding."""
+        return x.new_zeros(self.R * self.T, x.shape[-1]).index_copy(0, self.index, x).view(self.R, self.T, -1)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, T, w) → (N, w)."""
+        return x.reshape(self.R * self.T, -1).index_select(0, self.index)
+
+    def at(self, t: torch.Tensor) -> torch.Tensor:
+        """(R,) positions within each row → their (R,) indices among the packed rows."""
+        return self.offset + t
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, hooks: Hooks, sparsify: _Sparsifier):
         super().__init__()
@@ -78,22 +105,27 @@ class CausalSelfAttention(nn.Module):
         p = f"{layer}.attn."
         self.h_in, self.h_q, self.h_k, self.h_v, self.h_y = p + "act_in", p + "q", p + "k", p + "v", p + "y"
 
-    def forward(self, x: torch.Tensor, kv: list | None = None) -> torch.Tensor:
-        """(B, T, d_model) → (B, T, d_model); ``kv``: a list that gets this layer's keys and
-        values, (B, H, T, D) each as attention used them (after AbsTopK and hooks)."""
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, kv: list | None = None, lay: Packed | None = None) -> torch.Tensor:
+        """(B, T, d_model) → (B, T, d_model), or packed rows (N, d_model) → (N, d_model) with
+        their layout ``lay``; ``kv``: a list that gets this layer's keys and values, (B, H, T,
+        D) each as attention used them (after AbsTopK and hooks)."""
         hooks, sp = self.hooks, self.sparsify
         x = sp("attn_in", x)
         if hooks.active:
             x = hooks(self.h_in, x)
-        q, k, v = sp.qkv(self.c_attn(x))  # each (B, T, n_head·d_head)
+        q, k, v = sp.qkv(self.c_attn(x))  # each (B, T, n_head·d_head), or (N, …) packed
         if hooks.active:
             q, k, v = hooks(self.h_q, q), hooks(self.h_k, k), hooks(self.h_v, v)
+        if lay is not None:
+            q, k, v = (lay.grid(t) for t in (q, k, v))
+        B, T = q.shape[:2]
         q, k, v = (self._heads(t) for t in (q, k, v))  # (B, H, T, D)
         if kv is not None:
             kv.append((k, v))
         y = self._attend(q, k, v, None)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head)  # (B, T, n_head·d_head)
+        if lay is not None:
+            y = lay.rows(y)
         if hooks.active:
             y = hooks(self.h_y, y)
         return sp("attn_out", self.c_proj(y))
@@ -111,13 +143,13 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
 
-    def _kv_q_at(self, x: torch.Tensor, at_rows: torch.Tensor):
-        """Keys and values at every position of x (B, T, d_model) and the query at position
-        ``at_rows[b]`` of row b alone (hooked inside the caller's at_positions)."""
+    def _kv_q_at(self, x: torch.Tensor, x_at: torch.Tensor):
+        """Keys and values at every position of x ((B, T, d_model), or packed rows) and the
+        query from x_at (B, 1, d_model), x at the read positions (hooked inside the caller's
+        at_positions)."""
         a = self.n_head * self.d_head
         w, b = self.c_attn.weight, self.c_attn.bias
         k, v = self.sparsify.kv(F.linear(x, w[a:], None if b is None else b[a:]))  # each (B, T, a)
-        x_at = x[torch.arange(x.shape[0], device=x.device), at_rows].unsqueeze(1)  # (B, 1, d_model)
         q = self.sparsify("attn_q", F.linear(x_at, w[:a], None if b is None else b[:a]))  # (B, 1, a)
         if self.hooks.active:
             k, v = self.hooks(self.h_k, k), self.hooks(self.h_v, v)
@@ -134,16 +166,20 @@ class CausalSelfAttention(nn.Module):
             y = hooks(self.h_y, y)
         return self.sparsify("attn_out", self.c_proj(y))
 
-    def forward_at(self, x: torch.Tensor, at: torch.Tensor, kv: list | None = None) -> torch.Tensor:
+    def forward_at(self, x: torch.Tensor, at: torch.Tensor, kv: list | None = None, lay: Packed | None = None) -> torch.Tensor:
         """The attention output at one position per row, ``at`` (B,): (B, 1, d_model) from
-        x (B, T, d_model). Keys and values at every position (the read position attends to
-        them), the query, the mixing and c_proj at the read position alone; hook points past
-        the keys see (B, 1, width) tensors with ``hooks.positions`` = at."""
-        B, T, _ = x.shape
+        x (B, T, d_model), or from packed rows (N, d_model) with their layout ``lay``. Keys
+        and values at every position (the read position attends to them), the query, the
+        mixing and c_proj at the read position alone; hook points past the keys see (B, 1,
+        width) tensors with ``hooks.positions`` = at."""
         x = self.sparsify("attn_in", x)
         if self.hooks.active:
             x = self.hooks(self.h_in, x)
-        k, v, q = self._kv_q_at(x, at)
+        x_at = x[torch.arange(x.shape[0], device=x.device), at] if lay is None else x[lay.at(at)]
+        k, v, q = self._kv_q_at(x, x_at.unsqueeze(1))
+        if lay is not None:
+            k, v = lay.grid(k), lay.grid(v)
+        B, T = k.shape[:2]
         k, v = self._heads(k), self._heads(v)  # (B, H, T, D)
         if kv is not None:
             kv.append((k, v))
@@ -151,13 +187,13 @@ class CausalSelfAttention(nn.Module):
         with self.hooks.at_positions(at):
             return self._out_at(q, k, v, visible)
 
-    def forward_suffix(self, x: torch.Tensor, pos: torch.Tensor, prefix: tuple, start: torch.Tensor,
+    def forward_suffix(self, x: torch.Tensor, lay: Packed, pos: torch.Tensor, prefix: tuple, start: torch.Tensor,
                        at: torch.Tensor | None = None) -> torch.Tensor:
         """Attention for rows whose first ``start[r]`` positions are those of another row,
         whose keys and values ``prefix`` holds ((R, H, Tp, D) each, row r's partner in row
-        r). x (R, S, d_model): the rest, at positions ``pos`` = start + (0 … S-1). Returns
-        (R, S, d_model); with ``at`` (R,), only there: (R, 1, d_model) (the last block)."""
-        R, S, _ = x.shape
+        r). x: the rest of each row, packed (N, d_model) as ``lay`` says, whose (R, S) grid
+        is at positions ``pos`` = start + (0 … S-1). Returns (N, d_model); with ``at`` (R,),
+        only there: (R, 1, d_model) (the last block)."""
         hooks, sp = self.hooks, self.sparsify
         x = sp("attn_in", x)
         if hooks.active:
@@ -166,21 +202,22 @@ class CausalSelfAttention(nn.Module):
             q, k, v = sp.qkv(self.c_attn(x))
             if hooks.active:
                 q, k, v = hooks(self.h_q, q), hooks(self.h_k, k), hooks(self.h_v, v)
-            q_pos = pos
+            q, q_pos = lay.grid(q), pos
         else:
-            k, v, q = self._kv_q_at(x, at - start)
+            k, v, q = self._kv_q_at(x, x[lay.at(at - start)].unsqueeze(1))
             q_pos = at[:, None]
         # keys: the partner's (visible before start), then the row's own (up to each query's
         # position): attention does not depend on the keys' order
-        k, v = self._heads(k), self._heads(v)
+        k, v = self._heads(lay.grid(k)), self._heads(lay.grid(v))
         K, V = torch.cat([prefix[0], k], 2), torch.cat([prefix[1], v], 2)
-        Tp, Sq = prefix[0].shape[2], q_pos.shape[1]
+        R, Tp, Sq = lay.R, prefix[0].shape[2], q_pos.shape[1]
         partner = (torch.arange(Tp, device=x.device) < start[:, None])[:, None, :].expand(R, Sq, Tp)
         visible = torch.cat([partner, pos[:, None, :] <= q_pos[:, :, None]], 2).unsqueeze(1)  # (R, 1, Sq, Tp + S)
         if at is not None:
             with hooks.at_positions(at):
                 return self._out_at(q, K, V, visible)
-        y = self._attend(self._heads(q), K, V, visible).transpose(1, 2).reshape(R, S, self.n_head * self.d_head)
+        y = self._attend(self._heads(q), K, V, visible).transpose(1, 2).reshape(R, lay.T, self.n_head * self.d_head)
+        y = lay.rows(y)
         if hooks.active:
             y = hooks(self.h_y, y)
         return sp("attn_out", self.c_proj(y))
@@ -219,25 +256,27 @@ class Block(nn.Module):
         self.hooks = hooks
         self.h = {n: f"{layer}.{n}" for n in ("resid_in", "attn.resid_delta", "resid_mid", "mlp.resid_delta")}
 
-    def forward(self, x: torch.Tensor, kv: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: list | None = None, lay: Packed | None = None) -> torch.Tensor:
+        """(B, T, d_model) → (B, T, d_model); packed rows (N, d_model) with their layout ``lay``."""
         hooks, h = self.hooks, self.h
         if not hooks.active:
-            x = x + self.attn(self.ln_1(x), kv)
+            x = x + self.attn(self.ln_1(x), kv, lay)
             return x + self.mlp(self.ln_2(x))
         x = hooks(h["resid_in"], x)
-        x = x + hooks(h["attn.resid_delta"], self.attn(self.ln_1(x), kv))
+        x = x + hooks(h["attn.resid_delta"], self.attn(self.ln_1(x), kv, lay))
         x = hooks(h["resid_mid"], x)
         return x + hooks(h["mlp.resid_delta"], self.mlp(self.ln_2(x)))
 
-    def forward_at(self, x: torch.Tensor, at: torch.Tensor, kv: list | None = None) -> torch.Tensor:
+    def forward_at(self, x: torch.Tensor, at: torch.Tensor, kv: list | None = None, lay: Packed | None = None) -> torch.Tensor:
         """The block's output at one position per row, ``at`` (B,): (B, 1, d_model) from x
-        (B, T, d_model) — what a last block owes a reader of those positions. Only the keys
-        and values of attention need every position; the rest runs at the read positions,
-        with ``hooks.positions`` = at while it does."""
+        (B, T, d_model), or from packed rows with their layout ``lay`` — what a last block
+        owes a reader of those positions. Only the keys and values of attention need every
+        position; the rest runs at the read positions, with ``hooks.positions`` = at while it does."""
         if self.hooks.active:
             x = self.hooks(self.h["resid_in"], x)
-        a = self.attn.forward_at(self.ln_1(x), at, kv)
-        return self._rest_at(x[torch.arange(x.shape[0], device=x.device), at].unsqueeze(1), a, at)
+        a = self.attn.forward_at(self.ln_1(x), at, kv, lay)
+        x_at = x[torch.arange(x.shape[0], device=x.device), at] if lay is None else x[lay.at(at)]
+        return self._rest_at(x_at.unsqueeze(1), a, at)
 
     def _rest_at(self, x: torch.Tensor, a: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """The residual x (B, 1, d_model) at the read positions plus attention's output a there, then the MLP."""
@@ -250,17 +289,18 @@ class Block(nn.Module):
             x = hooks(h["resid_mid"], x)
             return x + hooks(h["mlp.resid_delta"], self.mlp(self.ln_2(x)))
 
-    def forward_suffix(self, x: torch.Tensor, pos: torch.Tensor, prefix: tuple, start: torch.Tensor,
+    def forward_suffix(self, x: torch.Tensor, lay: Packed, pos: torch.Tensor, prefix: tuple, start: torch.Tensor,
                        at: torch.Tensor | None = None) -> torch.Tensor:
         """The block on rows whose positions before ``start`` are another row's (whose keys
-        and values at this layer are ``prefix``): x (R, S, d_model) at positions ``pos``.
-        With ``at`` (R,), the output at that position alone, (R, 1, d_model)."""
+        and values at this layer are ``prefix``): x packed (N, d_model) as ``lay`` says,
+        whose (R, S) grid is at positions ``pos``. With ``at`` (R,), the output at that
+        position alone, (R, 1, d_model)."""
         hooks, h = self.hooks, self.h
         if hooks.active:
             x = hooks(h["resid_in"], x)
-        a = self.attn.forward_suffix(self.ln_1(x), pos, prefix, start, at)
+        a = self.attn.forward_suffix(self.ln_1(x), lay, pos, prefix, start, at)
         if at is not None:
-            return self._rest_at(x[torch.arange(x.shape[0], device=x.device), at - start].unsqueeze(1), a, at)
+            return self._rest_at(x[lay.at(at - start)].unsqueeze(1), a, at)
         x = x + (hooks(h["attn.resid_delta"], a) if hooks.active else a)
         if hooks.active:
             x = hooks(h["resid_mid"], x)
@@ -370,27 +410,35 @@ class GPT(nn.Module):
         """``(model(a, at=at_a), model(b, at=at_b))`` for rows b that begin as rows a do:
         b[r, :start[r]] == a[r, :start[r]], and start[r] ≤ at_b[r]. Causal attention makes
         those positions' activations row a's, so row b runs from start[r] on only, its
-        attention reading row a's keys and values before it. Exact wherever every hook
-        replacement treats each position alike (not for position-dependent ones, nor while
-        recording). A task's clean and corrupt prompts share most of their tokens: this
-        spares about a quarter of a pruning step's FLOPs. ``cols`` (R, K): only these logits of
-        each pair, (R, K) each (a task reads two: its answer and the alternative)."""
-        Ta = a.shape[1]
-        S = int((at_b - start).max()) + 1
+        attention reading row a's keys and values before it. A task's clean and corrupt
+        prompts share most of their tokens: this spares about a quarter of a pruning step's
+        FLOPs. Both sides run packed (:class:`Packed`): no position past a row's read
+        position is computed, and hook points before the read positions hold (N, width)
+        packed rows. Exact wherever every hook replacement treats each position alike (not
+        for position-dependent ones, nor while recording). ``cols`` (R, K): only these logits
+        of each pair, (R, K) each (a task reads two: its answer and the alternative)."""
+        # Both sides run packed (:class:`Packed`): row a up to its read position (and up to
+        # where b departs from it, whose keys b reads), row b from its departure to its read position.
+        len_a, len_b = torch.maximum(at_a + 1, start), at_b - start + 1
+        Ta, S = int(len_a.max()), int(len_b.max())
         for T in (Ta, int(at_b.max()) + 1):
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
         t = self.transformer
-        pos = start[:, None] + torch.arange(S, device=b.device)  # (R, S): b's own positions (past a row's end: never read)
-        xa = t.wte(a) + t.wpe.weight[:Ta]
-        xb = t.wte(b.gather(1, pos.clamp(max=b.shape[1] - 1))) + t.wpe(pos.clamp(max=self.config.block_size - 1))
+        lay_a, lay_b = Packed(len_a, Ta), Packed(len_b, S)
+        row_a, pos_a = lay_a.index.div(Ta, rounding_mode="floor"), lay_a.index.remainder(Ta)
+        row_b = lay_b.index.div(S, rounding_mode="floor")
+        pos_b = start[row_b] + lay_b.index.remainder(S)
+        pos = start[:, None] + torch.arange(S, device=b.device)  # (R, S): b's own positions, the grid of lay_b
+        xa = t.wte(a[row_a, pos_a]) + t.wpe.weight[pos_a]  # (Na, d_model)
+        xb = t.wte(b[row_b, pos_b]) + t.wpe.weight[pos_b]  # (Nb, d_model)
         for block in t.h[:-1]:
             kv: list = []
-            xa = block(xa, kv)
-            xb = block.forward_suffix(xb, pos, kv[0], start)
+            xa = block(xa, kv, lay_a)
+            xb = block.forward_suffix(xb, lay_b, pos, kv[0], start)
         kv = []
-        ya = t.h[-1].forward_at(xa, at_a, kv)
-        yb = t.h[-1].forward_suffix(xb, pos, kv[0], start, at_b)
+        ya = t.h[-1].forward_at(xa, at_a, kv, lay_a)
+        yb = t.h[-1].forward_suffix(xb, lay_b, pos, kv[0], start, at_b)
         rows = torch.arange(a.shape[0], device=a.device)
         return self._logits_at(ya, a[rows, at_a], at_a, cols), self._logits_at(yb, b[rows, at_b], at_b, cols)
 

@@ -57,11 +57,13 @@ def joint(b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 BUCKETS = 4  # a batch runs as this many length buckets, each trimmed to its own longest prompt
-# ... and as this many when corrupt prompts share their clean twin's prefix: each bucket is
-# then two passes (clean, then corrupt suffixes), and at these sizes a pass costs more in
-# op overhead than padding does (a mask step on the demo's d128 model, 2 cores: 2 buckets
-# 68-73 ms against 77-83 ms with 3 and 93-97 ms with 4; 4 unshared buckets: 87-93 ms)
-PAIRED_BUCKETS = 2
+# ... and in buckets of about this many pairs when corrupt prompts share their clean twin's
+# prefix. Those run packed (GPT.read_pairs: every position-wise op skips the padding), so
+# padding costs only in attention's mixing, and each bucket is two passes whose op overhead
+# is paid again: on the demo's d128 model, 2 cores, a mask step (64 pairs) in one bucket
+# took 0.75-1.04 (mean 0.90) of the unpacked step in two, over 9 tasks, and a verification
+# forward (128 pairs) in two buckets 0.76-1.02 (mean 0.89) (docs/pruning-speed.md)
+PAIRS_PER_BUCKET = 64
 
 
 def answer_logits(model, gates: Gates | None, tokens: torch.Tensor, last: torch.Tensor, fixed=None,
@@ -108,7 +110,7 @@ def paired_logits(model, a, last_a, b, last_b, cols=None) -> torch.Tensor:
     start = shared_prefix(a, b, last_a, last_b)
     order = torch.argsort(last_a, stable=True)
     pa, pb = [], []
-    for idx in order.chunk(min(PAIRED_BUCKETS, len(order))):
+    for idx in order.chunk(max(1, round(len(order) / PAIRS_PER_BUCKET))):
         ya, yb = model.read_pairs(a[idx, : int(last_a[idx].max()) + 1], last_a[idx],
                                   b[idx, : int(last_b[idx].max()) + 1], last_b[idx], start[idx],
                                   None if cols is None else cols[idx])

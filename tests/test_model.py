@@ -197,7 +197,9 @@ def test_a_pair_sharing_a_prefix_gives_the_logits_and_gradients_of_two_separate_
     """GPT.read_pairs runs row b only from where it departs from row a, reading a's keys and
     values before that: the logits of both rows and the gradients reaching every hook point
     are those of model(a, at=…) and model(b, at=…), for departures anywhere from the first
-    token to b's read position, and b rows shorter or longer than a's."""
+    token to b's read position (also past a's), and b rows shorter or longer than a's. Both
+    sides run packed: a hook point before the read positions sees each row's positions up
+    to its read position (a's also up to b's departure) and no padding."""
     model = _model(**kw).double()
     if model.bigram_table is not None:
         with torch.no_grad():
@@ -209,7 +211,7 @@ def test_a_pair_sharing_a_prefix_gives_the_logits_and_gradients_of_two_separate_
     for r, j in enumerate(start.tolist()):
         b[r, j:] = torch.randint(0, 128, (16 - j,), generator=g)
         b[r, j] = (a[r, j] + 1) % 128 if j < 12 else b[r, j]
-    at_a, at_b = torch.tensor([11, 4, 10, 11, 9, 11]), torch.tensor([15, 3, 10, 14, 5, 12])
+    at_a, at_b = torch.tensor([11, 4, 10, 11, 3, 11]), torch.tensor([15, 3, 10, 14, 5, 12])  # row 4: b departs past a's read position
     names = model.hooks.names
     gains = {n: torch.ones((), dtype=torch.double, requires_grad=True) for n in names}
 
@@ -225,7 +227,12 @@ def test_a_pair_sharing_a_prefix_gives_the_logits_and_gradients_of_two_separate_
         return la, lb, {n: gain.grad.clone() for n, gain in gains.items()}
 
     apart = run(lambda: (model(a, at=at_a), model(b, at=at_b)))
-    shared = run(lambda: model.read_pairs(a, at_a, b, at_b, start))
+    seen = []
+    with model.hooks.replace({"0.mlp.post_act": lambda x: seen.append(x.shape) or x}):
+        shared = run(lambda: model.read_pairs(a, at_a, b, at_b, start))
+    packed_a, packed_b = int(torch.maximum(at_a + 1, start).sum()), int((at_b - start + 1).sum())
+    if model.config.n_layer > 1:  # (the last block runs its MLP at the read positions alone)
+        assert [s[:-1] for s in seen] == [(packed_a,), (packed_b,)]
     for x, y in zip(shared[:2], apart[:2], strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     for n in names:
@@ -237,7 +244,7 @@ def test_a_pair_sharing_a_prefix_gives_the_logits_and_gradients_of_two_separate_
         torch.testing.assert_close(x, y.detach()[rows, cols], rtol=1e-12, atol=1e-12)
     from sparsity.scoring import shared_prefix
 
-    assert shared_prefix(a, b[:, :12], at_a, at_b).tolist() == start.tolist()
+    assert shared_prefix(a, b[:, :12], at_a, at_b).tolist() == torch.minimum(start, at_a + 1).tolist()  # never past a's read position
     assert shared_prefix(a, a, at_a, at_a - 2).tolist() == (at_a - 2).tolist()  # never past b's read position
     assert shared_prefix(a, a, at_a - 3, at_a).tolist() == (at_a - 2).tolist()  # nor a's end
 
