@@ -14,8 +14,9 @@ Variants, each one whole (task, checkpoint) pair, timed in this one run:
                with H(τ) per hook call, one τ parameter per location, all 400 mask steps;
   positions    the last block at the read positions only (keys and values excepted), gates as
                one lerp with H(τ) once per step, all τ in one tensor;
-  exact        also each corrupt prompt run only from where it departs from its clean twin
-               (GPT.read_pairs): with ``positions``, the same masks, losses and k as plain;
+  exact        also each corrupt prompt run only from where it departs from its clean twin,
+               both sides packed to their valid positions (GPT.read_pairs): with
+               ``positions``, the same masks, losses and k as plain;
   exact+stop   also stop mask training once it has converged (PruneConfig.stop_window).
 Per variant: seconds per pair, its phases (setup, mask training, choosing k, verification,
 the sufficiency controls, edges), mask steps run and the circuit; ratios against plain.
