@@ -1,7 +1,8 @@
 """Pruning cost for the demo-size model on this machine, and where it goes; prints one JSON object.
 
     python benchmarks/prune.py [--task single_double_quote] [--checkpoint CKPT] [--device cpu]
-                               [--no-abstopk] [--variants plain,positions,exact,exact+stop] [--profile-steps 10] [--smoke]
+                               [--no-abstopk] [--variants plain,positions,exact,exact+stop] [--profile-steps 10]
+                               [--repeats 1] [--smoke]
 
 Model: the demo's d_model-128 model (``demo.full_plan()`` at ef 2: 2 layers, ctx 128, AbsTopK
 at afrac 0.25), random init, on the stdlib tokenizer; ``--checkpoint``: a trained checkpoint
@@ -20,6 +21,8 @@ Variants, each one whole (task, checkpoint) pair, timed in this one run:
   exact+stop   also stop mask training once it has converged (PruneConfig.stop_window).
 Per variant: seconds per pair, its phases (setup, mask training, choosing k, verification,
 the sufficiency controls, edges), mask steps run and the circuit; ratios against plain.
+``--repeats N``: the variants take turns N times and each reports the median of its runs
+(a machine's speed drifts over minutes; one run's ratio can move by a fifth).
 
 Per mask step (plain, positions and exact): forward and backward milliseconds; the share of the step in
 gates, AbsTopK, attention and the MLP (torch.profiler, backward ops attributed to the forward
@@ -225,8 +228,12 @@ def main() -> None:
     ap.add_argument("--no-abstopk", action="store_true", help="AbsTopK off (demo.full_plan(paper=False))")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--profile-steps", type=int, default=10, help="mask steps timed per variant for the step profile (0: no step profile)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every variant this many times, taking turns (plain, exact+stop, plain, …): medians and their ratio")
     ap.add_argument("--smoke", action="store_true", help="a d_model-32 model, 60 mask steps: the code path in seconds")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: give 1 or more")
     if args.profile_steps < 0:
         ap.error(f"--profile-steps {args.profile_steps}: give a count of mask steps, 0 or more")
     variants = [v for v in args.variants.split(",") if v]
@@ -254,15 +261,20 @@ def main() -> None:
     rows = int(tokens.shape[0] * (last.float().mean() + 1))
     rate = _matmul_rate(rows, cfg.d_model, cfg.d_mlp, dev)
 
-    pairs = {}
-    for v in variants:
-        with _variant(model, v):
-            t0 = time.perf_counter()
-            c = prune_lib.prune_targets(model, task, tok, stop_cfg if v == "exact+stop" else base, device=dev, ablate=mu)[0]
-            m = c.metrics
-            pairs[v] = {"seconds_per_pair": round(time.perf_counter() - t0, 2), "phase_seconds": json.loads(m["phase_seconds"]),
-                        "mask_steps": m["mask_steps"], "stop_reason": m["stop_reason"], "status": m["status"],
-                        "n_nodes": len(c.nodes), "n_edges": c.n_edges}
+    # The machine's speed drifts by 10-25% over minutes: with --repeats the variants take
+    # turns, and each reports the median of its runs (the circuit is the same every time).
+    pairs: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for v in variants:
+            with _variant(model, v):
+                t0 = time.perf_counter()
+                c = prune_lib.prune_targets(model, task, tok, stop_cfg if v == "exact+stop" else base, device=dev, ablate=mu)[0]
+                m = c.metrics
+                runs = pairs.get(v, {}).get("runs", []) + [round(time.perf_counter() - t0, 2)]
+                pairs[v] = {"seconds_per_pair": round(float(np.median(runs)), 2), "runs": runs,
+                            "phase_seconds": json.loads(m["phase_seconds"]),
+                            "mask_steps": m["mask_steps"], "stop_reason": m["stop_reason"], "status": m["status"],
+                            "n_nodes": len(c.nodes), "n_edges": c.n_edges}
     ref = pairs.get("plain")
     out = {
         "device": str(dev), "threads": torch.get_num_threads(), "model": what,

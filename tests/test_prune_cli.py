@@ -234,14 +234,15 @@ def test_the_pruning_benchmark_times_each_path_and_says_where_a_step_goes():
     """`benchmarks/prune.py --smoke`: the plain path, the read positions alone, all the exact
     savings and early stopping on one pair, with their phases, the same circuit from the three
     exact-equivalent paths, and a mask step split into gates / AbsTopK / attention / MLP /
-    other that adds up, with fewer FLOPs at each saving."""
+    other that adds up, with fewer FLOPs at each saving; with --repeats, every variant timed
+    that many times and reported by its median."""
     import json
     import os
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "benchmarks/prune.py", "--smoke", "--profile-steps", "2"], cwd=root,
+    p = subprocess.run([sys.executable, "benchmarks/prune.py", "--smoke", "--profile-steps", "2", "--repeats", "2"], cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout)
@@ -250,6 +251,8 @@ def test_the_pruning_benchmark_times_each_path_and_says_where_a_step_goes():
     for v in ("positions", "exact"):
         assert {k: pairs["plain"][k] for k in ("status", "n_nodes", "n_edges", "mask_steps")} == \
             {k: pairs[v][k] for k in ("status", "n_nodes", "n_edges", "mask_steps")}
+    for v in pairs.values():
+        assert len(v["runs"]) == 2 and v["seconds_per_pair"] == pytest.approx(sum(v["runs"]) / 2, abs=0.011)
     assert pairs["plain"]["stop_reason"] == "max_steps" and pairs["exact+stop"]["mask_steps"] <= pairs["plain"]["mask_steps"]
     assert {"setup", "masks", "choose_k", "verify"} <= set(pairs["exact"]["phase_seconds"])
     for step in out["mask_step"].values():
