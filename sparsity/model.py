@@ -79,6 +79,7 @@ class Packed:
         self.R, self.T = lengths.shape[0], T
         valid = torch.arange(T, device=lengths.device) < lengths[:, None]  # (R, T)
         self.index = valid.reshape(-1).nonzero().squeeze(1)  # (N,): each packed row's place in the R·T grid
+        self.row, self.pos = self.index.div(T, rounding_mode="floor"), self.index.remainder(T)  # (N,) each: its row, its place in it
         self.offset = torch.cumsum(lengths, 0) - lengths  # (R,): where each row starts among the packed rows
 
     def grid(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,11 @@ class Packed:
     def at(self, t: torch.Tensor) -> torch.Tensor:
         """(R,) positions within each row → their (R,) indices among the packed rows."""
         return self.offset + t
+
+
+def _at(x: torch.Tensor, at: torch.Tensor, lay: Packed | None) -> torch.Tensor:
+    """Row b of x at position at[b]: (B, 1, width), from (B, T, width) or from packed rows laid out as ``lay``."""
+    return (x[torch.arange(x.shape[0], device=x.device), at] if lay is None else x[lay.at(at)]).unsqueeze(1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -175,8 +181,7 @@ class CausalSelfAttention(nn.Module):
         x = self.sparsify("attn_in", x)
         if self.hooks.active:
             x = self.hooks(self.h_in, x)
-        x_at = x[torch.arange(x.shape[0], device=x.device), at] if lay is None else x[lay.at(at)]
-        k, v, q = self._kv_q_at(x, x_at.unsqueeze(1))
+        k, v, q = self._kv_q_at(x, _at(x, at, lay))
         if lay is not None:
             k, v = lay.grid(k), lay.grid(v)
         B, T = k.shape[:2]
@@ -204,7 +209,7 @@ class CausalSelfAttention(nn.Module):
                 q, k, v = hooks(self.h_q, q), hooks(self.h_k, k), hooks(self.h_v, v)
             q, q_pos = lay.grid(q), pos
         else:
-            k, v, q = self._kv_q_at(x, x[lay.at(at - start)].unsqueeze(1))
+            k, v, q = self._kv_q_at(x, _at(x, at - start, lay))
             q_pos = at[:, None]
         # keys: the partner's (visible before start), then the row's own (up to each query's
         # position): attention does not depend on the keys' order
@@ -275,8 +280,7 @@ class Block(nn.Module):
         if self.hooks.active:
             x = self.hooks(self.h["resid_in"], x)
         a = self.attn.forward_at(self.ln_1(x), at, kv, lay)
-        x_at = x[torch.arange(x.shape[0], device=x.device), at] if lay is None else x[lay.at(at)]
-        return self._rest_at(x_at.unsqueeze(1), a, at)
+        return self._rest_at(_at(x, at, lay), a, at)
 
     def _rest_at(self, x: torch.Tensor, a: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """The residual x (B, 1, d_model) at the read positions plus attention's output a there, then the MLP."""
@@ -300,7 +304,7 @@ class Block(nn.Module):
             x = hooks(h["resid_in"], x)
         a = self.attn.forward_suffix(self.ln_1(x), lay, pos, prefix, start, at)
         if at is not None:
-            return self._rest_at(x[lay.at(at - start)].unsqueeze(1), a, at)
+            return self._rest_at(_at(x, at - start, lay), a, at)
         x = x + (hooks(h["attn.resid_delta"], a) if hooks.active else a)
         if hooks.active:
             x = hooks(h["resid_mid"], x)
@@ -426,12 +430,10 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
         t = self.transformer
         lay_a, lay_b = Packed(len_a, Ta), Packed(len_b, S)
-        row_a, pos_a = lay_a.index.div(Ta, rounding_mode="floor"), lay_a.index.remainder(Ta)
-        row_b = lay_b.index.div(S, rounding_mode="floor")
-        pos_b = start[row_b] + lay_b.index.remainder(S)
         pos = start[:, None] + torch.arange(S, device=b.device)  # (R, S): b's own positions, the grid of lay_b
-        xa = t.wte(a[row_a, pos_a]) + t.wpe.weight[pos_a]  # (Na, d_model)
-        xb = t.wte(b[row_b, pos_b]) + t.wpe.weight[pos_b]  # (Nb, d_model)
+        pos_b = start[lay_b.row] + lay_b.pos
+        xa = t.wte(a[lay_a.row, lay_a.pos]) + t.wpe.weight[lay_a.pos]  # (Na, d_model)
+        xb = t.wte(b[lay_b.row, pos_b]) + t.wpe.weight[pos_b]  # (Nb, d_model)
         for block in t.h[:-1]:
             kv: list = []
             xa = block(xa, kv, lay_a)

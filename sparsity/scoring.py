@@ -111,9 +111,7 @@ def paired_logits(model, a, last_a, b, last_b, cols=None) -> torch.Tensor:
     order = torch.argsort(last_a, stable=True)
     pa, pb = [], []
     for idx in order.chunk(max(1, round(len(order) / PAIRS_PER_BUCKET))):
-        ya, yb = model.read_pairs(a[idx, : int(last_a[idx].max()) + 1], last_a[idx],
-                                  b[idx, : int(last_b[idx].max()) + 1], last_b[idx], start[idx],
-                                  None if cols is None else cols[idx])
+        ya, yb = model.read_pairs(a[idx], last_a[idx], b[idx], last_b[idx], start[idx], None if cols is None else cols[idx])
         pa.append(ya)
         pb.append(yb)
     back = torch.argsort(order)
