@@ -301,3 +301,31 @@ def test_search_stores_every_run_marks_the_best_verified_one_and_a_rerun_adds_no
     assert again.exit_code == 0 and "already searched" in again.stdout and len(pd.read_parquet(f"{out}/circuits")) == 4
     bad = runner.invoke(app, ["prune", planted_run, "--out", out, "--search", "1"])
     assert bad.exit_code == 2 and "--search must be ≥ 2" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_before_after_benchmark_times_two_trees_in_turns_and_checks_which_code_ran(planted_run, tmp_path):
+    """benchmarks/prune_before_after.py: the store's mask-training pairs pruned by two csp trees
+    in turns (here the checkout twice, so both sides must find the same circuits); each side
+    runs in its own tree and says so; a folder that is not a csp tree is a usage error."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "results")
+    r = runner.invoke(app, ["prune", planted_run, "--task", "single_double_quote", "--task", "if_equals", "--out", out, "--steps", "40"])
+    assert r.exit_code == 0, r.output
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "benchmarks/prune_before_after.py", out, "--steps", "20", "--rounds", "2", "--jobs", "1"]
+    p = subprocess.run([*cmd, "--before", root], cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout)
+    assert res["before"] == res["after"] == os.path.realpath(root)
+    assert [pair["task"] for pair in res["pairs"]] == ["single_double_quote"]  # if_equals is at chance: no mask trained
+    pair = res["pairs"][0]
+    assert len(pair["before_runs"]) == len(pair["after_runs"]) == 2 and len(res["rounds"]) == 2
+    assert pair["before_circuits"] == pair["after_circuits"] and pair["after_circuits"][0]["mask_steps"] <= 20
+    assert res["ratio_of_sums"] > 0 and pair["ratio"] > 0
+    bad = subprocess.run([*cmd, "--before", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no csp source tree there" in bad.stderr.strip().splitlines()[-1]
