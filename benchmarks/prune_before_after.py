@@ -95,7 +95,8 @@ def _side(tree: str, pairs: list[tuple[str, str]], jobs: int, steps: int | None)
     for p in procs:
         out, err = p.communicate()
         if p.returncode != 0:
-            raise SystemExit(f"pruning with the csp in {tree} failed (exit {p.returncode}): {err.strip().splitlines()[-1:] or ''}")
+            last = (err.strip().splitlines() or ["no message"])[-1]
+            raise SystemExit(f"pruning with the csp in {tree} failed (exit {p.returncode}): {last}")
         rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     wrong = {r["root"] for r in rows} - {os.path.realpath(tree)}
     if wrong:
