@@ -16,7 +16,8 @@ Variants, each one whole (task, checkpoint) pair, timed in this one run:
   positions    the last block at the read positions only (keys and values excepted), gates as
                one lerp with H(τ) once per step, all τ in one tensor;
   exact        also each corrupt prompt run only from where it departs from its clean twin,
-               both sides packed to their valid positions (GPT.read_pairs): with
+               both sides packed to their valid positions (GPT.read_pairs), and linear layers
+               that skip the columns closed gates hold fixed (sparsity/skip.py): with
                ``positions``, the same masks, losses and k as plain;
   exact+stop   also stop mask training once it has converged (PruneConfig.stop_window).
 Per variant: seconds per pair, its phases (setup, mask training, choosing k, verification,
@@ -24,7 +25,12 @@ the sufficiency controls, edges), mask steps run and the circuit; ratios against
 ``--repeats N``: the variants take turns N times and each reports the median of its runs
 (a machine's speed drifts over minutes; one run's ratio can move by a fifth).
 
-Per mask step (plain, positions and exact): forward and backward milliseconds; the share of the step in
+Every variant runs with freed memory kept for reuse (sparsity/allocator.py: it is
+process-wide, so the plain path gets it too and the ratios understate what was saved against
+the earlier code; ``CSP_MALLOC=system`` runs all of them with the C library's defaults).
+
+Per mask step (plain, positions and exact), at the masks of a training 80 steps in (most gates
+closed, as for most of a run; the share still open is reported): forward and backward milliseconds; the share of the step in
 gates, AbsTopK, attention and the MLP (torch.profiler, backward ops attributed to the forward
 op that made them); the step's matmul and attention FLOPs (torch.utils.flop_counter) against
 what this CPU does on a plain matmul of the MLP's shape.
@@ -44,7 +50,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sparsity import prune as prune_lib  # noqa: E402
-from sparsity import scoring  # noqa: E402
+from sparsity import scoring, skip  # noqa: E402
+from sparsity.allocator import keep_freed_memory  # noqa: E402
 from sparsity.config import PruneConfig  # noqa: E402
 from sparsity.tasks import REGISTRY, TRAIN_SEED, encode, pair_loss  # noqa: E402
 
@@ -57,11 +64,11 @@ def _variant(model, name: str):
     """The model and gates as the variant runs them."""
     model.read_positions_only = name != "plain"
     prune_lib.Gates.fused = name != "plain"
-    model.share_prefixes = name not in ("plain", "positions")
+    model.share_prefixes = skip.enabled = name not in ("plain", "positions")
     try:
         yield
     finally:
-        model.read_positions_only, prune_lib.Gates.fused, model.share_prefixes = True, True, True
+        model.read_positions_only, prune_lib.Gates.fused, model.share_prefixes, skip.enabled = True, True, True, True
 
 
 def _load(args):
@@ -167,6 +174,24 @@ def _shares(prof) -> dict:
     return {"forward": fwd, "backward": bwd}
 
 
+WARM_STEPS = 80
+
+
+def _warm_masks(model, mu, tokens, last, target, alt, cfg) -> dict[str, torch.Tensor]:
+    """τ of every location after WARM_STEPS mask steps on the profiled batch."""
+    gates = prune_lib.Gates(model, mu, cfg.surrogate_temp, cfg.init)
+    opt = torch.optim.AdamW(gates.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    for _ in range(WARM_STEPS):
+        masks = gates.masks()
+        lc, lx = scoring.split_pairs(scoring.answer_logits(model, gates, tokens, last, masks=masks))
+        loss = pair_loss(lc, lx, target, alt).mean() + cfg.k_coef * gates.l0(masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        gates.clamp_and_sum()
+    return {n: t.detach().clone() for n, t in gates.tau.items()}
+
+
 def _step_profile(model, gates, tokens, last, target, alt, cfg, n: int) -> dict:
     """Per mask step: forward / backward ms, labelled shares, FLOPs."""
     from torch.profiler import profile
@@ -202,7 +227,8 @@ def _step_profile(model, gates, tokens, last, target, alt, cfg, n: int) -> dict:
     sh = _shares(prof)
     total = sum(sh["forward"].values()) + sum(sh["backward"].values())
     share = {k: round((sh["forward"].get(k, 0) + sh["backward"].get(k, 0)) / total, 3) for k in (*LABELS, "other")}
-    return {"forward_ms": round(fwd, 1), "backward_ms": round(bwd, 1), "optimizer_ms": round(opt_s, 2),
+    return {"open_gates_share": round(gates.n_open() / sum(t.numel() for t in gates.tau.values()), 3),
+            "forward_ms": round(fwd, 1), "backward_ms": round(bwd, 1), "optimizer_ms": round(opt_s, 2),
             "step_ms": round(fwd + bwd + opt_s, 1), "share": share, "matmul_attention_gflop": round(flops / 1e9, 3),
             "achieved_gflops": round(flops / 1e9 / ((fwd + bwd + opt_s) / 1000), 2)}
 
@@ -241,6 +267,7 @@ def main() -> None:
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}: choose from {', '.join(VARIANTS)}")
     dev = torch.device(args.device)
+    malloc_tuned = keep_freed_memory()
     model, tok, mu, what = _load(args)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -254,9 +281,17 @@ def main() -> None:
     tokens, last = scoring.joint(b)
     step_args = (tokens.to(dev), last.to(dev), b.target.to(dev), b.alt.to(dev), base, args.profile_steps)
     steps = {}
+    # The step is profiled at the masks of a training WARM_STEPS in, where most steps run:
+    # by then most gates have closed (what sparsity/skip.py saves on), where at the start
+    # every gate is open.
+    warm = _warm_masks(model, mu, *step_args[:4], base) if args.profile_steps else {}
     for v in ("plain", "positions", "exact") if args.profile_steps else ():
         with _variant(model, v):
-            steps[v] = _step_profile(model, prune_lib.Gates(model, mu, base.surrogate_temp, base.init), *step_args)
+            gates = prune_lib.Gates(model, mu, base.surrogate_temp, base.init)
+            with torch.no_grad():
+                for n, t in gates.tau.items():
+                    t.copy_(warm[n])
+            steps[v] = _step_profile(model, gates, *step_args)
     cfg = model.config
     rows = int(tokens.shape[0] * (last.float().mean() + 1))
     rate = _matmul_rate(rows, cfg.d_model, cfg.d_mlp, dev)
@@ -277,7 +312,7 @@ def main() -> None:
                             "n_nodes": len(c.nodes), "n_edges": c.n_edges}
     ref = pairs.get("plain")
     out = {
-        "device": str(dev), "threads": torch.get_num_threads(), "model": what,
+        "device": str(dev), "threads": torch.get_num_threads(), "malloc_keeps_freed_memory": malloc_tuned, "model": what,
         "shape": f"d_model {cfg.d_model} × {cfg.n_layer} layers, d_mlp {cfg.d_mlp}, ctx {cfg.block_size}, afrac {cfg.afrac}",
         "task": task.name, "prompt_tokens": int(tokens.shape[1]), "batch_pairs": base.batch_pairs, "mask_steps": base.steps,
         "stop_window": stop_cfg.stop_window, "pairs": pairs,

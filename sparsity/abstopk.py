@@ -187,15 +187,15 @@ def abs_topk_parts_(x: torch.Tensor, ks: tuple[int | None, ...]) -> tuple[torch.
             return (x,) if width == n else x.split(width, dim=-1)
         base = x._base  # nn.Linear's 3-D output is a view of its 2-D matmul result: work on that
         if base is not None and base.shape[-1] == n and base.numel() == x.numel() and base.data_ptr() == x.data_ptr() and base.is_contiguous():
-            x, shape = base, x.shape
+            y, shape = base, x.shape
         else:
-            shape = None
+            y, shape = x, None
         # in place on a view would make autograd copy its base's gradient; and x must not be
         # what its own node keeps for the backward (relu's, tanh's output)
-        if not x.is_leaf and x._base is None and not _saved_by_its_node(x):
-            x = _CompiledInPlace.apply(x, ks)
-            x = x if shape is None else x.view(shape)
-            return (x,) if width == n else x.split(width, dim=-1)
+        if not y.is_leaf and y._base is None and not _saved_by_its_node(y):
+            y = _CompiledInPlace.apply(y, ks)
+            y = y if shape is None else y.view(shape)
+            return (y,) if width == n else y.split(width, dim=-1)
     parts = (x,) if width == n else x.split(width, dim=-1)
     return tuple(p if k is None else abs_topk(p, k) for p, k in zip(parts, ks, strict=True))
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
+from sparsity import skip
 from sparsity.circuit import NODE_LOCATIONS, node_sizes
 from sparsity.errors import ConfigError
 
@@ -167,7 +168,13 @@ class Gates:
             if not self.fused:
                 return x * g + mu * (1 - g)
             # x·g + μ·(1 − g) in one op: lerp is exact at g ∈ {0, 1} and its gradient in g is x − μ
-            return torch.lerp(mu.to(x.dtype), x, g.to(x.dtype))
+            z = torch.lerp(mu.to(x.dtype), x, g.to(x.dtype))
+            if mu.dim() == 1 and skip.enabled and z.is_cpu:  # closed nodes hold μ everywhere: a linear layer reading z may skip them
+                g = g.detach()
+                open_cols = g.nonzero().squeeze(1)
+                if open_cols.numel() <= skip.MAX_SHARE * g.numel():
+                    skip.mark(z, open_cols, (mu * (1 - g)).to(x.dtype))
+            return z
 
         return apply
 

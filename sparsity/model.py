@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsity import skip
 from sparsity.abstopk import (
     abs_topk,  # noqa: F401  (re-exported)
     abs_topk_parts_,  # called through this module: tests and benchmarks swap it
@@ -95,6 +96,12 @@ class Packed:
         return self.offset + t
 
 
+def _linear(lin: nn.Linear, x: torch.Tensor, hooks: Hooks) -> torch.Tensor:
+    """``lin(x)``; while hooks are active (pruning's gates), through :func:`sparsity.skip.linear`,
+    which skips the columns the gates hold fixed."""
+    return skip.linear(x, lin.weight, lin.bias) if hooks.active else lin(x)
+
+
 def _at(x: torch.Tensor, at: torch.Tensor, lay: Packed | None) -> torch.Tensor:
     """Row b of x at position at[b]: (B, 1, width), from (B, T, width) or from packed rows laid out as ``lay``."""
     return (x[torch.arange(x.shape[0], device=x.device), at] if lay is None else x[lay.at(at)]).unsqueeze(1)
@@ -119,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         x = sp("attn_in", x)
         if hooks.active:
             x = hooks(self.h_in, x)
-        q, k, v = sp.qkv(self.c_attn(x))  # each (B, T, n_head·d_head), or (N, …) packed
+        q, k, v = sp.qkv(_linear(self.c_attn, x, hooks))  # each (B, T, n_head·d_head), or (N, …) packed
         if hooks.active:
             q, k, v = hooks(self.h_q, q), hooks(self.h_k, k), hooks(self.h_v, v)
         if lay is not None:
@@ -134,7 +141,7 @@ class CausalSelfAttention(nn.Module):
             y = lay.rows(y)
         if hooks.active:
             y = hooks(self.h_y, y)
-        return sp("attn_out", self.c_proj(y))
+        return sp("attn_out", _linear(self.c_proj, y, hooks))
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(t.shape[0], t.shape[1], self.n_head, self.d_head).transpose(1, 2)
@@ -155,8 +162,9 @@ class CausalSelfAttention(nn.Module):
         at_positions)."""
         a = self.n_head * self.d_head
         w, b = self.c_attn.weight, self.c_attn.bias
-        k, v = self.sparsify.kv(F.linear(x, w[a:], None if b is None else b[a:]))  # each (B, T, a)
-        q = self.sparsify("attn_q", F.linear(x_at, w[:a], None if b is None else b[:a]))  # (B, 1, a)
+        lin = skip.linear if self.hooks.active else F.linear
+        k, v = self.sparsify.kv(lin(x, w[a:], None if b is None else b[a:]))  # each (B, T, a)
+        q = self.sparsify("attn_q", lin(skip.like(x_at, x), w[:a], None if b is None else b[:a]))  # (B, 1, a)
         if self.hooks.active:
             k, v = self.hooks(self.h_k, k), self.hooks(self.h_v, v)
         return k, v, q
@@ -170,7 +178,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(q.shape[0], 1, self.n_head * self.d_head)
         if hooks.active:
             y = hooks(self.h_y, y)
-        return self.sparsify("attn_out", self.c_proj(y))
+        return self.sparsify("attn_out", _linear(self.c_proj, y, hooks))
 
     def forward_at(self, x: torch.Tensor, at: torch.Tensor, kv: list | None = None, lay: Packed | None = None) -> torch.Tensor:
         """The attention output at one position per row, ``at`` (B,): (B, 1, d_model) from
@@ -204,7 +212,7 @@ class CausalSelfAttention(nn.Module):
         if hooks.active:
             x = hooks(self.h_in, x)
         if at is None:
-            q, k, v = sp.qkv(self.c_attn(x))
+            q, k, v = sp.qkv(_linear(self.c_attn, x, hooks))
             if hooks.active:
                 q, k, v = hooks(self.h_q, q), hooks(self.h_k, k), hooks(self.h_v, v)
             q, q_pos = lay.grid(q), pos
@@ -225,7 +233,7 @@ class CausalSelfAttention(nn.Module):
         y = lay.rows(y)
         if hooks.active:
             y = hooks(self.h_y, y)
-        return sp("attn_out", self.c_proj(y))
+        return sp("attn_out", _linear(self.c_proj, y, hooks))
 
 
 class MLP(nn.Module):
@@ -242,10 +250,10 @@ class MLP(nn.Module):
         x = sp("mlp_in", x)
         if hooks.active:
             x = hooks(self.h_in, x)
-        h = sp("mlp_neuron", self.act(self.c_fc(x)))  # (B, T, d_mlp)
+        h = sp("mlp_neuron", self.act(_linear(self.c_fc, x, hooks)))  # (B, T, d_mlp)
         if hooks.active:
             h = hooks(self.h_post, h)
-        return sp("mlp_out", self.c_proj(h))
+        return sp("mlp_out", _linear(self.c_proj, h, hooks))
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:

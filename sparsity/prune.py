@@ -36,6 +36,7 @@ from dataclasses import asdict
 
 import torch
 
+from sparsity.allocator import keep_freed_memory
 from sparsity.circuit import Circuit, edges_between, extra_edge_counts, node_sizes
 from sparsity.config import ABLATIONS, PruneConfig  # noqa: F401  (re-exported: the pruning config lives with the others)
 from sparsity.errors import ConfigError
@@ -197,6 +198,7 @@ def score_nodes(model, task: Task, tokenizer, nodes: Iterable[tuple[int, str, in
     as ``cfg`` says: sufficiency, necessity (with its random baseline), the fully ablated
     model, and the sufficiency controls (random-keep baselines, partial ablation) that a
     verified circuit gets — for circuits from elsewhere, or node sets drawn by hand."""
+    keep_freed_memory()
     cfg = cfg or PruneConfig()
     dev = torch.device(device)
     model = model.to(dev).eval()
@@ -255,6 +257,7 @@ def prune_targets(model, task: Task, tokenizer, cfg: PruneConfig | None = None,
     point of the convergence record (the record so far); ``circuits_now()`` returns, for the targets pruned, the circuits
     that stopping at that step would give (training then goes on unchanged)."""
     t0 = time.perf_counter()
+    keep_freed_memory()  # a mask step's activations, freed and allocated again, stay mapped
     clock = Clock()
     cfg = cfg or PruneConfig()
     dev = torch.device(device)

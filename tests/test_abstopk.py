@@ -167,6 +167,18 @@ def test_in_place_parts_keep_the_reference_set_and_pass_the_reference_gradient(d
     assert torch.equal(leaf.detach(), before)  # a leaf that needs a gradient is never overwritten
 
 
+def test_a_3d_view_of_a_leaf_keeps_its_shape(backend):
+    """A 3-D view whose 2-D base cannot be overwritten (a leaf that needs a gradient, as a
+    custom autograd Function's output can look): AbsTopK falls back to parts of the view
+    itself, of its own shape, and leaves the base alone."""
+    base = tricky((15, 16), 14).requires_grad_()
+    x = base.view(3, 5, 16)
+    before = base.detach().clone()
+    (got,) = abstopk_mod.abs_topk_parts_(x, (4,))
+    assert got.shape == (3, 5, 16) and torch.equal(got.detach(), _reference_parts(x.detach(), (4,))[0])
+    assert torch.equal(base.detach(), before)
+
+
 @pytest.mark.parametrize("activation", ("gelu", "relu"))
 def test_a_tiny_gpt_gives_the_old_formulations_logits_and_gradients(activation):
     """With afrac set at all 8 locations, logits and every parameter's gradient equal those

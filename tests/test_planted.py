@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsity import prune as prune_lib
-from sparsity import scoring
+from sparsity import scoring, skip
 from sparsity import tasks as task_lib
 from sparsity.config import ModelConfig
 from sparsity.model import GPT
@@ -233,11 +233,16 @@ def test_two_targets_from_one_mask_training_equal_two_single_target_runs(stdlib_
 
 
 def _prune_both_paths(model, task, tok, cfg, pretrain):
+    """(plain, fast): every block at every position with plain linear layers; then the
+    defaults (read positions only, shared prefixes, linear layers skipping the columns
+    closed gates hold fixed, sparsity/skip.py)."""
     out = []
-    for read_only in (False, True):
-        model.read_positions_only = read_only
-        out.append(prune_lib.prune_targets(model, task, tok, cfg, pretrain))
-    model.read_positions_only = True
+    try:
+        for fast in (False, True):
+            model.read_positions_only = skip.enabled = fast
+            out.append(prune_lib.prune_targets(model, task, tok, cfg, pretrain))
+    finally:
+        model.read_positions_only = skip.enabled = True
     return out
 
 
@@ -262,11 +267,13 @@ def test_reading_positions_only_changes_no_mask_loss_or_k_on_any_task(stdlib_tok
     tok, model, pretrain = stdlib_tokenizer, planted_model(stdlib_tokenizer), _pretrain(stdlib_rows)
     cfg = prune_lib.PruneConfig(steps=40, n_train=64, n_select=32, n_test=32, batch_pairs=16, prune_anyway=True)
     pruned = 0
+    skipped = dict(skip.counts)
     for task in task_lib.REGISTRY.values():
         plain, fast = _prune_both_paths(model, task, tok, cfg, pretrain)
         _same_circuits(plain, fast)
         pruned += plain[0].metrics["n_open"] is not None
     assert pruned == len(task_lib.REGISTRY)  # every task trained masks (none trivial)
+    assert all(skip.counts[k] > skipped[k] for k in skipped)  # the fast path did skip closed columns, both ways
 
 
 @pytest.mark.slow
