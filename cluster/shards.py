@@ -102,6 +102,18 @@ def intact(out_loc: storage.Location, record: dict, present: dict[str, int]) -> 
     return size is not None and record.get("bytes", size) == size
 
 
+def arrow_owned(payload: bytes):
+    """``payload`` copied into a buffer Arrow allocated. A Parquet read may drop its last
+    reference to the source on one of Arrow's pool threads, after the read returned; if the
+    source wraps a Python object, that thread must take the GIL to release it, and a thread
+    doing so while the interpreter exits is killed mid-destructor: the process aborts
+    ("terminate called without an active exception") after the command has finished. An
+    Arrow-owned buffer is released without Python."""
+    sink = pa.BufferOutputStream()
+    sink.write(payload)
+    return sink.getvalue()
+
+
 def shard_problems(loc: storage.Location, entry: dict, present: dict[str, int], n_ctx: int) -> list[str]:
     """What is wrong with one shard of a manifest ([] when nothing is)."""
     import pyarrow.parquet as pq
@@ -128,7 +140,7 @@ def shard_problems(loc: storage.Location, entry: dict, present: dict[str, int], 
     if not found and expected.get("sha256") not in (None, hashlib.sha256(payload).hexdigest()):
         found.append("content changed since it was written (sha256 differs)")
     try:
-        table = pq.read_table(pa.BufferReader(payload), page_checksum_verification=True)
+        table = pq.read_table(pa.BufferReader(arrow_owned(payload)), page_checksum_verification=True)
     except Exception as e:  # whatever pyarrow raises for damaged bytes
         found.append(f"not a readable Parquet file (corrupt or truncated: {' '.join(str(e).split())[:160]})")
         return found

@@ -196,6 +196,29 @@ def test_verify_passes_a_fresh_dataset_and_names_every_damaged_shard(ray_session
         shards.read_shard(_shard(out, overwritten))
 
 
+def test_shard_bytes_reach_arrow_in_a_buffer_that_holds_no_python_object():
+    """`data verify` reads each shard from bytes already in memory. Arrow may drop its last
+    reference to that source on a pool thread after the read returns; a source wrapping
+    Python bytes then needs the GIL there, and at interpreter exit that aborted the process
+    after the command had printed its answer (pyarrow 26, about one run in six on a loaded
+    2-core machine). The bytes handed over must be Arrow's own copy, not a view that keeps
+    the Python object alive (pa.py_buffer does, and would fail this test)."""
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"tokens": pa.array([[1, 2, 3], [4, 5, 6]], pa.list_(pa.uint16(), 3))})
+    payload = storage.parquet_bytes(table)
+    before = sys.getrefcount(payload)
+    view = pa.py_buffer(payload)
+    assert sys.getrefcount(payload) == before + 1  # the hazard this test exists to catch is visible this way
+    del view
+    owned = shards.arrow_owned(payload)
+    assert sys.getrefcount(payload) == before and owned.to_pybytes() == payload
+    assert pq.read_table(pa.BufferReader(owned)).equals(table)
+
+
 def test_a_corpus_directory_named_like_a_glob_is_read_as_that_directory(small_corpus, tmp_path):
     """`corpus [v1]` exists, so it is a directory, not a glob; globs below it work too."""
     import shutil
