@@ -144,19 +144,22 @@ def _worker(config: dict) -> None:
         history.append(m)
 
     def save(files: dict[str, bytes], step: int) -> None:
-        ckpt = None
-        if rank == 0:
-            lease.check_owner(storage.resolve(out).join(checkpoints.LEASE_FILE), config["owner"])  # the driver still owns the run
-            checkpoints.save(out, files, step, keep=cfg.train.milestones)
-            checkpoints.write_metrics(out, history, state.step if state is not None else 0)  # keeps what earlier attempts stored
-            tmp = tempfile.mkdtemp()
-            with open(os.path.join(tmp, "csp_checkpoint.json"), "w") as f:
-                json.dump({"step": step, "uri": storage.resolve(out).join(checkpoints.CHECKPOINTS, checkpoints.step_dir(step)).uri}, f)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
         last: dict = {}
         for m in history:  # the latest value of every metric (a step's val_loss and loss come in separate reports)
             last.update(m)
-        ray.train.report({**last, "step": step}, checkpoint=ckpt)
+        metrics = {**last, "step": step}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        lease.check_owner(storage.resolve(out).join(checkpoints.LEASE_FILE), config["owner"])  # the driver still owns the run
+        checkpoints.save(out, files, step, keep=cfg.train.milestones)
+        checkpoints.write_metrics(out, history, state.step if state is not None else 0)  # keeps what earlier attempts stored
+        # Ray's checkpoint is a pointer to ours; report uploads it before returning (SYNC), so
+        # the local copy goes with the block (one temp dir a save was left behind before).
+        with tempfile.TemporaryDirectory(prefix="csp-report-") as tmp:
+            with open(os.path.join(tmp, "csp_checkpoint.json"), "w") as f:
+                json.dump({"step": step, "uri": storage.resolve(out).join(checkpoints.CHECKPOINTS, checkpoints.step_dir(step)).uri}, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def on_step(step: int, model) -> None:
         if debug:

@@ -54,6 +54,9 @@ def free_ports(n: int, host: str = "127.0.0.1", exclude: frozenset[int] = frozen
         return ports
 
 
+GRPC_SOCKET_DIR = "/tmp"  # where weed puts its gRPC unix sockets (fixed in SeaweedFS)
+
+
 @dataclass
 class S3Server:
     """A running ``weed mini``; ``stop()`` ends it by PID."""
@@ -65,6 +68,7 @@ class S3Server:
     data_dir: str
     process: subprocess.Popen = field(repr=False)
     log_path: str = ""
+    grpc_ports: tuple[int, ...] = ()  # weed serves these on unix sockets in the temp dir too
 
     def env(self) -> dict[str, str]:
         """The AWS variables that point s3fs, pyarrow, boto3 and Ray at this server."""
@@ -76,14 +80,22 @@ class S3Server:
         }
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """weed serves gRPC on ``/tmp/seaweedfs-<service>-grpc-<port>.sock`` too (in /tmp
+        whatever TMPDIR says) and leaves them there when it exits: remove this server's."""
+        for port in self.grpc_ports:
+            for sock in Path(GRPC_SOCKET_DIR).glob(f"seaweedfs-*-grpc-{port}.sock"):
+                if sock.is_socket():
+                    sock.unlink(missing_ok=True)
 
     def __enter__(self) -> S3Server:
         return self
@@ -111,6 +123,7 @@ def start(
     p = {name: free_port(host) for name in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc", "admin", "admin_grpc")}
     args = [
         weed_binary(),
+        f"-logdir={data}",  # its own log files beside weed.log, not in the temp dir
         "mini",
         f"-dir={data}",
         f"-ip={host}",
@@ -141,7 +154,8 @@ def start(
     log_file = Path(log_path) if log_path else data / "weed.log"
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(args, cwd=data, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    server = S3Server(f"http://{host}:{s3_port}", access_key, secret_key, tuple(buckets), str(data), proc, str(log_file))
+    grpc = tuple(v for k, v in p.items() if k.endswith("grpc"))
+    server = S3Server(f"http://{host}:{s3_port}", access_key, secret_key, tuple(buckets), str(data), proc, str(log_file), grpc)
     try:
         _wait_ready(server, timeout)
     except BaseException:

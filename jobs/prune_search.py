@@ -16,6 +16,8 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import shutil
+import tempfile
 
 import pyarrow as pa
 
@@ -83,19 +85,25 @@ def search_pair(ckpt_uri: str, task_name: str, out_uri: str, cfg: prune_lib.Prun
 
     t0 = time.perf_counter()
     algo = ConcurrencyLimiter(OptunaSearch(metric="objective", mode="min", seed=seed), max_concurrent=max(1, int(runtime.cluster_cpus())))
+    tune_dir = tempfile.mkdtemp(prefix=f"csp-search-{sid[:8]}-")  # Tune's experiment state; the rows are the record
+
     def fit(stopper):
         return tune.Tuner(
             tune.with_resources(trial, {"CPU": 1}), param_space=space,
             tune_config=tune.TuneConfig(search_alg=algo, num_samples=n, reuse_actors=True,
                                         # Tune numbers trials from 1 in the order it creates them (experiment_tag "<n>_<settings>")
                                         trial_name_creator=lambda t: f"search-{int(t.experiment_tag.split('_', 1)[0]) - 1}"),
-            run_config=tune.RunConfig(name=sid, storage_path=_tune_store(out_uri, sid), verbose=0, stop=stopper),
+            run_config=tune.RunConfig(name=sid, storage_path=tune_dir, verbose=0, stop=stopper),
         ).fit()
 
-    grid = runtime.tune_fit(fit)
-    results = [(r.config, r.metrics) for r in grid if r.error is None and r.metrics]
+    try:
+        grid = runtime.tune_fit(fit)
+        results = [(r.config, r.metrics) for r in grid if r.error is None and r.metrics]
+        errors = [r.error for r in grid if r.error is not None]
+    finally:
+        shutil.rmtree(tune_dir, ignore_errors=True)
     if not results:
-        first = next((r.error for r in grid if r.error is not None), None)
+        first = errors[0] if errors else None
         raise SearchError(f"every trial of the search of {task_name} failed" + (f": {str(first).splitlines()[0][:200]}" if first else ""))
     verified = [(c, m) for c, m in results if m.get("status") == "ok"]
     best = min(verified, key=lambda cm: cm[1]["objective"]) if verified else None
@@ -107,9 +115,3 @@ def search_pair(ckpt_uri: str, task_name: str, out_uri: str, cfg: prune_lib.Prun
     storage.write_parquet(done, pa.Table.from_pylist([row], schema=SEARCHES_SCHEMA))
     return {**row, "task": task_name}
 
-
-def _tune_store(out_uri: str, sid: str) -> str:
-    """Where Tune keeps a search's experiment state: a local temp dir (the rows are the record)."""
-    import tempfile
-
-    return tempfile.mkdtemp(prefix=f"csp-search-{sid[:8]}-")

@@ -281,11 +281,23 @@ def test_data_prepare_on_the_stdlib_trains_the_tokenizer_and_writes_shards(ray_s
     assert r.exit_code == 0 and "train" in r.stdout and f"{m['splits']['train']['sequences']:,}" in r.stdout
 
 
+def _weed_leftovers() -> set[str]:
+    """What a stopped `weed mini` may leave outside its data dir: its gRPC unix sockets (in
+    /tmp, whatever TMPDIR says) and its log files (in the temp dir, unless told otherwise)."""
+    import glob
+    import tempfile
+
+    dirs = {s3server.GRPC_SOCKET_DIR, tempfile.gettempdir()}
+    return {p for d in dirs for pat in ("seaweedfs-*-grpc-*.sock", "weed.*") for p in glob.glob(f"{d}/{pat}")}
+
+
 def test_s3_serve_runs_a_real_server_until_interrupted(tmp_path):
-    """`csp s3 serve` starts SeaweedFS on the given port, enforces the keys, and stops on SIGINT."""
+    """`csp s3 serve` starts SeaweedFS on the given port, enforces the keys, and stops on
+    SIGINT, leaving nothing behind outside its data dir."""
     port = s3server.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_ACCESS_KEY_ID="serve-key", AWS_SECRET_ACCESS_KEY="serve-secret-123")
+    before = _weed_leftovers()
     # Ctrl-C reaches the server as at a terminal even where this suite runs as a background
     # job, whose children inherit SIGINT ignored (nohup, `make test &`)
     proc = subprocess.Popen(
@@ -303,6 +315,7 @@ def test_s3_serve_runs_a_real_server_until_interrupted(tmp_path):
         bad = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="serve-key", aws_secret_access_key="nope", region_name="us-east-1")
         with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
             bad.list_buckets()
+        assert any(p.endswith(".sock") for p in _weed_leftovers() - before)  # its sockets, there while it runs
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -313,6 +326,8 @@ def test_s3_serve_runs_a_real_server_until_interrupted(tmp_path):
             raise
     out = proc.stdout.read()
     assert "serve-secret-123" not in out
+    assert _weed_leftovers() <= before  # sockets removed, logs in the data dir
+    assert list((tmp_path / "s3").glob("weed.*.log.INFO.*"))
     time.sleep(0.2)
     with pytest.raises(OSError):
         import socket

@@ -72,10 +72,24 @@ def _debug(run: str) -> dict[int, dict]:
 def baseline(two_workers_module, s3_data):
     """An uninterrupted 2-worker run on the cluster (with per-rank weight hashes)."""
     run = f"{s3_data.rsplit('/', 1)[0]}/run-full"
+    before = _handed_to_ray()
     p = csp("train", "--data", s3_data, "--out", run, "--workers", "2", "--address", two_workers_module.address, *TRAIN,
             CSP_TRAIN_DEBUG="1")
     assert p.returncode == 0, p.stdout + p.stderr
+    _LEFT_BEHIND[run] = _handed_to_ray() - before
     return run
+
+
+_LEFT_BEHIND: dict[str, set[str]] = {}
+
+
+def _handed_to_ray() -> set[str]:
+    """The local checkpoint directories rank 0 hands ray.train.report at each save (all the
+    nodes here share this machine's temp dir)."""
+    import glob
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "*", "csp_checkpoint.json")))
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +119,7 @@ def test_two_workers_train_one_per_node_with_their_token_servers_beside_them(bas
     assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(ranks[0]["hashes"]) == 120  # identical weights every step
     assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
     assert checkpoints.latest_step(baseline) == 120
+    assert not _LEFT_BEHIND[baseline]  # Ray uploaded each save's pointer and the local copy went (6 temp dirs a run leaked before)
 
 
 def test_a_node_killed_mid_training_resumes_on_the_rest_to_the_same_weights(baseline, two_workers, s3_data):

@@ -269,7 +269,10 @@ def test_search_stores_every_run_marks_the_best_verified_one_and_a_rerun_adds_no
     search_id and trial numbers), one search row naming the best, which is verified and the
     smallest verified; `results circuits` shows that one by default and every run with
     --all; a repeat searches nothing."""
+    import glob
     import json
+    import os
+    import tempfile
 
     import pandas as pd
 
@@ -278,8 +281,11 @@ def test_search_stores_every_run_marks_the_best_verified_one_and_a_rerun_adds_no
 
     out = str(tmp_path / "res")
     args = ["prune", planted_run, "--task", "single_double_quote", "--out", out, "--target", "0.15", "--search", "4"]
+    scratch = os.path.join(tempfile.gettempdir(), "csp-search-*")
+    before = set(glob.glob(scratch))
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
+    assert set(glob.glob(scratch)) == before  # Tune's state for the search is gone with it (it leaked one dir a search)
     rows = pd.read_parquet(f"{out}/circuits")  # plain pandas: every run is a row
     assert len(rows) == 4 and rows["search_id"].nunique() == 1 and sorted(rows["search_trial"]) == [0, 1, 2, 3]
     assert rows["prune_key"].nunique() == 4 and (rows["target"] == 0.15).all()
