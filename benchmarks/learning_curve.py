@@ -15,7 +15,7 @@ A point is one training run of the paper's recipe (csp's defaults: AbsTopK at af
 all 8 locations, weight sparsity annealed over the first half, Adam at csp's lr rule) on the
 demo's base shape (2 layers, d_head 16, d_mlp 4·d_model), written ``d128:0.25:5.7M`` plus
 optional knobs ``:lr=1.4`` (× the rule's lr), ``:b=32`` (batch), ``:ctx=64``,
-``:warm=0.05``, ``:anneal=0.25`` (end of the anneal), ``:seed=1``. Every run's schedule
+``:warm=0.05``, ``:anneal=0.25`` (end of the anneal), ``:seed=1``, ``:L=4`` (layers). Every run's schedule
 ends at its own token budget, so a point's last evaluation is what a run of that length
 reaches; evaluations part-way (``--milestones``) show the curve's shape.
 
@@ -59,7 +59,7 @@ GRIDS = {
         "d128:1:11.5M", "d128:0.25:11.5M", "d64:1:11.5M", "d128:0.125:11.5M",
         *[f"d128:1:2.9M:{k}" for k in ("lr=0.7", "lr=1.4", "b=32:lr=1.4", "anneal=0.25")],
     ],
-    "smoke": ["d32:1:40K:ctx=64:b=4", "d32:0.25:40K:ctx=32:b=4:lr=2:mix=0.05"],
+    "smoke": ["d32:1:40K:ctx=64:b=4", "d32:0.25:40K:ctx=32:b=4:lr=2:mix=0.05:L=1"],
 }
 
 
@@ -78,11 +78,11 @@ def parse_point(spec: str) -> dict:
     if len(parts) < 3 or not parts[0].startswith("d"):
         raise SystemExit(f"point {spec!r}: expected d<width>:<density>:<tokens>[:knob=value…]")
     p = {"spec": spec, "d_model": int(parts[0][1:]), "density": float(parts[1]), "tokens": parse_tokens(parts[2]),
-         "lr": 1.0, "b": 16, "ctx": 128, "warm": 0.01, "anneal": 0.5, "seed": 0, "mix": 0.0}
+         "lr": 1.0, "b": 16, "ctx": 128, "warm": 0.01, "anneal": 0.5, "seed": 0, "mix": 0.0, "L": 2}
     for kv in parts[3:]:
         k, _, v = kv.partition("=")
         if k not in p or k in ("spec", "d_model", "density", "tokens"):
-            raise SystemExit(f"point {spec!r}: unknown knob {k!r} (lr, b, ctx, warm, anneal, seed, mix)")
+            raise SystemExit(f"point {spec!r}: unknown knob {k!r} (lr, b, ctx, warm, anneal, seed, mix, L)")
         p[k] = type(p[k])(float(v)) if k != "lr" else float(v)
     return p
 
@@ -93,7 +93,8 @@ def run_config(p: dict):
 
     from sparsity.config import ModelConfig, RunConfig, TrainConfig, density_lr
 
-    base = ModelConfig(block_size=p["ctx"], **{**BASE, **({"d_model": 32, "n_head": 2, "d_mlp": 128} if p["d_model"] < 64 else {})})
+    small = {"d_model": 32, "n_head": 2, "d_mlp": 128} if p["d_model"] < 64 else {}
+    base = ModelConfig(block_size=p["ctx"], **{**BASE, **small, "n_layer": p["L"]})
     ef = p["d_model"] / base.d_model
     steps = max(1, p["tokens"] // (p["b"] * p["ctx"]))
     train = TrainConfig(steps=steps, batch_size=p["b"], warmup_frac=p["warm"], eval_every=0, ckpt_every=0, log_every=50, seed=p["seed"])
@@ -320,7 +321,7 @@ def rates(specs: list[str], cache: Path, steps: int) -> dict:
     shapes: dict[str, dict] = {}
     for spec in specs:
         p = parse_point(spec)
-        key = f"d{p['d_model']}:{p['density']:g}:b={p['b']}:ctx={p['ctx']}"
+        key = f"d{p['d_model']}:{p['density']:g}:b={p['b']}:ctx={p['ctx']}" + (f":L={p['L']}" if p["L"] != 2 else "")
         if key in shapes:
             continue
         cfg = run_config({**p, "tokens": (steps + 2) * p["b"] * p["ctx"] * 10})  # past the anneal's start: sparse steps
