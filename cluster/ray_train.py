@@ -154,8 +154,8 @@ def _worker(config: dict) -> None:
         lease.check_owner(storage.resolve(out).join(checkpoints.LEASE_FILE), config["owner"])  # the driver still owns the run
         checkpoints.save(out, files, step, keep=cfg.train.milestones)
         checkpoints.write_metrics(out, history, state.step if state is not None else 0)  # keeps what earlier attempts stored
-        # Ray's checkpoint is a pointer to ours; report uploads it before returning (SYNC), so
-        # the local copy goes with the block (one temp dir a save was left behind before).
+        # Ray's checkpoint is only a pointer to ours; report uploads it before it returns
+        # (SYNC), so the local copy is removed right after.
         with tempfile.TemporaryDirectory(prefix="csp-report-") as tmp:
             with open(os.path.join(tmp, "csp_checkpoint.json"), "w") as f:
                 json.dump({"step": step, "uri": storage.resolve(out).join(checkpoints.CHECKPOINTS, checkpoints.step_dir(step)).uri}, f)

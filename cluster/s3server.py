@@ -68,7 +68,7 @@ class S3Server:
     data_dir: str
     process: subprocess.Popen = field(repr=False)
     log_path: str = ""
-    grpc_ports: tuple[int, ...] = ()  # weed serves these on unix sockets in the temp dir too
+    grpc_ports: tuple[int, ...] = ()  # weed also serves these on unix sockets in GRPC_SOCKET_DIR
 
     def env(self) -> dict[str, str]:
         """The AWS variables that point s3fs, pyarrow, boto3 and Ray at this server."""
